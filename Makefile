@@ -1,0 +1,64 @@
+# Two commands on a fresh machine:  make serve  |  make test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CHECKPOINT ?= runs/baseline/final
+# CPU torch by default (keeps CI off the multi-GB CUDA build). GPU hosts: make install CONSTRAINTS=
+CONSTRAINTS ?= constraints.txt
+TRAIN_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install serve serve-dev serve-trained test test-fast lint format train-baseline promote-default clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
+	@echo "  variables: HOST=$(HOST) PORT=$(PORT) CHECKPOINT=$(CHECKPOINT) CONSTRAINTS=$(CONSTRAINTS)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# re-installs only when pyproject.toml or the constraints change
+$(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS)) | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	@touch $@
+
+install: $(STAMP) ## create .venv and install what is missing (quick when nothing changed)
+
+serve: $(STAMP) ## serve the embedded default model on HOST:PORT
+	$(BIN)/python serve.py --host $(HOST) --port $(PORT)
+
+serve-dev: $(STAMP) ## serve with auto-reload on code changes
+	$(BIN)/python serve.py --host $(HOST) --port $(PORT) --reload
+
+serve-trained: $(STAMP) ## serve CHECKPOINT=path (default runs/baseline/final)
+	$(BIN)/python serve.py --host $(HOST) --port $(PORT) --checkpoint $(CHECKPOINT)
+
+test: $(STAMP) ## run the whole test suite
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## tests without the slow ones (training, subprocess servers)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff autofix and format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+train-baseline: $(STAMP) ## train the tiny preset on the bundled Russian corpus (~11 min on 2 CPU cores)
+	$(BIN)/python train_distributed.py --mode baseline --preset tiny --output-dir runs/baseline $(TRAIN_ARGS)
+
+promote-default: ## replace the embedded default (models/default) with runs/baseline/final
+	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }
+	rm -rf models/default.new && cp -r runs/baseline/final models/default.new
+	rm -rf models/default && mv models/default.new models/default
+
+clean: ## remove the venv, caches and run directories
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs wandb

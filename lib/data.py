@@ -1,0 +1,189 @@
+"""Text sources -> documents -> tokenized, packed blocks, with a deterministic train/validation split.
+
+Sources:
+- ``"bundled"``: the Russian corpus shipped by the PyPI package ``rl_wsd_labeled`` (MIT): contexts from
+  the Russian National Corpus and RuTenTen, turned into clean sentences here (its text is not copied
+  into this repository).
+- a local ``.txt`` file (one document per non-empty line), ``.jsonl`` file (a ``text`` field per line),
+  or a directory of such files;
+- anything else is passed to ``datasets.load_dataset`` (a hub name or a local dataset script/dir),
+  and its ``text`` column is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lib.tokenizer import token_byte_lengths
+
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:»)])")
+_SPACE_AFTER_OPEN = re.compile(r"([«(])\s+")
+_WS = re.compile(r"\s+")
+
+
+def clean_context(left: str, word: str, right: str) -> str:
+    """Join a (left, word, right) context into one readable line.
+
+    The contexts are cut at fixed widths, so the first and last words are usually partial: drop them.
+    RNC contexts put spaces before punctuation ("слово ."); close them up.
+    """
+    words = _WS.sub(" ", f"{left} {word} {right}").strip().split(" ")
+    text = " ".join(words[1:-1])
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    return _SPACE_AFTER_OPEN.sub(r"\1", text).strip()
+
+
+def bundled_documents() -> list[str]:
+    """Clean Russian sentences from the ``rl_wsd_labeled`` package, deduplicated, in a fixed order."""
+    try:
+        import rl_wsd_labeled
+    except ImportError as e:  # pragma: no cover - a dependency of the project
+        raise RuntimeError(
+            "the bundled corpus needs the package rl_wsd_labeled (pip install rl_wsd_labeled)"
+        ) from e
+    root = Path(rl_wsd_labeled.ROOT)
+    docs: dict[str, None] = {}
+    for path in sorted(root.rglob("*.txt")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line or line.startswith("\t"):  # sense definitions start with a tab
+                continue
+            fields = line.split("\t")
+            if len(fields) < 3:
+                continue
+            text = clean_context(fields[0], fields[1], fields[2])
+            if len(text) >= 20:
+                docs.setdefault(text)
+    return list(docs)
+
+
+def load_documents(source: str) -> list[str]:
+    """Read the documents of a source (see the module docstring)."""
+    if source == "bundled":
+        return bundled_documents()
+    path = Path(source)
+    if path.exists():
+        files = (
+            sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
+            if path.is_dir()
+            else [path]
+        )
+        if not files:
+            raise ValueError(f"no .txt or .jsonl files under {path}")
+        docs: list[str] = []
+        for f in files:
+            docs.extend(_read_local_file(f))
+        return docs
+    import datasets  # a hub name or a dataset script; never needed by the defaults or the tests
+
+    ds = datasets.load_dataset(source, split="train")
+    if "text" not in ds.column_names:
+        raise ValueError(f"dataset {source!r} has no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+def _read_local_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
+        return docs
+    if path.suffix == ".txt":
+        return [
+            line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    raise ValueError(f"unsupported file type {path.suffix!r} (use .txt or .jsonl): {path}")
+
+
+def is_validation(doc: str, val_fraction: float) -> bool:
+    """Deterministic split by content hash: the same document always lands on the same side."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
+    return (h % 1_000_000) < val_fraction * 1_000_000
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for d in docs:
+        (val if is_validation(d, val_fraction) else train).append(d)
+    if not train or not val:
+        raise ValueError(
+            f"split of {len(docs)} documents at val_fraction={val_fraction} left an empty side; "
+            "add data or change the fraction"
+        )
+    return train, val
+
+
+@dataclass
+class TokenBlocks:
+    """Packed token blocks of length block_size + 1 (inputs are [:-1], targets [1:])."""
+
+    blocks: torch.Tensor  # (N, block_size + 1) int64
+    n_tokens: int  # tokens in the stream before packing
+    n_bytes: int  # UTF-8 bytes of the source text
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+
+def tokenize_and_pack(docs: list[str], tokenizer, block_size: int) -> TokenBlocks:
+    """Tokenize documents with `datasets`, join them with EOS and cut the stream into blocks.
+
+    Consecutive blocks overlap by one token, so every token of the stream (but the first) is a
+    prediction target exactly once.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_dict({"text": docs})
+    eos = tokenizer.eos_token_id
+    ds = ds.map(
+        lambda batch: {"ids": [ids + [eos] for ids in tokenizer(batch["text"])["input_ids"]]},
+        batched=True,
+        remove_columns=["text"],
+        desc=None,
+    )
+    stream = torch.tensor([t for ids in ds["ids"] for t in ids], dtype=torch.long)
+    n = (len(stream) - 1) // block_size
+    if n == 0:
+        raise ValueError(f"{len(stream)} tokens are fewer than one block of {block_size + 1}")
+    idx = torch.arange(n)[:, None] * block_size + torch.arange(block_size + 1)[None, :]
+    return TokenBlocks(
+        stream[idx], n_tokens=len(stream), n_bytes=sum(len(d.encode()) for d in docs)
+    )
+
+
+@dataclass
+class DataSplits:
+    train: TokenBlocks
+    val: TokenBlocks
+    target_bytes: torch.Tensor  # (vocab,) UTF-8 byte length of each token, for bits per byte
+
+
+def prepare_data(
+    source: str,
+    tokenizer,
+    block_size: int,
+    val_fraction: float = 0.05,
+    docs: tuple[list[str], list[str]] | None = None,
+) -> DataSplits:
+    train_docs, val_docs = docs or split_documents(load_documents(source), val_fraction)
+    return DataSplits(
+        train=tokenize_and_pack(train_docs, tokenizer, block_size),
+        val=tokenize_and_pack(val_docs, tokenizer, block_size),
+        target_bytes=torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float64),
+    )
+
+
+def bits_per_byte(total_nll_nats: float, total_bytes: float) -> float:
+    return total_nll_nats / math.log(2) / max(total_bytes, 1.0)

@@ -1,0 +1,184 @@
+"""`InferenceService`: one loaded model + tokenizer, generating for a prompt or a batch.
+
+The HTTP layer talks to `lib` only through this class. Generation is serialised by a lock: the
+model is one set of CPU/GPU cores, and a batch uses them better than concurrent calls would.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from lib import __version__
+from lib.config import DEFAULT_CHECKPOINT, get_preset
+from lib.inference.generation import (
+    GenerationFailed,
+    GenerationParams,
+    GenerationResult,
+    PromptTooLong,
+    check_fits,
+    encode_prompts,
+    generate,
+)
+from lib.modeling import build_model, count_parameters, load_model, read_card
+from lib.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class InferenceService:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_id: str,
+        source: str,
+        card: dict | None = None,
+        random_baseline: bool = False,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.source = source
+        self.card = card or {}
+        self.random_baseline = random_baseline
+        self._lock = threading.Lock()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path = DEFAULT_CHECKPOINT,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> InferenceService:
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"no checkpoint at {path} (expected config.json, model.safetensors, tokenizer files)"
+            )
+        t0 = time.perf_counter()
+        model = load_model(path, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+        card = read_card(path)
+        log.info("loaded %s in %.2fs", path, time.perf_counter() - t0)
+        return cls(
+            model,
+            tokenizer,
+            model_id=card.get("model_id") or path.name,
+            source=str(path),
+            card=card,
+        )
+
+    @classmethod
+    def random_baseline(
+        cls, preset: str = "tiny", tokenizer_path: str | Path = DEFAULT_CHECKPOINT, seed: int = 0
+    ) -> InferenceService:
+        """A randomly initialised preset: a speed/plumbing baseline that produces gibberish."""
+        tokenizer = load_tokenizer(tokenizer_path)
+        model = build_model(
+            get_preset(preset),
+            vocab_size=max(len(tokenizer), get_preset(preset).vocab_size),
+            eos_token_id=tokenizer.eos_token_id,
+            seed=seed,
+        )
+        log.warning("serving a RANDOMLY INITIALISED %s model: its output is noise", preset)
+        return cls(
+            model,
+            tokenizer,
+            model_id=f"random-{preset}",
+            source=f"random:{preset}",
+            card={"preset": preset},
+            random_baseline=True,
+        )
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.n_positions)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) - 1 for ids in encode_prompts(self.tokenizer, texts)]
+
+    def validate(self, prompts: Sequence[str], params: Sequence[GenerationParams]) -> None:
+        """Raise PromptTooLong before any model work if a prompt cannot fit."""
+        check_fits(encode_prompts(self.tokenizer, prompts), params, self.context_length)
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompt: str, params: GenerationParams | None = None) -> GenerationResult:
+        return self.generate_batch([prompt], params)[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        params: GenerationParams | Sequence[GenerationParams] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """One result per prompt, in order. `params` is shared or one per prompt."""
+        if params is None or isinstance(params, GenerationParams):
+            params = [params or GenerationParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
+        self.validate(prompts, params)
+        with self._lock:
+            try:
+                return generate(
+                    self.model, self.tokenizer, prompts, params, should_stop=should_stop
+                )
+            except PromptTooLong:
+                raise
+            except Exception as e:  # any failure inside the model on valid input
+                log.exception("generation failed")
+                raise GenerationFailed(str(e)) from e
+
+    # -- metadata -----------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        cfg = self.model.config
+        card = self.card
+        return {
+            "model_id": self.model_id,
+            "source": self.source,
+            "random_baseline": self.random_baseline,
+            "warning": (
+                "RANDOMLY INITIALISED WEIGHTS: this model was not trained and produces noise"
+                if self.random_baseline
+                else None
+            ),
+            "architecture": cfg.architectures[0]
+            if cfg.architectures
+            else type(self.model).__name__,
+            "preset": card.get("preset") or getattr(cfg, "preset", None),
+            "parameters": count_parameters(self.model),
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_embd": cfg.n_embd,
+            "context_length": self.context_length,
+            "vocab_size": cfg.vocab_size,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "training": {
+                k: card[k]
+                for k in (
+                    "data",
+                    "steps",
+                    "tokens_seen",
+                    "wall_clock_s",
+                    "val_loss",
+                    "val_bits_per_byte",
+                    "train_documents",
+                    "val_documents",
+                )
+                if k in card
+            },
+            "lib_version": __version__,
+        }

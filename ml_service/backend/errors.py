@@ -1,0 +1,95 @@
+"""The error contract, in one place.
+
+Any bad request -> 400 {"detail": "bad request", "errors": [...]}; a failure inside the model on
+valid input -> 403 {"detail": "модель не смогла обработать данные"}; anything unexpected -> 500
+with no traceback (the log has it). FastAPI's 422 never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lib.inference import GenerationFailed, PromptTooLong
+
+log = logging.getLogger("ml_service")
+MODEL_FAILED = "модель не смогла обработать данные"
+
+
+class ServiceError(Exception):
+    status_code = 500
+    detail = "internal server error"
+
+    def __init__(self, errors: list[dict] | None = None):
+        super().__init__(self.detail)
+        self.errors = errors or []
+
+    def body(self) -> dict:
+        return (
+            {"detail": self.detail, "errors": self.errors}
+            if self.errors
+            else {"detail": self.detail}
+        )
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    detail = "bad request"
+
+    @classmethod
+    def one(cls, loc: str, msg: str) -> BadRequest:
+        return cls([{"loc": [loc], "msg": msg}])
+
+
+class ModelFailed(ServiceError):
+    status_code = 403
+    detail = MODEL_FAILED
+
+
+def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
+    """Readable, JSON-safe errors: where and what, without echoing large inputs back."""
+    out = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        out.append(
+            {"loc": loc, "msg": e.get("msg", "invalid value"), "type": e.get("type", "value_error")}
+        )
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError):
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError):
+        return JSONResponse(BadRequest(pydantic_errors(exc)).body(), status_code=400)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(_: Request, exc: ValidationError):
+        return JSONResponse(BadRequest(pydantic_errors(exc)).body(), status_code=400)
+
+    @app.exception_handler(PromptTooLong)
+    async def _too_long(_: Request, exc: PromptTooLong):
+        return JSONResponse(BadRequest.one("text", str(exc)).body(), status_code=400)
+
+    @app.exception_handler(GenerationFailed)
+    async def _model_failed(_: Request, exc: GenerationFailed):
+        return JSONResponse(ModelFailed().body(), status_code=403)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)

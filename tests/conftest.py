@@ -1,0 +1,43 @@
+"""Shared fixtures: the real committed default model, loaded once, and apps built around it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lib.config import DEFAULT_CHECKPOINT
+from lib.inference import InferenceService
+from ml_service.backend.app import create_app
+from ml_service.settings import Settings
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+CHECKPOINT = Path(os.environ.get("TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
+
+
+@pytest.fixture(scope="session")
+def service() -> InferenceService:
+    return InferenceService.from_checkpoint(CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings(
+        checkpoint=CHECKPOINT, max_batch_size=8, max_file_bytes=4096, max_text_chars=2000
+    )
+
+
+@pytest.fixture(scope="session")
+def client(service, settings):
+    with TestClient(create_app(settings, service=service), raise_server_exceptions=False) as c:
+        yield c
+
+
+def is_russian(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return (
+        bool(letters)
+        and sum("а" <= c.lower() <= "я" or c in "ёЁ" for c in letters) / len(letters) > 0.6
+    )
