@@ -1,46 +1,16 @@
 #!/usr/bin/env python
-"""Serve a checkpoint over HTTP: `python serve.py [--checkpoint DIR] [--host H] [--port P] [--reload]`.
+"""Serve a checkpoint over HTTP with the text-generation service (or another, by name).
 
-Every option has an ML_SERVICE_* environment variable (see HOW_TO_USE.md, "Settings");
-options given here win.
+    python serve.py [--checkpoint DIR] [--host H] [--port P] [--reload]
+    python serve.py score --checkpoint DIR
+
+The same runner as `python -m ml_service.runner`; every option has an ML_SERVICE_* variable.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import os
-
-import uvicorn
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument(
-        "--checkpoint", help="checkpoint directory (default: the embedded models/default)"
-    )
-    p.add_argument("--random-preset", help="serve a RANDOMLY INITIALISED preset (a speed baseline)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--reload", action="store_true", help="restart on code changes (development)")
-    args = p.parse_args(argv)
-    # the options become settings through the environment, so `--reload` workers see them too
-    for name in ("checkpoint", "random_preset", "host", "port", "device"):
-        value = getattr(args, name)
-        if value is not None:
-            os.environ[f"ML_SERVICE_{name.upper()}"] = str(value)
-    from ml_service.settings import get_settings
-
-    settings = get_settings()
-    uvicorn.run(
-        "ml_service.backend.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        reload=args.reload,
-        log_level=settings.log_level,
-    )
-
+from ml_service.contract import DEFAULT_SERVICE
+from ml_service.runner import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(default_service=DEFAULT_SERVICE))

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from lib.config import PRESETS, TrainingConfig
-from lib.training.optim import OPTIMIZERS
 from lib.training.schedulers import SCHEDULES
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -62,12 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, help="training context length (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default="adamw",
-        help="adamw, or muon (Muon on the block matrices, AdamW on embeddings, biases, norms)",
-    )
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument(
         "--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak"
@@ -126,7 +119,6 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         block_size=args.block_size,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
-        optimizer=args.optimizer,
         lr=args.lr,
         min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay,

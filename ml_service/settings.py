@@ -18,6 +18,10 @@ from lib.config import DEFAULT_CHECKPOINT
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ML_SERVICE_", env_file=None, extra="ignore")
 
+    service: str = Field(
+        "text-generation",
+        description="model service to run, by name (see `python -m ml_service.runner list`)",
+    )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory to serve")
@@ -33,6 +37,9 @@ class Settings(BaseSettings):
     )
     max_text_chars: int = Field(8000, ge=1, description="longest text (characters) in one request")
     max_file_bytes: int = Field(256 * 1024, ge=1, description="largest uploaded text file (bytes)")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long a request waits for others to share its batch"
+    )
     log_level: str = Field("info", description="log level of the service")
 
 

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import InferenceService
 from ml_service.backend.app import create_app
+from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -30,8 +31,13 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def client(service, settings):
-    with TestClient(create_app(settings, service=service), raise_server_exceptions=False) as c:
+def textgen(service, settings) -> TextGenerationService:
+    return TextGenerationService(settings, inference=service)
+
+
+@pytest.fixture(scope="session")
+def client(textgen, settings):
+    with TestClient(create_app(settings, service=textgen), raise_server_exceptions=False) as c:
         yield c
 
 

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from lib.inference import InferenceService
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
+from ml_service.services.text_generation import TextGenerationService
 from tests.conftest import is_russian
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16}
@@ -52,7 +53,7 @@ def test_forward_json_returns_russian_text(client, service):
 def test_forward_multipart_text_field_equals_json(client):
     j = client.post("/forward", json={"text": "Москва", **GREEDY}).json()
     form = {"text": "Москва", "temperature": "0", "max_new_tokens": "16"}
-    m = client.post("/forward", data=form, files={"unused": ("", b"")} if False else None)
+    m = client.post("/forward", data=form)
     assert m.status_code == 200, m.text
     assert m.json()["text"] == j["text"]
 
@@ -183,7 +184,8 @@ def test_model_failure_returns_403_without_traceback(service, settings):
     broken = InferenceService(
         ExplodingModel(service.model), service.tokenizer, model_id="broken", source="test"
     )
-    with TestClient(create_app(settings, service=broken), raise_server_exceptions=False) as c:
+    app = create_app(settings, service=TextGenerationService(settings, inference=broken))
+    with TestClient(app, raise_server_exceptions=False) as c:
         for r in (
             c.post("/forward", json={"text": "Привет"}),
             c.post("/forward_batch", json={"texts": ["Привет", "Мир"]}),
@@ -193,15 +195,17 @@ def test_model_failure_returns_403_without_traceback(service, settings):
             assert "CUDA" not in r.text and "Traceback" not in r.text
         # bad input is still a 400, checked before the model is touched
         assert c.post("/forward", json={"text": ""}).status_code == 400
+        # the service keeps serving after a failure
+        assert c.get("/health").status_code == 200
 
 
 def test_unexpected_error_is_500_without_traceback(service, settings):
-    class Buggy(InferenceService):
-        def generate_batch(self, *a, **k):
+    class Buggy(TextGenerationService):
+        def postprocess(self, output, request):
             raise KeyError("secret internals")
 
-    buggy = Buggy(service.model, service.tokenizer, model_id="buggy", source="test")
-    with TestClient(create_app(settings, service=buggy), raise_server_exceptions=False) as c:
+    app = create_app(settings, service=Buggy(settings, inference=service))
+    with TestClient(app, raise_server_exceptions=False) as c:
         r = c.post("/forward", json={"text": "Привет"})
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert "secret" not in r.text
@@ -218,6 +222,7 @@ def test_docs_and_openapi_describe_both_body_types(client):
 
 def test_random_baseline_is_flagged_loudly(settings, service):
     baseline = InferenceService.random_baseline("tiny", tokenizer_path=service.source)
-    with TestClient(create_app(settings, service=baseline)) as c:
+    app = create_app(settings, service=TextGenerationService(settings, inference=baseline))
+    with TestClient(app) as c:
         m = c.get("/metadata").json()
     assert m["random_baseline"] is True and "RANDOM" in m["warning"]

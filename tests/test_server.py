@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -25,16 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextmanager
+def running_server(args: list[str], runner: bool = False):
+    """A real server process (serve.py, or `python -m ml_service.runner`); yields its URL."""
     port = free_port()
-    env = {
-        **os.environ,
-        "ML_SERVICE_CHECKPOINT": str(CHECKPOINT),
-        "ML_SERVICE_LOG_LEVEL": "warning",
-    }
+    env = {**os.environ, "ML_SERVICE_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, "-m", "ml_service.runner"] if runner else [sys.executable, "serve.py"]
     proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "serve.py"), "--port", str(port)],
+        [*cmd, *args, "--port", str(port)],
         env=env,
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
@@ -42,22 +41,33 @@ def server():
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited early:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start within 60 s")
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited early:\n{proc.stdout.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("server did not start within 90 s")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        proc.url = url
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(["--checkpoint", str(CHECKPOINT)]) as proc:
+        yield proc.url, proc
 
 
 def test_real_http_forward_returns_russian(server):

@@ -27,7 +27,7 @@ from lib.training.schedulers import lr_multiplier
 
 # GPT-2 sizes as published by OpenAI / Hugging Face (tied embeddings counted once)
 EXPECTED_PARAMETERS = {
-    "tiny": 4_273_664,
+    "tiny": 2_615_424,
     "gpt2-124m": 124_439_808,
     "gpt2-350m": 354_823_168,
     "gpt2-774m": 774_030_080,

@@ -82,8 +82,11 @@ def generate(
         input_ids[i, T - len(ids) :] = torch.tensor(ids)
         attention[i, T - len(ids) :] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    seen = torch.zeros((B, vocab), dtype=torch.bool)
-    seen.scatter_(1, input_ids, attention.bool())
+    seen = torch.zeros(
+        (B, vocab), dtype=torch.bool
+    )  # tokens each row has seen (repetition penalty)
+    for i, ids in enumerate(prompt_ids):
+        seen[i, ids] = True
 
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])[:, None]

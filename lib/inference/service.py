@@ -25,6 +25,7 @@ from lib.inference.generation import (
     encode_prompts,
     generate,
 )
+from lib.inference.scoring import TextScore, check_scorable, score_texts
 from lib.modeling import build_model, count_parameters, load_model, read_card
 from lib.tokenizer import load_tokenizer
 
@@ -139,6 +140,19 @@ class InferenceService:
                 raise
             except Exception as e:  # any failure inside the model on valid input
                 log.exception("generation failed")
+                raise GenerationFailed(str(e)) from e
+
+    def check_scorable(self, texts: Sequence[str]) -> None:
+        check_scorable(self.tokenizer, texts, self.context_length)
+
+    def score(self, texts: Sequence[str]) -> list[TextScore]:
+        """Per-token log-probabilities of each text (see lib.inference.scoring)."""
+        self.check_scorable(texts)
+        with self._lock:
+            try:
+                return score_texts(self.model, self.tokenizer, texts)
+            except Exception as e:
+                log.exception("scoring failed")
                 raise GenerationFailed(str(e)) from e
 
     # -- metadata -----------------------------------------------------------------------------

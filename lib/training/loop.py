@@ -121,9 +121,7 @@ def train(config: TrainingConfig) -> TrainResult:
         seed=config.seed,
     )
     model.train()
-    optimizer = build_optimizer(
-        model, config.lr, config.weight_decay, config.betas, config.optimizer
-    )
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
 
     # 5. steps: a seeded permutation per epoch, so the data order is reproducible
     gen = torch.Generator().manual_seed(config.seed)
@@ -133,9 +131,9 @@ def train(config: TrainingConfig) -> TrainResult:
     t_loop = time.perf_counter()
     # a wall-clock budget ends the loop early enough to evaluate and export within it
     deadline = t0 + config.time_limit_s - EXPORT_RESERVE_S if config.time_limit_s else None
-    bar = tqdm(
-        total=config.max_steps, desc="train", disable=not config.progress, dynamic_ncols=True
-    )
+    # a time-limited run shows the time left instead of a step-count ETA it will not reach
+    total = None if deadline else config.max_steps
+    bar = tqdm(total=total, desc="train", disable=not config.progress, dynamic_ncols=True)
     while step < config.max_steps:
         time_fraction = (time.perf_counter() - t_loop) / (deadline - t_loop) if deadline else 0.0
         lr = config.lr * lr_multiplier(
@@ -170,7 +168,10 @@ def train(config: TrainingConfig) -> TrainResult:
         tokens_seen += n_targets
         tok_s = tokens_seen / (time.perf_counter() - t_loop)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        postfix = {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{tok_s:.0f}"}
+        if deadline:
+            postfix["left"] = f"{max(deadline - time.perf_counter(), 0):.0f}s"
+        bar.set_postfix(postfix)
         record = {
             "step": step,
             "loss": loss,

@@ -1,4 +1,5 @@
-"""Routes. Thin: parse and validate at the edge, call `InferenceService` off the event loop, answer."""
+"""Routes, generic over the loaded `ModelService`. Thin: parse and validate at the edge,
+`preprocess`, queue for the micro-batcher (which runs `predict` off the event loop), `postprocess`."""
 
 from __future__ import annotations
 
@@ -6,27 +7,15 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from lib.inference import GenerationParams
 from ml_service import __version__
-from ml_service.backend.dependencies import ServiceDep, SettingsDep
+from ml_service.backend.dependencies import DepsDep
 from ml_service.backend.errors import BadRequest, pydantic_errors
-from ml_service.backend.schemas import (
-    Completion,
-    ErrorResponse,
-    ForwardBatchRequest,
-    ForwardBatchResponse,
-    ForwardRequest,
-    ForwardResponse,
-    GenerationOptions,
-    HealthResponse,
-)
+from ml_service.backend.schemas import ErrorResponse, HealthResponse
+from ml_service.contract import InvalidInput, ModelService
 from ml_service.settings import Settings
-
-router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
@@ -36,48 +25,97 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "the model failed to process valid input"},
 }
 
-_options_schema = GenerationOptions.model_json_schema()["properties"]
-FORWARD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": ForwardRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "description": "give `text` or a UTF-8 text `file`, plus any generation parameter as a form field",
-                    "properties": {
-                        "text": {"type": "string"},
-                        "file": {"type": "string", "format": "binary"},
-                        **{k: v for k, v in _options_schema.items() if k != "stop"},
-                        "stop": {"type": "array", "items": {"type": "string"}},
-                    },
-                }
-            },
-        },
-    }
-}
 
+def build_router(service_cls: type[ModelService]) -> APIRouter:
+    """/forward, /forward_batch, /metadata and /health for one service class."""
+    router = APIRouter()
+    req_model, batch_model = service_cls.request_model, service_cls.batch_request_model
+    array_fields = _array_fields(req_model)
+    takes_text = "text" in req_model.model_fields
 
-async def parse_forward_request(request: Request, settings: Settings) -> ForwardRequest:
-    """A ForwardRequest from a JSON body or a multipart/urlencoded form, or BadRequest."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
-        payload = await read_json_object(request)
-    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        payload = await read_form(request, settings)
-    else:
-        raise BadRequest.one(
-            "content-type",
-            f"unsupported content type {content_type or '(none)'!r}; "
-            "send application/json or multipart/form-data",
+    @router.post(
+        "/forward",
+        response_model=service_cls.response_model,
+        responses=ERRORS,
+        openapi_extra=_forward_body(req_model, takes_text),
+        summary=f"{service_cls.name}: one input",
+        description=f"{service_cls.description}.\n\nSend JSON, or multipart/form-data with the same "
+        "fields as form fields"
+        + (" (a UTF-8 text `file` may replace `text`)." if takes_text else "."),
+    )
+    async def forward(request: Request, deps: DepsDep):
+        payload = await read_body(request, deps.settings, array_fields, takes_text)
+        req = _validate(req_model, payload)
+        item = deps.service.preprocess(req)
+        output = await deps.batcher.submit(item)
+        return deps.service.postprocess(output, req)
+
+    @router.post(
+        "/forward_batch",
+        response_model=service_cls.batch_response_model,
+        responses=ERRORS,
+        summary=f"{service_cls.name}: several inputs",
+        description="One result per input, in order (JSON only). The inputs share model batches; "
+        "the batch size limit is in /metadata.",
+    )
+    async def forward_batch(request: Request, deps: DepsDep):
+        if _content_type(request) != "application/json":
+            raise BadRequest.one(
+                "content-type",
+                f"unsupported content type {_content_type(request) or '(none)'!r}; "
+                "/forward_batch takes application/json",
+            )
+        batch_req = _validate(batch_model, await read_json_object(request))
+        requests = deps.service.split_batch(batch_req)
+        items = []
+        for i, req in enumerate(requests):
+            try:
+                items.append(deps.service.preprocess(req))
+            except InvalidInput as e:
+                raise BadRequest([{"loc": [str(i), e.loc], "msg": str(e)}]) from None
+        outputs = await deps.batcher.submit_many(items)
+        return deps.service.batch_response(
+            [deps.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
         )
+
+    @router.get("/metadata", summary="the loaded model, its limits and the service version")
+    async def metadata(deps: DepsDep) -> dict:
+        """The service (name, description), the model (id, preset, parameters, context, vocabulary,
+        dtype, device, training card), the request limits and the service version."""
+        return {**deps.service.metadata(), "service_version": __version__}
+
+    @router.get("/health", response_model=HealthResponse, summary="liveness")
+    async def health() -> HealthResponse:
+        """The process answers (also while the model is busy)."""
+        return HealthResponse(status="ok")
+
+    return router
+
+
+def _validate(model: type[BaseModel], payload: dict) -> BaseModel:
     try:
-        req = ForwardRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as e:
         raise BadRequest(pydantic_errors(e)) from None
-    check_limits([req.text], req, settings)
-    return req
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(
+    request: Request, settings: Settings, array_fields: set[str], takes_text: bool
+) -> dict:
+    """A dict from a JSON object or a multipart/urlencoded form, or BadRequest."""
+    ct = _content_type(request)
+    if ct == "application/json":
+        return await read_json_object(request)
+    if ct in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await read_form(request, settings, array_fields, takes_text)
+    raise BadRequest.one(
+        "content-type",
+        f"unsupported content type {ct or '(none)'!r}; send application/json or multipart/form-data",
+    )
 
 
 async def read_json_object(request: Request) -> dict:
@@ -91,7 +129,9 @@ async def read_json_object(request: Request) -> dict:
     return payload
 
 
-async def read_form(request: Request, settings: Settings) -> dict:
+async def read_form(
+    request: Request, settings: Settings, array_fields: set[str], takes_text: bool
+) -> dict:
     try:
         form = await request.form(max_files=1, max_fields=32)
     except Exception as e:  # malformed multipart bodies raise several starlette/multipart errors
@@ -99,12 +139,15 @@ async def read_form(request: Request, settings: Settings) -> dict:
     payload: dict[str, Any] = {}
     for key in form.keys():
         values = form.getlist(key)
-        if key == "file":
+        if key == "file" and takes_text:
             continue
         if any(isinstance(v, UploadFile) for v in values):
-            raise BadRequest.one(key, "only the field 'file' may be a file")
-        payload[key] = list(values) if key == "stop" else values[-1]
-    upload = form.get("file")
+            raise BadRequest.one(
+                key,
+                "only the field 'file' may be a file" if takes_text else "files are not accepted",
+            )
+        payload[key] = list(values) if key in array_fields else values[-1]
+    upload = form.get("file") if takes_text else None
     if upload is not None:
         if not isinstance(upload, UploadFile):
             raise BadRequest.one("file", "'file' must be an uploaded file")
@@ -120,109 +163,34 @@ async def read_form(request: Request, settings: Settings) -> dict:
     return payload
 
 
-def check_limits(texts: list[str], options: GenerationOptions, settings: Settings) -> None:
-    errors = []
-    if options.max_new_tokens > settings.max_new_tokens_limit:
-        errors.append(
-            {
-                "loc": ["max_new_tokens"],
-                "msg": f"max_new_tokens must be <= {settings.max_new_tokens_limit}",
-            }
-        )
-    for i, t in enumerate(texts):
-        if len(t) > settings.max_text_chars:
-            errors.append(
-                {
-                    "loc": ["text" if len(texts) == 1 else f"texts.{i}"],
-                    "msg": f"text has {len(t)} characters; the limit is {settings.max_text_chars}",
-                }
-            )
-    if errors:
-        raise BadRequest(errors)
-
-
-@router.post(
-    "/forward", response_model=ForwardResponse, responses=ERRORS, openapi_extra=FORWARD_BODY
-)
-async def forward(request: Request, service: ServiceDep, settings: SettingsDep) -> ForwardResponse:
-    """Generate a continuation of one text.
-
-    Send JSON (`{"text": "Привет, мир!", "max_new_tokens": 32}`) or multipart/form-data (a `text`
-    field or a UTF-8 text `file`, and the same parameters as form fields).
-    """
-    req = await parse_forward_request(request, settings)
-    params = req.to_generation_params()
-    service.validate([req.text], [params])
-    result = (await run_in_threadpool(service.generate_batch, [req.text], params))[0]
-    return ForwardResponse(model=service.model_id, **Completion.from_result(result).model_dump())
-
-
-@router.post("/forward_batch", response_model=ForwardBatchResponse, responses=ERRORS)
-async def forward_batch(
-    request: Request, service: ServiceDep, settings: SettingsDep
-) -> ForwardBatchResponse:
-    """Generate a continuation for each of `texts` (at most `max_batch_size`, see /metadata), in order.
-
-    The generation parameters apply to every text; a `seed` makes every row reproducible.
-    """
-    payload = await read_json_object(request) if _is_json(request) else _not_json(request)
-    try:
-        req = ForwardBatchRequest.model_validate(payload)
-    except ValidationError as e:
-        raise BadRequest(pydantic_errors(e)) from None
-    if len(req.texts) > settings.max_batch_size:
-        raise BadRequest.one(
-            "texts", f"{len(req.texts)} texts; the limit is {settings.max_batch_size}"
-        )
-    check_limits(req.texts, req, settings)
-    params = _per_row_params(req.to_generation_params(), len(req.texts))
-    service.validate(req.texts, params)
-    results = await run_in_threadpool(service.generate_batch, req.texts, params)
-    return ForwardBatchResponse(
-        model=service.model_id, results=[Completion.from_result(r) for r in results]
-    )
-
-
-def _per_row_params(params: GenerationParams, n: int) -> list[GenerationParams]:
-    """A seeded batch gives row i the seed + i, so rows differ but the batch is reproducible."""
-    if params.seed is None:
-        return [params] * n
-    from dataclasses import replace
-
-    return [replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
-
-
-def _is_json(request: Request) -> bool:
-    return (
-        request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-    )
-
-
-def _not_json(request: Request) -> dict:
-    ct = request.headers.get("content-type", "").split(";")[0].strip() or "(none)"
-    raise BadRequest.one(
-        "content-type", f"unsupported content type {ct!r}; /forward_batch takes application/json"
-    )
-
-
-@router.get("/metadata")
-async def metadata(service: ServiceDep, settings: SettingsDep) -> dict:
-    """The loaded model (id, preset, parameters, context, vocabulary, dtype, device, training card),
-    the request limits and the service version."""
+def _array_fields(model: type[BaseModel]) -> set[str]:
+    """Fields that take a list: a repeated form field fills them."""
+    props = model.model_json_schema().get("properties", {})
     return {
-        **service.metadata(),
-        "limits": {
-            "max_batch_size": settings.max_batch_size,
-            "max_new_tokens": min(settings.max_new_tokens_limit, service.context_length - 1),
-            "max_text_chars": settings.max_text_chars,
-            "max_file_bytes": settings.max_file_bytes,
-            "context_length": service.context_length,
-        },
-        "service_version": __version__,
+        name
+        for name, p in props.items()
+        if p.get("type") == "array" or any(a.get("type") == "array" for a in p.get("anyOf", []))
     }
 
 
-@router.get("/health", response_model=HealthResponse)
-async def health() -> HealthResponse:
-    """Liveness: the process answers (also while the model is generating)."""
-    return HealthResponse(status="ok")
+def _forward_body(model: type[BaseModel], takes_text: bool) -> dict:
+    schema = model.model_json_schema()
+    form_props = {
+        k: ({"type": "array", "items": {"type": "string"}} if k in _array_fields(model) else v)
+        for k, v in schema.get("properties", {}).items()
+    }
+    if takes_text:
+        form_props["file"] = {
+            "type": "string",
+            "format": "binary",
+            "description": "UTF-8 text file instead of `text`",
+        }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {"schema": {"type": "object", "properties": form_props}},
+            },
+        }
+    }

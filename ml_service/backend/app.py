@@ -1,54 +1,54 @@
-"""The app factory: `create_app(settings)` builds a FastAPI app that loads its model at start-up."""
+"""The app factory: `create_app(settings)` builds a FastAPI app around one `ModelService`."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 
-from lib.inference import InferenceService
 from ml_service import __version__
-from ml_service.backend.api import router
+from ml_service.backend.api import build_router
 from ml_service.backend.dependencies import AppDependencies
 from ml_service.backend.errors import install_error_handlers
+from ml_service.batching import MicroBatcher
+from ml_service.contract import ModelService, load_service_class
 from ml_service.settings import Settings, get_settings
 
 log = logging.getLogger("ml_service")
 
 
-def load_service(settings: Settings) -> InferenceService:
-    """The service the settings ask for: a checkpoint, or (only if asked) a random preset."""
-    if settings.random_preset:
-        return InferenceService.random_baseline(settings.random_preset)
-    return InferenceService.from_checkpoint(
-        settings.checkpoint, device=settings.device, dtype=getattr(torch, settings.dtype)
-    )
+def create_app(settings: Settings | None = None, service: ModelService | None = None) -> FastAPI:
+    """Build the app for `settings.service` (by name), or for an already built `service` (tests).
 
-
-def create_app(
-    settings: Settings | None = None, service: InferenceService | None = None
-) -> FastAPI:
-    """Build the app. Pass `service` to reuse an already loaded model (tests do)."""
+    The service's `load()` runs once in the app's lifespan, before the first request.
+    """
     settings = settings or get_settings()
-    deps = AppDependencies(settings=settings, service=service)
+    if service is None:
+        service = load_service_class(settings.service)(settings)
+    batcher = MicroBatcher(service.predict, settings.max_batch_size, settings.batch_wait_ms / 1000)
+    deps = AppDependencies(settings=settings, service=service, batcher=batcher)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if deps.service is None:
-            deps.service = load_service(settings)
-            log.info("serving %s from %s", deps.service.model_id, deps.service.source)
-        yield
+        service.load()
+        batcher.start()
+        deps.ready = True
+        log.info("serving %s (%s)", service.name, service.model_id)
+        try:
+            yield
+        finally:
+            deps.ready = False
+            batcher.stop()
 
     app = FastAPI(
-        title="Russian GPT text generation",
+        title=f"ml_service: {service.name}",
         version=__version__,
-        description="Generate Russian text with a GPT-2-family model trained by this repository. "
-        "Errors: 400 bad request (with `errors`), 403 model failure.",
+        description=f"{service.description}.\n\nErrors: 400 bad request (with `errors`), "
+        "403 the model failed on valid input.",
         lifespan=lifespan,
     )
     app.state.deps = deps
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(build_router(type(service)))
     return app

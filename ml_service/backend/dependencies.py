@@ -1,4 +1,4 @@
-"""What routes receive: the loaded `InferenceService` and the `Settings`, injected by type."""
+"""What routes receive: the loaded service, its micro-batcher and the settings, injected by type."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from lib.inference import InferenceService
 from ml_service.backend.errors import ServiceError
+from ml_service.batching import MicroBatcher
+from ml_service.contract import ModelService
 from ml_service.settings import Settings
 
 
@@ -20,22 +21,16 @@ class ModelNotReady(ServiceError):
 @dataclass
 class AppDependencies:
     settings: Settings
-    service: InferenceService | None = None
+    service: ModelService
+    batcher: MicroBatcher
+    ready: bool = False
 
 
 def get_dependencies(request: Request) -> AppDependencies:
-    return request.app.state.deps
-
-
-def get_service(deps: Annotated[AppDependencies, Depends(get_dependencies)]) -> InferenceService:
-    if deps.service is None:
+    deps: AppDependencies = request.app.state.deps
+    if not deps.ready:
         raise ModelNotReady()
-    return deps.service
+    return deps
 
 
-def get_app_settings(deps: Annotated[AppDependencies, Depends(get_dependencies)]) -> Settings:
-    return deps.settings
-
-
-ServiceDep = Annotated[InferenceService, Depends(get_service)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+DepsDep = Annotated[AppDependencies, Depends(get_dependencies)]

@@ -1,7 +1,7 @@
 """The error contract, in one place.
 
 Any bad request -> 400 {"detail": "bad request", "errors": [...]}; a failure inside the model on
-valid input -> 403 {"detail": "модель не смогла обработать данные"}; anything unexpected -> 500
+valid input (`predict` raised) -> 403 {"detail": "модель не смогла обработать данные"}; anything unexpected -> 500
 with no traceback (the log has it). FastAPI's 422 never reaches a client.
 """
 
@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.inference import GenerationFailed, PromptTooLong
+from ml_service.batching import PredictionFailed
+from ml_service.contract import InvalidInput
 
 log = logging.getLogger("ml_service")
 MODEL_FAILED = "модель не смогла обработать данные"
@@ -79,9 +81,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _too_long(_: Request, exc: PromptTooLong):
         return JSONResponse(BadRequest.one("text", str(exc)).body(), status_code=400)
 
-    @app.exception_handler(GenerationFailed)
-    async def _model_failed(_: Request, exc: GenerationFailed):
+    @app.exception_handler(InvalidInput)
+    async def _invalid_input(_: Request, exc: InvalidInput):
+        return JSONResponse(BadRequest.one(exc.loc, str(exc)).body(), status_code=400)
+
+    async def _model_failed(_: Request, exc: Exception):
         return JSONResponse(ModelFailed().body(), status_code=403)
+
+    app.add_exception_handler(GenerationFailed, _model_failed)
+    app.add_exception_handler(PredictionFailed, _model_failed)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

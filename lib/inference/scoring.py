@@ -1,0 +1,68 @@
+"""Score texts under a causal LM: per-token log-probabilities, log-likelihood, perplexity, bits/byte."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lib.inference.generation import PromptTooLong, encode_prompts
+
+
+@dataclass
+class TextScore:
+    tokens: list[str]  # each token's text
+    logprobs: list[float]  # natural-log probability of each token given everything before it
+    num_bytes: int  # UTF-8 bytes of the text
+
+    @property
+    def log_likelihood(self) -> float:
+        return sum(self.logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.log_likelihood / max(len(self.logprobs), 1))
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.log_likelihood / math.log(2) / max(self.num_bytes, 1)
+
+
+def check_scorable(tokenizer, texts: Sequence[str], context: int) -> list[list[int]]:
+    """Token ids (behind a leading EOS) of each text, or PromptTooLong if one exceeds the context."""
+    ids = encode_prompts(tokenizer, texts)
+    for i, row in enumerate(ids):
+        if len(row) > context:
+            raise PromptTooLong(
+                f"text {i}: {len(row) - 1} tokens exceed the context of {context - 1} scorable tokens"
+            )
+    return ids
+
+
+@torch.inference_mode()
+def score_texts(model, tokenizer, texts: Sequence[str]) -> list[TextScore]:
+    """Every token of every text is scored; the leading EOS (document start) is context only."""
+    ids = check_scorable(tokenizer, texts, model.config.n_positions)
+    device = next(model.parameters()).device
+    B, T = len(ids), max(len(r) for r in ids)
+    input_ids = torch.full((B, T), tokenizer.eos_token_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, row in enumerate(ids):  # right padding: positions start at 0 for every row
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+    logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, vocab)
+    target_logp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    out = []
+    for i, row in enumerate(ids):
+        n = len(row) - 1
+        out.append(
+            TextScore(
+                tokens=[tokenizer.decode([t]) for t in row[1:]],
+                logprobs=target_logp[i, :n].tolist(),
+                num_bytes=len(texts[i].encode("utf-8")),
+            )
+        )
+    return out

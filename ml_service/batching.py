@@ -1,0 +1,93 @@
+"""A generic micro-batcher: gathers concurrent requests into one `predict(batch)` call.
+
+Requests wait at most `max_wait_s` for company; while the model works on one batch, new requests
+queue up and form the next. `predict` runs in one worker thread, off the event loop, so the API
+keeps answering (health probes, metadata) while the model is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+log = logging.getLogger("ml_service.batching")
+
+
+class PredictionFailed(RuntimeError):
+    """`predict` raised for the batch this request was in."""
+
+
+class MicroBatcher:
+    def __init__(
+        self, predict: Callable[[list], list], max_batch_size: int = 32, max_wait_s: float = 0.002
+    ):
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the queued work, then end the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def submit_many(self, items: Sequence[Any]) -> list[Any]:
+        """Outputs for `items`, in order. They are queued together, so they share batches."""
+        futures = [Future() for _ in items]
+        for item, fut in zip(items, futures, strict=True):
+            self._queue.put((item, fut))
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    async def submit(self, item: Any) -> Any:
+        return (await self.submit_many([item]))[0]
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Any, Future]]) -> None:
+        live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            outputs = self._predict([item for item, _ in live])
+            if len(outputs) != len(live):
+                raise RuntimeError(
+                    f"predict returned {len(outputs)} outputs for {len(live)} inputs"
+                )
+        except Exception as e:
+            log.exception("predict failed for a batch of %d", len(live))
+            for _, fut in live:
+                fut.set_exception(PredictionFailed(str(e)))
+            return
+        for (_, fut), out in zip(live, outputs, strict=True):
+            fut.set_result(out)

@@ -1,0 +1,100 @@
+"""The score service: how likely is a text under the loaded causal LM?
+
+Returns per-token log-probabilities, the total log-likelihood, perplexity and bits per byte, which
+makes it a way to evaluate a checkpoint over HTTP.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lib.inference import InferenceService, PromptTooLong
+from lib.inference.scoring import TextScore
+from ml_service.contract import InvalidInput, ModelService
+from ml_service.services.common import check_text_length, load_inference
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(..., description="the text to score", examples=["Привет, мир!"])
+
+    @field_validator("text")
+    @classmethod
+    def _non_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text must not be empty")
+        return v
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float = Field(
+        ..., description="natural log of the token's probability given the text before it"
+    )
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    tokens: list[TokenLogprob]
+    num_tokens: int
+    num_bytes: int = Field(..., description="UTF-8 bytes of the text")
+    log_likelihood: float = Field(..., description="sum of the token log-probabilities (nats)")
+    perplexity: float = Field(..., description="exp(-log_likelihood / num_tokens)")
+    bits_per_byte: float = Field(..., description="-log_likelihood / ln 2 / num_bytes")
+
+
+class ScoreService(ModelService):
+    name = "score"
+    version = "0.1.0"
+    description = "per-token log-probabilities, log-likelihood, perplexity and bits/byte of a text"
+    request_model = ScoreRequest
+    response_model = ScoreResponse
+
+    def __init__(self, settings, inference: InferenceService | None = None):
+        super().__init__(settings)
+        self.inference = inference
+
+    def load(self) -> None:
+        if self.inference is None:
+            self.inference = load_inference(self.settings)
+
+    @property
+    def model_id(self) -> str:
+        return self.inference.model_id
+
+    def preprocess(self, request: ScoreRequest) -> str:
+        check_text_length(request.text, self.settings.max_text_chars)
+        try:
+            self.inference.check_scorable([request.text])
+        except PromptTooLong as e:
+            raise InvalidInput(str(e).removeprefix("text 0: ")) from None
+        return request.text
+
+    def predict(self, batch: list[str]) -> list[TextScore]:
+        return self.inference.score(batch)
+
+    def postprocess(self, output: TextScore, request: ScoreRequest) -> ScoreResponse:
+        return ScoreResponse(
+            model=self.model_id,
+            tokens=[
+                TokenLogprob(token=t, logprob=lp)
+                for t, lp in zip(output.tokens, output.logprobs, strict=True)
+            ],
+            num_tokens=len(output.logprobs),
+            num_bytes=output.num_bytes,
+            log_likelihood=output.log_likelihood,
+            perplexity=output.perplexity,
+            bits_per_byte=output.bits_per_byte,
+        )
+
+    def metadata(self) -> dict:
+        return {
+            **super().metadata(),
+            **self.inference.metadata(),
+            "limits": {
+                "max_batch_size": self.settings.max_batch_size,
+                "max_text_chars": self.settings.max_text_chars,
+                "max_file_bytes": self.settings.max_file_bytes,
+                "context_length": self.inference.context_length,
+            },
+        }

@@ -1,0 +1,88 @@
+"""The text-generation service: continue a text with a GPT-2-family checkpoint."""
+
+from __future__ import annotations
+
+from lib.inference import GenerationResult, InferenceService, PromptTooLong
+from ml_service.backend.schemas import (
+    Completion,
+    ForwardBatchRequest,
+    ForwardBatchResponse,
+    ForwardRequest,
+    ForwardResponse,
+)
+from ml_service.contract import InvalidInput, ModelService
+from ml_service.services.common import check_text_length, load_inference
+
+
+class TextGenerationService(ModelService):
+    name = "text-generation"
+    version = "0.1.0"
+    description = "continue a text (Russian by default) with a GPT-2-family checkpoint"
+    request_model = ForwardRequest
+    response_model = ForwardResponse
+    batch_request_model = ForwardBatchRequest
+    batch_response_model = ForwardBatchResponse
+
+    def __init__(self, settings, inference: InferenceService | None = None):
+        super().__init__(settings)
+        self.inference = inference
+
+    def load(self) -> None:
+        if self.inference is None:
+            self.inference = load_inference(self.settings)
+
+    @property
+    def model_id(self) -> str:
+        return self.inference.model_id
+
+    def preprocess(self, request: ForwardRequest):
+        limit = self.settings.max_new_tokens_limit
+        if request.max_new_tokens > limit:
+            raise InvalidInput(f"max_new_tokens must be <= {limit}", loc="max_new_tokens")
+        check_text_length(request.text, self.settings.max_text_chars)
+        params = request.to_generation_params()
+        try:
+            self.inference.validate([request.text], [params])
+        except PromptTooLong as e:
+            raise InvalidInput(str(e).removeprefix("text 0: ")) from None
+        return request.text, params
+
+    def predict(self, batch) -> list[GenerationResult]:
+        return self.inference.generate_batch([t for t, _ in batch], [p for _, p in batch])
+
+    def postprocess(self, output: GenerationResult, request: ForwardRequest) -> ForwardResponse:
+        return ForwardResponse(model=self.model_id, **Completion.from_result(output).model_dump())
+
+    def split_batch(self, batch_request: ForwardBatchRequest) -> list[ForwardRequest]:
+        """One request per text; with a seed, row i samples with seed + i (rows differ, the batch
+        stays reproducible)."""
+        n, limit = len(batch_request.texts), self.settings.max_batch_size
+        if n > limit:
+            raise InvalidInput(f"{n} texts; the limit is {limit}", loc="texts")
+        options = batch_request.model_dump(exclude={"texts"})
+        out = []
+        for i, text in enumerate(batch_request.texts):
+            seed = None if options["seed"] is None else (options["seed"] + i) % 2**63
+            out.append(ForwardRequest.model_construct(**{**options, "seed": seed, "text": text}))
+        return out
+
+    def batch_response(self, responses: list[ForwardResponse]) -> ForwardBatchResponse:
+        return ForwardBatchResponse(
+            model=self.model_id,
+            results=[Completion(**r.model_dump(exclude={"model"})) for r in responses],
+        )
+
+    def metadata(self) -> dict:
+        s = self.settings
+        ctx = self.inference.context_length
+        return {
+            **super().metadata(),
+            **self.inference.metadata(),
+            "limits": {
+                "max_batch_size": s.max_batch_size,
+                "max_new_tokens": min(s.max_new_tokens_limit, ctx - 1),
+                "max_text_chars": s.max_text_chars,
+                "max_file_bytes": s.max_file_bytes,
+                "context_length": ctx,
+            },
+        }
