@@ -56,7 +56,7 @@ format: $(STAMP) ## ruff autofix and format
 # the recipe of the embedded default: a wall-clock budget, small batches (many steps), LR annealed on time
 BASELINE_ARGS ?= --time-limit 11m30s --max-steps 100000 --batch-size 2 --lr 3e-3 --warmup-steps 100 --eval-every 500
 train-baseline: $(STAMP) ## train the tiny preset on the bundled Russian corpus (11.5 min on 2 CPU cores)
-	$(BIN)/python train_distributed.py --mode baseline --preset tiny --output-dir runs/baseline $(BASELINE_ARGS) $(TRAIN_ARGS)
+	$(BIN)/python train_distributed.py --mode baseline --preset tiny --output-dir runs/baseline --run-name ru-gpt-tiny $(BASELINE_ARGS) $(TRAIN_ARGS)
 
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("runs/baseline"),
         help="run directory; the checkpoint is written to OUTPUT_DIR/final",
     )
+    p.add_argument(
+        "--run-name", help="model id recorded in the checkpoint (default: the output dir's name)"
+    )
     p.add_argument("--tokenizer", help="existing tokenizer directory (default: train a new BPE)")
     p.add_argument(
         "--vocab-size",
@@ -114,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         preset=args.preset,
         data=args.data,
         output_dir=args.output_dir,
+        run_name=args.run_name,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         block_size=args.block_size,

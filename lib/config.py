@@ -86,6 +86,9 @@ class TrainingConfig:
     preset: str = "tiny"
     data: str = "bundled"  # "bundled" (Russian corpus), a local .txt/.jsonl file or dir, or a `datasets` name
     output_dir: Path = REPO_ROOT / "runs" / "baseline"
+    run_name: str | None = (
+        None  # the model id in the checkpoint; default: the output directory's name
+    )
     tokenizer: str | None = (
         None  # existing tokenizer dir; None trains a new one on the training split
     )

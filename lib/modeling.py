@@ -172,6 +172,6 @@ def render_model_card(card: dict) -> str:
             lines.append(f"| {key} | {card[key]} |")
     samples = card.get("samples") or []
     if samples:
-        lines += ["", "## Samples (greedy is not used; temperature 0.8, top-p 0.95)", ""]
+        lines += ["", "## Samples (temperature 0.8, top-p 0.95, seed 0)", ""]
         lines += [f"- **{s['prompt']}** → {s['completion']}" for s in samples]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from ml_service.contract import UnknownService, discover_services, load_service_class
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
     from ml_service.settings import get_settings
 
     settings = get_settings()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was
+    # installed before it: make that an exit with status 0, as process supervisors expect
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "ml_service.backend.app:create_app",
         factory=True,

@@ -111,6 +111,7 @@ BAD_REQUESTS = {
     "max_new_tokens not int": dict(json={"text": "a", "max_new_tokens": "many"}),
     "max_new_tokens zero": dict(json={"text": "a", "max_new_tokens": 0}),
     "max_new_tokens over limit": dict(json={"text": "a", "max_new_tokens": 100000}),
+    "min_new_tokens above max": dict(json={"text": "a", "min_new_tokens": 9, "max_new_tokens": 4}),
     "negative temperature": dict(json={"text": "a", "temperature": -1}),
     "top_p zero": dict(json={"text": "a", "top_p": 0}),
     "top_k negative": dict(json={"text": "a", "top_k": -3}),

@@ -100,6 +100,15 @@ def test_per_row_parameters(service):
     assert all(r.prompt_tokens == rows[0].prompt_tokens for r in rows)
 
 
+def test_min_new_tokens_holds_off_the_end_of_document(service):
+    free = service.generate("Москва", GenerationParams(max_new_tokens=20, temperature=0))
+    assert free.finish_reason == "eos" and free.completion_tokens < 20  # this model ends early here
+    held = service.generate(
+        "Москва", GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0)
+    )
+    assert held.finish_reason == "length" and held.completion_tokens == 20
+
+
 def test_top_k_one_is_greedy(service):
     greedy = service.generate("Он открыл дверь", GREEDY).text
     k1 = service.generate(
@@ -120,9 +129,10 @@ def test_cancellation_stops_generation(service):
         calls.append(1)
         return len(calls) > 3
 
-    r = service.generate_batch(
-        ["Москва"], GenerationParams(max_new_tokens=50, temperature=0), should_stop
-    )[0]
+    # a seeded sample that runs well past 3 tokens without the model ending the document
+    params = GenerationParams(max_new_tokens=50, temperature=0.8, seed=2)
+    assert service.generate("Он открыл дверь и", params).completion_tokens > 10
+    r = service.generate_batch(["Он открыл дверь и"], params, should_stop)[0]
     assert r.finish_reason == "cancelled" and r.completion_tokens == 3
 
 
@@ -147,4 +157,4 @@ def test_service_metadata_counts_parameters(service):
     assert service.metadata()["parameters"] == sum(p.numel() for p in service.model.parameters())
 
 
-GOLDEN_GREEDY = "TO BE FILLED"
+GOLDEN_GREEDY = " Владя, что не"

@@ -25,6 +25,7 @@ class GenerationFailed(RuntimeError):
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # the end-of-document token is forbidden before this many tokens
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 0.95
     top_k: int = 50  # 0 disables
@@ -118,6 +119,9 @@ def generate(
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float().cpu()  # (B, vocab)
+        for i, p in enumerate(params):
+            if len(generated[i]) < p.min_new_tokens:
+                logits[i, eos] = float("-inf")
         next_ids = sample_next(logits, seen, temperature, top_k, top_p, penalty, greedy, generators)
 
         for i in range(B):

@@ -200,7 +200,7 @@ def train(config: TrainingConfig) -> TrainResult:
         f"{step} steps, {tokens_seen:,} tokens, {wall:.0f}s"
     )
     card = {
-        "model_id": Path(config.output_dir).name,
+        "model_id": config.run_name or Path(config.output_dir).name,
         "preset": preset.name,
         "parameters": count_parameters(model),
         "data": config.data,

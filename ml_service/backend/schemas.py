@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lib.inference import GenerationParams, GenerationResult
 
@@ -15,6 +15,9 @@ class GenerationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most")
+    min_new_tokens: int = Field(
+        0, ge=0, description="do not end the text (end-of-document token) before this many tokens"
+    )
     temperature: float = Field(
         0.8, ge=0.0, le=5.0, description="sampling temperature; 0 means greedy"
     )
@@ -42,9 +45,16 @@ class GenerationOptions(BaseModel):
             raise ValueError("each stop string must have 1 to 64 characters")
         return v
 
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must be <= max_new_tokens")
+        return self
+
     def to_generation_params(self) -> GenerationParams:
         return GenerationParams(
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,

@@ -1,11 +1,11 @@
-"""What the built-in services share: loading the checkpoint through `lib`, and text limits."""
+"""What the built-in services share: a checkpoint loaded through `lib`, and text limits."""
 
 from __future__ import annotations
 
 import torch
 
 from lib.inference import InferenceService
-from ml_service.contract import InvalidInput
+from ml_service.contract import InvalidInput, ModelService
 
 
 def load_inference(settings) -> InferenceService:
@@ -20,3 +20,32 @@ def load_inference(settings) -> InferenceService:
 def check_text_length(text: str, limit: int, loc: str = "text") -> None:
     if len(text) > limit:
         raise InvalidInput(f"text has {len(text)} characters; the limit is {limit}", loc=loc)
+
+
+class CheckpointService(ModelService):
+    """A service over one GPT checkpoint: `load()` goes through `InferenceService` (or takes one
+    already loaded, as the tests do), and /metadata describes the model and the limits."""
+
+    def __init__(self, settings, inference: InferenceService | None = None):
+        super().__init__(settings)
+        self.inference = inference
+
+    def load(self) -> None:
+        if self.inference is None:
+            self.inference = load_inference(self.settings)
+
+    @property
+    def model_id(self) -> str:
+        return self.inference.model_id
+
+    def limits(self) -> dict:
+        s = self.settings
+        return {
+            "max_batch_size": s.max_batch_size,
+            "max_text_chars": s.max_text_chars,
+            "max_file_bytes": s.max_file_bytes,
+            "context_length": self.inference.context_length,
+        }
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), **self.inference.metadata(), "limits": self.limits()}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lib.inference import InferenceService, PromptTooLong
+from lib.inference import PromptTooLong
 from lib.inference.scoring import TextScore
-from ml_service.contract import InvalidInput, ModelService
-from ml_service.services.common import check_text_length, load_inference
+from ml_service.contract import InvalidInput
+from ml_service.services.common import CheckpointService, check_text_length
 
 
 class ScoreRequest(BaseModel):
@@ -43,24 +43,12 @@ class ScoreResponse(BaseModel):
     bits_per_byte: float = Field(..., description="-log_likelihood / ln 2 / num_bytes")
 
 
-class ScoreService(ModelService):
+class ScoreService(CheckpointService):
     name = "score"
     version = "0.1.0"
     description = "per-token log-probabilities, log-likelihood, perplexity and bits/byte of a text"
     request_model = ScoreRequest
     response_model = ScoreResponse
-
-    def __init__(self, settings, inference: InferenceService | None = None):
-        super().__init__(settings)
-        self.inference = inference
-
-    def load(self) -> None:
-        if self.inference is None:
-            self.inference = load_inference(self.settings)
-
-    @property
-    def model_id(self) -> str:
-        return self.inference.model_id
 
     def preprocess(self, request: ScoreRequest) -> str:
         check_text_length(request.text, self.settings.max_text_chars)
@@ -86,15 +74,3 @@ class ScoreService(ModelService):
             perplexity=output.perplexity,
             bits_per_byte=output.bits_per_byte,
         )
-
-    def metadata(self) -> dict:
-        return {
-            **super().metadata(),
-            **self.inference.metadata(),
-            "limits": {
-                "max_batch_size": self.settings.max_batch_size,
-                "max_text_chars": self.settings.max_text_chars,
-                "max_file_bytes": self.settings.max_file_bytes,
-                "context_length": self.inference.context_length,
-            },
-        }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lib.inference import GenerationResult, InferenceService, PromptTooLong
+from lib.inference import GenerationResult, PromptTooLong
 from ml_service.backend.schemas import (
     Completion,
     ForwardBatchRequest,
@@ -10,11 +10,11 @@ from ml_service.backend.schemas import (
     ForwardRequest,
     ForwardResponse,
 )
-from ml_service.contract import InvalidInput, ModelService
-from ml_service.services.common import check_text_length, load_inference
+from ml_service.contract import InvalidInput
+from ml_service.services.common import CheckpointService, check_text_length
 
 
-class TextGenerationService(ModelService):
+class TextGenerationService(CheckpointService):
     name = "text-generation"
     version = "0.1.0"
     description = "continue a text (Russian by default) with a GPT-2-family checkpoint"
@@ -22,18 +22,6 @@ class TextGenerationService(ModelService):
     response_model = ForwardResponse
     batch_request_model = ForwardBatchRequest
     batch_response_model = ForwardBatchResponse
-
-    def __init__(self, settings, inference: InferenceService | None = None):
-        super().__init__(settings)
-        self.inference = inference
-
-    def load(self) -> None:
-        if self.inference is None:
-            self.inference = load_inference(self.settings)
-
-    @property
-    def model_id(self) -> str:
-        return self.inference.model_id
 
     def preprocess(self, request: ForwardRequest):
         limit = self.settings.max_new_tokens_limit
@@ -72,17 +60,9 @@ class TextGenerationService(ModelService):
             results=[Completion(**r.model_dump(exclude={"model"})) for r in responses],
         )
 
-    def metadata(self) -> dict:
-        s = self.settings
+    def limits(self) -> dict:
         ctx = self.inference.context_length
         return {
-            **super().metadata(),
-            **self.inference.metadata(),
-            "limits": {
-                "max_batch_size": s.max_batch_size,
-                "max_new_tokens": min(s.max_new_tokens_limit, ctx - 1),
-                "max_text_chars": s.max_text_chars,
-                "max_file_bytes": s.max_file_bytes,
-                "context_length": ctx,
-            },
+            **super().limits(),
+            "max_new_tokens": min(self.settings.max_new_tokens_limit, ctx - 1),
         }
