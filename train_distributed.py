@@ -2,13 +2,16 @@
 """Train a GPT-2-family model from scratch and export a Hugging Face-format checkpoint.
 
     python train_distributed.py --preset tiny --max-steps 900 --output-dir runs/baseline
+    python train_distributed.py --output-dir runs/baseline --resume auto     # continue a stopped run
 
 The checkpoint lands in OUTPUT_DIR/final; serve it with `make serve-trained CHECKPOINT=OUTPUT_DIR/final`.
+Resumable training state is kept in OUTPUT_DIR/checkpoints/step-NNNNNNN.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -32,64 +35,119 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
+    a = p.add_argument
+    a(
         "--mode",
         choices=["baseline"],
         default="baseline",
         help="training mode: baseline = one process (CPU or one GPU)",
     )
-    p.add_argument(
-        "--preset", choices=list(PRESETS), default="tiny", help="model size (lib/config.py)"
-    )
-    p.add_argument(
+    a("--preset", choices=list(PRESETS), default="tiny", help="model size (lib/config.py)")
+    a(
         "--data",
         default="bundled",
         help="'bundled' (Russian corpus), a .txt/.jsonl file or directory, or a `datasets` name",
     )
-    p.add_argument(
+    a(
         "--output-dir",
         type=Path,
         default=Path("runs/baseline"),
-        help="run directory; the checkpoint is written to OUTPUT_DIR/final",
+        help="run directory: OUTPUT_DIR/final (export) and OUTPUT_DIR/checkpoints (training state)",
     )
-    p.add_argument(
-        "--run-name", help="model id recorded in the checkpoint (default: the output dir's name)"
+    a(
+        "--run-name",
+        help="model id recorded in the checkpoint and the W&B run name (default: the output dir's name)",
     )
-    p.add_argument("--tokenizer", help="existing tokenizer directory (default: train a new BPE)")
-    p.add_argument(
+    a(
+        "--resume",
+        help="'auto' (newest complete checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint path",
+    )
+    a("--tokenizer", help="existing tokenizer directory (default: train a new BPE)")
+    a(
         "--vocab-size",
         type=int,
         help="vocabulary of a newly trained tokenizer (default: the preset's)",
     )
-    p.add_argument("--block-size", type=int, help="training context length (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument(
-        "--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak"
+    a("--block-size", type=int, help="training context length (default: the preset's)")
+    a("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    a(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (loss-equivalent to a bigger batch)",
     )
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
-    p.add_argument(
-        "--scheduler", choices=SCHEDULES, default="cosine", help="LR schedule after warm-up"
+    a("--lr", type=float, default=3e-3, help="peak learning rate")
+    a("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
+    a("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
+    a(
+        "--scheduler",
+        choices=SCHEDULES,
+        default="cosine",
+        help="LR schedule after warm-up (wsd = warmup-stable-decay)",
     )
-    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--max-steps", type=int, default=900, help="optimizer steps")
-    p.add_argument(
+    a("--warmup-steps", type=int, default=50, help="linear warm-up steps")
+    a("--max-steps", type=int, default=900, help="optimizer steps")
+    a(
         "--time-limit",
         type=parse_duration,
-        help="wall-clock budget (e.g. 3h30m, 11m): stop and export when spent",
+        help="wall-clock budget (e.g. 3h30m, 11m): the LR anneals by then; save, export and exit 0 before it ends",
     )
-    p.add_argument(
-        "--eval-every", type=int, default=150, help="validation every N steps (0: only at the end)"
+    a("--eval-every", type=int, default=150, help="validation every N steps (0: only at the end)")
+    a(
+        "--save-every",
+        type=int,
+        default=0,
+        help="training-state checkpoint every N steps (0: only on an early stop)",
     )
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
-    p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and sampling")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a(
+        "--save-total-limit",
+        type=int,
+        default=3,
+        help="training-state checkpoints kept (the newest)",
+    )
+    a(
+        "--sample-every",
+        type=int,
+        default=0,
+        help="log sample continuations every N steps (0: only in the card)",
+    )
+    a(
+        "--report-to",
+        choices=["none", "wandb", "tensorboard"],
+        default="none",
+        help="metrics sink; wandb runs offline when WANDB_API_KEY is unset",
+    )
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (GPUs with bf16, recent CPUs)"
+    )
+    precision.add_argument(
+        "--fp16", action="store_true", help="float16 autocast with a gradient scaler (CUDA only)"
+    )
+    a(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward to save memory",
+    )
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--device", help="torch device (default: cuda when available, else cpu)")
+    a(
+        "--peak-tflops",
+        type=float,
+        help="the device's dense peak TFLOP/s for MFU (detected for A100/H100)",
+    )
+    a("--dropout", type=float, default=0.0, help="dropout probability")
+    a("--seed", type=int, default=1337, help="seed for init, data order and sampling")
+    a("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    a("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """Validate every combination before any data or model is touched."""
+    preset = PRESETS[args.preset]
+    resume_path = Path(args.resume) if args.resume and args.resume != "auto" else None
+    cuda = (args.device or "").startswith("cuda") or (args.device is None and _cuda_available())
     checks = [
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.grad_accum >= 1, "--grad-accum must be >= 1"),
@@ -98,16 +156,38 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         (0 <= args.warmup_steps < args.max_steps, "--warmup-steps must be in [0, --max-steps)"),
         (0 <= args.dropout < 1, "--dropout must be in [0, 1)"),
         (
-            args.block_size is None or args.block_size <= PRESETS[args.preset].n_positions,
-            f"--block-size exceeds the {args.preset} context of {PRESETS[args.preset].n_positions}",
+            min(args.eval_every, args.save_every, args.sample_every) >= 0,
+            "--eval/save/sample-every must be >= 0",
+        ),
+        (args.save_total_limit >= 1, "--save-total-limit must be >= 1"),
+        (
+            args.time_limit is None or args.time_limit > 30,
+            "--time-limit must leave more than the 30 s reserved for saving and export",
         ),
         (
-            args.vocab_size is None or args.vocab_size >= 256 + 1,
+            args.block_size is None or args.block_size <= preset.n_positions,
+            f"--block-size exceeds the {args.preset} context of {preset.n_positions}",
+        ),
+        (
+            args.vocab_size is None or args.vocab_size >= 257,
             "--vocab-size must be at least 257 (bytes + EOS)",
         ),
         (
             args.tokenizer is None or args.vocab_size is None,
             "--tokenizer and --vocab-size exclude each other",
+        ),
+        (
+            not (args.resume and (args.tokenizer or args.vocab_size)),
+            "--resume takes the tokenizer from the checkpoint: drop --tokenizer/--vocab-size",
+        ),
+        (
+            resume_path is None or (resume_path / "state.pt").is_file(),
+            f"--resume {resume_path}: not a training-state checkpoint (expected {resume_path}/state.pt)",
+        ),
+        (not args.fp16 or cuda, "--fp16 needs a CUDA device; use --bf16 on CPU"),
+        (
+            args.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+            "--report-to tensorboard needs the tensorboard package (pip install tensorboard)",
         ),
     ]
     errors = [msg for ok, msg in checks if not ok]
@@ -135,14 +215,39 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         seed=args.seed,
         num_threads=args.threads,
         progress=not args.no_progress,
+        device=args.device,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
+        resume=args.resume,
+        save_every=args.save_every,
+        save_total_limit=args.save_total_limit,
+        sample_every=args.sample_every,
+        report_to=args.report_to,
+        peak_tflops=args.peak_tflops,
     )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(build_parser().parse_args(argv))
     from lib.training import train  # heavy imports only after the arguments are valid
+    from lib.training.loop import NonFiniteLoss
 
-    train(config)
+    try:
+        result = train(config)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.stop_reason != "max_steps":
+        print(
+            f"stopped early ({result.stop_reason}); resume with: --output-dir {config.output_dir} --resume auto"
+        )
     return 0
 
 

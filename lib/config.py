@@ -114,6 +114,18 @@ class TrainingConfig:
     seed: int = 1337
     num_threads: int | None = None
     progress: bool = True
+    device: str | None = None  # None: cuda when available, else cpu
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler, CUDA only)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    resume: str | None = (
+        None  # None | "auto" (newest complete state checkpoint in output_dir) | a path
+    )
+    save_every: int = 0  # training-state checkpoint every N steps (0: only when stopped early)
+    save_total_limit: int | None = 3  # state checkpoints kept (newest)
+    sample_every: int = 0  # log sample continuations every N steps (0: only in the final card)
+    report_to: str = "none"  # none | wandb | tensorboard
+    peak_tflops: float | None = None  # the device's dense peak, for MFU when it is not detected
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.config import PRESETS, REPO_ROOT, TrainingConfig
+from lib.config import PRESETS, REPO_ROOT
 from lib.data import (
     bits_per_byte,
     bundled_documents,
@@ -207,24 +207,17 @@ def test_training_smoke_produces_loadable_checkpoint(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["final"]
 
 
-@pytest.mark.slow
-def test_time_limit_stops_and_still_exports(tmp_path):
-    from lib.training import train
-
-    data = tmp_path / "slice.txt"
-    data.write_text("\n".join(bundled_documents()[:300]), encoding="utf-8")
-    cfg = TrainingConfig(
-        data=str(data),
-        output_dir=tmp_path / "run",
-        vocab_size=400,
-        block_size=32,
-        batch_size=2,
-        max_steps=100_000,
-        warmup_steps=1,
-        time_limit_s=34,
-        eval_every=0,
-        progress=False,
-    )
-    result = train(cfg)
-    assert 0 < result.steps < 100_000
-    assert (result.checkpoint / "model.safetensors").exists()
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bf16", "--fp16"], "not allowed with argument"),
+        (["--fp16", "--device", "cpu"], "--fp16 needs a CUDA device"),
+        (["--resume", "/nonexistent/step-1"], "not a training-state checkpoint"),
+        (["--resume", "auto", "--vocab-size", "512"], "--resume takes the tokenizer"),
+        (["--time-limit", "20s"], "--time-limit must leave"),
+        (["--save-total-limit", "0"], "--save-total-limit"),
+    ],
+)
+def test_bad_cli_combinations_fail_before_any_work(args, message):
+    r = run_cli(*args)
+    assert r.returncode != 0 and message in r.stderr + r.stdout

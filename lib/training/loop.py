@@ -1,16 +1,19 @@
 """The training loop: data -> tokenizer -> model -> steps with evaluation -> HF checkpoint.
 
-It reads top to bottom like a recipe. Loss is summed over target tokens and divided by the
-number of target tokens in the whole optimizer step, so gradient accumulation is loss-equivalent
-to a bigger batch.
+`build_training_artifacts(config)` assembles everything a run needs in one place (and restores it
+from a training-state checkpoint when resuming); `train(config)` runs the steps. Loss is summed
+over target tokens and divided by the number of target tokens in the whole optimizer step, so
+gradient accumulation is loss-equivalent to a bigger batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,14 +21,32 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
-from lib.config import TrainingConfig, get_preset
+from lib.config import ModelPreset, TrainingConfig, get_preset
 from lib.data import DataSplits, bits_per_byte, load_documents, prepare_data, split_documents
-from lib.modeling import build_model, count_parameters, save_checkpoint
+from lib.modeling import build_model, count_parameters, save_checkpoint, unwrap_model
 from lib.tokenizer import load_tokenizer, train_tokenizer
+from lib.training.callbacks import (
+    Callback,
+    PreemptionSignals,
+    Reporter,
+    RunState,
+    Throughput,
+    TimeLimit,
+    flops_per_token,
+    peak_flops,
+)
 from lib.training.optim import build_optimizer
 from lib.training.schedulers import lr_multiplier
+from lib.training.state import (
+    STATE_FILE,
+    DataCursor,
+    latest_checkpoint,
+    load_training_state,
+    remove_interrupted_saves,
+    save_training_state,
+)
 
-EXPORT_RESERVE_S = 30.0  # final evaluation + samples + atomic save of a small model
+EXPORT_RESERVE_S = 30.0  # final evaluation + samples + saves of a small model
 SAMPLE_PROMPTS = ["Привет, мир!", "Москва", "Он открыл дверь и", "В начале было"]
 
 
@@ -38,10 +59,42 @@ class TrainResult:
     val_loss: float
     val_bits_per_byte: float
     history: list[dict]
+    stop_reason: str = "max_steps"
+    state_checkpoint: Path | None = None
 
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged: the loss is NaN or infinite."""
+
+
+@dataclass
+class TrainingArtifacts:
+    """Everything one run needs, built once by `build_training_artifacts`."""
+
+    config: TrainingConfig
+    preset: ModelPreset
+    tokenizer: object
+    data: DataSplits
+    model: torch.nn.Module  # what the loop calls (compiled, if asked)
+    optimizer: torch.optim.Optimizer
+    schedule: Callable[[int, float], float]  # (step, time fraction) -> learning rate
+    cursor: DataCursor
+    callbacks: list[Callback]
+    reporter: Reporter
+    device: torch.device
+    precision: str
+    doc_counts: tuple[int, int]
+    t0: float
+    deadline: float | None
+    state: RunState = field(default_factory=RunState)
+    history: list[dict] = field(default_factory=list)
+    resumed_from: Path | None = None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
 def token_loss_sum(
@@ -57,7 +110,11 @@ def token_loss_sum(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: DataSplits, batch_size: int = 32, max_batches: int | None = None
+    model: torch.nn.Module,
+    data: DataSplits,
+    batch_size: int = 32,
+    max_batches: int | None = None,
+    autocast=contextlib.nullcontext,
 ) -> dict:
     """Validation loss (nats/token) and bits per byte over the validation blocks."""
     was_training = model.training
@@ -69,7 +126,8 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         batch = blocks[start : start + batch_size].to(device)
-        nll, _ = token_loss_sum(model, batch)
+        with autocast():
+            nll, _ = token_loss_sum(model, batch)
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
         total_bytes += data.target_bytes[batch[:, 1:].cpu()].sum().item()
@@ -81,8 +139,23 @@ def evaluate(
     }
 
 
-def train(config: TrainingConfig) -> TrainResult:
-    """Run one single-process training run and export a checkpoint to config.output_dir/final."""
+def resolve_resume(config: TrainingConfig) -> Path | None:
+    """The state checkpoint to resume from: None, the newest complete one ('auto'), or a path."""
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        remove_interrupted_saves(config.output_dir)
+        return latest_checkpoint(config.output_dir)
+    path = Path(config.resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"--resume {path}: not a complete training-state checkpoint (no {STATE_FILE})"
+        )
+    return path
+
+
+def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
+    """Data, tokenizer, model, optimizer, schedule, callbacks; restored from a checkpoint when resuming."""
     t0 = time.perf_counter()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -93,17 +166,22 @@ def train(config: TrainingConfig) -> TrainResult:
         raise ValueError(
             f"block_size {block_size} exceeds the preset's context of {preset.n_positions}"
         )
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resume = resolve_resume(config)
+    saved = load_training_state(resume) if resume else None
 
     # 1. documents, split once by content hash
     train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
 
-    # 2. tokenizer: reuse one, or train a byte-level BPE on the training split only
+    # 2. tokenizer: the checkpoint's when resuming, a given one, or a new byte-level BPE
     vocab_size = config.vocab_size or preset.vocab_size
-    tokenizer = (
-        load_tokenizer(config.tokenizer)
-        if config.tokenizer
-        else train_tokenizer(train_docs, vocab_size)
-    )
+    if resume:
+        tokenizer = load_tokenizer(resume)
+        vocab_size = saved["vocab_size"]
+    elif config.tokenizer:
+        tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        tokenizer = train_tokenizer(train_docs, vocab_size)
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}"
@@ -112,31 +190,34 @@ def train(config: TrainingConfig) -> TrainResult:
     # 3. packed blocks
     data = prepare_data(config.data, tokenizer, block_size, docs=(train_docs, val_docs))
 
-    # 4. model, optimizer, schedule
+    # 4. model and optimizer (restored when resuming)
     model = build_model(
         preset,
         vocab_size=vocab_size,
         dropout=config.dropout,
         eos_token_id=tokenizer.eos_token_id,
         seed=config.seed,
-    )
-    model.train()
+    ).to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    cursor = DataCursor.start(len(data.train), config.seed)
+    state, history = RunState(), []
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        cursor.load_state_dict(saved["data"])
+        torch.set_rng_state(saved["rng"])
+        state.step, state.tokens_seen, history = (
+            saved["step"],
+            saved["tokens_seen"],
+            saved["history"],
+        )
+    model.train()
+    loop_model = torch.compile(model) if config.compile else model
 
-    # 5. steps: a seeded permutation per epoch, so the data order is reproducible
-    gen = torch.Generator().manual_seed(config.seed)
-    order, cursor, epoch = torch.randperm(len(data.train), generator=gen), 0, 0
-    history: list[dict] = []
-    tokens_seen, step = 0, 0
-    t_loop = time.perf_counter()
-    # a wall-clock budget ends the loop early enough to evaluate and export within it
-    deadline = t0 + config.time_limit_s - EXPORT_RESERVE_S if config.time_limit_s else None
-    # a time-limited run shows the time left instead of a step-count ETA it will not reach
-    total = None if deadline else config.max_steps
-    bar = tqdm(total=total, desc="train", disable=not config.progress, dynamic_ncols=True)
-    while step < config.max_steps:
-        time_fraction = (time.perf_counter() - t_loop) / (deadline - t_loop) if deadline else 0.0
-        lr = config.lr * lr_multiplier(
+    def schedule(step: int, time_fraction: float) -> float:
+        return config.lr * lr_multiplier(
             step,
             schedule=config.scheduler,
             warmup_steps=config.warmup_steps,
@@ -144,89 +225,241 @@ def train(config: TrainingConfig) -> TrainResult:
             min_ratio=config.min_lr_ratio,
             time_fraction=time_fraction,
         )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = []
-        for _ in range(config.grad_accum):
-            if cursor + config.batch_size > len(order):
-                order, cursor, epoch = torch.randperm(len(data.train), generator=gen), 0, epoch + 1
-            micro.append(data.train.blocks[order[cursor : cursor + config.batch_size]])
-            cursor += config.batch_size
-        n_targets = sum(b[:, 1:].numel() for b in micro)
-        loss_total = 0.0
-        for batch in micro:
-            nll, _ = token_loss_sum(model, batch)
-            (nll / n_targets).backward()
-            loss_total += nll.item()
-        loss = loss_total / n_targets
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss} at step {step}; lower --lr or check the data")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += n_targets
-        tok_s = tokens_seen / (time.perf_counter() - t_loop)
-        bar.update(1)
-        postfix = {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{tok_s:.0f}"}
-        if deadline:
-            postfix["left"] = f"{max(deadline - time.perf_counter(), 0):.0f}s"
-        bar.set_postfix(postfix)
-        record = {
-            "step": step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tok_s,
-            "epoch": epoch,
-        }
-        if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            record.update(evaluate(model, data, max_batches=config.eval_batches))
-            bar.write(
-                f"step {step}: train loss {loss:.4f}, val loss {record['val_loss']:.4f}, "
-                f"val bits/byte {record['val_bits_per_byte']:.4f}"
-            )
-        history.append(record)
-        if deadline and time.perf_counter() > deadline:
-            bar.write(f"time limit of {config.time_limit_s:.0f}s reached at step {step}; exporting")
-            break
-    bar.close()
 
-    # 6. final evaluation on the whole validation split, samples, export
-    final = evaluate(model, data)
-    wall = time.perf_counter() - t0
-    print(
-        f"final: val loss {final['val_loss']:.4f}, val bits/byte {final['val_bits_per_byte']:.4f}, "
-        f"{step} steps, {tokens_seen:,} tokens, {wall:.0f}s"
+    # 5. callbacks: time limit, preemption, throughput/MFU, reporting
+    deadline = t0 + config.time_limit_s - EXPORT_RESERVE_S if config.time_limit_s else None
+    n_params = count_parameters(model) - model.transformer.wpe.weight.numel()
+    fpt = flops_per_token(n_params, preset.n_layer, preset.n_head, preset.head_dim, block_size)
+    reporter = Reporter(
+        config.report_to,
+        Path(config.output_dir),
+        config.run_name or Path(config.output_dir).name,
+        config.to_dict(),
     )
-    card = {
-        "model_id": config.run_name or Path(config.output_dir).name,
-        "preset": preset.name,
+    callbacks: list[Callback] = [
+        PreemptionSignals(),
+        Throughput(fpt, peak_flops(device, config.peak_tflops)),
+    ]
+    if deadline:
+        callbacks.append(TimeLimit(deadline))
+    callbacks.append(reporter)
+    return TrainingArtifacts(
+        config=config,
+        preset=preset,
+        tokenizer=tokenizer,
+        data=data,
+        model=loop_model,
+        optimizer=optimizer,
+        schedule=schedule,
+        cursor=cursor,
+        callbacks=callbacks,
+        reporter=reporter,
+        device=device,
+        precision=config.precision,
+        doc_counts=(len(train_docs), len(val_docs)),
+        t0=t0,
+        deadline=deadline,
+        state=state,
+        history=history,
+        resumed_from=resume,
+    )
+
+
+def accumulate_gradients(
+    model,
+    micro_batches: list[torch.Tensor],
+    autocast=contextlib.nullcontext,
+    scale=lambda loss: loss,
+) -> float:
+    """Backward over micro-batches, each scaled by the step's total target count (not the micro-batch's),
+    so the gradient equals that of one big batch. Returns the loss per target token."""
+    device = next(model.parameters()).device
+    n_targets = sum(b[:, 1:].numel() for b in micro_batches)
+    loss_total = 0.0
+    for batch in micro_batches:
+        with autocast():
+            nll, _ = token_loss_sum(model, batch.to(device))
+        scale(nll / n_targets).backward()
+        loss_total += nll.item()
+    return loss_total / n_targets
+
+
+def train_step(
+    a: TrainingArtifacts, micro_batches: list[torch.Tensor], scaler
+) -> tuple[float, float]:
+    """One optimizer step over micro-batches; returns (loss per target token, grad norm)."""
+    loss = accumulate_gradients(a.model, micro_batches, a.autocast, scaler.scale)
+    scaler.unscale_(a.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(a.model.parameters(), a.config.grad_clip).item()
+    scaler.step(a.optimizer)
+    scaler.update()
+    a.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def save_state(a: TrainingArtifacts) -> Path:
+    model = unwrap_model(a.model)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": a.optimizer.state_dict(),
+        "step": a.state.step,
+        "tokens_seen": a.state.tokens_seen,
+        "data": a.cursor.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": a.history,
+        "vocab_size": model.config.vocab_size,
+        "config": a.config.to_dict(),
+    }
+    return save_training_state(
+        a.config.output_dir, a.state.step, state, a.tokenizer, keep=a.config.save_total_limit
+    )
+
+
+def train(config: TrainingConfig) -> TrainResult:
+    """Run (or resume) a single-process training run; export a checkpoint to OUTPUT_DIR/final."""
+    a = build_training_artifacts(config)
+    cfg, st = a.config, a.state
+    if a.resumed_from:
+        print(f"resuming from {a.resumed_from} at step {st.step}")
+    scaler = torch.amp.GradScaler(a.device.type, enabled=a.precision == "fp16")
+    t_loop = time.perf_counter()
+    total = None if a.deadline else cfg.max_steps
+    bar = tqdm(
+        total=total,
+        initial=0 if total is None else st.step,
+        desc="train",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    for cb in a.callbacks:
+        cb.on_train_start(st)
+    try:
+        while st.step < cfg.max_steps and st.stop_reason is None:
+            time_fraction = (
+                (time.perf_counter() - t_loop) / (a.deadline - t_loop) if a.deadline else 0.0
+            )
+            st.lr = a.schedule(st.step, time_fraction)
+            for group in a.optimizer.param_groups:
+                group["lr"] = st.lr
+            micro = [
+                a.data.train.blocks[a.cursor.next_indices(cfg.batch_size)]
+                for _ in range(cfg.grad_accum)
+            ]
+            st.loss, st.grad_norm = train_step(a, micro, scaler)
+            if not math.isfinite(st.loss):
+                raise NonFiniteLoss(
+                    f"loss became {st.loss} at step {st.step}; lower --lr or check the data"
+                )
+            st.step += 1
+            st.tokens_seen += sum(b[:, 1:].numel() for b in micro)
+            st.metrics = {
+                "loss": st.loss,
+                "lr": st.lr,
+                "grad_norm": st.grad_norm,
+                "epoch": a.cursor.epoch,
+            }
+            for cb in a.callbacks:
+                cb.on_step_end(st)
+            if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.max_steps:
+                st.metrics.update(
+                    evaluate(a.model, a.data, max_batches=cfg.eval_batches, autocast=a.autocast)
+                )
+                st.metrics["val_perplexity"] = math.exp(min(st.metrics["val_loss"], 50))
+                bar.write(
+                    f"step {st.step}: train loss {st.loss:.4f}, val loss {st.metrics['val_loss']:.4f}, "
+                    f"val bits/byte {st.metrics['val_bits_per_byte']:.4f}"
+                )
+            if cfg.sample_every and st.step % cfg.sample_every == 0:
+                samples = sample_continuations(unwrap_model(a.model), a.tokenizer)
+                st.metrics["samples"] = "\n".join(
+                    f"{s['prompt']} → {s['completion']}" for s in samples
+                )
+            a.history.append(
+                {"step": st.step, **{k: v for k, v in st.metrics.items() if k != "samples"}}
+            )
+            a.reporter.log(st.metrics, st.step)
+            bar.update(1)
+            postfix = {
+                "loss": f"{st.loss:.3f}",
+                "lr": f"{st.lr:.2e}",
+                "tok_s": f"{st.metrics.get('tokens_per_s', 0):.0f}",
+            }
+            if a.deadline:
+                postfix["left"] = f"{max(a.deadline - time.perf_counter(), 0):.0f}s"
+            bar.set_postfix(postfix)
+            if cfg.save_every and st.step % cfg.save_every == 0 and st.stop_reason is None:
+                save_state(a)
+        bar.close()
+        if st.stop_reason:
+            bar.write(
+                f"stopping at step {st.step}: {st.stop_reason}; saving a resumable checkpoint"
+            )
+        state_dir = save_state(a) if (st.stop_reason or cfg.save_every) else None
+
+        # final evaluation on the whole validation split, samples, export
+        model = unwrap_model(a.model)
+        final = evaluate(model, a.data, autocast=a.autocast)
+        wall = time.perf_counter() - a.t0
+        print(
+            f"final: val loss {final['val_loss']:.4f}, val bits/byte {final['val_bits_per_byte']:.4f}, "
+            f"{st.step} steps, {st.tokens_seen:,} tokens, {wall:.0f}s"
+        )
+        a.reporter.log(
+            {
+                "final/val_loss": final["val_loss"],
+                "final/val_bits_per_byte": final["val_bits_per_byte"],
+            },
+            st.step,
+        )
+        card = training_card(a, final, wall)
+        out = save_checkpoint(model, a.tokenizer, Path(cfg.output_dir) / "final", card)
+        print(f"checkpoint written to {out}")
+    finally:
+        for cb in a.callbacks:
+            cb.on_train_end(st)
+    return TrainResult(
+        out,
+        st.step,
+        st.tokens_seen,
+        wall,
+        final["val_loss"],
+        final["val_bits_per_byte"],
+        a.history,
+        st.stop_reason or "max_steps",
+        state_dir,
+    )
+
+
+def training_card(a: TrainingArtifacts, final: dict, wall: float) -> dict:
+    model, cfg, st = unwrap_model(a.model), a.config, a.state
+    return {
+        "model_id": cfg.run_name or Path(cfg.output_dir).name,
+        "preset": a.preset.name,
         "parameters": count_parameters(model),
-        "data": config.data,
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
-        "train_tokens": data.train.n_tokens,
+        "data": cfg.data,
+        "train_documents": a.doc_counts[0],
+        "val_documents": a.doc_counts[1],
+        "train_tokens": a.data.train.n_tokens,
         "val_tokens": final["val_tokens"],
-        "vocab_size": vocab_size,
-        "block_size": block_size,
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "epochs": round(tokens_seen / max(data.train.n_tokens, 1), 2),
+        "vocab_size": model.config.vocab_size,
+        "block_size": a.data.train.blocks.shape[1] - 1,
+        "steps": st.step,
+        "tokens_seen": st.tokens_seen,
+        "epochs": round(st.tokens_seen / max(a.data.train.n_tokens, 1), 2),
         "wall_clock_s": round(wall, 1),
         "val_loss": round(final["val_loss"], 4),
         "val_bits_per_byte": round(final["val_bits_per_byte"], 4),
-        "config": config.to_dict(),
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "stop_reason": st.stop_reason or "max_steps",
+        "resumed_from": str(a.resumed_from) if a.resumed_from else None,
+        "config": cfg.to_dict(),
+        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        if a.device.type == "cpu"
+        else torch.cuda.get_device_name(a.device),
+        "precision": a.precision,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "samples": sample_continuations(model, tokenizer),
+        "samples": sample_continuations(model, a.tokenizer),
     }
-    out = save_checkpoint(model, tokenizer, Path(config.output_dir) / "final", card)
-    print(f"checkpoint written to {out}")
-    return TrainResult(
-        out, step, tokens_seen, wall, final["val_loss"], final["val_bits_per_byte"], history
-    )
 
 
 def sample_continuations(

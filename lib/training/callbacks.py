@@ -1,0 +1,154 @@
+"""Things that watch a training run: time limit, preemption signals, throughput/MFU, reporting.
+
+Each callback sees the loop's `RunState` after every step; setting `state.stop_reason` asks the
+loop to save a resumable checkpoint, export the model and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("lib.training")
+
+# dense bf16 peaks (no 2:4 sparsity figures): what MFU is measured against
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    loss: float = float("nan")
+    lr: float = 0.0
+    grad_norm: float = 0.0
+    stop_reason: str | None = None  # "time_limit" | "signal:SIGTERM" | ... ends the loop
+    metrics: dict = field(default_factory=dict)  # what the step adds to the log
+
+
+class Callback:
+    def on_train_start(self, state: RunState) -> None: ...
+    def on_step_end(self, state: RunState) -> None: ...
+    def on_train_end(self, state: RunState) -> None: ...
+
+
+class TimeLimit(Callback):
+    """Stop `reserve_s` before the wall-clock budget ends, leaving time to save and export."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def on_step_end(self, state: RunState) -> None:
+        if time.perf_counter() >= self.deadline and state.stop_reason is None:
+            state.stop_reason = "time_limit"
+
+
+class PreemptionSignals(Callback):
+    """SIGTERM / SIGUSR1 (a scheduler preempting the job) -> save at the end of the step and exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handler(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+    def on_train_start(self, state: RunState) -> None:
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_step_end(self, state: RunState) -> None:
+        if self.received and state.stop_reason is None:
+            state.stop_reason = f"signal:{self.received}"
+
+    def on_train_end(self, state: RunState) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6N + 12·L·H·Q·T."""
+    return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Throughput(Callback):
+    """tokens/s over the last `window` steps, and MFU when the device's peak is known."""
+
+    def __init__(
+        self, flops_per_token: float, peak: float | None, world_size: int = 1, window: int = 20
+    ):
+        self.fpt, self.peak, self.world, self.window = flops_per_token, peak, world_size, window
+        self._marks: list[tuple[float, int]] = []
+
+    def on_step_end(self, state: RunState) -> None:
+        self._marks.append((time.perf_counter(), state.tokens_seen))
+        self._marks = self._marks[-(self.window + 1) :]
+        if len(self._marks) < 2:
+            return
+        (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+        tok_s = (n1 - n0) / max(t1 - t0, 1e-9)
+        state.metrics["tokens_per_s"] = tok_s
+        if self.peak:
+            state.metrics["mfu"] = tok_s * self.fpt / (self.peak * self.world)
+
+
+class Reporter(Callback):
+    """Sends the step's metrics to W&B or TensorBoard (or nowhere)."""
+
+    def __init__(self, kind: str, output_dir, run_name: str, config: dict):
+        self.kind = kind
+        self.run = None
+        if kind == "wandb":
+            import wandb
+
+            # no API key: log offline (sync later with `wandb sync`), never prompt or block
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "ru-gpt"),
+                name=run_name,
+                dir=str(output_dir),
+                config=config,
+                reinit="finish_previous",
+            )
+        elif kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        elif kind != "none":
+            raise ValueError(f"unknown report target {kind!r}; use none, wandb or tensorboard")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.kind == "wandb":
+            self.run.log(metrics, step=step)
+        elif self.kind == "tensorboard":
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    self.run.add_scalar(k, v, step)
+                elif isinstance(v, str):
+                    self.run.add_text(k, v, step)
+
+    def on_train_end(self, state: RunState) -> None:
+        if self.kind == "wandb":
+            self.run.finish()
+        elif self.kind == "tensorboard":
+            self.run.close()

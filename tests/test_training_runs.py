@@ -1,0 +1,206 @@
+"""Training as a package: gradient accumulation, exact resume, time limits, preemption, atomic
+state checkpoints, reporting, MFU. Small real runs on a slice of the bundled corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib.config import PRESETS, REPO_ROOT, TrainingConfig
+from lib.data import bundled_documents
+from lib.modeling import build_model
+from lib.training import train
+from lib.training.callbacks import flops_per_token, peak_flops
+from lib.training.loop import accumulate_gradients
+from lib.training.state import complete_checkpoints, latest_checkpoint, load_training_state
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "slice.txt"
+    path.write_text("\n".join(bundled_documents()[:300]), encoding="utf-8")
+    return path
+
+
+def small_config(corpus: Path, out: Path, **kw) -> TrainingConfig:
+    base = dict(
+        data=str(corpus),
+        output_dir=out,
+        vocab_size=400,
+        block_size=32,
+        batch_size=2,
+        max_steps=8,
+        warmup_steps=2,
+        eval_every=0,
+        progress=False,
+        report_to="none",
+    )
+    return TrainingConfig(**{**base, **kw})
+
+
+def test_gradient_accumulation_is_loss_equivalent():
+    """batch 4 x accumulation 1 == batch 2 x accumulation 2: same loss, same gradients."""
+    torch.manual_seed(0)
+    preset = PRESETS["tiny"]
+    model = build_model(preset, vocab_size=300, seed=0)
+    blocks = torch.randint(0, 300, (4, 17))
+
+    loss_big = accumulate_gradients(model, [blocks])
+    grads_big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_acc = accumulate_gradients(model, [blocks[:2], blocks[2:]])
+    grads_acc = [p.grad.clone() for p in model.parameters()]
+
+    assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    for g1, g2 in zip(grads_big, grads_acc, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_resume_matches_uninterrupted_run(corpus, tmp_path):
+    straight = train(small_config(corpus, tmp_path / "a", save_every=4))
+    # resume a copy of the run from its step-4 state and finish it
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "step4")
+    resumed = train(small_config(corpus, tmp_path / "b", resume=str(tmp_path / "step4")))
+    assert resumed.steps == straight.steps == 8
+    a = {h["step"]: h["loss"] for h in straight.history}
+    b = {h["step"]: h["loss"] for h in resumed.history}
+    assert set(b) == set(range(1, 9))  # the history travels with the state
+    for step in range(5, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    assert resumed.val_loss == pytest.approx(straight.val_loss, rel=1e-6)
+
+
+def test_time_limit_saves_exits_cleanly_and_resumes(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = small_config(corpus, out, max_steps=100_000, time_limit_s=36)
+    first = train(cfg)
+    assert first.stop_reason == "time_limit" and 0 < first.steps < 100_000
+    assert first.state_checkpoint == latest_checkpoint(out)
+    assert (first.checkpoint / "model.safetensors").exists()
+
+    second = train(small_config(corpus, out, max_steps=first.steps + 3, resume="auto"))
+    assert second.steps == first.steps + 3 and second.stop_reason == "max_steps"
+
+
+def test_interrupted_saves_never_become_latest(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(corpus, out, save_every=2, save_total_limit=2))
+    assert [p.name for p in complete_checkpoints(out)] == ["step-0000006", "step-0000008"]
+    # what a kill in the middle of a save leaves behind: a hidden temporary dir with a torn file
+    torn = out / "checkpoints" / ".step-0000010.tmp-abc"
+    torn.mkdir()
+    (torn / "state.pt").write_bytes(b"\x80\x02torn")
+    assert latest_checkpoint(out).name == "step-0000008"
+    resumed = train(small_config(corpus, out, max_steps=9, resume="auto"))
+    assert resumed.steps == 9 and not torn.exists()
+
+
+def test_kill_during_training_leaves_only_loadable_checkpoints(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "train_distributed.py"),
+        "--data",
+        str(corpus),
+        "--output-dir",
+        str(out),
+        "--vocab-size",
+        "400",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "100000",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "1",
+        "--save-total-limit",
+        "1000",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(complete_checkpoints(out)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: wherever it was, possibly mid-save
+    proc.wait()
+    found = complete_checkpoints(out)
+    assert len(found) >= 6
+    for path in found:
+        state = load_training_state(path)
+        assert state["step"] == int(path.name.split("-")[1])
+
+
+def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-u",
+        str(REPO_ROOT / "train_distributed.py"),
+        "--data",
+        str(corpus),
+        "--output-dir",
+        str(out),
+        "--vocab-size",
+        "400",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "100000",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "stopped early (signal:SIGTERM)" in rest
+    assert latest_checkpoint(out) is not None and (out / "final" / "model.safetensors").exists()
+
+
+def test_wandb_runs_offline_without_an_api_key(corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "run"
+    result = train(small_config(corpus, out, max_steps=3, report_to="wandb", run_name="wb-test"))
+    assert result.steps == 3
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_mfu_formula_and_peaks():
+    p = PRESETS["gpt2-124m"]
+    n = p.approx_parameters() - p.n_positions * p.n_embd
+    assert (
+        flops_per_token(n, p.n_layer, p.n_head, p.head_dim, 1024)
+        == 6 * n + 12 * 12 * 12 * 64 * 1024
+    )
+    assert peak_flops(torch.device("cpu")) is None
+    assert peak_flops(torch.device("cpu"), override_tflops=2.0) == 2e12
