@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--tokenizer", help="existing tokenizer directory (default: train a new BPE)")
     a(
+        "--cache-dir",
+        default=".cache/tokens",
+        help="memory-mapped token cache, keyed by tokenizer and data ('none' disables)",
+    )
+    a(
         "--vocab-size",
         type=int,
         help="vocabulary of a newly trained tokenizer (default: the preset's)",
@@ -224,6 +229,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         save_total_limit=args.save_total_limit,
         sample_every=args.sample_every,
         report_to=args.report_to,
+        cache_dir=None if args.cache_dir == "none" else Path(args.cache_dir),
         peak_tflops=args.peak_tflops,
     )
 

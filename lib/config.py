@@ -124,6 +124,9 @@ class TrainingConfig:
     save_every: int = 0  # training-state checkpoint every N steps (0: only when stopped early)
     save_total_limit: int | None = 3  # state checkpoints kept (newest)
     sample_every: int = 0  # log sample continuations every N steps (0: only in the final card)
+    cache_dir: Path | None = (
+        REPO_ROOT / ".cache" / "tokens"
+    )  # memory-mapped token cache (None: off)
     report_to: str = "none"  # none | wandb | tensorboard
     peak_tflops: float | None = None  # the device's dense peak, for MFU when it is not detected
     extra: dict = field(default_factory=dict)
@@ -131,4 +134,5 @@ class TrainingConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["output_dir"] = str(self.output_dir)
+        d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         return d

@@ -15,10 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lib.tokenizer import token_byte_lengths
@@ -126,40 +129,83 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
 
 @dataclass
 class TokenBlocks:
-    """Packed token blocks of length block_size + 1 (inputs are [:-1], targets [1:])."""
+    """A token stream cut into blocks of block_size + 1 (inputs are [:-1], targets [1:]).
 
-    blocks: torch.Tensor  # (N, block_size + 1) int64
-    n_tokens: int  # tokens in the stream before packing
+    Consecutive blocks overlap by one token, so every token of the stream (but the first) is a
+    prediction target exactly once. The stream may be a memory-mapped token cache: blocks are read
+    on demand, so a large corpus never has to fit in memory.
+    """
+
+    stream: np.ndarray  # (n_tokens,) uint16 or uint32
+    block_size: int
+    n_tokens: int
     n_bytes: int  # UTF-8 bytes of the source text
 
     def __len__(self) -> int:
-        return self.blocks.shape[0]
+        return (len(self.stream) - 1) // self.block_size
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Blocks (B, block_size + 1) as int64."""
+        idx = indices.numpy()[:, None] * self.block_size + np.arange(self.block_size + 1)[None, :]
+        return torch.from_numpy(self.stream[idx].astype(np.int64))
+
+    def slice(self, start: int, stop: int) -> torch.Tensor:
+        return self.batch(torch.arange(start, min(stop, len(self))))
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """All blocks in memory (small data, tests)."""
+        return self.slice(0, len(self))
 
 
-def tokenize_and_pack(docs: list[str], tokenizer, block_size: int) -> TokenBlocks:
-    """Tokenize documents with `datasets`, join them with EOS and cut the stream into blocks.
+def token_stream(docs: list[str], tokenizer, cache_dir: Path | None = None) -> np.ndarray:
+    """Token ids of the documents joined with EOS, tokenized once with `datasets`.
 
-    Consecutive blocks overlap by one token, so every token of the stream (but the first) is a
-    prediction target exactly once.
+    With a cache_dir the stream is stored there as a flat binary file (uint16 when the vocabulary
+    has fewer than 65,536 tokens) keyed by the tokenizer and the documents, written atomically, and
+    returned memory-mapped; the next run with the same tokenizer and data skips tokenization.
     """
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+        for d in docs:
+            key.update(d.encode("utf-8"))
+            key.update(b"\0")
+        path = Path(cache_dir) / f"tokens-{key.hexdigest()[:24]}.{np.dtype(dtype).name}"
+        if path.exists():
+            return np.memmap(path, dtype=dtype, mode="r")
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_dict({"text": docs})
     eos = tokenizer.eos_token_id
-    ds = ds.map(
+    ds = datasets.Dataset.from_dict({"text": docs}).map(
         lambda batch: {"ids": [ids + [eos] for ids in tokenizer(batch["text"])["input_ids"]]},
         batched=True,
         remove_columns=["text"],
-        desc=None,
     )
-    stream = torch.tensor([t for ids in ds["ids"] for t in ids], dtype=torch.long)
-    n = (len(stream) - 1) // block_size
-    if n == 0:
+    stream = np.fromiter((t for ids in ds["ids"] for t in ids), dtype=dtype)
+    if path is None:
+        return stream
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(stream.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def tokenize_and_pack(
+    docs: list[str], tokenizer, block_size: int, cache_dir: Path | None = None
+) -> TokenBlocks:
+    """Tokenize (or read the cached tokens of) the documents and cut the stream into blocks."""
+    stream = token_stream(docs, tokenizer, cache_dir)
+    if (len(stream) - 1) // block_size == 0:
         raise ValueError(f"{len(stream)} tokens are fewer than one block of {block_size + 1}")
-    idx = torch.arange(n)[:, None] * block_size + torch.arange(block_size + 1)[None, :]
     return TokenBlocks(
-        stream[idx], n_tokens=len(stream), n_bytes=sum(len(d.encode()) for d in docs)
+        stream, block_size, n_tokens=len(stream), n_bytes=sum(len(d.encode()) for d in docs)
     )
 
 
@@ -176,11 +222,12 @@ def prepare_data(
     block_size: int,
     val_fraction: float = 0.05,
     docs: tuple[list[str], list[str]] | None = None,
+    cache_dir: Path | None = None,
 ) -> DataSplits:
     train_docs, val_docs = docs or split_documents(load_documents(source), val_fraction)
     return DataSplits(
-        train=tokenize_and_pack(train_docs, tokenizer, block_size),
-        val=tokenize_and_pack(val_docs, tokenizer, block_size),
+        train=tokenize_and_pack(train_docs, tokenizer, block_size, cache_dir),
+        val=tokenize_and_pack(val_docs, tokenizer, block_size, cache_dir),
         target_bytes=torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float64),
     )
 

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,6 +107,24 @@ def test_packing_predicts_every_token_once():
     assert b.shape[1] == 33
     assert torch.equal(b[:-1, -1], b[1:, 0])  # one-token overlap: no target skipped or repeated
     assert (b == tok.eos_token_id).any()
+
+
+def test_token_cache_is_memory_mapped_and_keyed_by_tokenizer_and_data(tmp_path):
+    docs = bundled_documents()[:80]
+    tok = train_tokenizer(docs, vocab_size=400)
+    first = tokenize_and_pack(docs, tok, block_size=32, cache_dir=tmp_path)
+    files = list(tmp_path.glob("tokens-*.uint16"))
+    assert len(files) == 1 and first.stream.dtype == np.uint16
+    again = tokenize_and_pack(docs, tok, block_size=32, cache_dir=tmp_path)
+    assert isinstance(again.stream, np.memmap) and torch.equal(again.blocks, first.blocks)
+    assert torch.equal(
+        again.blocks, tokenize_and_pack(docs, tok, block_size=32).blocks
+    )  # same as uncached
+    tokenize_and_pack(docs[:40], tok, block_size=32, cache_dir=tmp_path)  # other data, other key
+    tokenize_and_pack(
+        docs, train_tokenizer(docs, vocab_size=300), block_size=32, cache_dir=tmp_path
+    )
+    assert len(list(tmp_path.glob("tokens-*"))) == 3
 
 
 def test_bits_per_byte_formula():

@@ -44,6 +44,7 @@ def small_config(corpus: Path, out: Path, **kw) -> TrainingConfig:
         eval_every=0,
         progress=False,
         report_to="none",
+        cache_dir=Path(out).parent / "token-cache",
     )
     return TrainingConfig(**{**base, **kw})
 

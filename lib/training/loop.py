@@ -121,11 +121,10 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     total_nll, total_tokens, total_bytes = 0.0, 0, 0.0
-    blocks = data.val.blocks
-    for i, start in enumerate(range(0, len(blocks), batch_size)):
+    for i, start in enumerate(range(0, len(data.val), batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        batch = blocks[start : start + batch_size].to(device)
+        batch = data.val.slice(start, start + batch_size).to(device)
         with autocast():
             nll, _ = token_loss_sum(model, batch)
         total_nll += nll.item()
@@ -188,7 +187,9 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         )
 
     # 3. packed blocks
-    data = prepare_data(config.data, tokenizer, block_size, docs=(train_docs, val_docs))
+    data = prepare_data(
+        config.data, tokenizer, block_size, docs=(train_docs, val_docs), cache_dir=config.cache_dir
+    )
 
     # 4. model and optimizer (restored when resuming)
     model = build_model(
@@ -342,7 +343,7 @@ def train(config: TrainingConfig) -> TrainResult:
             for group in a.optimizer.param_groups:
                 group["lr"] = st.lr
             micro = [
-                a.data.train.blocks[a.cursor.next_indices(cfg.batch_size)]
+                a.data.train.batch(a.cursor.next_indices(cfg.batch_size))
                 for _ in range(cfg.grad_accum)
             ]
             st.loss, st.grad_norm = train_step(a, micro, scaler)
@@ -442,7 +443,7 @@ def training_card(a: TrainingArtifacts, final: dict, wall: float) -> dict:
         "train_tokens": a.data.train.n_tokens,
         "val_tokens": final["val_tokens"],
         "vocab_size": model.config.vocab_size,
-        "block_size": a.data.train.blocks.shape[1] - 1,
+        "block_size": a.data.train.block_size,
         "steps": st.step,
         "tokens_seen": st.tokens_seen,
         "epochs": round(st.tokens_seen / max(a.data.train.n_tokens, 1), 2),
