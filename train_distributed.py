@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a(
         "--mode",
-        choices=["baseline"],
+        choices=["baseline", "fsdp"],
         default="baseline",
-        help="training mode: baseline = one process (CPU or one GPU)",
+        help="baseline: one process, or DDP when launched by torchrun; fsdp: FSDP2 sharding (launch with torchrun)",
     )
     a("--preset", choices=list(PRESETS), default="tiny", help="model size (lib/config.py)")
     a(
@@ -199,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
     return TrainingConfig(
+        mode=args.mode,
         preset=args.preset,
         data=args.data,
         output_dir=args.output_dir,

@@ -35,6 +35,15 @@ from lib.training.callbacks import (
     flops_per_token,
     peak_flops,
 )
+from lib.training.distributed import (
+    DistContext,
+    cleanup,
+    full_model_state,
+    full_optimizer_state,
+    init_distributed,
+    load_optimizer_state,
+    wrap_model,
+)
 from lib.training.optim import build_optimizer
 from lib.training.schedulers import lr_multiplier
 from lib.training.state import (
@@ -82,6 +91,8 @@ class TrainingArtifacts:
     callbacks: list[Callback]
     reporter: Reporter
     device: torch.device
+    ctx: DistContext
+    vocab_size: int  # the model's (may exceed the tokenizer's)
     precision: str
     doc_counts: tuple[int, int]
     t0: float
@@ -166,6 +177,9 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
             f"block_size {block_size} exceeds the preset's context of {preset.n_positions}"
         )
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = init_distributed(config.mode, device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     resume = resolve_resume(config)
     saved = load_training_state(resume) if resume else None
 
@@ -191,7 +205,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         config.data, tokenizer, block_size, docs=(train_docs, val_docs), cache_dir=config.cache_dir
     )
 
-    # 4. model and optimizer (restored when resuming)
+    # 4. model and optimizer (restored when resuming), wrapped for DDP/FSDP
     model = build_model(
         preset,
         vocab_size=vocab_size,
@@ -199,14 +213,17 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         eos_token_id=tokenizer.eos_token_id,
         seed=config.seed,
     ).to(device)
+    n_params = count_parameters(model) - model.transformer.wpe.weight.numel()
+    if saved:
+        model.load_state_dict(saved["model"])
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model = wrap_model(model, ctx)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
     cursor = DataCursor.start(len(data.train), config.seed)
     state, history = RunState(), []
     if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(model, optimizer, saved["optimizer"], ctx)
         cursor.load_state_dict(saved["data"])
         torch.set_rng_state(saved["rng"])
         state.step, state.tokens_seen, history = (
@@ -229,10 +246,9 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
 
     # 5. callbacks: time limit, preemption, throughput/MFU, reporting
     deadline = t0 + config.time_limit_s - EXPORT_RESERVE_S if config.time_limit_s else None
-    n_params = count_parameters(model) - model.transformer.wpe.weight.numel()
     fpt = flops_per_token(n_params, preset.n_layer, preset.n_head, preset.head_dim, block_size)
     reporter = Reporter(
-        config.report_to,
+        config.report_to if ctx.is_main else "none",
         Path(config.output_dir),
         config.run_name or Path(config.output_dir).name,
         config.to_dict(),
@@ -256,6 +272,8 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         callbacks=callbacks,
         reporter=reporter,
         device=device,
+        ctx=ctx,
+        vocab_size=vocab_size,
         precision=config.precision,
         doc_counts=(len(train_docs), len(val_docs)),
         t0=t0,
@@ -291,37 +309,59 @@ def train_step(
     """One optimizer step over micro-batches; returns (loss per target token, grad norm)."""
     loss = accumulate_gradients(a.model, micro_batches, a.autocast, scaler.scale)
     scaler.unscale_(a.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(a.model.parameters(), a.config.grad_clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(a.model.parameters(), a.config.grad_clip)
+    grad_norm = (
+        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    )  # FSDP: a DTensor
     scaler.step(a.optimizer)
     scaler.update()
     a.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return loss, grad_norm.item()
 
 
 def save_state(a: TrainingArtifacts) -> Path:
-    model = unwrap_model(a.model)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": a.optimizer.state_dict(),
-        "step": a.state.step,
-        "tokens_seen": a.state.tokens_seen,
-        "data": a.cursor.state_dict(),
-        "rng": torch.get_rng_state(),
-        "history": a.history,
-        "vocab_size": model.config.vocab_size,
-        "config": a.config.to_dict(),
-    }
-    return save_training_state(
-        a.config.output_dir, a.state.step, state, a.tokenizer, keep=a.config.save_total_limit
-    )
+    """Gather the full state (a collective under DDP/FSDP) and write it on rank 0."""
+    model_state = full_model_state(a.model, a.ctx)
+    optim_state = full_optimizer_state(a.model, a.optimizer, a.ctx)
+    path = None
+    if a.ctx.is_main:
+        state = {
+            "model": model_state,
+            "optimizer": optim_state,
+            "step": a.state.step,
+            "tokens_seen": a.state.tokens_seen,
+            "data": a.cursor.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": a.history,
+            "vocab_size": a.vocab_size,
+            "config": a.config.to_dict(),
+        }
+        path = save_training_state(
+            a.config.output_dir, a.state.step, state, a.tokenizer, keep=a.config.save_total_limit
+        )
+    a.ctx.barrier()
+    return path
+
+
+def export_model(a: TrainingArtifacts) -> torch.nn.Module | None:
+    """A plain (unwrapped, unsharded) copy of the model on rank 0, for export and samples."""
+    if a.ctx.mode == "baseline" and a.ctx.world_size == 1:
+        return unwrap_model(a.model)
+    state = full_model_state(a.model, a.ctx)
+    if not a.ctx.is_main:
+        return None
+    plain = build_model(a.preset, vocab_size=a.vocab_size, eos_token_id=a.tokenizer.eos_token_id)
+    plain.load_state_dict(state)
+    return plain.eval()
 
 
 def train(config: TrainingConfig) -> TrainResult:
-    """Run (or resume) a single-process training run; export a checkpoint to OUTPUT_DIR/final."""
+    """Run (or resume) a training run (one process, or one of torchrun's); export OUTPUT_DIR/final."""
     a = build_training_artifacts(config)
-    cfg, st = a.config, a.state
+    cfg, st, ctx = a.config, a.state, a.ctx
+    say = print if ctx.is_main else (lambda *_, **__: None)
     if a.resumed_from:
-        print(f"resuming from {a.resumed_from} at step {st.step}")
+        say(f"resuming from {a.resumed_from} at step {st.step}")
     scaler = torch.amp.GradScaler(a.device.type, enabled=a.precision == "fp16")
     t_loop = time.perf_counter()
     total = None if a.deadline else cfg.max_steps
@@ -329,9 +369,10 @@ def train(config: TrainingConfig) -> TrainResult:
         total=total,
         initial=0 if total is None else st.step,
         desc="train",
-        disable=not cfg.progress,
+        disable=not cfg.progress or not ctx.is_main,
         dynamic_ncols=True,
     )
+    bs = cfg.batch_size
     for cb in a.callbacks:
         cb.on_train_start(st)
     try:
@@ -342,17 +383,21 @@ def train(config: TrainingConfig) -> TrainResult:
             st.lr = a.schedule(st.step, time_fraction)
             for group in a.optimizer.param_groups:
                 group["lr"] = st.lr
+            # every rank draws the same global batch from the same cursor and takes its own slice
             micro = [
-                a.data.train.batch(a.cursor.next_indices(cfg.batch_size))
+                a.data.train.batch(
+                    a.cursor.next_indices(bs * ctx.world_size)[ctx.rank * bs : (ctx.rank + 1) * bs]
+                )
                 for _ in range(cfg.grad_accum)
             ]
-            st.loss, st.grad_norm = train_step(a, micro, scaler)
+            loss, st.grad_norm = train_step(a, micro, scaler)
+            st.loss = ctx.mean(loss)
             if not math.isfinite(st.loss):
                 raise NonFiniteLoss(
                     f"loss became {st.loss} at step {st.step}; lower --lr or check the data"
                 )
             st.step += 1
-            st.tokens_seen += sum(b[:, 1:].numel() for b in micro)
+            st.tokens_seen += sum(b[:, 1:].numel() for b in micro) * ctx.world_size
             st.metrics = {
                 "loss": st.loss,
                 "lr": st.lr,
@@ -361,16 +406,24 @@ def train(config: TrainingConfig) -> TrainResult:
             }
             for cb in a.callbacks:
                 cb.on_step_end(st)
+            if ctx.any(st.stop_reason is not None) and st.stop_reason is None:
+                st.stop_reason = "another rank stopped"  # ranks stop together, or collectives hang
             if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.max_steps:
                 st.metrics.update(
                     evaluate(a.model, a.data, max_batches=cfg.eval_batches, autocast=a.autocast)
                 )
                 st.metrics["val_perplexity"] = math.exp(min(st.metrics["val_loss"], 50))
-                bar.write(
-                    f"step {st.step}: train loss {st.loss:.4f}, val loss {st.metrics['val_loss']:.4f}, "
-                    f"val bits/byte {st.metrics['val_bits_per_byte']:.4f}"
-                )
-            if cfg.sample_every and st.step % cfg.sample_every == 0:
+                if ctx.is_main:
+                    bar.write(
+                        f"step {st.step}: train loss {st.loss:.4f}, val loss {st.metrics['val_loss']:.4f}, "
+                        f"val bits/byte {st.metrics['val_bits_per_byte']:.4f}"
+                    )
+            if (
+                cfg.sample_every
+                and st.step % cfg.sample_every == 0
+                and ctx.world_size == 1
+                and ctx.mode == "baseline"
+            ):
                 samples = sample_continuations(unwrap_model(a.model), a.tokenizer)
                 st.metrics["samples"] = "\n".join(
                     f"{s['prompt']} → {s['completion']}" for s in samples
@@ -392,16 +445,13 @@ def train(config: TrainingConfig) -> TrainResult:
                 save_state(a)
         bar.close()
         if st.stop_reason:
-            bar.write(
-                f"stopping at step {st.step}: {st.stop_reason}; saving a resumable checkpoint"
-            )
+            say(f"stopping at step {st.step}: {st.stop_reason}; saving a resumable checkpoint")
         state_dir = save_state(a) if (st.stop_reason or cfg.save_every) else None
 
-        # final evaluation on the whole validation split, samples, export
-        model = unwrap_model(a.model)
-        final = evaluate(model, a.data, autocast=a.autocast)
+        # final evaluation on the whole validation split (the training model, sharded or not), export
+        final = evaluate(a.model, a.data, autocast=a.autocast)
         wall = time.perf_counter() - a.t0
-        print(
+        say(
             f"final: val loss {final['val_loss']:.4f}, val bits/byte {final['val_bits_per_byte']:.4f}, "
             f"{st.step} steps, {st.tokens_seen:,} tokens, {wall:.0f}s"
         )
@@ -412,12 +462,16 @@ def train(config: TrainingConfig) -> TrainResult:
             },
             st.step,
         )
-        card = training_card(a, final, wall)
-        out = save_checkpoint(model, a.tokenizer, Path(cfg.output_dir) / "final", card)
-        print(f"checkpoint written to {out}")
+        plain = export_model(a)
+        out = Path(cfg.output_dir) / "final"
+        if ctx.is_main:
+            save_checkpoint(plain, a.tokenizer, out, training_card(a, plain, final, wall))
+            say(f"checkpoint written to {out}")
+        ctx.barrier()
     finally:
         for cb in a.callbacks:
             cb.on_train_end(st)
+        cleanup()
     return TrainResult(
         out,
         st.step,
@@ -431,8 +485,8 @@ def train(config: TrainingConfig) -> TrainResult:
     )
 
 
-def training_card(a: TrainingArtifacts, final: dict, wall: float) -> dict:
-    model, cfg, st = unwrap_model(a.model), a.config, a.state
+def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wall: float) -> dict:
+    cfg, st = a.config, a.state
     return {
         "model_id": cfg.run_name or Path(cfg.output_dir).name,
         "preset": a.preset.name,
@@ -457,6 +511,8 @@ def training_card(a: TrainingArtifacts, final: dict, wall: float) -> dict:
         if a.device.type == "cpu"
         else torch.cuda.get_device_name(a.device),
         "precision": a.precision,
+        "mode": cfg.mode,
+        "world_size": a.ctx.world_size,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "samples": sample_continuations(model, a.tokenizer),
