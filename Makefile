@@ -12,7 +12,7 @@ TRAIN_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve serve-dev serve-trained test test-fast lint format train-baseline promote-default clean
+.PHONY: help install serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp promote-default clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ format: $(STAMP) ## ruff autofix and format
 BASELINE_ARGS ?= --time-limit 11m30s --max-steps 100000 --batch-size 2 --lr 3e-3 --warmup-steps 100 --eval-every 500
 train-baseline: $(STAMP) ## train the tiny preset on the bundled Russian corpus (11.5 min on 2 CPU cores)
 	$(BIN)/python train_distributed.py --mode baseline --preset tiny --output-dir runs/baseline --run-name ru-gpt-tiny $(BASELINE_ARGS) $(TRAIN_ARGS)
+
+train-fsdp: $(STAMP) ## FSDP with 2 processes (torchrun; CPU/gloo here, NCCL on GPUs): a short tiny run
+	$(BIN)/torchrun --standalone --nproc_per_node $${NPROC:-2} train_distributed.py --mode fsdp --preset tiny \
+		--output-dir runs/fsdp --batch-size 4 --max-steps 200 --eval-every 50 --save-every 100 $(TRAIN_ARGS)
 
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }
