@@ -106,51 +106,9 @@ def test_interrupted_saves_never_become_latest(corpus, tmp_path):
     assert resumed.steps == 9 and not torn.exists()
 
 
-def test_kill_during_training_leaves_only_loadable_checkpoints(corpus, tmp_path):
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "train_distributed.py"),
-        "--data",
-        str(corpus),
-        "--output-dir",
-        str(out),
-        "--vocab-size",
-        "400",
-        "--block-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "100000",
-        "--warmup-steps",
-        "2",
-        "--eval-every",
-        "0",
-        "--save-every",
-        "1",
-        "--save-total-limit",
-        "1000",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while len(complete_checkpoints(out)) < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: wherever it was, possibly mid-save
-    proc.wait()
-    found = complete_checkpoints(out)
-    assert len(found) >= 6
-    for path in found:
-        state = load_training_state(path)
-        assert state["step"] == int(path.name.split("-")[1])
-
-
-def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
-    out = tmp_path / "run"
-    cmd = [
+def endless_run_cli(corpus: Path, out: Path, *extra: str) -> list[str]:
+    """A CLI training run that goes on until it is stopped from outside."""
+    return [
         sys.executable,
         "-u",
         str(REPO_ROOT / "train_distributed.py"),
@@ -168,10 +126,34 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
         "100000",
         "--warmup-steps",
         "2",
-        "--eval-every",
-        "1",
         "--no-progress",
+        *extra,
     ]
+
+
+def test_kill_during_training_leaves_only_loadable_checkpoints(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = endless_run_cli(
+        corpus, out, "--eval-every", "0", "--save-every", "1", "--save-total-limit", "1000"
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(complete_checkpoints(out)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: wherever it was, possibly mid-save
+    proc.wait()
+    found = complete_checkpoints(out)
+    assert len(found) >= 6
+    for path in found:
+        state = load_training_state(path)
+        assert state["step"] == int(path.name.split("-")[1])
+
+
+def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = endless_run_cli(corpus, out, "--eval-every", "1")
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
