@@ -9,10 +9,11 @@ CHECKPOINT ?= runs/baseline/final
 # CPU torch by default (keeps CI off the multi-GB CUDA build). GPU hosts: make install CONSTRAINTS=
 CONSTRAINTS ?= constraints.txt
 TRAIN_ARGS ?=
+DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp promote-default clean
+.PHONY: help install serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -26,6 +27,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml examples/text-stats/pyproject.toml $(wildcard $(CONSTRAINTS)) | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]" -e examples/text-stats
+	# DeepSpeed ships as a source package that needs torch at build time; its CUDA ops compile at first use
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --no-build-isolation $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "deepspeed==$(DEEPSPEED_VERSION)"
 	@touch $@
 
 install: $(STAMP) ## create .venv and install what is missing (quick when nothing changed)
@@ -61,6 +64,11 @@ train-baseline: $(STAMP) ## train the tiny preset on the bundled Russian corpus 
 train-fsdp: $(STAMP) ## FSDP with 2 processes (torchrun; CPU/gloo here, NCCL on GPUs): a short tiny run
 	$(BIN)/torchrun --standalone --nproc_per_node $${NPROC:-2} train_distributed.py --mode fsdp --preset tiny \
 		--output-dir runs/fsdp --batch-size 4 --max-steps 200 --eval-every 50 --save-every 100 $(TRAIN_ARGS)
+
+train-deepspeed: $(STAMP) ## DeepSpeed ZeRO (ZERO=2 or 3) with 2 processes: a short tiny run
+	$(BIN)/torchrun --standalone --nproc_per_node $${NPROC:-2} train_distributed.py --mode deepspeed \
+		--zero-stage $${ZERO:-2} --preset tiny --output-dir runs/deepspeed --batch-size 4 --max-steps 200 \
+		--eval-every 50 --save-every 100 $(TRAIN_ARGS)
 
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }

@@ -38,9 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a(
         "--mode",
-        choices=["baseline", "fsdp"],
+        choices=["baseline", "fsdp", "deepspeed"],
         default="baseline",
-        help="baseline: one process, or DDP when launched by torchrun; fsdp: FSDP2 sharding (launch with torchrun)",
+        help="baseline: one process, or DDP when launched by torchrun; fsdp: FSDP2 sharding; deepspeed: ZeRO (launch both with torchrun or deepspeed)",
+    )
+    a(
+        "--zero-stage",
+        type=int,
+        choices=[1, 2, 3],
+        help="DeepSpeed ZeRO stage (--mode deepspeed; default 2)",
     )
     a("--preset", choices=list(PRESETS), default="tiny", help="model size (lib/config.py)")
     a(
@@ -166,6 +172,18 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         ),
         (args.save_total_limit >= 1, "--save-total-limit must be >= 1"),
         (
+            args.zero_stage is None or args.mode == "deepspeed",
+            "--zero-stage needs --mode deepspeed",
+        ),
+        (
+            args.mode != "deepspeed" or importlib.util.find_spec("deepspeed") is not None,
+            "--mode deepspeed needs the deepspeed package (see HOW_TO_USE.md, 'Modes')",
+        ),
+        (
+            not (args.mode == "deepspeed" and args.compile),
+            "--compile is not supported with --mode deepspeed",
+        ),
+        (
             args.time_limit is None or args.time_limit > 30,
             "--time-limit must leave more than the 30 s reserved for saving and export",
         ),
@@ -200,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         raise SystemExit("error: " + "; ".join(errors))
     return TrainingConfig(
         mode=args.mode,
+        zero_stage=args.zero_stage or 2,
         preset=args.preset,
         data=args.data,
         output_dir=args.output_dir,

@@ -84,7 +84,8 @@ class TrainingConfig:
     """Everything one training run needs, resolved once and passed down."""
 
     preset: str = "tiny"
-    mode: str = "baseline"  # baseline (one process, or DDP under torchrun) | fsdp
+    mode: str = "baseline"  # baseline (one process, or DDP under torchrun) | fsdp | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (mode deepspeed)
     data: str = "bundled"  # "bundled" (Russian corpus), a local .txt/.jsonl file or dir, or a `datasets` name
     output_dir: Path = REPO_ROOT / "runs" / "baseline"
     run_name: str | None = (

@@ -62,28 +62,19 @@ def common(corpus, out, *extra):
     ]
 
 
+MODES = {
+    "fsdp": ["--mode", "fsdp", "--save-every", "3"],
+    "ddp": ["--mode", "baseline"],
+    "zero2": ["--mode", "deepspeed", "--zero-stage", "2"],
+    "zero3": ["--mode", "deepspeed", "--zero-stage", "3", "--save-every", "3"],
+}
+
+
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    torchrun(
-        *common(
-            corpus,
-            root / "fsdp",
-            "--mode",
-            "fsdp",
-            "--vocab-size",
-            "400",
-            "--max-steps",
-            "6",
-            "--save-every",
-            "3",
-        )
-    )
-    torchrun(
-        *common(
-            corpus, root / "ddp", "--mode", "baseline", "--vocab-size", "400", "--max-steps", "6"
-        )
-    )
+    for name, args in MODES.items():
+        torchrun(*common(corpus, root / name, *args, "--vocab-size", "400", "--max-steps", "6"))
     return root
 
 
@@ -91,7 +82,7 @@ def card(path):
     return json.loads((path / "final" / "training_card.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_mode_exports_the_trained_weights(runs, corpus, mode):
     final = runs / mode / "final"
     c = card(runs / mode)
@@ -116,9 +107,14 @@ def test_ddp_and_fsdp_train_the_same_model(runs):
     )
 
 
-def test_fsdp_resumes_from_its_state_checkpoint(runs, corpus):
-    torchrun(
-        *common(corpus, runs / "fsdp", "--mode", "fsdp", "--max-steps", "9", "--resume", "auto")
-    )
-    c = card(runs / "fsdp")
+@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
+def test_sharded_modes_resume_from_their_state_checkpoints(runs, corpus, mode):
+    torchrun(*common(corpus, runs / mode, *MODES[mode], "--max-steps", "9", "--resume", "auto"))
+    c = card(runs / mode)
     assert c["steps"] == 9 and c["resumed_from"].endswith("step-0000006")
+
+
+def test_resumed_sharded_runs_agree(runs):
+    assert card(runs / "fsdp")["val_loss"] == pytest.approx(
+        card(runs / "zero3")["val_loss"], abs=1e-3
+    )

@@ -235,6 +235,8 @@ def test_training_smoke_produces_loadable_checkpoint(tmp_path):
         (["--resume", "auto", "--vocab-size", "512"], "--resume takes the tokenizer"),
         (["--time-limit", "20s"], "--time-limit must leave"),
         (["--save-total-limit", "0"], "--save-total-limit"),
+        (["--zero-stage", "3"], "--zero-stage needs --mode deepspeed"),
+        (["--mode", "deepspeed", "--compile"], "--compile is not supported"),
     ],
 )
 def test_bad_cli_combinations_fail_before_any_work(args, message):

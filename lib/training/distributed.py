@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-MODES = ("baseline", "fsdp")
+MODES = ("baseline", "fsdp", "deepspeed")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DistContext:
 def init_distributed(mode: str, device_type: str) -> DistContext:
     """Join the process group torchrun describes (FSDP also needs one for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if (world > 1 or mode == "fsdp") and not dist.is_initialized():
+    if (world > 1 or mode in ("fsdp", "deepspeed")) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         os.environ.setdefault("RANK", "0")
@@ -74,6 +74,7 @@ def init_distributed(mode: str, device_type: str) -> DistContext:
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """FSDP2 or DDP; DeepSpeed wraps the model itself (deepspeed.initialize)."""
     if ctx.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -81,7 +82,7 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
             fully_shard(block)
         fully_shard(model)  # the root holds the tied embedding / LM head
         return model
-    if ctx.world_size > 1:
+    if ctx.mode == "baseline" and ctx.world_size > 1:
         return torch.nn.parallel.DistributedDataParallel(model)
     return model
 
@@ -93,6 +94,12 @@ def full_model_state(model: torch.nn.Module, ctx: DistContext) -> dict:
     """The unsharded model state (complete on rank 0; a collective under FSDP)."""
     if ctx.mode == "fsdp":
         return get_model_state_dict(model, options=_FULL)
+    if ctx.mode == "deepspeed":
+        if model.zero_optimization_stage() == 3:
+            return (
+                model._zero3_consolidated_16bit_state_dict() or {}
+            )  # gathers partitions on rank 0
+        return {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
     module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -100,6 +107,8 @@ def full_model_state(model: torch.nn.Module, ctx: DistContext) -> dict:
 def full_optimizer_state(model: torch.nn.Module, optimizer, ctx: DistContext) -> dict:
     if ctx.mode == "fsdp":
         return get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if ctx.mode == "deepspeed":
+        return {}  # partitioned: DeepSpeed's own save_checkpoint writes it (see save_state)
     return optimizer.state_dict()
 
 

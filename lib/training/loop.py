@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,12 +50,14 @@ from lib.training.schedulers import lr_multiplier
 from lib.training.state import (
     STATE_FILE,
     DataCursor,
+    checkpoints_dir,
     latest_checkpoint,
     load_training_state,
     remove_interrupted_saves,
     save_training_state,
 )
 
+DS_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a state checkpoint
 EXPORT_RESERVE_S = 30.0  # final evaluation + samples + saves of a small model
 SAMPLE_PROMPTS = ["Привет, мир!", "Москва", "Он открыл дверь и", "В начале было"]
 
@@ -102,7 +105,9 @@ class TrainingArtifacts:
     resumed_from: Path | None = None
 
     def autocast(self):
-        if self.precision == "fp32":
+        if (
+            self.precision == "fp32" or self.ctx.mode == "deepspeed"
+        ):  # DeepSpeed casts the model itself
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -220,10 +225,21 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         model.gradient_checkpointing_enable()
     model = wrap_model(model, ctx)
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    if ctx.mode == "deepspeed":
+        import deepspeed
+
+        from lib.training.deepspeed import deepspeed_config
+
+        model, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(config)
+        )
+        if saved:  # optimizer partitions (and ZeRO-3 parameters) from DeepSpeed's own files
+            model.load_checkpoint(str(resume), tag=DS_TAG, load_lr_scheduler_states=False)
     cursor = DataCursor.start(len(data.train), config.seed)
     state, history = RunState(), []
     if saved:
-        load_optimizer_state(model, optimizer, saved["optimizer"], ctx)
+        if ctx.mode != "deepspeed":
+            load_optimizer_state(model, optimizer, saved["optimizer"], ctx)
         cursor.load_state_dict(saved["data"])
         torch.set_rng_state(saved["rng"])
         state.step, state.tokens_seen, history = (
@@ -289,6 +305,7 @@ def accumulate_gradients(
     micro_batches: list[torch.Tensor],
     autocast=contextlib.nullcontext,
     scale=lambda loss: loss,
+    backward=None,
 ) -> float:
     """Backward over micro-batches, each scaled by the step's total target count (not the micro-batch's),
     so the gradient equals that of one big batch. Returns the loss per target token."""
@@ -298,7 +315,10 @@ def accumulate_gradients(
     for batch in micro_batches:
         with autocast():
             nll, _ = token_loss_sum(model, batch.to(device))
-        scale(nll / n_targets).backward()
+        if backward is None:
+            scale(nll / n_targets).backward()
+        else:
+            backward(nll / n_targets)
         loss_total += nll.item()
     return loss_total / n_targets
 
@@ -307,6 +327,17 @@ def train_step(
     a: TrainingArtifacts, micro_batches: list[torch.Tensor], scaler
 ) -> tuple[float, float]:
     """One optimizer step over micro-batches; returns (loss per target token, grad norm)."""
+    if a.ctx.mode == "deepspeed":
+        engine = a.model
+
+        def backward(
+            loss,
+        ):  # already normalised over the whole step: no division by the accumulation count
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+
+        loss = accumulate_gradients(engine, micro_batches, a.autocast, backward=backward)
+        return loss, float(engine.get_global_grad_norm() or 0.0)
     loss = accumulate_gradients(a.model, micro_batches, a.autocast, scaler.scale)
     scaler.unscale_(a.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(a.model.parameters(), a.config.grad_clip)
@@ -323,7 +354,15 @@ def save_state(a: TrainingArtifacts) -> Path:
     """Gather the full state (a collective under DDP/FSDP) and write it on rank 0."""
     model_state = full_model_state(a.model, a.ctx)
     optim_state = full_optimizer_state(a.model, a.optimizer, a.ctx)
-    path = None
+    path, tmp = None, None
+    if a.ctx.mode == "deepspeed":  # every rank writes its partitions into one temporary directory
+        tmp = checkpoints_dir(a.config.output_dir) / f".step-{a.state.step:07d}.tmp-deepspeed"
+        if a.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        a.ctx.barrier()
+        a.model.save_checkpoint(str(tmp), tag=DS_TAG)
+        a.ctx.barrier()
     if a.ctx.is_main:
         state = {
             "model": model_state,
@@ -337,7 +376,12 @@ def save_state(a: TrainingArtifacts) -> Path:
             "config": a.config.to_dict(),
         }
         path = save_training_state(
-            a.config.output_dir, a.state.step, state, a.tokenizer, keep=a.config.save_total_limit
+            a.config.output_dir,
+            a.state.step,
+            state,
+            a.tokenizer,
+            keep=a.config.save_total_limit,
+            tmp=tmp,
         )
     a.ctx.barrier()
     return path

@@ -76,17 +76,22 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def save_training_state(
-    output_dir: str | Path, step: int, state: dict, tokenizer, keep: int | None = None
+    output_dir: str | Path,
+    step: int,
+    state: dict,
+    tokenizer,
+    keep: int | None = None,
+    tmp: Path | None = None,
 ) -> Path:
     """Write `state` (+ the tokenizer) atomically as checkpoints/step-NNNNNNN; prune to `keep` newest."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=root))
+    tmp = tmp or Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=root))
     try:
         torch.save(state, tmp / STATE_FILE)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
+        for f in (p for p in tmp.rglob("*") if p.is_file()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # the same step saved twice (a signal right after a periodic save)
