@@ -31,6 +31,23 @@ def parse_duration(text: str) -> float:
     return h * 3600 + mnt * 60 + s
 
 
+def parse_count(text: str) -> int:
+    """'2.5M', '10B', '300k' or a plain number -> an integer."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMbB]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad count {text!r}; use e.g. 300k, 2.5M, 10B or 5000000")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+
+
+def steps_for_tokens(args: argparse.Namespace) -> int:
+    """Optimizer steps that consume the --max-tokens budget (at least one)."""
+    import os
+
+    context = args.block_size or PRESETS[args.preset].n_positions
+    per_step = args.batch_size * args.grad_accum * context * int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, -(-args.max_tokens // per_step))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         help="'auto' (newest complete checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint path",
     )
+    a(
+        "--streaming",
+        action="store_true",
+        help="stream --data (a local .txt/.jsonl or a `datasets` name) in one pass instead of loading it whole",
+    )
     a("--tokenizer", help="existing tokenizer directory (default: train a new BPE)")
     a(
         "--cache-dir",
@@ -98,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--warmup-steps", type=int, default=50, help="linear warm-up steps")
     a("--max-steps", type=int, default=900, help="optimizer steps")
+    a(
+        "--max-tokens",
+        type=parse_count,
+        help="token budget instead of --max-steps (e.g. 2.5M, 10B): steps = tokens / (batch x accum x context x processes)",
+    )
     a(
         "--time-limit",
         type=parse_duration,
@@ -156,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     """Validate every combination before any data or model is touched."""
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise SystemExit("error: --max-tokens must be >= 1")
+        args.max_steps = steps_for_tokens(args)
     preset = PRESETS[args.preset]
     resume_path = Path(args.resume) if args.resume and args.resume != "auto" else None
     cuda = (args.device or "").startswith("cuda") or (args.device is None and _cuda_available())
@@ -218,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         raise SystemExit("error: " + "; ".join(errors))
     return TrainingConfig(
         mode=args.mode,
+        streaming=args.streaming,
         zero_stage=args.zero_stage or 2,
         preset=args.preset,
         data=args.data,

@@ -86,6 +86,9 @@ class TrainingConfig:
     preset: str = "tiny"
     mode: str = "baseline"  # baseline (one process, or DDP under torchrun) | fsdp | deepspeed
     zero_stage: int = 2  # DeepSpeed ZeRO stage (mode deepspeed)
+    streaming: bool = (
+        False  # stream a large local/`datasets` source in one pass instead of loading it
+    )
     data: str = "bundled"  # "bundled" (Russian corpus), a local .txt/.jsonl file or dir, or a `datasets` name
     output_dir: Path = REPO_ROOT / "runs" / "baseline"
     run_name: str | None = (

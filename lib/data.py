@@ -234,3 +234,93 @@ def prepare_data(
 
 def bits_per_byte(total_nll_nats: float, total_bytes: float) -> float:
     return total_nll_nats / math.log(2) / max(total_bytes, 1.0)
+
+
+def stream_documents(source: str):
+    """The documents of a local file/directory or a `datasets` name, one at a time (`datasets`
+    streaming): a corpus larger than memory is never loaded whole."""
+    import datasets
+
+    path = Path(source)
+    if path.exists():
+        files = (
+            sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
+            if path.is_dir()
+            else [path]
+        )
+        kinds = {p.suffix for p in files}
+        if not files or len(kinds) != 1:
+            raise ValueError(f"streaming needs .txt files or .jsonl files (not both) under {path}")
+        builder = "json" if kinds == {".jsonl"} else "text"
+        ds = datasets.load_dataset(
+            builder, data_files=[str(p) for p in files], split="train", streaming=True
+        )
+    else:
+        ds = datasets.load_dataset(source, split="train", streaming=True)
+    for row in ds:
+        text = (row.get("text") or "").strip()
+        if text:
+            yield text
+
+
+def prepare_streaming_data(
+    source: str,
+    tokenizer,
+    block_size: int,
+    val_fraction: float,
+    cache_dir: Path,
+    train_tokenizer_fn=None,
+    tokenizer_docs: int = 20_000,
+):
+    """One pass over a streamed source: split each document by its hash, tokenize in chunks and append
+    the tokens to the split's cache file. Without a tokenizer, one is trained on the first
+    `tokenizer_docs` training documents. Returns (DataSplits, tokenizer, (train docs, val docs))."""
+    from itertools import chain, islice
+
+    docs = stream_documents(source)
+    if tokenizer is None:
+        head = list(islice(docs, tokenizer_docs))
+        tokenizer = train_tokenizer_fn([d for d in head if not is_validation(d, val_fraction)])
+        docs = chain(head, docs)
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
+    key = hashlib.sha256(
+        tokenizer.backend_tokenizer.to_str().encode() + f"{source}|{val_fraction}".encode()
+    )
+    stem = Path(cache_dir) / f"stream-{key.hexdigest()[:24]}"
+    meta_path = stem.with_suffix(".json")
+    if not meta_path.exists():
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        counts = {"train": [0, 0], "val": [0, 0]}  # documents, bytes
+        tmp = {s: open(f"{stem}.{s}.tmp", "wb") for s in counts}  # noqa: SIM115 (closed below)
+        try:
+            for chunk in iter(lambda: list(islice(docs, 1000)), []):
+                for doc, ids in zip(chunk, tokenizer(chunk)["input_ids"], strict=True):
+                    split = "val" if is_validation(doc, val_fraction) else "train"
+                    tmp[split].write(
+                        np.asarray(ids + [tokenizer.eos_token_id], dtype=dtype).tobytes()
+                    )
+                    counts[split][0] += 1
+                    counts[split][1] += len(doc.encode("utf-8"))
+        finally:
+            for f in tmp.values():
+                f.close()
+        for split in counts:
+            os.replace(f"{stem}.{split}.tmp", f"{stem}.{split}.{np.dtype(dtype).name}")
+        meta_path.write_text(json.dumps(counts))
+    counts = json.loads(meta_path.read_text())
+    splits = {}
+    for split in ("train", "val"):
+        stream = np.memmap(f"{stem}.{split}.{np.dtype(dtype).name}", dtype=dtype, mode="r")
+        if (len(stream) - 1) // block_size == 0:
+            raise ValueError(
+                f"the {split} split of {source} has fewer than {block_size + 1} tokens"
+            )
+        splits[split] = TokenBlocks(
+            stream, block_size, n_tokens=len(stream), n_bytes=counts[split][1]
+        )
+    data = DataSplits(
+        splits["train"],
+        splits["val"],
+        torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float64),
+    )
+    return data, tokenizer, (counts["train"][0], counts["val"][0])

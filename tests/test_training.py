@@ -18,6 +18,8 @@ from lib.data import (
     bundled_documents,
     clean_context,
     load_documents,
+    prepare_data,
+    prepare_streaming_data,
     split_documents,
     tokenize_and_pack,
 )
@@ -125,6 +127,38 @@ def test_token_cache_is_memory_mapped_and_keyed_by_tokenizer_and_data(tmp_path):
         docs, train_tokenizer(docs, vocab_size=300), block_size=32, cache_dir=tmp_path
     )
     assert len(list(tmp_path.glob("tokens-*"))) == 3
+
+
+def test_streaming_gives_the_same_blocks_as_loading(tmp_path):
+    docs = bundled_documents()[:400]
+    src = tmp_path / "corpus.jsonl"
+    src.write_text(
+        "\n".join(json.dumps({"text": d}, ensure_ascii=False) for d in docs), encoding="utf-8"
+    )
+    tok = train_tokenizer(docs, vocab_size=400)
+    loaded = prepare_data(str(src), tok, block_size=32, val_fraction=0.05)
+    streamed, _, counts = prepare_streaming_data(str(src), tok, 32, 0.05, tmp_path / "cache")
+    assert torch.equal(streamed.train.blocks, loaded.train.blocks)
+    assert torch.equal(streamed.val.blocks, loaded.val.blocks)
+    assert streamed.train.n_bytes == loaded.train.n_bytes and sum(counts) == len(docs)
+    again, _, _ = prepare_streaming_data(
+        str(src), tok, 32, 0.05, tmp_path / "cache"
+    )  # cached: no second pass
+    assert isinstance(again.train.stream, np.memmap)
+
+
+def test_token_budget_sets_the_step_count():
+    from train_distributed import build_parser, config_from_args, parse_count
+
+    assert (
+        parse_count("2.5M") == 2_500_000
+        and parse_count("300k") == 300_000
+        and parse_count("7") == 7
+    )
+    args = build_parser().parse_args(
+        ["--max-tokens", "1M", "--batch-size", "2", "--grad-accum", "2"]
+    )
+    assert config_from_args(args).max_steps == -(-1_000_000 // (2 * 2 * 256))
 
 
 def test_bits_per_byte_formula():

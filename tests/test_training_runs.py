@@ -178,6 +178,11 @@ def test_wandb_runs_offline_without_an_api_key(corpus, tmp_path, monkeypatch):
     assert os.environ["WANDB_MODE"] == "offline"
 
 
+def test_streaming_source_trains_with_its_own_tokenizer(corpus, tmp_path):
+    result = train(small_config(corpus, tmp_path / "run", streaming=True, max_steps=3))
+    assert result.steps == 3 and (result.checkpoint / "tokenizer.json").exists()
+
+
 def test_mfu_formula_and_peaks():
     p = PRESETS["gpt2-124m"]
     n = p.approx_parameters() - p.n_positions * p.n_embd

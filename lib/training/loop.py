@@ -23,7 +23,14 @@ import transformers
 from tqdm.auto import tqdm
 
 from lib.config import ModelPreset, TrainingConfig, get_preset
-from lib.data import DataSplits, bits_per_byte, load_documents, prepare_data, split_documents
+from lib.data import (
+    DataSplits,
+    bits_per_byte,
+    load_documents,
+    prepare_data,
+    prepare_streaming_data,
+    split_documents,
+)
 from lib.modeling import build_model, count_parameters, save_checkpoint, unwrap_model
 from lib.tokenizer import load_tokenizer, train_tokenizer
 from lib.training.callbacks import (
@@ -188,27 +195,39 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
     resume = resolve_resume(config)
     saved = load_training_state(resume) if resume else None
 
-    # 1. documents, split once by content hash
-    train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
-
-    # 2. tokenizer: the checkpoint's when resuming, a given one, or a new byte-level BPE
+    # 1-3. documents split by content hash, tokenizer (the checkpoint's when resuming, a given one,
+    # or a new byte-level BPE on the training split), packed blocks (cached, memory-mapped)
     vocab_size = config.vocab_size or preset.vocab_size
+    tokenizer = None
     if resume:
         tokenizer = load_tokenizer(resume)
         vocab_size = saved["vocab_size"]
     elif config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
+    if config.streaming:
+        data, tokenizer, doc_counts = prepare_streaming_data(
+            config.data,
+            tokenizer,
+            block_size,
+            config.val_fraction,
+            config.cache_dir or Path(config.output_dir) / "token-cache",
+            train_tokenizer_fn=lambda docs: train_tokenizer(docs, vocab_size),
+        )
     else:
-        tokenizer = train_tokenizer(train_docs, vocab_size)
+        train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
+        tokenizer = tokenizer or train_tokenizer(train_docs, vocab_size)
+        data = prepare_data(
+            config.data,
+            tokenizer,
+            block_size,
+            docs=(train_docs, val_docs),
+            cache_dir=config.cache_dir,
+        )
+        doc_counts = (len(train_docs), len(val_docs))
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}"
         )
-
-    # 3. packed blocks
-    data = prepare_data(
-        config.data, tokenizer, block_size, docs=(train_docs, val_docs), cache_dir=config.cache_dir
-    )
 
     # 4. model and optimizer (restored when resuming), wrapped for DDP/FSDP
     model = build_model(
@@ -291,7 +310,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         ctx=ctx,
         vocab_size=vocab_size,
         precision=config.precision,
-        doc_counts=(len(train_docs), len(val_docs)),
+        doc_counts=doc_counts,
         t0=t0,
         deadline=deadline,
         state=state,
