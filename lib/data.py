@@ -66,17 +66,22 @@ def bundled_documents() -> list[str]:
     return list(docs)
 
 
+def local_text_files(path: Path) -> list[Path]:
+    """The .txt/.jsonl files of a local source: the file itself, or those under a directory."""
+    return (
+        sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
+        if path.is_dir()
+        else [path]
+    )
+
+
 def load_documents(source: str) -> list[str]:
     """Read the documents of a source (see the module docstring)."""
     if source == "bundled":
         return bundled_documents()
     path = Path(source)
     if path.exists():
-        files = (
-            sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
-            if path.is_dir()
-            else [path]
-        )
+        files = local_text_files(path)
         if not files:
             raise ValueError(f"no .txt or .jsonl files under {path}")
         docs: list[str] = []
@@ -243,11 +248,7 @@ def stream_documents(source: str):
 
     path = Path(source)
     if path.exists():
-        files = (
-            sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl"})
-            if path.is_dir()
-            else [path]
-        )
+        files = local_text_files(path)
         kinds = {p.suffix for p in files}
         if not files or len(kinds) != 1:
             raise ValueError(f"streaming needs .txt files or .jsonl files (not both) under {path}")
