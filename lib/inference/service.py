@@ -130,8 +130,9 @@ class InferenceService:
             params = [params or GenerationParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
-        self.validate(prompts, params)
-        with self._lock:
+        with (
+            self._lock
+        ):  # generate() refuses a prompt that does not fit (PromptTooLong) before any model work
             try:
                 return generate(
                     self.model, self.tokenizer, prompts, params, should_stop=should_stop
@@ -147,10 +148,11 @@ class InferenceService:
 
     def score(self, texts: Sequence[str]) -> list[TextScore]:
         """Per-token log-probabilities of each text (see lib.inference.scoring)."""
-        self.check_scorable(texts)
-        with self._lock:
+        with self._lock:  # score_texts() refuses a text that does not fit (PromptTooLong) first
             try:
                 return score_texts(self.model, self.tokenizer, texts)
+            except PromptTooLong:
+                raise
             except Exception as e:
                 log.exception("scoring failed")
                 raise GenerationFailed(str(e)) from e
