@@ -1,8 +1,11 @@
-"""A generic micro-batcher: gathers concurrent requests into one `predict(batch)` call.
+"""The engine seam between routes and models, and a generic micro-batcher behind it.
 
-Requests wait at most `max_wait_s` for company; while the model works on one batch, new requests
-queue up and form the next. `predict` runs in one worker thread, off the event loop, so the API
-keeps answering (health probes, metadata) while the model is busy.
+Routes talk to an `Engine`: `submit`/`submit_many` give outputs for preprocessed inputs, `has_room`
+says whether the bounded queue takes more. The text-generation service brings its own engine
+(continuous batching, `lib/inference/engine.py`, which can also `stream`); every other service gets
+the `MicroBatcher`: requests wait at most `max_wait_s` for company, and while the model works on one
+batch new requests queue up and form the next. `predict` runs in one worker thread, off the event
+loop, so the API keeps answering (health probes, metadata) while the model is busy.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
+
+from lib.inference import EngineStopped, QueueFull
 
 log = logging.getLogger("ml_service.batching")
 
@@ -23,15 +28,46 @@ class PredictionFailed(RuntimeError):
     """`predict` raised for the batch this request was in."""
 
 
+class Engine(Protocol):
+    """What routes need from whatever runs the model."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 30.0) -> None: ...
+
+    def has_room(self, n: int = 1) -> bool: ...
+
+    async def submit(self, item: Any) -> Any: ...
+
+    async def submit_many(self, items: Sequence[Any]) -> list[Any]: ...
+
+
 class MicroBatcher:
     def __init__(
-        self, predict: Callable[[list], list], max_batch_size: int = 32, max_wait_s: float = 0.002
+        self,
+        predict: Callable[[list], list],
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.002,
+        max_queue: int = 256,
     ):
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
         self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._running = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def has_room(self, n: int = 1) -> bool:
+        return self._queue.qsize() + n <= self.max_queue
 
     def start(self) -> None:
         if self._thread is None:
@@ -47,10 +83,18 @@ class MicroBatcher:
 
     async def submit_many(self, items: Sequence[Any]) -> list[Any]:
         """Outputs for `items`, in order. They are queued together, so they share batches."""
+        if self._thread is None:
+            raise EngineStopped("the micro-batcher is not running")
+        if not self.has_room(len(items)):
+            raise QueueFull(f"{self.waiting} requests are waiting (the limit is {self.max_queue})")
         futures = [Future() for _ in items]
         for item, fut in zip(items, futures, strict=True):
             self._queue.put((item, fut))
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        finally:
+            for f in futures:
+                f.cancel()  # the caller went away: queued items are skipped
 
     async def submit(self, item: Any) -> Any:
         return (await self.submit_many([item]))[0]
@@ -78,6 +122,7 @@ class MicroBatcher:
         live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
+        self._running = len(live)
         try:
             outputs = self._predict([item for item, _ in live])
             if len(outputs) != len(live):
@@ -89,5 +134,7 @@ class MicroBatcher:
             for _, fut in live:
                 fut.set_exception(PredictionFailed(str(e)))
             return
+        finally:
+            self._running = 0
         for (_, fut), out in zip(live, outputs, strict=True):
             fut.set_result(out)

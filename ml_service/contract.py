@@ -4,6 +4,8 @@ A service declares its name, version and description; its request/response schem
 `load()` (once, at start-up); `preprocess(request)` (bad input -> `InvalidInput`, HTTP 400);
 `predict(batch)` (a list of preprocessed inputs -> a list of outputs; any exception -> HTTP 403);
 `postprocess(output, request)`; and `metadata()` for /metadata. The API routes are generic over it.
+`create_engine()` says what runs `predict` for queued requests: a micro-batcher by default; a
+service may bring its own engine (text generation: continuous batching and streaming).
 
 Services register under the entry-point group ``ml_service.services`` in their pyproject.toml:
 
@@ -76,6 +78,19 @@ class ModelService(ABC):
     @abstractmethod
     def postprocess(self, output: Any, request: BaseModel) -> BaseModel:
         """The response for one request."""
+
+    def create_engine(self):
+        """What runs the model for queued requests (after `load()`): by default a micro-batcher
+        that calls `predict` with up to `max_batch_size` inputs at a time."""
+        from ml_service.batching import MicroBatcher
+
+        s = self.settings
+        return MicroBatcher(
+            self.predict,
+            max_batch_size=getattr(s, "max_batch_size", 32),
+            max_wait_s=getattr(s, "batch_wait_ms", 2.0) / 1000,
+            max_queue=getattr(s, "max_queue", 256),
+        )
 
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:
         """The single requests inside a /forward_batch body."""

@@ -31,14 +31,26 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="most texts in one /forward_batch")
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="most sequences the engine runs in one batch (1 disables batching)",
+    )
+    max_queue: int = Field(
+        256, ge=1, description="most requests waiting for a batch row; more get 503 at once"
+    )
+    max_texts: int = Field(64, ge=1, le=4096, description="most texts in one /forward_batch")
     max_new_tokens_limit: int = Field(
         256, ge=1, description="largest max_new_tokens a request may ask"
     )
     max_text_chars: int = Field(8000, ge=1, description="longest text (characters) in one request")
     max_file_bytes: int = Field(256 * 1024, ge=1, description="largest uploaded text file (bytes)")
     batch_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="how long a request waits for others to share its batch"
+        2.0,
+        ge=0,
+        le=1000,
+        description="how long the first request to an idle engine waits for company (ms)",
     )
     log_level: str = Field("info", description="log level of the service")
 

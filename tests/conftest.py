@@ -25,9 +25,7 @@ def service() -> InferenceService:
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    return Settings(
-        checkpoint=CHECKPOINT, max_batch_size=8, max_file_bytes=4096, max_text_chars=2000
-    )
+    return Settings(checkpoint=CHECKPOINT, max_texts=8, max_file_bytes=4096, max_text_chars=2000)
 
 
 @pytest.fixture(scope="session")

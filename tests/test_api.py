@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from lib.inference import InferenceService
@@ -30,7 +30,7 @@ def test_metadata_describes_model_limits_and_training(client, service):
     assert m["vocab_size"] == service.model.config.vocab_size
     assert m["dtype"] == "float32" and m["device"] == "cpu"
     assert m["random_baseline"] is False and m["warning"] is None
-    assert m["limits"]["max_batch_size"] == 8
+    assert m["limits"]["max_texts"] == 8
     assert {"val_loss", "val_bits_per_byte", "steps", "tokens_seen"} <= set(m["training"])
     assert m["service_version"]
 
@@ -169,21 +169,20 @@ def test_no_422_anywhere(client):
             assert client.post(path, json=payload).status_code == 400
 
 
-class ExplodingModel(torch.nn.Module):
-    """A model that fails inside generation, as a broken checkpoint or an OOM would."""
+def exploding_model(real):
+    """A copy of the model that fails inside generation, as a broken checkpoint or an OOM would."""
+    broken = copy.deepcopy(real)
 
-    def __init__(self, real):
-        super().__init__()
-        self.real = real
-        self.config = real.config
-
-    def forward(self, *args, **kwargs):
+    def explode(*_):
         raise RuntimeError("CUDA error: device-side assert triggered")
+
+    broken.transformer.h[-1].mlp.register_forward_pre_hook(explode)
+    return broken
 
 
 def test_model_failure_returns_403_without_traceback(service, settings):
     broken = InferenceService(
-        ExplodingModel(service.model), service.tokenizer, model_id="broken", source="test"
+        exploding_model(service.model), service.tokenizer, model_id="broken", source="test"
     )
     app = create_app(settings, service=TextGenerationService(settings, inference=broken))
     with TestClient(app, raise_server_exceptions=False) as c:

@@ -1,17 +1,28 @@
-"""Batched autoregressive decoding with a KV cache and per-row sampling parameters.
+"""Batched autoregressive decoding: a running batch that sequences join and leave at any step.
 
-Every row of a batch carries its own temperature, top-k, top-p, repetition penalty, seed, stop
-strings and token budget, and samples with its own `torch.Generator`, so a seeded or greedy request
-gives the same text alone or in a batch. Prompts are left-padded; position ids skip the padding.
+`DecodeBatch` holds the sequences being generated, one KV-cache slot each (`decoder.py`). `admit`
+runs the prompts of new sequences and gives them their first token; `step` gives every running
+sequence its next token; a sequence that ends (end of document, stop string, token budget,
+cancellation) leaves at once and frees its slot. Every row carries its own temperature, top-k,
+top-p, repetition penalty, seed, stop strings and budget, and samples with its own
+`torch.Generator`, so a seeded or greedy request gives the same text alone or in any company.
+Text is detokenised incrementally, so pieces can be streamed as they are generated.
+
+`generate()` runs a fixed list of prompts to the end (library use, training samples); the serving
+engine (`engine.py`) feeds the same `DecodeBatch` from a queue.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from lib.inference.decoder import GPT2SlotDecoder
+from lib.inference.sampling import SamplingTensors, sample_next
 
 
 class PromptTooLong(ValueError):
@@ -58,7 +69,226 @@ def check_fits(
             )
 
 
-@torch.inference_mode()
+@dataclass(eq=False)
+class GenerationRequest:
+    """One sequence to generate. Callbacks run on the decoding thread and must be quick."""
+
+    prompt_ids: list[int]  # with the leading end-of-document token (see encode_prompts)
+    params: GenerationParams
+    on_text: Callable[[str], None] | None = None  # each new piece of text, in order
+    on_done: Callable[[GenerationResult | BaseException], None] | None = None
+    cancelled: bool = False  # set from any thread: the row leaves the batch at the next step
+    arrived_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # prompt processing began
+    first_token_at: float | None = None
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids) - 1
+
+    def finish(self, outcome: GenerationResult | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            self.error = outcome
+        else:
+            self.result = outcome
+        if self.on_done is not None:
+            self.on_done(outcome)
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class _Row:
+    """A running sequence: its tokens, its incrementally decoded text and its generator."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device):
+        self.request = request
+        self.params = request.params
+        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generated: list[int] = []
+        self.text = ""  # decoded so far, without a trailing incomplete character
+        self.prefix_offset = 0  # incremental detokenisation window (see DecodeBatch._detokenize)
+        self.read_offset = 0
+        self.emitted = 0  # characters of `text` handed to on_text
+        self.hold_back = max((len(s) for s in self.params.stop), default=1) - 1
+        self.finish_reason: str | None = None
+        self.last_token_at = 0.0
+
+    @property
+    def position(self) -> int:
+        """Cache position of the newest token (the one the next decode step feeds)."""
+        return len(self.request.prompt_ids) + len(self.generated) - 1
+
+
+class DecodeBatch:
+    """The running batch: up to `max_rows` sequences, each in its own KV-cache slot."""
+
+    def __init__(self, model, tokenizer, max_rows: int, observer=None):
+        self.decoder = GPT2SlotDecoder(model)
+        self.tokenizer = tokenizer
+        self.raw = tokenizer.backend_tokenizer  # the Rust tokenizer: batch decoding in one call
+        self.eos = tokenizer.eos_token_id
+        self.vocab = model.config.vocab_size
+        self.max_rows = max_rows
+        self.observer = observer
+        self.rows: list[_Row] = []
+        self.seen = torch.zeros((0, self.vocab), dtype=torch.bool, device=self.decoder.device)
+        self._sampling: SamplingTensors | None = None  # for all rows; rebuilt when rows change
+
+    @property
+    def free(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    @torch.inference_mode()
+    def admit(self, requests: Sequence[GenerationRequest]) -> None:
+        """Process the prompts of new sequences (at most `free`) and sample their first tokens."""
+        assert len(requests) <= self.free, "more requests than free rows"
+        for r in requests:
+            if r.cancelled:
+                self.finish_request(r, GenerationResult("", "cancelled", r.prompt_tokens, 0))
+        requests = [r for r in requests if not r.cancelled]
+        if not requests:
+            return
+        first, n = len(self.rows), len(requests)
+        need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        self.decoder.reserve(first + n, need)
+        if self.seen.shape[0] < first + n:
+            grown = torch.zeros(
+                (self.max_rows, self.vocab), dtype=torch.bool, device=self.seen.device
+            )
+            grown[: len(self.rows)] = self.seen[: len(self.rows)]
+            self.seen = grown
+        now = time.monotonic()
+        for i, r in enumerate(requests):
+            r.started_at = now
+            self.seen[first + i].zero_()
+            self.seen[first + i, r.prompt_ids] = True
+        logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
+        new_rows = [_Row(r, self.decoder.device) for r in requests]
+        self.rows.extend(new_rows)
+        self._sampling = None
+        sampling = SamplingTensors.build([r.params for r in new_rows], self.vocab, logits.device)
+        self._advance(first, logits, sampling)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One new token for every running sequence; finished ones leave."""
+        cancelled = [i for i, row in enumerate(self.rows) if row.request.cancelled]
+        for i in cancelled:
+            self.rows[i].finish_reason = "cancelled"
+        self._remove_finished()
+        if not self.rows:
+            return
+        ids = torch.tensor([row.generated[-1] for row in self.rows])
+        logits = self.decoder.decode(ids, [row.position for row in self.rows])
+        if self._sampling is None:
+            self._sampling = SamplingTensors.build(
+                [row.params for row in self.rows], self.vocab, logits.device
+            )
+        self._advance(0, logits, self._sampling)
+
+    def fail(self, error: BaseException) -> None:
+        """End every running sequence with `error` (the model raised)."""
+        rows, self.rows, self._sampling = self.rows, [], None
+        for row in rows:
+            self.finish_request(row.request, error)
+        self.decoder.release()
+
+    def finish_request(
+        self, request: GenerationRequest, outcome: GenerationResult | BaseException
+    ) -> None:
+        request.finish(outcome)
+        if self.observer is not None:
+            self.observer.on_finished(request)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _advance(self, first: int, logits: torch.Tensor, sampling: SamplingTensors) -> None:
+        """Sample a token for rows first.. (one logits row each), then update text and state."""
+        rows = self.rows[first:]
+        for i, row in enumerate(rows):
+            if len(row.generated) < row.params.min_new_tokens:
+                logits[i, self.eos] = -torch.inf
+        seen = self.seen[first : first + len(rows)]
+        next_ids = sample_next(logits, seen, sampling, [row.generator for row in rows]).tolist()
+        now = time.monotonic()
+        grew: list[_Row] = []
+        gaps: list[float] = []
+        for i, (row, tok) in enumerate(zip(rows, next_ids, strict=True)):
+            if tok == self.eos:
+                row.finish_reason = "eos"
+                continue
+            row.generated.append(tok)
+            seen[i, tok] = True
+            if row.request.first_token_at is None:
+                row.request.first_token_at = now
+            else:
+                gaps.append(now - row.last_token_at)
+            row.last_token_at = now
+            grew.append(row)
+        if self.observer is not None:
+            self.observer.on_tokens(len(grew), gaps)
+        self._detokenize(grew)
+        for row in grew:
+            cut = _first_stop(row.text, row.params.stop)
+            if cut is not None:
+                row.text, row.finish_reason = row.text[:cut], "stop"
+            elif len(row.generated) >= row.params.max_new_tokens:
+                row.finish_reason = "length"
+        for row in grew:
+            if row.finish_reason is None:
+                self._emit(row, len(row.text) - row.hold_back)
+        self._remove_finished()
+
+    def _detokenize(self, rows: list[_Row]) -> None:
+        """Append to each row's text what its new token completes (nothing for half a character)."""
+        if not rows:
+            return
+        windows = []
+        for row in rows:
+            windows.append(row.generated[row.prefix_offset : row.read_offset])
+            windows.append(row.generated[row.prefix_offset :])
+        decoded = self.raw.decode_batch(windows, skip_special_tokens=True)
+        for j, row in enumerate(rows):
+            before, after = decoded[2 * j], decoded[2 * j + 1]
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                row.text += after[len(before) :]
+                row.prefix_offset, row.read_offset = row.read_offset, len(row.generated)
+
+    def _emit(self, row: _Row, upto: int) -> None:
+        if upto > row.emitted and row.request.on_text is not None:
+            row.request.on_text(row.text[row.emitted : upto])
+        row.emitted = max(row.emitted, upto)
+
+    def _remove_finished(self) -> None:
+        done = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
+        for i in reversed(done):  # move the last row into each hole: live slots stay contiguous
+            row, last = self.rows[i], len(self.rows) - 1
+            if i != last:
+                self.decoder.move(last, i)
+                self.seen[i] = self.seen[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            self._finish(row)
+        if done:
+            self._sampling = None
+
+    def _finish(self, row: _Row) -> None:
+        if row.finish_reason in ("eos", "length"):
+            # the whole completion, including a trailing piece the window had held back
+            row.text = self.raw.decode(row.generated, skip_special_tokens=True)
+        self._emit(row, len(row.text))
+        r = row.request
+        result = GenerationResult(row.text, row.finish_reason, r.prompt_tokens, len(row.generated))
+        self.finish_request(r, result)
+
+
 def generate(
     model,
     tokenizer,
@@ -66,116 +296,44 @@ def generate(
     params: Sequence[GenerationParams],
     should_stop: Callable[[], bool] | None = None,
 ) -> list[GenerationResult]:
-    """Generate a continuation for every prompt, each row with its own parameters."""
+    """Generate a continuation for every prompt, each row with its own parameters.
+
+    `should_stop` is asked before every forward pass; when it answers True the remaining rows end
+    with finish_reason "cancelled".
+    """
     if not prompts:
         return []
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_fits(prompt_ids, params, model.config.n_positions)
-    device = next(model.parameters()).device
-    B, eos = len(prompts), tokenizer.eos_token_id
-    vocab = model.config.vocab_size
+    return run_to_end(model, tokenizer, prompt_ids, params, should_stop)
 
-    # left-pad: (B, T) ids, mask and positions that ignore the padding
-    T = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((B, T), eos, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, T - len(ids) :] = torch.tensor(ids)
-        attention[i, T - len(ids) :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    seen = torch.zeros(
-        (B, vocab), dtype=torch.bool
-    )  # tokens each row has seen (repetition penalty)
-    for i, ids in enumerate(prompt_ids):
-        seen[i, ids] = True
 
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)[:, None]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])[:, None]
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)[:, None]
-    penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)[:, None]
-    greedy = temperature[:, 0] <= 0
-    generators = [
-        torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        for p in params
-    ]
-    budgets = [p.max_new_tokens for p in params]
+def run_to_end(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[list[int]],
+    params: Sequence[GenerationParams],
+    should_stop: Callable[[], bool] | None = None,
+) -> list[GenerationResult]:
+    """`generate` for prompts already tokenized (by `encode_prompts`) and checked to fit."""
+    if not prompt_ids:
+        return []
+    requests = [GenerationRequest(ids, p) for ids, p in zip(prompt_ids, params, strict=True)]
+    batch = DecodeBatch(model, tokenizer, max_rows=len(requests))
 
-    generated: list[list[int]] = [[] for _ in range(B)]
-    finish: list[str | None] = [None] * B
-    texts = [""] * B
-    past = None
-    step_ids, step_mask, step_pos = input_ids, attention, positions
-    for _ in range(max(budgets)):
+    def stopping() -> bool:
         if should_stop is not None and should_stop():
-            for i in range(B):
-                finish[i] = finish[i] or "cancelled"
-            break
-        out = model(
-            input_ids=step_ids.to(device),
-            attention_mask=step_mask.to(device),
-            position_ids=step_pos.to(device),
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float().cpu()  # (B, vocab)
-        for i, p in enumerate(params):
-            if len(generated[i]) < p.min_new_tokens:
-                logits[i, eos] = float("-inf")
-        next_ids = sample_next(logits, seen, temperature, top_k, top_p, penalty, greedy, generators)
+            for r in requests:
+                r.cancel()
+            return True
+        return False
 
-        for i in range(B):
-            if finish[i] is not None:
-                continue
-            tok = int(next_ids[i])
-            if tok == eos:
-                finish[i] = "eos"
-                continue
-            generated[i].append(tok)
-            seen[i, tok] = True
-            texts[i] = tokenizer.decode(generated[i], skip_special_tokens=True)
-            cut = _first_stop(texts[i], params[i].stop)
-            if cut is not None:
-                texts[i], finish[i] = texts[i][:cut], "stop"
-            elif len(generated[i]) >= budgets[i]:
-                finish[i] = "length"
-        if all(f is not None for f in finish):
-            break
-        step_ids = next_ids[:, None]
-        step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
-        step_pos = step_pos[:, -1:] + 1
-
-    return [
-        GenerationResult(texts[i], finish[i] or "length", len(prompt_ids[i]) - 1, len(generated[i]))
-        for i in range(B)
-    ]
-
-
-def sample_next(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    penalty: torch.Tensor,
-    greedy: torch.Tensor,
-    generators: list[torch.Generator],
-) -> torch.Tensor:
-    """One token per row from logits (B, vocab), each row with its own parameters and generator."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits = torch.where(seen & (penalty != 1.0), penalised, logits)
-    next_ids = logits.argmax(dim=-1)
-    if greedy.all():
-        return next_ids
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)  # (B, vocab)
-    ranks = torch.arange(logits.shape[-1])[None, :]
-    probs = torch.softmax(sorted_logits / temperature.clamp(min=1e-5), dim=-1)
-    drop = (ranks >= top_k) | ((probs.cumsum(-1) - probs) > top_p)  # always keeps rank 0
-    probs = probs.masked_fill(drop, 0.0)
-    for i in torch.nonzero(~greedy).flatten().tolist():
-        choice = torch.multinomial(probs[i], 1, generator=generators[i])
-        next_ids[i] = sorted_idx[i, choice[0]]
-    return next_ids
+    stopping()
+    batch.admit(requests)
+    while batch.rows:
+        stopping()
+        batch.step()
+    return [r.result for r in requests]
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -1,7 +1,10 @@
 """`InferenceService`: one loaded model + tokenizer, generating for a prompt or a batch.
 
-The HTTP layer talks to `lib` only through this class. Generation is serialised by a lock: the
-model is one set of CPU/GPU cores, and a batch uses them better than concurrent calls would.
+The HTTP layer talks to `lib` only through this class: `prepare` checks and tokenizes a prompt,
+`create_engine` gives the continuous-batching engine that serves concurrent requests
+(`engine.py`), and `generate_batch` runs a fixed batch directly (library use). Every use of the
+model is serialised by one lock: the model is one set of CPU/GPU cores, and a batch uses them
+better than concurrent calls would.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from lib import __version__
 from lib.config import DEFAULT_CHECKPOINT, get_preset
+from lib.inference.engine import EngineObserver, GenerationEngine, PreparedPrompt
 from lib.inference.generation import (
     GenerationFailed,
     GenerationParams,
@@ -24,6 +28,7 @@ from lib.inference.generation import (
     check_fits,
     encode_prompts,
     generate,
+    run_to_end,
 )
 from lib.inference.scoring import TextScore, check_scorable, score_texts
 from lib.modeling import build_model, count_parameters, load_model, read_card
@@ -111,9 +116,29 @@ class InferenceService:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) - 1 for ids in encode_prompts(self.tokenizer, texts)]
 
-    def validate(self, prompts: Sequence[str], params: Sequence[GenerationParams]) -> None:
-        """Raise PromptTooLong before any model work if a prompt cannot fit."""
-        check_fits(encode_prompts(self.tokenizer, prompts), params, self.context_length)
+    def prepare(self, prompt: str, params: GenerationParams) -> PreparedPrompt:
+        """Token ids for the engine, or PromptTooLong (never truncated) before any model work."""
+        ids = encode_prompts(self.tokenizer, [prompt])
+        check_fits(ids, [params], self.context_length)
+        return PreparedPrompt(ids[0], params)
+
+    def create_engine(
+        self,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.002,
+        max_queue: int = 256,
+        observer: EngineObserver | None = None,
+    ) -> GenerationEngine:
+        """The continuous-batching engine over this model (start() it; it shares the lock)."""
+        return GenerationEngine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_s,
+            max_queue=max_queue,
+            lock=self._lock,
+            observer=observer,
+        )
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str, params: GenerationParams | None = None) -> GenerationResult:
@@ -130,31 +155,36 @@ class InferenceService:
             params = [params or GenerationParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
-        with (
-            self._lock
-        ):  # generate() refuses a prompt that does not fit (PromptTooLong) before any model work
-            try:
-                return generate(
-                    self.model, self.tokenizer, prompts, params, should_stop=should_stop
-                )
-            except PromptTooLong:
-                raise
-            except Exception as e:  # any failure inside the model on valid input
-                log.exception("generation failed")
-                raise GenerationFailed(str(e)) from e
+        # generate() refuses a prompt that does not fit (PromptTooLong) before any model work
+        return self._locked(generate, self.model, self.tokenizer, prompts, params, should_stop)
+
+    def generate_prepared(self, items: Sequence[PreparedPrompt]) -> list[GenerationResult]:
+        """`generate_batch` for prompts already checked and tokenized by `prepare`."""
+        return self._locked(
+            run_to_end,
+            self.model,
+            self.tokenizer,
+            [i.ids for i in items],
+            [i.params for i in items],
+        )
 
     def check_scorable(self, texts: Sequence[str]) -> None:
         check_scorable(self.tokenizer, texts, self.context_length)
 
     def score(self, texts: Sequence[str]) -> list[TextScore]:
         """Per-token log-probabilities of each text (see lib.inference.scoring)."""
-        with self._lock:  # score_texts() refuses a text that does not fit (PromptTooLong) first
+        # score_texts() refuses a text that does not fit (PromptTooLong) before any model work
+        return self._locked(score_texts, self.model, self.tokenizer, texts)
+
+    def _locked(self, fn, *args):
+        """`fn(*args)` holding the model; a failure on valid input becomes GenerationFailed."""
+        with self._lock:
             try:
-                return score_texts(self.model, self.tokenizer, texts)
+                return fn(*args)
             except PromptTooLong:
                 raise
-            except Exception as e:
-                log.exception("scoring failed")
+            except Exception as e:  # any failure inside the model on valid input
+                log.exception("%s failed", fn.__name__)
                 raise GenerationFailed(str(e)) from e
 
     # -- metadata -----------------------------------------------------------------------------

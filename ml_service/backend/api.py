@@ -1,18 +1,30 @@
-"""Routes, generic over the loaded `ModelService`. Thin: parse and validate at the edge,
-`preprocess`, queue for the micro-batcher (which runs `predict` off the event loop), `postprocess`."""
+"""Routes, generic over the loaded `ModelService`. Thin: parse and validate at the edge, refuse
+at once when the queue is full, `preprocess`, hand to the service's engine (which runs the model
+off the event loop), `postprocess`. A client that disconnects cancels its work."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from lib.inference import GenerationFailed
 from ml_service import __version__
-from ml_service.backend.dependencies import DepsDep
-from ml_service.backend.errors import BadRequest, pydantic_errors
+from ml_service.backend.dependencies import AppDependencies, DepsDep
+from ml_service.backend.errors import (
+    MODEL_FAILED,
+    BadRequest,
+    ClientDisconnected,
+    Overloaded,
+    pydantic_errors,
+)
 from ml_service.backend.schemas import ErrorResponse, HealthResponse
 from ml_service.contract import InvalidInput, ModelService
 from ml_service.settings import Settings
@@ -23,7 +35,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "bad request: the `errors` list says what is wrong",
     },
     403: {"model": ErrorResponse, "description": "the model failed to process valid input"},
+    503: {
+        "model": ErrorResponse,
+        "description": "the queue is full: retry after `Retry-After` seconds",
+    },
 }
+log = logging.getLogger("ml_service")
+STREAM_DOC = (
+    '\n\nWith `"stream": true` the answer is `text/event-stream`: `token` events '
+    '(`{"text": piece}`) as text is generated, then one `done` event with the response below '
+    '(or an `error` event `{"detail": ...}`).'
+)
 
 
 def build_router(service_cls: type[ModelService]) -> APIRouter:
@@ -32,6 +54,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
     req_model, batch_model = service_cls.request_model, service_cls.batch_request_model
     array_fields = _array_fields(req_model)
     takes_text = "text" in req_model.model_fields
+    streams = "stream" in req_model.model_fields
 
     @router.post(
         "/forward",
@@ -41,13 +64,22 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         summary=f"{service_cls.name}: one input",
         description=f"{service_cls.description}.\n\nSend JSON, or multipart/form-data with the same "
         "fields as form fields"
-        + (" (a UTF-8 text `file` may replace `text`)." if takes_text else "."),
+        + (" (a UTF-8 text `file` may replace `text`)." if takes_text else ".")
+        + (STREAM_DOC if streams else ""),
     )
     async def forward(request: Request, deps: DepsDep):
         payload = await read_body(request, deps.settings, array_fields, takes_text)
         req = _validate(req_model, payload)
+        _check_room(deps, 1)
         item = deps.service.preprocess(req)
-        output = await deps.batcher.submit(item)
+        if streams and req.stream:
+            events = deps.engine.stream(item)  # queued now: a full queue is still a plain 503
+            return StreamingResponse(
+                _sse(events, deps, req),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        output = await _unless_disconnected(request, deps.engine.submit(item))
         return deps.service.postprocess(output, req)
 
     @router.post(
@@ -67,13 +99,14 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
             )
         batch_req = _validate(batch_model, await read_json_object(request))
         requests = deps.service.split_batch(batch_req)
+        _check_room(deps, len(requests))
         items = []
         for i, req in enumerate(requests):
             try:
                 items.append(deps.service.preprocess(req))
             except InvalidInput as e:
                 raise BadRequest([{"loc": [str(i), e.loc], "msg": str(e)}]) from None
-        outputs = await deps.batcher.submit_many(items)
+        outputs = await _unless_disconnected(request, deps.engine.submit_many(items))
         return deps.service.batch_response(
             [deps.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
         )
@@ -90,6 +123,52 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         return HealthResponse(status="ok")
 
     return router
+
+
+def _check_room(deps: AppDependencies, n: int) -> None:
+    """503 before any tokenization or model work when the queue cannot take `n` more."""
+    if not deps.engine.has_room(n):
+        raise Overloaded([{"loc": ["queue"], "msg": "the request queue is full"}])
+
+
+async def _unless_disconnected(request: Request, work: Awaitable) -> Any:
+    """Await `work`, cancelling it (and so its rows in the engine) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        log.info("client disconnected from %s: its generation was cancelled", request.url.path)
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _sse(events, deps: AppDependencies, req: BaseModel) -> AsyncIterator[str]:
+    """Server-Sent Events for one streamed generation (closing the stream cancels it)."""
+    try:
+        async for event in events:
+            if isinstance(event, str):
+                yield _event("token", {"text": event})
+            else:
+                yield _event("done", deps.service.postprocess(event, req).model_dump())
+    except GenerationFailed:
+        yield _event("error", {"detail": MODEL_FAILED})
+    except Exception:
+        log.exception("stream failed")
+        yield _event("error", {"detail": "internal server error"})
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def _validate(model: type[BaseModel], payload: dict) -> BaseModel:

@@ -11,7 +11,6 @@ from ml_service import __version__
 from ml_service.backend.api import build_router
 from ml_service.backend.dependencies import AppDependencies
 from ml_service.backend.errors import install_error_handlers
-from ml_service.batching import MicroBatcher
 from ml_service.contract import ModelService, load_service_class
 from ml_service.settings import Settings, get_settings
 
@@ -26,26 +25,27 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     settings = settings or get_settings()
     if service is None:
         service = load_service_class(settings.service)(settings)
-    batcher = MicroBatcher(service.predict, settings.max_batch_size, settings.batch_wait_ms / 1000)
-    deps = AppDependencies(settings=settings, service=service, batcher=batcher)
+    deps = AppDependencies(settings=settings, service=service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.load()
-        batcher.start()
+        deps.engine = service.create_engine()
+        deps.engine.start()
         deps.ready = True
         log.info("serving %s (%s)", service.name, service.model_id)
         try:
             yield
         finally:
             deps.ready = False
-            batcher.stop()
+            deps.engine.stop()
 
     app = FastAPI(
         title=f"ml_service: {service.name}",
         version=__version__,
         description=f"{service.description}.\n\nErrors: 400 bad request (with `errors`), "
-        "403 the model failed on valid input.",
+        "403 the model failed on valid input, 503 the queue is full (retry after `Retry-After` "
+        "seconds).",
         lifespan=lifespan,
     )
     app.state.deps = deps

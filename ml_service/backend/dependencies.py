@@ -1,4 +1,4 @@
-"""What routes receive: the loaded service, its micro-batcher and the settings, injected by type."""
+"""What routes receive: the loaded service, its engine and the settings, injected by type."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ml_service.backend.errors import ServiceError
-from ml_service.batching import MicroBatcher
+from ml_service.batching import Engine
 from ml_service.contract import ModelService
 from ml_service.settings import Settings
 
@@ -22,7 +22,7 @@ class ModelNotReady(ServiceError):
 class AppDependencies:
     settings: Settings
     service: ModelService
-    batcher: MicroBatcher
+    engine: Engine | None = None  # made by the service after load(), in the app's lifespan
     ready: bool = False
 
 

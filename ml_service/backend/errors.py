@@ -1,8 +1,9 @@
 """The error contract, in one place.
 
 Any bad request -> 400 {"detail": "bad request", "errors": [...]}; a failure inside the model on
-valid input (`predict` raised) -> 403 {"detail": "модель не смогла обработать данные"}; anything unexpected -> 500
-with no traceback (the log has it). FastAPI's 422 never reaches a client.
+valid input (`predict` raised) -> 403 {"detail": "модель не смогла обработать данные"}; a full queue
+or a stopping engine -> 503 with `Retry-After`; anything unexpected -> 500 with no traceback (the
+log has it). FastAPI's 422 never reaches a client.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lib.inference import GenerationFailed, PromptTooLong
+from lib.inference import EngineStopped, GenerationFailed, PromptTooLong, QueueFull
 from ml_service.batching import PredictionFailed
 from ml_service.contract import InvalidInput
 
@@ -30,6 +31,12 @@ class ServiceError(Exception):
     def __init__(self, errors: list[dict] | None = None):
         super().__init__(self.detail)
         self.errors = errors or []
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
 
     def body(self) -> dict:
         return (
@@ -53,6 +60,25 @@ class ModelFailed(ServiceError):
     detail = MODEL_FAILED
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer was ready (its work was cancelled); nobody reads
+    this response (nginx's code for it)."""
+
+    status_code = 499
+    detail = "client closed request"
+
+
+class Overloaded(ServiceError):
+    """The engine's queue is full (or it is shutting down): try again shortly."""
+
+    status_code = 503
+    detail = "the service is at capacity; retry later"
+    retry_after_s = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
     """Readable, JSON-safe errors: where and what, without echoing large inputs back."""
     out = []
@@ -67,7 +93,13 @@ def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError):
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return exc.response()
+
+    async def _overloaded(_: Request, exc: Exception):
+        return Overloaded([{"loc": ["queue"], "msg": str(exc)}]).response()
+
+    app.add_exception_handler(QueueFull, _overloaded)
+    app.add_exception_handler(EngineStopped, _overloaded)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError):

@@ -72,6 +72,11 @@ def _non_blank(v: str) -> str:
 
 class ForwardRequest(GenerationOptions):
     text: str = Field(..., description="the prompt (UTF-8)", examples=["Привет, мир!"])
+    stream: bool = Field(
+        False,
+        description="answer with Server-Sent Events: `token` events with pieces of text as they "
+        "are generated, then one `done` event with the whole response",
+    )
 
     _text = field_validator("text")(classmethod(lambda cls, v: _non_blank(v)))
 

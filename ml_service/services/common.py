@@ -41,7 +41,9 @@ class CheckpointService(ModelService):
     def limits(self) -> dict:
         s = self.settings
         return {
+            "max_texts": s.max_texts,
             "max_batch_size": s.max_batch_size,
+            "max_queue": s.max_queue,
             "max_text_chars": s.max_text_chars,
             "max_file_bytes": s.max_file_bytes,
             "context_length": self.inference.context_length,

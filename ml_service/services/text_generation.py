@@ -1,8 +1,11 @@
-"""The text-generation service: continue a text with a GPT-2-family checkpoint."""
+"""The text-generation service: continue a text with a GPT-2-family checkpoint.
+
+Its engine is `lib`'s continuous-batching `GenerationEngine`: concurrent requests share decoding
+steps, each row with its own parameters, and `/forward` can stream (`"stream": true`)."""
 
 from __future__ import annotations
 
-from lib.inference import GenerationResult, PromptTooLong
+from lib.inference import GenerationEngine, GenerationResult, PreparedPrompt, PromptTooLong
 from ml_service.backend.schemas import (
     Completion,
     ForwardBatchRequest,
@@ -23,20 +26,27 @@ class TextGenerationService(CheckpointService):
     batch_request_model = ForwardBatchRequest
     batch_response_model = ForwardBatchResponse
 
-    def preprocess(self, request: ForwardRequest):
+    def preprocess(self, request: ForwardRequest) -> PreparedPrompt:
         limit = self.settings.max_new_tokens_limit
         if request.max_new_tokens > limit:
             raise InvalidInput(f"max_new_tokens must be <= {limit}", loc="max_new_tokens")
         check_text_length(request.text, self.settings.max_text_chars)
-        params = request.to_generation_params()
         try:
-            self.inference.validate([request.text], [params])
+            return self.inference.prepare(request.text, request.to_generation_params())
         except PromptTooLong as e:
             raise InvalidInput(str(e).removeprefix("text 0: ")) from None
-        return request.text, params
 
-    def predict(self, batch) -> list[GenerationResult]:
-        return self.inference.generate_batch([t for t, _ in batch], [p for _, p in batch])
+    def create_engine(self) -> GenerationEngine:
+        s = self.settings
+        return self.inference.create_engine(
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.batch_wait_ms / 1000,
+            max_queue=s.max_queue,
+        )
+
+    def predict(self, batch: list[PreparedPrompt]) -> list[GenerationResult]:
+        """The contract's batch call (the engine above serves HTTP requests instead)."""
+        return self.inference.generate_prepared(batch)
 
     def postprocess(self, output: GenerationResult, request: ForwardRequest) -> ForwardResponse:
         return ForwardResponse(model=self.model_id, **Completion.from_result(output).model_dump())
@@ -44,10 +54,10 @@ class TextGenerationService(CheckpointService):
     def split_batch(self, batch_request: ForwardBatchRequest) -> list[ForwardRequest]:
         """One request per text; with a seed, row i samples with seed + i (rows differ, the batch
         stays reproducible)."""
-        n, limit = len(batch_request.texts), self.settings.max_batch_size
+        n, limit = len(batch_request.texts), self.settings.max_texts
         if n > limit:
             raise InvalidInput(f"{n} texts; the limit is {limit}", loc="texts")
-        options = batch_request.model_dump(exclude={"texts"})
+        options = batch_request.model_dump(exclude={"texts"})  # stream stays False: JSON only
         out = []
         for i, text in enumerate(batch_request.texts):
             seed = None if options["seed"] is None else (options["seed"] + i) % 2**63

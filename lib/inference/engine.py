@@ -1,0 +1,262 @@
+"""The serving engine: continuous (iteration-level) batching over one `DecodeBatch`.
+
+Requests wait in a bounded queue. One decoding thread runs the loop: one decode step for every
+running sequence, then the prompts of waiting requests are admitted into the free rows. A finished
+sequence leaves the batch at once and a waiting request takes its row at the next step, so nobody
+waits for the longest sequence of a batch. When the engine is idle, the first request waits at most
+`max_wait_s` for company before its batch starts.
+
+The engine knows nothing of HTTP: it takes token ids and `GenerationParams`, and gives results
+(`submit`) or pieces of text (`stream`) to asyncio callers. A caller that goes away (its task is
+cancelled) cancels its sequence, which leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from lib.inference.generation import (
+    DecodeBatch,
+    GenerationFailed,
+    GenerationParams,
+    GenerationRequest,
+    GenerationResult,
+)
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue holds `max_queue` waiting requests: come back later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt ready for the engine: token ids (with the leading end-of-document token), params."""
+
+    ids: list[int]
+    params: GenerationParams
+
+
+class EngineObserver:
+    """Hooks for metrics; called on the decoding thread (keep them quick). Defaults do nothing."""
+
+    def on_admitted(self, request: GenerationRequest) -> None: ...
+
+    def on_step(self, batch_size: int, seconds: float) -> None: ...
+
+    def on_tokens(self, count: int, gaps: list[float]) -> None: ...
+
+    def on_finished(self, request: GenerationRequest) -> None: ...
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.002,
+        max_queue: int = 256,
+        lock: threading.Lock | None = None,
+        observer: EngineObserver | None = None,
+    ):
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.observer = observer or EngineObserver()
+        self._batch = DecodeBatch(model, tokenizer, max_batch_size, observer=self.observer)
+        self._lock = lock or threading.Lock()  # shared with other users of the model
+        self._queue: collections.deque[GenerationRequest] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.rows)
+
+    def has_room(self, n: int = 1) -> bool:
+        """Whether `n` more requests would fit in the queue now."""
+        return len(self._queue) + n <= self.max_queue
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take no new requests, finish the queued and running ones (up to `timeout`), then end."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("generation engine still busy after %.0fs; cancelling", timeout)
+                self._cancel_all()
+                self._thread.join(5)
+            self._thread = None
+
+    # -- submitting -----------------------------------------------------------------------------
+    def enqueue(self, requests: Sequence[GenerationRequest]) -> None:
+        """Queue requests together (all or none): QueueFull or EngineStopped otherwise."""
+        with self._cond:
+            if self._closing or self._thread is None:
+                raise EngineStopped("the generation engine is not running")
+            if not self.has_room(len(requests)):
+                raise QueueFull(
+                    f"{len(self._queue)} requests are waiting (the limit is {self.max_queue})"
+                )
+            self._queue.extend(requests)
+            self._cond.notify()
+
+    async def submit(self, item: PreparedPrompt) -> GenerationResult:
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: Sequence[PreparedPrompt]) -> list[GenerationResult]:
+        """Results for `items`, in order. Cancelling the caller cancels every one of them."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        requests = [
+            GenerationRequest(item.ids, item.params, on_done=_resolver(loop, fut))
+            for item, fut in zip(items, futures, strict=True)
+        ]
+        self.enqueue(requests)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for r in requests:
+                r.cancel()  # a no-op for finished ones; the rest leave the batch (client gone)
+
+    def stream(self, item: PreparedPrompt) -> TokenStream:
+        """Queue `item` now (QueueFull/EngineStopped are raised here, before any response
+        starts); iterate the result for pieces of text, then the `GenerationResult`."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        put = _on_loop(loop, events.put_nowait)
+        request = GenerationRequest(item.ids, item.params, on_text=put, on_done=put)
+        self.enqueue([request])
+        return TokenStream(request, events)
+
+    # -- the decoding thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        batch = self._batch
+        while True:
+            with self._cond:
+                while not self._queue and not batch.rows:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                if not batch.rows and len(self._queue) < batch.free and self.max_wait_s > 0:
+                    # idle: give the first request a moment for company
+                    deadline = time.monotonic() + self.max_wait_s
+                    while (
+                        len(self._queue) < batch.free and (left := deadline - time.monotonic()) > 0
+                    ):
+                        self._cond.wait(left)
+                admitted = [self._queue.popleft() for _ in range(min(batch.free, len(self._queue)))]
+            self._iterate(admitted)
+
+    def _iterate(self, admitted: list[GenerationRequest]) -> None:
+        batch = self._batch
+        t0 = time.monotonic()
+        size = len(batch.rows) + len(admitted)
+        for r in admitted:
+            self.observer.on_admitted(r)
+        try:
+            with self._lock:
+                if batch.rows:
+                    batch.step()
+                if admitted:
+                    batch.admit(admitted)
+        except Exception as e:  # the model failed: every sequence in this batch fails with it
+            log.exception("generation failed for a batch of %d", size)
+            failure = GenerationFailed(str(e))
+            batch.fail(failure)
+            for r in admitted:
+                if not r.done:
+                    batch.finish_request(r, failure)
+        self.observer.on_step(size, time.monotonic() - t0)
+
+    def _cancel_all(self) -> None:
+        with self._cond:
+            queued, self._queue = list(self._queue), collections.deque()
+        for r in queued:
+            self._batch.finish_request(r, GenerationResult("", "cancelled", r.prompt_tokens, 0))
+        for row in list(self._batch.rows):
+            row.request.cancel()
+
+
+class TokenStream:
+    """Pieces of text (str) as they are generated, then the final `GenerationResult`.
+
+    Closing it early (the client went away) cancels the sequence."""
+
+    def __init__(self, request: GenerationRequest, events: asyncio.Queue):
+        self.request = request
+        self._events = events
+
+    def __aiter__(self) -> AsyncIterator[str | GenerationResult]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str | GenerationResult]:
+        try:
+            while True:
+                event = await self._events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            self.request.cancel()
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn):
+    """`fn`, callable from any thread, run on `loop`; a no-op once that loop is closed (its
+    caller is gone), so a departed client never disturbs the decoding thread."""
+
+    def call(arg) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:
+            pass
+
+    return call
+
+
+def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
+    """A callback (for any thread) that settles `fut` on its loop."""
+
+    def settle(outcome) -> None:
+        if fut.done():
+            return
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+
+    return _on_loop(loop, settle)
