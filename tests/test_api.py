@@ -226,3 +226,69 @@ def test_random_baseline_is_flagged_loudly(settings, service):
     with TestClient(app) as c:
         m = c.get("/metadata").json()
     assert m["random_baseline"] is True and "RANDOM" in m["warning"]
+
+
+# -- streaming (Server-Sent Events) ---------------------------------------------------------------
+def read_sse(response) -> list[tuple[str, dict]]:
+    """(event name, data) pairs of a text/event-stream body."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_stream_sends_pieces_then_the_whole_response(client):
+    req = {"text": "Привет, мир!", "max_new_tokens": 32, "min_new_tokens": 32, "seed": 9}
+    plain = client.post("/forward", json=req).json()
+    with client.stream("POST", "/forward", json={**req, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+    events = read_sse(r)
+    names = [name for name, _ in events]
+    assert names[-1] == "done" and set(names[:-1]) == {"token"} and len(names) > 5
+    done = events[-1][1]
+    assert done == plain  # the same response as without streaming
+    assert "".join(data["text"] for name, data in events[:-1]) == done["text"]
+    assert is_russian(done["text"])
+
+
+def test_stream_works_from_a_form_too(client):
+    form = {"text": "Москва", "temperature": "0", "max_new_tokens": "8", "stream": "true"}
+    r = client.post("/forward", data=form)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert read_sse(r)[-1][0] == "done"
+
+
+def test_stream_with_bad_input_is_a_plain_400(client):
+    r = client.post("/forward", json={"text": " ", "stream": True})
+    assert r.status_code == 400 and r.json()["detail"] == "bad request"
+
+
+def test_stream_reports_a_model_failure_as_an_error_event(service, settings):
+    broken = InferenceService(
+        exploding_model(service.model), service.tokenizer, model_id="broken", source="test"
+    )
+    app = create_app(settings, service=TextGenerationService(settings, inference=broken))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/forward", json={"text": "Привет", "stream": True})
+    assert r.status_code == 200
+    assert read_sse(r) == [("error", {"detail": MODEL_FAILED})]
+    assert "Traceback" not in r.text and "CUDA" not in r.text
+
+
+def test_full_queue_is_a_503_with_retry_after(service, settings):
+    """Refused at the edge, before any model work, when the queue cannot take the request."""
+    app = create_app(settings, service=TextGenerationService(settings, inference=service))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        engine = app.state.deps.engine
+        engine.max_queue = 0  # nothing may wait
+        for path, body in (("/forward", {"text": "a"}), ("/forward_batch", {"texts": ["a"]})):
+            r = c.post(path, json=body)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["errors"]
+        engine.max_queue = 4
+        assert c.post("/forward", json={"text": "a", "max_new_tokens": 2}).status_code == 200

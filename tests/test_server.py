@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,10 +28,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(args: list[str], runner: bool = False):
+def running_server(args: list[str], runner: bool = False, env: dict[str, str] | None = None):
     """A real server process (serve.py, or `python -m ml_service.runner`); yields its URL."""
     port = free_port()
-    env = {**os.environ, "ML_SERVICE_LOG_LEVEL": "warning"}
+    env = {**os.environ, "ML_SERVICE_LOG_LEVEL": "warning", **(env or {})}
     cmd = [sys.executable, "-m", "ml_service.runner"] if runner else [sys.executable, "serve.py"]
     proc = subprocess.Popen(
         [*cmd, *args, "--port", str(port)],
@@ -112,6 +113,47 @@ def test_health_answers_while_model_generates(server):
     assert result["r"].status_code == 200 and len(result["r"].json()["results"]) == 64
 
 
+def test_a_disconnected_client_stops_using_the_model():
+    """With one batch row, a 64-text batch of 250 tokens each holds the model for many seconds;
+    when its client disconnects, the rows are cancelled and the next request runs at once."""
+    env = {"ML_SERVICE_MAX_BATCH_SIZE": "1"}
+    with running_server(["--checkpoint", str(CHECKPOINT)], env=env) as proc:
+        url = proc.url
+        long_job = {
+            "texts": ["Москва"] * 64,
+            "max_new_tokens": 250,
+            "min_new_tokens": 250,
+            "temperature": 0.9,
+        }
+        t0 = time.perf_counter()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/forward_batch", json=long_job, timeout=1.5)  # then hangs up
+        short = httpx.post(
+            f"{url}/forward", json={"text": "Привет", "max_new_tokens": 8}, timeout=60
+        )
+        waited = time.perf_counter() - t0
+        assert short.status_code == 200
+        # 16,000 tokens one row at a time would take well over 10 s on any CPU this runs on
+        assert waited < 6, f"the next request waited {waited:.1f}s: the cancelled work went on"
+
+
+def test_streaming_over_real_http(server):
+    url, _ = server
+    req = {"text": "Привет, мир!", "max_new_tokens": 24, "min_new_tokens": 24, "stream": True}
+    names, pieces = [], []
+    with httpx.stream("POST", f"{url}/forward", json=req, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                names.append(line.removeprefix("event: "))
+            elif line.startswith("data: "):
+                pieces.append(json.loads(line.removeprefix("data: ")))
+    assert names[-1] == "done" and names.count("token") >= 5
+    assert "".join(p["text"] for p in pieces[:-1]) == pieces[-1]["text"]
+    assert pieces[-1]["usage"]["completion_tokens"] == 24
+
+
+# last: it stops the module's server
 def test_sigterm_stops_the_server_cleanly(server):
     _, proc = server
     proc.send_signal(signal.SIGTERM)

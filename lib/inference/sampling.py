@@ -3,7 +3,9 @@
 Order of the warpers, as in `transformers`' `generate`: repetition penalty, then temperature, then
 top-k, then top-p over what top-k kept. A greedy row (temperature 0) takes the arg-max of the
 penalised logits. Each sampled row draws from its own `torch.Generator`, so its tokens do not depend
-on the other rows of the batch.
+on the other rows of the batch: a row draws exactly one uniform number per token and inverts its
+own distribution's CDF, so neither the company nor how many candidates the batch sorts changes
+what it draws (`torch.multinomial` draws one number per candidate, so it would).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ def sample_next(
     )
     probs = torch.softmax(scaled, dim=-1)
     probs = probs.masked_fill((probs.cumsum(-1) - probs) > sp.top_p, 0.0)  # keeps rank 0 always
-    choice = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    for i in torch.nonzero(~sp.greedy).flatten().tolist():
-        choice[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
-    sampled = top_idx.gather(1, choice[:, None])[:, 0]
+    cdf = probs.cumsum(-1)  # (B, k)
+    u = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(
+        cdf.device
+    )  # (B,) one draw per row, greedy rows too (their draw is unused)
+    choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
+    sampled = top_idx.gather(1, choice)[:, 0]
     return torch.where(sp.greedy, logits.argmax(dim=-1), sampled)

@@ -1,0 +1,242 @@
+"""The continuous-batching engine and its decoder, with the real committed model (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+
+from lib.inference import (
+    EngineObserver,
+    GenerationFailed,
+    GenerationParams,
+    InferenceService,
+    QueueFull,
+)
+from lib.inference.decoder import GPT2SlotDecoder
+from lib.inference.generation import encode_prompts
+from tests.conftest import is_russian
+
+PROMPTS = [
+    "Привет, мир!",
+    "Москва — столица",
+    "Он открыл дверь и",
+    "В начале было слово",
+    "Мы долго шли по лесу, пока",
+    "Она",
+    "Вчера вечером",
+    "Когда я был маленьким,",
+]
+
+
+class Recorder(EngineObserver):
+    def __init__(self):
+        self.finished = []
+        self.batch_sizes = []
+
+    def on_step(self, batch_size, seconds):
+        self.batch_sizes.append(batch_size)
+
+    def on_finished(self, request):
+        self.finished.append(request)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_engine(service: InferenceService, body, **kwargs):
+    engine = service.create_engine(**kwargs)
+    engine.start()
+    try:
+        return await body(engine)
+    finally:
+        engine.stop()
+
+
+# -- the decoder ----------------------------------------------------------------------------------
+def test_decoder_logits_equal_the_model_forward(service):
+    """Prefill, decode at different positions per row, and a row moved to another slot."""
+    model, tok = service.model, service.tokenizer
+    prompts = encode_prompts(tok, PROMPTS[:3])
+    dec = GPT2SlotDecoder(model)
+    dec.reserve(3, 64)
+    with torch.inference_mode():
+        logits = dec.prefill(prompts, 0)
+        for ids, row in zip(prompts, logits, strict=True):
+            ref = model(torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(row, ref, atol=1e-4)
+        nxt = logits.argmax(-1)
+        seqs = [ids + [int(t)] for ids, t in zip(prompts, nxt, strict=True)]
+        dec.move(2, 0)  # row 0 leaves: row 2 takes its slot
+        seqs = [seqs[2], seqs[1]]
+        step = dec.decode(torch.tensor([s[-1] for s in seqs]), [len(s) - 1 for s in seqs])
+        for ids, row in zip(seqs, step, strict=True):
+            ref = model(torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(row, ref, atol=1e-4)
+
+
+# -- correctness under batching -------------------------------------------------------------------
+def test_every_request_gets_its_own_result_alone_or_among_16(service):
+    """Greedy and seeded requests give the same text alone and in a batch of 16 with other
+    parameters around them."""
+    params = [
+        GenerationParams(max_new_tokens=12 + i, temperature=0)
+        if i % 2
+        else GenerationParams(
+            max_new_tokens=20, temperature=0.7 + i / 20, top_k=20 + i, top_p=0.9, seed=100 + i
+        )
+        for i in range(16)
+    ]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+    alone = [service.generate(p, q).text for p, q in zip(prompts, params, strict=True)]
+
+    async def body(engine):
+        items = [service.prepare(p, q) for p, q in zip(prompts, params, strict=True)]
+        return await asyncio.gather(*(engine.submit(i) for i in items))
+
+    rec = Recorder()
+    together = run(with_engine(service, body, observer=rec, max_wait_s=0.05))
+    assert [r.text for r in together] == alone
+    assert max(rec.batch_sizes) == 16  # they really shared the batch
+
+
+def test_a_waiting_request_joins_the_running_batch(service):
+    """Continuous batching: a short request sent while a long one runs finishes long before it,
+    without waiting for the long one."""
+    long_p = GenerationParams(max_new_tokens=200, min_new_tokens=200, temperature=0.8, seed=1)
+    short_p = GenerationParams(max_new_tokens=4, min_new_tokens=4, temperature=0)
+    expected_short = service.generate("Москва", short_p).text
+
+    async def body(engine):
+        long_task = asyncio.ensure_future(engine.submit(service.prepare("Он открыл", long_p)))
+        while engine.running == 0:
+            await asyncio.sleep(0.001)
+        short = await engine.submit(service.prepare("Москва", short_p))
+        assert not long_task.done(), "the short request waited for the long one"
+        assert engine.running == 1  # the short row left at once; the long one goes on
+        return short, await long_task
+
+    short, long_ = run(with_engine(service, body))
+    assert short.text == expected_short and short.completion_tokens == 4
+    assert long_.completion_tokens == 200 and long_.finish_reason == "length"
+
+
+def test_rows_with_stop_strings_and_budgets_leave_independently(service):
+    params = [
+        GenerationParams(max_new_tokens=40, temperature=0, stop=(" ",)),
+        GenerationParams(max_new_tokens=3, min_new_tokens=3, temperature=0),
+        GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=1.0, seed=5),
+    ]
+
+    async def body(engine):
+        items = [service.prepare("Он открыл дверь и", p) for p in params]
+        return await engine.submit_many(items)
+
+    stopped, short, long_ = run(with_engine(service, body))
+    assert stopped.finish_reason == "stop" and " " not in stopped.text
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    assert long_.completion_tokens == 30 and is_russian(long_.text)
+
+
+# -- streaming ------------------------------------------------------------------------------------
+def test_stream_pieces_add_up_to_the_result(service):
+    params = GenerationParams(max_new_tokens=40, min_new_tokens=40, temperature=0.9, seed=11)
+    expected = service.generate("Привет, мир!", params)
+
+    async def body(engine):
+        pieces, final = [], None
+        async for event in engine.stream(service.prepare("Привет, мир!", params)):
+            if isinstance(event, str):
+                pieces.append(event)
+            else:
+                final = event
+        return pieces, final
+
+    pieces, final = run(with_engine(service, body))
+    assert len(pieces) > 5  # really incremental
+    assert "".join(pieces) == final.text == expected.text
+    assert final.completion_tokens == 40
+
+
+def test_stream_never_shows_text_past_a_stop_string(service):
+    free = service.generate(
+        "Он открыл дверь и", GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=0)
+    )
+    words = free.text.split()
+    assert len(words) >= 3
+    stop = " " + words[2]  # a stop string in the middle of the greedy text
+    params = GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=0, stop=(stop,))
+
+    async def body(engine):
+        events = [e async for e in engine.stream(service.prepare("Он открыл дверь и", params))]
+        return events[:-1], events[-1]
+
+    pieces, final = run(with_engine(service, body))
+    assert final.finish_reason == "stop" and stop not in final.text
+    assert "".join(pieces) == final.text == free.text[: free.text.index(stop)]
+
+
+# -- cancellation, limits, failures ---------------------------------------------------------------
+def test_a_cancelled_caller_frees_its_row(service):
+    params = GenerationParams(max_new_tokens=250, min_new_tokens=250, temperature=0.8, seed=3)
+    rec = Recorder()
+
+    async def body(engine):
+        task = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
+        while engine.running == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        task.cancel()  # what the HTTP layer does when the client disconnects
+        deadline = time.monotonic() + 5
+        while engine.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return engine.running
+
+    assert run(with_engine(service, body, observer=rec)) == 0
+    (req,) = rec.finished
+    assert req.result.finish_reason == "cancelled"
+    assert 0 < req.result.completion_tokens < 250
+
+
+def test_a_full_queue_refuses_at_once(service):
+    params = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
+
+    async def body(engine):
+        first = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
+        while engine.running == 0:
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(engine.submit(service.prepare("Он", params)))
+        await asyncio.sleep(0.01)
+        assert engine.waiting == 1 and not engine.has_room()
+        with pytest.raises(QueueFull):
+            await engine.submit(service.prepare("Она", params))
+        return await first, await second
+
+    first, second = run(with_engine(service, body, max_batch_size=1, max_queue=1))
+    assert first.completion_tokens == second.completion_tokens == 100
+
+
+def test_a_model_failure_fails_its_batch_and_the_engine_goes_on(service):
+    broken_model = copy.deepcopy(service.model)
+    handle = broken_model.transformer.h[0].mlp.register_forward_pre_hook(
+        lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
+    )
+    broken = InferenceService(broken_model, service.tokenizer, model_id="broken", source="test")
+    params = GenerationParams(max_new_tokens=8, temperature=0)
+
+    async def body(engine):
+        outcomes = await asyncio.gather(
+            *(engine.submit(broken.prepare(p, params)) for p in PROMPTS[:3]),
+            return_exceptions=True,
+        )
+        handle.remove()  # the model recovers: the same engine serves again
+        after = await engine.submit(broken.prepare("Москва", params))
+        return outcomes, after
+
+    outcomes, after = run(with_engine(broken, body))
+    assert all(isinstance(o, GenerationFailed) for o in outcomes)
+    assert after.text == service.generate("Москва", params).text
