@@ -49,8 +49,10 @@ class MicroBatcher:
         max_batch_size: int = 32,
         max_wait_s: float = 0.002,
         max_queue: int = 256,
+        observer=None,
     ):
         self._predict = predict
+        self.observer = observer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -123,6 +125,7 @@ class MicroBatcher:
         if not live:
             return
         self._running = len(live)
+        t0 = time.monotonic()
         try:
             outputs = self._predict([item for item, _ in live])
             if len(outputs) != len(live):
@@ -136,5 +139,7 @@ class MicroBatcher:
             return
         finally:
             self._running = 0
+            if self.observer is not None:
+                self.observer.on_step(len(live), time.monotonic() - t0)
         for (_, fut), out in zip(live, outputs, strict=True):
             fut.set_result(out)

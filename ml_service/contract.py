@@ -64,7 +64,12 @@ class ModelService(ABC):
         return self.name
 
     def load(self) -> None:
-        """Load weights and warm up; called once before the first request (default: nothing)."""
+        """Load weights; called once before the first request (default: nothing)."""
+        return None
+
+    def warmup(self) -> None:
+        """Run the model once after `load()` so the first request is not slow (default: nothing).
+        /ready answers 200 only after it."""
         return None
 
     @abstractmethod
@@ -79,9 +84,10 @@ class ModelService(ABC):
     def postprocess(self, output: Any, request: BaseModel) -> BaseModel:
         """The response for one request."""
 
-    def create_engine(self):
+    def create_engine(self, observer=None):
         """What runs the model for queued requests (after `load()`): by default a micro-batcher
-        that calls `predict` with up to `max_batch_size` inputs at a time."""
+        that calls `predict` with up to `max_batch_size` inputs at a time. `observer` (a
+        `lib.inference.EngineObserver`) receives the engine's events for metrics."""
         from ml_service.batching import MicroBatcher
 
         s = self.settings
@@ -90,6 +96,7 @@ class ModelService(ABC):
             max_batch_size=getattr(s, "max_batch_size", 32),
             max_wait_s=getattr(s, "batch_wait_ms", 2.0) / 1000,
             max_queue=getattr(s, "max_queue", 256),
+            observer=observer,
         )
 
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:

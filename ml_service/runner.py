@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was
     # installed before it: make that an exit with status 0, as process supervisors expect
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM: stop accepting, let in-flight requests finish for up to shutdown_grace_s, then
+    # the lifespan drains the engine. The app writes its own JSON access log.
     uvicorn.run(
         "ml_service.backend.app:create_app",
         factory=True,
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
         port=settings.port,
         reload=args.reload,
         log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lib.config import DEFAULT_CHECKPOINT
 
@@ -25,6 +25,14 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory to serve")
+    models_dir: Path | None = Field(
+        None,
+        description="a directory of model versions (one checkpoint per subdirectory); when set, "
+        "it is served instead of `checkpoint`, and /admin/reload switches versions",
+    )
+    model_version: str | None = Field(
+        None, description="the version (subdirectory of models_dir) to serve; default: the last"
+    )
     random_preset: str | None = Field(
         None,
         description="serve a RANDOMLY INITIALISED preset instead of a checkpoint (baseline only)",
@@ -52,7 +60,51 @@ class Settings(BaseSettings):
         le=1000,
         description="how long the first request to an idle engine waits for company (ms)",
     )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="a generation still running after this long gets 504"
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1, description="largest request body (bytes); larger ones get 413"
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated keys; when set, /forward and /forward_batch need "
+        "`Authorization: Bearer KEY`",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="token for /admin/* (`Authorization: Bearer TOKEN`); unset: disabled"
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="requests per API key (or client address without keys), e.g. '60/minute' or "
+        "'10/second;200/hour'; unset: no limit",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
+    background_load: bool = Field(
+        True,
+        description="load the model after the server starts (/health answers, /ready is 503 "
+        "until it is loaded and warmed up); false: load before accepting connections",
+    )
+    log_prompts: bool = Field(False, description="write prompt texts into the access log")
     log_level: str = Field("info", description="log level of the service")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parse_rate(cls, v: str | None) -> str | None:
+        if v:
+            from limits import parse_many
+
+            parse_many(v)  # raises ValueError with the reason for a malformed limit
+        return v or None
 
 
 @lru_cache

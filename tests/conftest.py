@@ -25,7 +25,13 @@ def service() -> InferenceService:
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    return Settings(checkpoint=CHECKPOINT, max_texts=8, max_file_bytes=4096, max_text_chars=2000)
+    return Settings(
+        checkpoint=CHECKPOINT,
+        max_texts=8,
+        max_file_bytes=4096,
+        max_text_chars=2000,
+        background_load=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -170,22 +170,25 @@ def test_no_422_anywhere(client):
 
 
 def exploding_model(real):
-    """A copy of the model that fails inside generation, as a broken checkpoint or an OOM would."""
+    """A copy of the model that fails inside generation, as a broken checkpoint or an OOM would,
+    once the app is up (its warm-up at start-up passes, as a GPU that fails later would)."""
     broken = copy.deepcopy(real)
+    state = {"armed": False}
 
     def explode(*_):
-        raise RuntimeError("CUDA error: device-side assert triggered")
+        if state["armed"]:
+            raise RuntimeError("CUDA error: device-side assert triggered")
 
     broken.transformer.h[-1].mlp.register_forward_pre_hook(explode)
-    return broken
+    return broken, state
 
 
 def test_model_failure_returns_403_without_traceback(service, settings):
-    broken = InferenceService(
-        exploding_model(service.model), service.tokenizer, model_id="broken", source="test"
-    )
+    model, state = exploding_model(service.model)
+    broken = InferenceService(model, service.tokenizer, model_id="broken", source="test")
     app = create_app(settings, service=TextGenerationService(settings, inference=broken))
     with TestClient(app, raise_server_exceptions=False) as c:
+        state["armed"] = True
         for r in (
             c.post("/forward", json={"text": "Привет"}),
             c.post("/forward_batch", json={"texts": ["Привет", "Мир"]}),
@@ -269,11 +272,11 @@ def test_stream_with_bad_input_is_a_plain_400(client):
 
 
 def test_stream_reports_a_model_failure_as_an_error_event(service, settings):
-    broken = InferenceService(
-        exploding_model(service.model), service.tokenizer, model_id="broken", source="test"
-    )
+    model, state = exploding_model(service.model)
+    broken = InferenceService(model, service.tokenizer, model_id="broken", source="test")
     app = create_app(settings, service=TextGenerationService(settings, inference=broken))
     with TestClient(app, raise_server_exceptions=False) as c:
+        state["armed"] = True
         r = c.post("/forward", json={"text": "Привет", "stream": True})
     assert r.status_code == 200
     assert read_sse(r) == [("error", {"detail": MODEL_FAILED})]
@@ -284,7 +287,7 @@ def test_full_queue_is_a_503_with_retry_after(service, settings):
     """Refused at the edge, before any model work, when the queue cannot take the request."""
     app = create_app(settings, service=TextGenerationService(settings, inference=service))
     with TestClient(app, raise_server_exceptions=False) as c:
-        engine = app.state.deps.engine
+        engine = app.state.deps.model.engine
         engine.max_queue = 0  # nothing may wait
         for path, body in (("/forward", {"text": "a"}), ("/forward_batch", {"texts": ["a"]})):
             r = c.post(path, json=body)

@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,29 +31,33 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(args: list[str], runner: bool = False, env: dict[str, str] | None = None):
-    """A real server process (serve.py, or `python -m ml_service.runner`); yields its URL."""
+    """A real server process (serve.py, or `python -m ml_service.runner`); yields it, with its
+    URL as `.url` and its output (log and JSON access lines) in the file `.log`."""
     port = free_port()
     env = {**os.environ, "ML_SERVICE_LOG_LEVEL": "warning", **(env or {})}
     cmd = [sys.executable, "-m", "ml_service.runner"] if runner else [sys.executable, "serve.py"]
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # a pipe could fill up
     proc = subprocess.Popen(
         [*cmd, *args, "--port", str(port)],
         env=env,
         cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.log = Path(log.name)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{proc.stdout.read()}")
+                pytest.fail(f"server exited early:\n{proc.log.read_text()}")
             if time.monotonic() > deadline:
                 pytest.fail("server did not start within 90 s")
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                     break
+                time.sleep(0.1)
             except httpx.TransportError:
                 time.sleep(0.2)
         proc.url = url
@@ -63,6 +69,8 @@ def running_server(args: list[str], runner: bool = False, env: dict[str, str] | 
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        log.close()
+        proc.log.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

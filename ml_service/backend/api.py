@@ -10,22 +10,24 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from lib.inference import GenerationFailed
 from ml_service import __version__
-from ml_service.backend.dependencies import AppDependencies, DepsDep
+from ml_service.backend.dependencies import DepsDep
 from ml_service.backend.errors import (
     MODEL_FAILED,
     BadRequest,
     ClientDisconnected,
+    GenerationTimeout,
     Overloaded,
     pydantic_errors,
 )
-from ml_service.backend.schemas import ErrorResponse, HealthResponse
+from ml_service.backend.schemas import ErrorResponse
+from ml_service.backend.security import require_api_key
 from ml_service.contract import InvalidInput, ModelService
 from ml_service.settings import Settings
 
@@ -34,11 +36,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "bad request: the `errors` list says what is wrong",
     },
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when keys are set)"},
     403: {"model": ErrorResponse, "description": "the model failed to process valid input"},
+    413: {"model": ErrorResponse, "description": "the request body is too large"},
+    429: {"model": ErrorResponse, "description": "rate limited: retry after `Retry-After` s"},
     503: {
         "model": ErrorResponse,
-        "description": "the queue is full: retry after `Retry-After` seconds",
+        "description": "the queue is full or the model is loading: retry after `Retry-After` s",
     },
+    504: {"model": ErrorResponse, "description": "the generation took longer than the timeout"},
 }
 log = logging.getLogger("ml_service")
 STREAM_DOC = (
@@ -49,8 +55,9 @@ STREAM_DOC = (
 
 
 def build_router(service_cls: type[ModelService]) -> APIRouter:
-    """/forward, /forward_batch, /metadata and /health for one service class."""
+    """/forward, /forward_batch and /metadata for one service class."""
     router = APIRouter()
+    guarded = [Depends(require_api_key)]  # API keys and rate limits, before the body is read
     req_model, batch_model = service_cls.request_model, service_cls.batch_request_model
     array_fields = _array_fields(req_model)
     takes_text = "text" in req_model.model_fields
@@ -59,7 +66,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
     @router.post(
         "/forward",
         response_model=service_cls.response_model,
-        responses=ERRORS,
+        responses=_with_stream(ERRORS) if streams else ERRORS,
+        dependencies=guarded,
         openapi_extra=_forward_body(req_model, takes_text),
         summary=f"{service_cls.name}: one input",
         description=f"{service_cls.description}.\n\nSend JSON, or multipart/form-data with the same "
@@ -69,23 +77,28 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
     )
     async def forward(request: Request, deps: DepsDep):
         payload = await read_body(request, deps.settings, array_fields, takes_text)
-        req = _validate(req_model, payload)
-        _check_room(deps, 1)
-        item = deps.service.preprocess(req)
+        req = validate_model(req_model, payload)
+        model = deps.model  # one version for the whole request, even across a reload
+        _check_room(model.engine, 1)
+        item = model.service.preprocess(req)
+        _note_prompt(request, req)
         if streams and req.stream:
-            events = deps.engine.stream(item)  # queued now: a full queue is still a plain 503
+            events = model.engine.stream(item)  # queued now: a full queue is still a plain 503
             return StreamingResponse(
-                _sse(events, deps, req),
+                _sse(request, events, model.service, req, deps.settings.request_timeout_s),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        output = await _unless_disconnected(request, deps.engine.submit(item))
-        return deps.service.postprocess(output, req)
+        work = model.engine.submit(item)
+        output = await _unless_disconnected(request, work, deps.settings.request_timeout_s)
+        _note_usage(request, [output])
+        return model.service.postprocess(output, req)
 
     @router.post(
         "/forward_batch",
         response_model=service_cls.batch_response_model,
         responses=ERRORS,
+        dependencies=guarded,
         summary=f"{service_cls.name}: several inputs",
         description="One result per input, in order (JSON only). The inputs share model batches; "
         "the batch size limit is in /metadata.",
@@ -97,42 +110,70 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
                 f"unsupported content type {_content_type(request) or '(none)'!r}; "
                 "/forward_batch takes application/json",
             )
-        batch_req = _validate(batch_model, await read_json_object(request))
-        requests = deps.service.split_batch(batch_req)
-        _check_room(deps, len(requests))
+        batch_req = validate_model(batch_model, await read_json_object(request))
+        model = deps.model
+        requests = model.service.split_batch(batch_req)
+        _check_room(model.engine, len(requests))
         items = []
         for i, req in enumerate(requests):
             try:
-                items.append(deps.service.preprocess(req))
+                items.append(model.service.preprocess(req))
             except InvalidInput as e:
                 raise BadRequest([{"loc": [str(i), e.loc], "msg": str(e)}]) from None
-        outputs = await _unless_disconnected(request, deps.engine.submit_many(items))
-        return deps.service.batch_response(
-            [deps.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
+        work = model.engine.submit_many(items)
+        outputs = await _unless_disconnected(request, work, deps.settings.request_timeout_s)
+        _note_usage(request, outputs)
+        return model.service.batch_response(
+            [model.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
         )
 
     @router.get("/metadata", summary="the loaded model, its limits and the service version")
     async def metadata(deps: DepsDep) -> dict:
-        """The service (name, description), the model (id, preset, parameters, context, vocabulary,
-        dtype, device, training card), the request limits and the service version."""
-        return {**deps.service.metadata(), "service_version": __version__}
-
-    @router.get("/health", response_model=HealthResponse, summary="liveness")
-    async def health() -> HealthResponse:
-        """The process answers (also while the model is busy)."""
-        return HealthResponse(status="ok")
+        """The service (name, description), the model (id, version, preset, parameters, context,
+        vocabulary, dtype, device, training card), the request limits and the service version."""
+        model = deps.model
+        return {
+            **model.service.metadata(),
+            "version": model.version,
+            "service_version": __version__,
+        }
 
     return router
 
 
-def _check_room(deps: AppDependencies, n: int) -> None:
+def _check_room(engine, n: int) -> None:
     """503 before any tokenization or model work when the queue cannot take `n` more."""
-    if not deps.engine.has_room(n):
+    if not engine.has_room(n):
         raise Overloaded([{"loc": ["queue"], "msg": "the request queue is full"}])
 
 
-async def _unless_disconnected(request: Request, work: Awaitable) -> Any:
-    """Await `work`, cancelling it (and so its rows in the engine) if the client disconnects."""
+def _note_prompt(request: Request, req: BaseModel) -> None:
+    """For the access log (the prompt itself is written only when ML_SERVICE_LOG_PROMPTS is on)."""
+    if isinstance(getattr(req, "text", None), str):
+        request.state.prompt = req.text
+
+
+def _note_usage(request: Request, outputs: list) -> None:
+    """Token counts for the access log, when the outputs have them (text generation does)."""
+    if outputs and all(hasattr(o, "completion_tokens") for o in outputs):
+        request.state.prompt_tokens = sum(o.prompt_tokens for o in outputs)
+        request.state.completion_tokens = sum(o.completion_tokens for o in outputs)
+
+
+def _with_stream(responses: dict) -> dict:
+    """The 200 answer may also be an event stream (documented for clients and for fuzzers)."""
+    return {
+        **responses,
+        200: {
+            "description": "the response (JSON), or with `stream` a `text/event-stream`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    }
+
+
+async def _unless_disconnected(request: Request, work: Awaitable, timeout: float) -> Any:
+    """Await `work`, cancelling it (and so its rows in the engine) if the client disconnects
+    (499, nobody reads it) or it takes longer than `timeout` seconds (504)."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -141,37 +182,52 @@ async def _unless_disconnected(request: Request, work: Awaitable) -> Any:
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.cancelled():
+        return task.result()
+    if watcher.done() and not watcher.cancelled():
         log.info("client disconnected from %s: its generation was cancelled", request.url.path)
         raise ClientDisconnected()
-    return task.result()
+    raise GenerationTimeout([{"loc": ["timeout"], "msg": f"took longer than {timeout:g} s"}])
 
 
-async def _sse(events, deps: AppDependencies, req: BaseModel) -> AsyncIterator[str]:
+async def _sse(
+    request: Request, events, service, req: BaseModel, timeout: float
+) -> AsyncIterator[str]:
     """Server-Sent Events for one streamed generation (closing the stream cancels it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    stream = aiter(events)
     try:
-        async for event in events:
+        while True:
+            left = deadline - loop.time()
+            event = await asyncio.wait_for(anext(stream), timeout=max(left, 0))
             if isinstance(event, str):
                 yield _event("token", {"text": event})
             else:
-                yield _event("done", deps.service.postprocess(event, req).model_dump())
+                _note_usage(request, [event])
+                yield _event("done", service.postprocess(event, req).model_dump())
+                return
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+        yield _event("error", {"detail": f"timed out after {timeout:g} s"})
     except GenerationFailed:
         yield _event("error", {"detail": MODEL_FAILED})
     except Exception:
         log.exception("stream failed")
         yield _event("error", {"detail": "internal server error"})
+    finally:
+        events.cancel()  # a no-op when it finished; otherwise its row leaves the batch
 
 
 def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _validate(model: type[BaseModel], payload: dict) -> BaseModel:
+def validate_model(model: type[BaseModel], payload: dict) -> BaseModel:
     try:
         return model.model_validate(payload)
     except ValidationError as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,7 +13,11 @@ from ml_service import __version__
 from ml_service.backend.api import build_router
 from ml_service.backend.dependencies import AppDependencies
 from ml_service.backend.errors import install_error_handlers
+from ml_service.backend.ops import build_ops_router
+from ml_service.backend.security import BodyLimit, Guard
 from ml_service.contract import ModelService, load_service_class
+from ml_service.hosting import ModelHost
+from ml_service.observability import AccessLog, ServiceMetrics, access_log
 from ml_service.settings import Settings, get_settings
 
 log = logging.getLogger("ml_service")
@@ -20,35 +26,52 @@ log = logging.getLogger("ml_service")
 def create_app(settings: Settings | None = None, service: ModelService | None = None) -> FastAPI:
     """Build the app for `settings.service` (by name), or for an already built `service` (tests).
 
-    The service's `load()` runs once in the app's lifespan, before the first request.
+    The model is loaded and warmed up in the app's lifespan: in the background by default (the
+    server answers /health at once and /ready once the model is ready), or before the server
+    accepts connections with `background_load=False`.
     """
     settings = settings or get_settings()
     if service is None:
         service = load_service_class(settings.service)(settings)
-    deps = AppDependencies(settings=settings, service=service)
+    metrics = ServiceMetrics()
+    host = ModelHost(settings, service, metrics)
+    deps = AppDependencies(settings=settings, host=host, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.load()
-        deps.engine = service.create_engine()
-        deps.engine.start()
-        deps.ready = True
-        log.info("serving %s (%s)", service.name, service.model_id)
+        loading = asyncio.create_task(host.start())
+        if not settings.background_load:
+            await loading
         try:
             yield
         finally:
-            deps.ready = False
-            deps.engine.stop()
+            loading.cancel()
+            await host.stop(settings.shutdown_grace_s)
 
     app = FastAPI(
         title=f"ml_service: {service.name}",
         version=__version__,
         description=f"{service.description}.\n\nErrors: 400 bad request (with `errors`), "
-        "403 the model failed on valid input, 503 the queue is full (retry after `Retry-After` "
-        "seconds).",
+        "401 missing or wrong API key, 403 the model failed on valid input, 413 body too large, "
+        "429 rate limited and 503 queue full (both with `Retry-After`), 504 timed out.",
         lifespan=lifespan,
     )
     app.state.deps = deps
+    app.state.guard = Guard(settings)
     install_error_handlers(app)
     app.include_router(build_router(type(service)))
+    app.include_router(build_ops_router())
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessLog, metrics=metrics, log_prompts=settings.log_prompts)
+    _log_access_as_json_lines()
     return app
+
+
+def _log_access_as_json_lines() -> None:
+    """The access log: bare JSON lines on stdout (one per request), not mixed with other logs."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False

@@ -1,4 +1,5 @@
-"""What routes receive: the loaded service, its engine and the settings, injected by type."""
+"""What routes receive: the settings, the served model (service + engine) and the metrics,
+injected by type."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ml_service.backend.errors import ServiceError
-from ml_service.batching import Engine
-from ml_service.contract import ModelService
+from ml_service.hosting import Loaded, ModelHost
+from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
 
 
@@ -17,18 +18,29 @@ class ModelNotReady(ServiceError):
     status_code = 503
     detail = "model is not loaded yet"
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
 
 @dataclass
 class AppDependencies:
     settings: Settings
-    service: ModelService
-    engine: Engine | None = None  # made by the service after load(), in the app's lifespan
-    ready: bool = False
+    host: ModelHost
+    metrics: ServiceMetrics
+
+    @property
+    def model(self) -> Loaded:
+        """The model serving now. A route reads it once per request, so a reload in between
+        never mixes one version's tokenizer with another's engine."""
+        current = self.host.current
+        if current is None:
+            raise ModelNotReady()
+        return current
 
 
 def get_dependencies(request: Request) -> AppDependencies:
     deps: AppDependencies = request.app.state.deps
-    if not deps.ready:
+    if deps.host.current is None:
         raise ModelNotReady()
     return deps
 

@@ -68,6 +68,13 @@ class ClientDisconnected(ServiceError):
     detail = "client closed request"
 
 
+class GenerationTimeout(ServiceError):
+    """The generation ran past ML_SERVICE_REQUEST_TIMEOUT_S: it was cancelled, freeing the model."""
+
+    status_code = 504
+    detail = "generation timed out"
+
+
 class Overloaded(ServiceError):
     """The engine's queue is full (or it is shutting down): try again shortly."""
 

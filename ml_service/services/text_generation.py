@@ -5,7 +5,13 @@ steps, each row with its own parameters, and `/forward` can stream (`"stream": t
 
 from __future__ import annotations
 
-from lib.inference import GenerationEngine, GenerationResult, PreparedPrompt, PromptTooLong
+from lib.inference import (
+    GenerationEngine,
+    GenerationParams,
+    GenerationResult,
+    PreparedPrompt,
+    PromptTooLong,
+)
 from ml_service.backend.schemas import (
     Completion,
     ForwardBatchRequest,
@@ -36,12 +42,16 @@ class TextGenerationService(CheckpointService):
         except PromptTooLong as e:
             raise InvalidInput(str(e).removeprefix("text 0: ")) from None
 
-    def create_engine(self) -> GenerationEngine:
+    def warmup(self) -> None:
+        self.inference.generate("Привет", GenerationParams(max_new_tokens=2, temperature=0))
+
+    def create_engine(self, observer=None) -> GenerationEngine:
         s = self.settings
         return self.inference.create_engine(
             max_batch_size=s.max_batch_size,
             max_wait_s=s.batch_wait_ms / 1000,
             max_queue=s.max_queue,
+            observer=observer,
         )
 
     def predict(self, batch: list[PreparedPrompt]) -> list[GenerationResult]:

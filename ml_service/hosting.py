@@ -1,0 +1,140 @@
+"""Which model is being served, and swapping it for another version without dropping requests.
+
+A `Loaded` model is a service with its engine, built and warmed up together. `ModelHost` holds the
+current one. A reload builds the next one off the event loop while the current one keeps serving,
+then swaps them in one step on the event loop; the old engine finishes its in-flight requests
+before it stops. A version that fails to load leaves the current one in place and says why.
+
+Versions: with `models_dir`, every subdirectory holding a checkpoint (`config.json`) is a version,
+and the default is the last one by name (`v1`, `v2`, ... or dates sort as expected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ml_service.batching import Engine
+from ml_service.contract import ModelService
+from ml_service.observability import ServiceMetrics
+from ml_service.settings import Settings
+
+log = logging.getLogger("ml_service")
+
+
+class VersionNotFound(LookupError):
+    pass
+
+
+class ReloadFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Loaded:
+    service: ModelService
+    engine: Engine
+    version: str | None
+
+
+def list_versions(models_dir: Path) -> list[str]:
+    if not models_dir.is_dir():
+        raise VersionNotFound(f"models directory {models_dir} does not exist")
+    return sorted(d.name for d in models_dir.iterdir() if (d / "config.json").is_file())
+
+
+def resolve_version(settings: Settings, version: str | None) -> tuple[Path, str | None]:
+    """The checkpoint directory and version name to load (`version` None: the configured one)."""
+    if settings.models_dir is None:
+        if version is not None:
+            raise VersionNotFound("versions need ML_SERVICE_MODELS_DIR (a directory of versions)")
+        return settings.checkpoint, settings.checkpoint.name
+    versions = list_versions(settings.models_dir)
+    if not versions:
+        raise VersionNotFound(f"no checkpoints in {settings.models_dir}")
+    name = version or settings.model_version or versions[-1]
+    if name not in versions:
+        raise VersionNotFound(f"unknown version {name!r}; available: {', '.join(versions)}")
+    return settings.models_dir / name, name
+
+
+class ModelHost:
+    def __init__(
+        self, settings: Settings, service: ModelService, metrics: ServiceMetrics | None = None
+    ):
+        self.settings = settings
+        self.metrics = metrics
+        self._first_service = service  # built by the app factory (or given by a test)
+        self.current: Loaded | None = None
+        self.error: str | None = None  # why the first load failed
+        self._reloading = asyncio.Lock()
+        self._retiring: set[asyncio.Task] = set()
+        if metrics is not None:
+            metrics.track_engine(
+                lambda: self.current.engine.running if self.current else 0,
+                lambda: self.current.engine.waiting if self.current else 0,
+            )
+
+    def _build(self, version: str | None, service: ModelService | None = None) -> Loaded:
+        """Load, start and warm up a service (blocking: run it in a thread)."""
+        path, name = resolve_version(self.settings, version)
+        if service is None:
+            settings = self.settings.model_copy(update={"checkpoint": path})
+            service = type(self._first_service)(settings)
+        elif self.settings.models_dir is not None:
+            service.settings = service.settings.model_copy(update={"checkpoint": path})
+        service.load()
+        service.warmup()
+        engine = service.create_engine(observer=self.metrics)
+        engine.start()
+        return Loaded(service, engine, name)
+
+    async def start(self) -> None:
+        """The first load (in a thread, so the event loop keeps answering /health)."""
+        try:
+            loaded = await asyncio.to_thread(self._build, None, self._first_service)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("the model failed to load")
+            return
+        self._install(loaded)
+        log.info(
+            "serving %s (%s), version %s",
+            loaded.service.name,
+            loaded.service.model_id,
+            loaded.version,
+        )
+
+    async def reload(self, version: str | None) -> tuple[Loaded, Loaded | None]:
+        """Load `version` and swap it in; returns (new, old). The old one serves until the swap."""
+        async with self._reloading:
+            resolve_version(self.settings, version)  # VersionNotFound before any loading
+            try:
+                loaded = await asyncio.to_thread(self._build, version)
+            except Exception as e:
+                log.exception(
+                    "reload of version %s failed; the current model keeps serving", version
+                )
+                raise ReloadFailed(f"{type(e).__name__}: {e}") from e
+            old = self.current
+            self._install(loaded)
+            if old is not None:  # finish its in-flight requests, off the event loop
+                task = asyncio.create_task(asyncio.to_thread(old.engine.stop, 300.0))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
+            return loaded, old
+
+    def _install(self, loaded: Loaded) -> None:
+        self.current = loaded
+        self.error = None
+        if self.metrics is not None:
+            self.metrics.set_model(loaded.service.metadata(), loaded.version)
+
+    async def stop(self, timeout: float) -> None:
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=timeout)
+        if self.current is not None:
+            await asyncio.to_thread(self.current.engine.stop, timeout)

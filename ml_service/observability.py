@@ -1,0 +1,211 @@
+"""Prometheus metrics and structured access logs.
+
+`ServiceMetrics` owns one registry per app (so tests can build many apps), observes the engine
+through `lib`'s `EngineObserver` hooks (queue time, time to first token, inter-token latency, batch
+sizes, tokens) and is read by `GET /metrics`. `AccessLog` is a plain ASGI middleware (it never
+buffers a streamed body): it gives every request an id (`X-Request-ID`, taken from the client or
+made), counts it by route and status, times it, and writes one JSON line per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from lib.inference import EngineObserver
+
+access_log = logging.getLogger("ml_service.access")
+
+PREFIX = "ml_service"
+# buckets after vLLM's: latencies from milliseconds to minutes
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServiceMetrics(EngineObserver):
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.failures = Counter(
+            f"{PREFIX}_request_failures",
+            "failed requests by reason (bad_request, unauthorized, rate_limited, queue_full, "
+            "timeout, model_error, cancelled, internal)",
+            ["reason"],
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "end-to-end request latency (until the last byte of a stream)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_time_seconds",
+            "time a generation waited in the queue before its prompt was processed",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "time from a generation's arrival to its first token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "time between two successive tokens of one generation",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "sequences in the batch at each model step",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "prompt tokens processed", registry=r
+        )
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "tokens generated", registry=r
+        )
+        self.running = Gauge(
+            f"{PREFIX}_num_requests_running", "sequences in the running batch", registry=r
+        )
+        self.waiting = Gauge(
+            f"{PREFIX}_num_requests_waiting", "requests waiting for a batch row", registry=r
+        )
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "the model being served (value 1)",
+            ["model_id", "version", "parameters", "dtype", "device"],
+            registry=r,
+        )
+
+    def track_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Read the engine's state at scrape time (the functions follow a reloaded engine)."""
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+
+    def set_model(self, meta: dict, version: str | None) -> None:
+        self.model_info.clear()
+        self.model_info.labels(
+            model_id=str(meta.get("model_id", "")),
+            version=str(version or ""),
+            parameters=str(meta.get("parameters", "")),
+            dtype=str(meta.get("dtype", "")),
+            device=str(meta.get("device", "")),
+        ).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- EngineObserver (called on the decoding thread) ------------------------------------------
+    def on_admitted(self, request) -> None:
+        self.queue_time.observe(time.monotonic() - request.arrived_at)
+        self.prompt_tokens.inc(request.prompt_tokens)
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+
+    def on_tokens(self, count: int, gaps: list[float]) -> None:
+        self.generation_tokens.inc(count)
+        for gap in gaps:
+            self.itl.observe(gap)
+
+    def on_finished(self, request) -> None:
+        if request.first_token_at is not None:
+            self.ttft.observe(request.first_token_at - request.arrived_at)
+
+
+FAILURE_REASONS = {
+    400: "bad_request",
+    401: "unauthorized",
+    413: "bad_request",
+    429: "rate_limited",
+    499: "cancelled",
+    503: "queue_full",
+    504: "timeout",
+    403: "model_error",
+    500: "internal",
+}
+
+
+class AccessLog:
+    """ASGI middleware: request id, per-route counts and latency, one JSON log line per request.
+
+    Routes may put `prompt_tokens`, `completion_tokens` and `prompt` on `request.state`; the
+    prompt is logged only when `log_prompts` is on."""
+
+    def __init__(self, app, metrics: ServiceMetrics, log_prompts: bool = False):
+        self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming[:128] if incoming.strip() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, request_id, status, time.perf_counter() - t0)
+
+    def _record(self, scope, request_id: str, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(route=label, status=str(status)).inc()
+        self.metrics.e2e.labels(route=label).observe(seconds)
+        if status >= 400 and status != 404 and status != 405:
+            self.metrics.failures.labels(reason=FAILURE_REASONS.get(status, "internal")).inc()
+        state = scope.get("state", {})
+        line = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "route": label,
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+            "client": (scope.get("client") or ("", 0))[0],
+            "prompt_tokens": state.get("prompt_tokens"),
+            "completion_tokens": state.get("completion_tokens"),
+        }
+        if self.log_prompts and "prompt" in state:
+            line["prompt"] = state["prompt"]
+        access_log.info(json.dumps(line, ensure_ascii=False))
