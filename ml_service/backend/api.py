@@ -5,6 +5,7 @@ off the event loop), `postprocess`. A client that disconnects cancels its work."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -182,14 +183,17 @@ async def _unless_disconnected(request: Request, work: Awaitable, timeout: float
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.cancelled():
+        task.cancel()  # a no-op once it is done; else its rows leave the engine
+    if task in done:
         return task.result()
-    if watcher.done() and not watcher.cancelled():
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if watcher in done:
         log.info("client disconnected from %s: its generation was cancelled", request.url.path)
         raise ClientDisconnected()
     raise GenerationTimeout([{"loc": ["timeout"], "msg": f"took longer than {timeout:g} s"}])

@@ -95,11 +95,11 @@ def _guard(request: Request) -> Guard:
     return request.app.state.guard
 
 
-def require_api_key(request: Request, guard: Annotated[Guard, Depends(_guard)]) -> None:
+async def require_api_key(request: Request, guard: Annotated[Guard, Depends(_guard)]) -> None:
     guard.check(request)
 
 
-def require_admin(request: Request, guard: Annotated[Guard, Depends(_guard)]) -> None:
+async def require_admin(request: Request, guard: Annotated[Guard, Depends(_guard)]) -> None:
     guard.check_admin(request)
 
 

@@ -1,0 +1,278 @@
+"""Operations through the real app and model: metrics, access logs, probes, API keys, rate limits,
+size limits, timeouts and model versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lib.inference import InferenceService
+from ml_service.backend.app import create_app
+from ml_service.observability import access_log
+from ml_service.services.text_generation import TextGenerationService
+from tests.conftest import CHECKPOINT
+
+SHORT = {"text": "Привет", "max_new_tokens": 4}
+
+
+def with_settings(settings, **changes):
+    """A validated copy (model_copy would skip validation)."""
+    return type(settings)(**{**settings.model_dump(), **changes})
+
+
+def app_with(service, settings, **changes):
+    s = with_settings(settings, **changes)
+    return create_app(s, service=TextGenerationService(s, inference=service))
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(json.loads(record.getMessage()))
+
+
+@pytest.fixture
+def access_lines():
+    handler = Lines()
+    access_log.addHandler(handler)
+    yield handler.lines
+    access_log.removeHandler(handler)
+
+
+# -- metrics and logs -----------------------------------------------------------------------------
+def test_metrics_count_requests_tokens_and_latencies(client):
+    for _ in range(3):
+        assert client.post("/forward", json={**SHORT, "min_new_tokens": 4}).status_code == 200
+    client.post("/forward", json={"text": ""})  # a 400
+    text = client.get("/metrics").text
+    names = [
+        "ml_service_requests_total",
+        "ml_service_request_failures_total",
+        "ml_service_e2e_request_latency_seconds_bucket",
+        "ml_service_request_queue_time_seconds_bucket",
+        "ml_service_time_to_first_token_seconds_bucket",
+        "ml_service_inter_token_latency_seconds_bucket",
+        "ml_service_prompt_tokens_total",
+        "ml_service_generation_tokens_total",
+        "ml_service_num_requests_running",
+        "ml_service_num_requests_waiting",
+        "ml_service_batch_size_bucket",
+        "ml_service_model_info",
+    ]
+    for name in names:
+        assert name in text, name
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['ml_service_requests_total{route="/forward",status="200"}'] >= 3
+    assert samples['ml_service_request_failures_total{reason="bad_request"}'] >= 1
+    assert samples["ml_service_generation_tokens_total"] >= 12
+    assert samples["ml_service_time_to_first_token_seconds_count"] >= 3
+    assert samples["ml_service_inter_token_latency_seconds_count"] >= 9  # 3 gaps per request
+    assert samples["ml_service_num_requests_running"] == 0
+    info = [k for k in samples if k.startswith("ml_service_model_info{")]
+    assert info and 'model_id="ru-gpt-tiny"' in info[0] and 'device="cpu"' in info[0]
+
+
+def test_access_log_is_one_json_line_per_request_with_request_id(client, access_lines):
+    r = client.post("/forward", json=SHORT, headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    made = client.get("/health").headers["x-request-id"]
+    assert len(made) == 32  # made when the client sends none
+    first, second = access_lines[-2:]
+    assert first["request_id"] == "abc-123" and first["route"] == "/forward"
+    assert first["status"] == 200 and first["latency_ms"] > 0
+    assert first["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert first["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    assert "prompt" not in first  # prompts stay out of logs unless asked
+    assert second["request_id"] == made and second["route"] == "/health"
+
+
+def test_prompts_are_logged_only_when_enabled(service, settings, access_lines):
+    with TestClient(app_with(service, settings, log_prompts=True)) as c:
+        c.post("/forward", json=SHORT)
+    assert access_lines[-1]["prompt"] == "Привет"
+
+
+# -- probes ---------------------------------------------------------------------------------------
+def test_ready_is_503_until_the_model_is_loaded_and_warm(service, settings):
+    gate = threading.Event()
+
+    class SlowToLoad(TextGenerationService):
+        def warmup(self):
+            gate.wait(10)
+            super().warmup()
+
+    s = with_settings(settings, background_load=True)
+    app = create_app(s, service=SlowToLoad(s, inference=service))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200  # alive while loading
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert c.post("/forward", json=SHORT).status_code == 503
+        gate.set()
+        deadline = time.monotonic() + 10
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.get("/ready").json() == {
+            "status": "ready",
+            "model": "ru-gpt-tiny",
+            "version": "default",
+            "error": None,
+        }
+        assert c.post("/forward", json=SHORT).status_code == 200
+
+
+def test_a_model_that_fails_to_load_is_never_ready(settings, tmp_path):
+    s = with_settings(settings, checkpoint=tmp_path, background_load=True)
+    with TestClient(create_app(s)) as c:
+        deadline = time.monotonic() + 10
+        while c.get("/ready").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "no checkpoint" in r.json()["error"]
+        assert c.get("/health").status_code == 200
+
+
+# -- keys, limits, timeouts -----------------------------------------------------------------------
+def test_api_keys_guard_generation_but_not_probes(service, settings):
+    with TestClient(app_with(service, settings, api_keys="k1,k2")) as c:
+        assert c.post("/forward", json=SHORT).status_code == 401
+        wrong = c.post("/forward", json=SHORT, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert wrong.json()["detail"] == "unauthorized"
+        for key in ("k1", "k2"):
+            ok = c.post("/forward", json=SHORT, headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+        batch = c.post("/forward_batch", json={"texts": ["a"]})
+        assert batch.status_code == 401
+        for path in ("/health", "/ready", "/metadata", "/metrics"):
+            assert c.get(path).status_code == 200, path
+
+
+def test_admin_endpoints_are_closed_without_an_admin_token(client):
+    r = client.post("/admin/reload", json={})
+    assert r.status_code == 401 and "ML_SERVICE_ADMIN_TOKEN" in r.text
+    assert client.get("/admin/versions").status_code == 401
+
+
+def test_rate_limit_per_key_gives_429_with_retry_after(service, settings):
+    with TestClient(app_with(service, settings, api_keys="a,b", rate_limit="2/minute")) as c:
+        as_a = {"Authorization": "Bearer a"}
+        codes = [c.post("/forward", json=SHORT, headers=as_a).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        r = c.post("/forward", json=SHORT, headers=as_a)
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+        # another key has its own budget
+        assert (
+            c.post("/forward", json=SHORT, headers={"Authorization": "Bearer b"}).status_code == 200
+        )
+
+
+def test_body_size_limit_is_413_before_parsing(service, settings):
+    with TestClient(app_with(service, settings, max_body_bytes=1000)) as c:
+        big = json.dumps({"text": "а" * 2000})
+        r = c.post("/forward", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["detail"] == "request body too large"
+
+        def chunks():  # no Content-Length: counted while reading
+            for _ in range(4):
+                yield b'{"text": "' + b"a" * 400
+
+        r = c.post("/forward", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, settings):
+    app = app_with(service, settings, request_timeout_s=0.05, max_batch_size=1)
+    long_job = {"max_new_tokens": 250, "min_new_tokens": 250}
+    with TestClient(app) as c:
+        r = c.post("/forward_batch", json={**long_job, "texts": ["Москва"] * 8})
+        assert r.status_code == 504 and r.json()["detail"] == "generation timed out"
+        engine = app.state.deps.model.engine
+        deadline = time.monotonic() + 5
+        while (engine.running or engine.waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == engine.waiting == 0  # cancelled, not left running
+        s = c.post("/forward", json={**long_job, "text": "Москва", "stream": True})
+        assert s.status_code == 200 and "event: error" in s.text and "timed out" in s.text
+
+
+# -- model versions -------------------------------------------------------------------------------
+@pytest.fixture
+def models_dir(tmp_path):
+    """v1 and v2 (the same weights, told apart by model id), and v3, a broken checkpoint."""
+    for name in ("v1", "v2"):
+        shutil.copytree(CHECKPOINT, tmp_path / name)
+        card_path = tmp_path / name / "training_card.json"
+        card = json.loads(card_path.read_text())
+        card_path.write_text(json.dumps({**card, "model_id": f"ru-gpt-tiny-{name}"}))
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "config.json").write_text("{not json")
+    return tmp_path
+
+
+def test_reload_switches_versions_and_a_broken_one_leaves_the_old_serving(settings, models_dir):
+    s = with_settings(settings, models_dir=models_dir, model_version="v2", admin_token="adm")
+    admin = {"Authorization": "Bearer adm"}
+    with TestClient(create_app(s)) as c:
+        meta = c.get("/metadata").json()
+        assert meta["version"] == "v2" and meta["model_id"] == "ru-gpt-tiny-v2"
+        assert c.get("/admin/versions", headers=admin).json() == {
+            "current": "v2",
+            "versions": ["v1", "v2", "v3"],
+        }
+        assert c.post("/admin/reload", json={"version": "v1"}).status_code == 401
+        r = c.post("/admin/reload", json={"version": "v1"}, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "version": "v1",
+            "model": "ru-gpt-tiny-v1",
+            "previous_version": "v2",
+            "previous_model": "ru-gpt-tiny-v2",
+        }
+        assert c.get("/metadata").json()["version"] == "v1"
+        assert c.post("/forward", json=SHORT).json()["model"] == "ru-gpt-tiny-v1"
+
+        bad = c.post("/admin/reload", json={"version": "v3"}, headers=admin)
+        assert bad.status_code == 400 and "v3" not in c.get("/metadata").json()["version"]
+        assert "JSON" in bad.text or "json" in bad.text  # says why
+        unknown = c.post("/admin/reload", json={"version": "v9"}, headers=admin)
+        assert unknown.status_code == 400 and "available: v1, v2, v3" in unknown.text
+        assert c.post("/forward", json=SHORT).json()["model"] == "ru-gpt-tiny-v1"
+        assert 'version="v1"' in c.get("/metrics").text
+
+
+def test_in_flight_requests_finish_across_a_reload(settings, models_dir):
+    s = with_settings(settings, models_dir=models_dir, model_version="v2", admin_token="adm")
+    with TestClient(create_app(s)) as c:
+        results = {}
+
+        def long_request():
+            results["r"] = c.post(
+                "/forward",
+                json={"text": "Москва", "max_new_tokens": 250, "min_new_tokens": 250},
+            )
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(0.2)
+        r = c.post("/admin/reload", json={"version": "v1"}, headers={"Authorization": "Bearer adm"})
+        worker.join(60)
+        assert r.status_code == 200
+        assert results["r"].status_code == 200
+        assert results["r"].json()["usage"]["completion_tokens"] == 250
+        assert results["r"].json()["model"] == "ru-gpt-tiny-v2"  # began on v2, finished there
+        assert c.post("/forward", json=SHORT).json()["model"] == "ru-gpt-tiny-v1"
