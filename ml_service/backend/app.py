@@ -11,6 +11,7 @@ from ml_service import __version__
 from ml_service.backend.api import build_router
 from ml_service.backend.dependencies import AppDependencies
 from ml_service.backend.errors import install_error_handlers
+from ml_service.backend.ui import install_ui
 from ml_service.batching import MicroBatcher
 from ml_service.contract import ModelService, load_service_class
 from ml_service.settings import Settings, get_settings
@@ -47,8 +48,11 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         description=f"{service.description}.\n\nErrors: 400 bad request (with `errors`), "
         "403 the model failed on valid input.",
         lifespan=lifespan,
+        docs_url=None,  # install_ui serves /docs and /redoc from local assets
+        redoc_url=None,
     )
     app.state.deps = deps
     install_error_handlers(app)
     app.include_router(build_router(type(service)))
+    install_ui(app)
     return app
