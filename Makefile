@@ -13,7 +13,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default clean
+.PHONY: help install browser serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,6 +33,21 @@ $(STAMP): pyproject.toml examples/text-stats/pyproject.toml $(wildcard $(CONSTRA
 
 install: $(STAMP) ## create .venv and install what is missing (quick when nothing changed)
 
+# tests/test_browser.py drives a system chromium (Playwright never downloads a browser here).
+# Debian/Ubuntu: installed with apt when missing (sudo unless root). Elsewhere: set CHROMIUM=path;
+# without a browser that test skips, except under CI=true, where it fails.
+browser: ## install Debian's chromium for the browser test when no chromium is found
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| { [ -n "$$CHROMIUM" ] && [ -x "$$CHROMIUM" ]; }; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		echo "installing chromium with apt-get (for tests/test_browser.py)"; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else \
+		echo "no chromium and no apt-get: install chromium or set CHROMIUM=/path/to/chromium"; \
+	fi
+
 serve: $(STAMP) ## serve the embedded default model on HOST:PORT
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT)
 
@@ -42,7 +57,7 @@ serve-dev: $(STAMP) ## serve with auto-reload on code changes
 serve-trained: $(STAMP) ## serve CHECKPOINT=path (default runs/baseline/final)
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT) --checkpoint $(CHECKPOINT)
 
-test: $(STAMP) ## run the whole test suite
+test: $(STAMP) browser ## run the whole test suite (installs chromium for the browser test)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## tests without the slow ones (training, subprocess servers)

@@ -15,6 +15,7 @@ from ml_service.backend.dependencies import AppDependencies
 from ml_service.backend.errors import install_error_handlers
 from ml_service.backend.ops import build_ops_router
 from ml_service.backend.security import BodyLimit, Guard
+from ml_service.backend.ui import install_ui
 from ml_service.contract import ModelService, load_service_class
 from ml_service.hosting import ModelHost
 from ml_service.observability import AccessLog, ServiceMetrics, access_log
@@ -55,12 +56,15 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         "401 missing or wrong API key, 403 the model failed on valid input, 413 body too large, "
         "429 rate limited and 503 queue full (both with `Retry-After`), 504 timed out.",
         lifespan=lifespan,
+        docs_url=None,  # install_ui serves /docs and /redoc from local assets
+        redoc_url=None,
     )
     app.state.deps = deps
     app.state.guard = Guard(settings)
     install_error_handlers(app)
     app.include_router(build_router(type(service)))
     app.include_router(build_ops_router())
+    install_ui(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog, metrics=metrics, log_prompts=settings.log_prompts)
     _log_access_as_json_lines()

@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+# The service image: the API with the embedded default model, ready for a GPU host.
+#
+#   docker build -t ru-gpt-service:gpu .                           # CUDA runtime base, CUDA torch
+#   docker build --build-arg FLAVOR=cpu -t ru-gpt-service:cpu .    # slim Python base, CPU torch
+#   docker run --gpus all -p 8000:8000 ru-gpt-service:gpu
+#
+# Stages: base-gpu | base-cpu (OS + Python, picked by FLAVOR) -> builder (a venv with torch and
+# the project, no dev tools) -> runtime (the venv, serve.py, train_distributed.py, models/default;
+# a non-root user). Settings are ML_SERVICE_* variables (ml_service/settings.py).
+
+ARG FLAVOR=gpu
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- bases: the only place where the two flavors differ ------------------------------------
+FROM ${CUDA_IMAGE} AS base-gpu
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+ENV ML_SERVICE_DEVICE=cuda
+
+FROM ${PYTHON_IMAGE} AS base-cpu
+ENV ML_SERVICE_DEVICE=cpu
+
+FROM base-${FLAVOR} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# ---- builder: everything that needs pip ----------------------------------------------------
+FROM base AS builder
+ARG FLAVOR
+ARG TORCH_VERSION=2.13.0
+# empty: the CPU wheel index for FLAVOR=cpu, PyPI (whose Linux torch is a CUDA build) for gpu;
+# set it to pick another CUDA build, e.g. the PyTorch index for your CUDA version
+ARG TORCH_INDEX_URL=
+RUN python3 -m venv /opt/venv && pip install --no-cache-dir --upgrade pip
+# torch alone first: the largest layer, kept while the code or other dependencies change
+RUN set -eu; \
+    index="$TORCH_INDEX_URL"; \
+    if [ -z "$index" ] && [ "$FLAVOR" = cpu ]; then index=https://download.pytorch.org/whl/cpu; fi; \
+    pip install --no-cache-dir ${index:+--index-url "$index"} "torch==${TORCH_VERSION}"
+WORKDIR /src
+# the runtime dependencies from pyproject.toml (no dev extra, no DeepSpeed), then the project
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+COPY lib ./lib
+COPY ml_service ./ml_service
+RUN pip install --no-cache-dir --no-deps . && python -c "import ml_service.backend.ui, lib.inference"
+
+# ---- runtime -------------------------------------------------------------------------------
+FROM base AS runtime
+LABEL org.opencontainers.image.title="ru-gpt-service" \
+      org.opencontainers.image.description="Russian GPT-2 text generation over HTTP (FastAPI)" \
+      org.opencontainers.image.licenses="MIT"
+RUN groupadd --gid 10001 app \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin app \
+    && mkdir -p /checkpoints && chown app:app /checkpoints
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /app
+COPY serve.py train_distributed.py ./
+# the embedded default model (11 MB): the image serves something useful with no volume at all
+COPY models/default ./models/default
+ENV ML_SERVICE_HOST=0.0.0.0 \
+    ML_SERVICE_PORT=8000 \
+    ML_SERVICE_CHECKPOINT=/app/models/default
+# /checkpoints: where a mounted volume holds trained checkpoints (owned by the app user, so a new
+# named volume is too); docker compose's `train` service writes there
+USER 10001:10001
+EXPOSE 8000
+# liveness only (/health answers while the model works); Kubernetes readiness uses /ready
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD python -c "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ML_SERVICE_PORT', '8000'), timeout=4)" || exit 1
+CMD ["python", "serve.py"]
