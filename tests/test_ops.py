@@ -12,7 +12,6 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from lib.inference import InferenceService
 from ml_service.backend.app import create_app
 from ml_service.observability import access_log
 from ml_service.services.text_generation import TextGenerationService
