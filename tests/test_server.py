@@ -122,7 +122,7 @@ def test_health_answers_while_model_generates(server):
     assert len(probes) >= 3, f"the batch finished after {len(probes)} probes: make it longer"
     # answered in milliseconds although the model is busy (1 s leaves room for a loaded CI box)
     assert all(status == 200 and seconds < 1.0 for status, seconds in probes), probes
-    assert sorted(s for _, s in probes)[len(probes) // 2] < 0.1, probes  # the median
+    assert sorted(s for _, s in probes)[len(probes) // 2] < 0.25, probes  # the median
     assert result["r"].status_code == 200 and len(result["r"].json()["results"]) == 64
 
 
