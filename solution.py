@@ -4,7 +4,8 @@
     uvicorn solution:app                      # serve the embedded default model
     python solution.py "Привет, мир!"         # generate locally, no server (see --help)
 
-Re-exports: create_app, Settings, InferenceService, GenerationParams, TrainingConfig, train.
+Re-exports: create_app, Settings, InferenceService, GenerationParams, GenerationEngine (the
+continuous-batching engine, from `InferenceService.create_engine()`), TrainingConfig, train.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from lib.config import DEFAULT_CHECKPOINT, PRESETS, TrainingConfig
-from lib.inference import GenerationParams, InferenceService
+from lib.inference import GenerationEngine, GenerationParams, InferenceService
 from lib.training import train
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings, get_settings
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "PRESETS",
+    "GenerationEngine",
     "GenerationParams",
     "InferenceService",
     "Settings",

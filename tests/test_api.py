@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -169,26 +170,27 @@ def test_no_422_anywhere(client):
             assert client.post(path, json=payload).status_code == 400
 
 
-def exploding_model(real):
-    """A copy of the model that fails inside generation, as a broken checkpoint or an OOM would,
-    once the app is up (its warm-up at start-up passes, as a GPU that fails later would)."""
-    broken = copy.deepcopy(real)
-    state = {"armed": False}
+@contextlib.contextmanager
+def broken_model_client(service, settings):
+    """A client of an app whose model fails inside generation, as a broken checkpoint or an OOM
+    would, once the app is up (its warm-up at start-up passes, as a GPU that fails later would)."""
+    model = copy.deepcopy(service.model)
+    armed = False
 
     def explode(*_):
-        if state["armed"]:
+        if armed:
             raise RuntimeError("CUDA error: device-side assert triggered")
 
-    broken.transformer.h[-1].mlp.register_forward_pre_hook(explode)
-    return broken, state
-
-
-def test_model_failure_returns_403_without_traceback(service, settings):
-    model, state = exploding_model(service.model)
+    model.transformer.h[-1].mlp.register_forward_pre_hook(explode)
     broken = InferenceService(model, service.tokenizer, model_id="broken", source="test")
     app = create_app(settings, service=TextGenerationService(settings, inference=broken))
     with TestClient(app, raise_server_exceptions=False) as c:
-        state["armed"] = True
+        armed = True
+        yield c
+
+
+def test_model_failure_returns_403_without_traceback(service, settings):
+    with broken_model_client(service, settings) as c:
         for r in (
             c.post("/forward", json={"text": "Привет"}),
             c.post("/forward_batch", json={"texts": ["Привет", "Мир"]}),
@@ -272,11 +274,7 @@ def test_stream_with_bad_input_is_a_plain_400(client):
 
 
 def test_stream_reports_a_model_failure_as_an_error_event(service, settings):
-    model, state = exploding_model(service.model)
-    broken = InferenceService(model, service.tokenizer, model_id="broken", source="test")
-    app = create_app(settings, service=TextGenerationService(settings, inference=broken))
-    with TestClient(app, raise_server_exceptions=False) as c:
-        state["armed"] = True
+    with broken_model_client(service, settings) as c:
         r = c.post("/forward", json={"text": "Привет", "stream": True})
     assert r.status_code == 200
     assert read_sse(r) == [("error", {"detail": MODEL_FAILED})]
