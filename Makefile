@@ -13,7 +13,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default clean
+.PHONY: help install browser serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -84,6 +84,12 @@ train-deepspeed: $(STAMP) ## DeepSpeed ZeRO (ZERO=2 or 3) with 2 processes: a sh
 	$(BIN)/torchrun --standalone --nproc_per_node $${NPROC:-2} train_distributed.py --mode deepspeed \
 		--zero-stage $${ZERO:-2} --preset tiny --output-dir runs/deepspeed --batch-size 4 --max-steps 200 \
 		--eval-every 50 --save-every 100 $(TRAIN_ARGS)
+
+# the full serving benchmark: about 5 minutes on 2 CPU cores (longer if it must wait for an idle machine)
+BENCH_SERVE_ARGS ?= --stream --write BENCHMARKS.md --plot bench/serve_bench.png
+bench-serve: $(STAMP) ## serving benchmark: ours vs `transformers serve` (rewrites BENCHMARKS.md's Serving section)
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[bench]"
+	$(BIN)/python bench/serve_bench.py $(BENCH_SERVE_ARGS)
 
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }
