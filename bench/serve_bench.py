@@ -96,6 +96,7 @@ class RequestResult:
 class System:
     name: str
     description: str
+    ready_path = "/health"  # answers 200 once the server can generate
 
     def command(self, checkpoint: Path, port: int) -> list[str]:
         raise NotImplementedError
@@ -116,6 +117,8 @@ class System:
 
 
 class Ours(System):
+    ready_path = "/ready"  # /health answers while the model still loads
+
     def __init__(self, name: str, max_batch_size: int):
         self.name = name
         self.max_batch_size = max_batch_size
@@ -403,7 +406,7 @@ class Server:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.system.name} exited: {self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/health")).status_code == 200:
+                    if (await client.get(self.system.ready_path)).status_code == 200:
                         return
                 await asyncio.sleep(0.25)
         raise RuntimeError(

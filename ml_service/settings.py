@@ -55,10 +55,11 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(8000, ge=1, description="longest text (characters) in one request")
     max_file_bytes: int = Field(256 * 1024, ge=1, description="largest uploaded text file (bytes)")
     batch_wait_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
         le=1000,
-        description="how long the first request to an idle engine waits for company (ms)",
+        description="how long the first request to an idle engine waits for company (ms); "
+        "0: start at once (with continuous batching, later requests join at the next step)",
     )
     request_timeout_s: float = Field(
         120.0, gt=0, description="a generation still running after this long gets 504"

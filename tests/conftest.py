@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import InferenceService
+from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
@@ -51,3 +52,20 @@ def is_russian(text: str) -> bool:
         bool(letters)
         and sum("а" <= c.lower() <= "я" or c in "ёЁ" for c in letters) / len(letters) > 0.6
     )
+
+
+@pytest.fixture
+def model_failure(monkeypatch) -> dict:
+    """While `switch["on"]`, every forward pass of the model raises inside generation, as a broken
+    checkpoint, an out-of-memory or a failing GPU would. Off at first (so an app's warm-up passes)."""
+    switch = {"on": False}
+    for name in ("prefill", "decode"):
+        original = getattr(GPT2SlotDecoder, name)
+
+        def broken(self, *args, _original=original, **kwargs):
+            if switch["on"]:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(GPT2SlotDecoder, name, broken)
+    return switch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 
 import pytest
@@ -171,26 +170,17 @@ def test_no_422_anywhere(client):
 
 
 @contextlib.contextmanager
-def broken_model_client(service, settings):
-    """A client of an app whose model fails inside generation, as a broken checkpoint or an OOM
-    would, once the app is up (its warm-up at start-up passes, as a GPU that fails later would)."""
-    model = copy.deepcopy(service.model)
-    armed = False
-
-    def explode(*_):
-        if armed:
-            raise RuntimeError("CUDA error: device-side assert triggered")
-
-    model.transformer.h[-1].mlp.register_forward_pre_hook(explode)
-    broken = InferenceService(model, service.tokenizer, model_id="broken", source="test")
-    app = create_app(settings, service=TextGenerationService(settings, inference=broken))
+def broken_model_client(service, settings, model_failure):
+    """A client of an app whose model fails inside generation once the app is up (its warm-up at
+    start-up passes, as a GPU that fails later would)."""
+    app = create_app(settings, service=TextGenerationService(settings, inference=service))
     with TestClient(app, raise_server_exceptions=False) as c:
-        armed = True
+        model_failure["on"] = True
         yield c
 
 
-def test_model_failure_returns_403_without_traceback(service, settings):
-    with broken_model_client(service, settings) as c:
+def test_model_failure_returns_403_without_traceback(service, settings, model_failure):
+    with broken_model_client(service, settings, model_failure) as c:
         for r in (
             c.post("/forward", json={"text": "Привет"}),
             c.post("/forward_batch", json={"texts": ["Привет", "Мир"]}),
@@ -273,8 +263,8 @@ def test_stream_with_bad_input_is_a_plain_400(client):
     assert r.status_code == 400 and r.json()["detail"] == "bad request"
 
 
-def test_stream_reports_a_model_failure_as_an_error_event(service, settings):
-    with broken_model_client(service, settings) as c:
+def test_stream_reports_a_model_failure_as_an_error_event(service, settings, model_failure):
+    with broken_model_client(service, settings, model_failure) as c:
         r = c.post("/forward", json={"text": "Привет", "stream": True})
     assert r.status_code == 200
     assert read_sse(r) == [("error", {"detail": MODEL_FAILED})]

@@ -6,20 +6,76 @@ need padding and re-alignment whenever the batch changes. Here every running seq
 attention masks each row to its own length. A finished row leaves by moving the last slot into its
 place, so the live slots stay contiguous and decoding reads the cache without copying it.
 
-The weights are the `GPT2LMHeadModel`'s own modules (LayerNorms, Conv1D projections, MLP), so the
-logits equal `model(...)`'s up to float rounding; tests compare them.
+The weights are the `GPT2LMHeadModel`'s own tensors (LayerNorms, Conv1D projections, MLP),
+called through torch's functional ops so that a step pays no `nn.Module` dispatch per op; the
+logits equal `model(...)`'s up to float rounding, and tests compare them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 
 CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
 
 
 class UnsupportedModel(ValueError):
     """The engine decodes GPT-2-family checkpoints (model_type "gpt2") only."""
+
+
+def _norm(ln) -> tuple:
+    return (ln.weight, ln.bias, ln.eps)
+
+
+def _layer_norm(x: torch.Tensor, p: tuple) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), p[0], p[1], p[2])
+
+
+def _activation(name: str):
+    """GPT-2's activation by its config name (the fused kernels for the common ones)."""
+    if name == "gelu_pytorch_tanh":
+        return partial(F.gelu, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return ACT2FN[name]  # the module transformers itself would use
+
+
+@dataclass(frozen=True)
+class _BlockWeights:
+    """One GPT-2 block's tensors. Conv1D weights are (in, out): y = addmm(b, x, w)."""
+
+    ln_1: tuple
+    attn_w: torch.Tensor
+    attn_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ln_2: tuple
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    scaling: float
+
+    @classmethod
+    def of(cls, block) -> _BlockWeights:
+        a, m = block.attn, block.mlp
+        return cls(
+            _norm(block.ln_1),
+            a.c_attn.weight,
+            a.c_attn.bias,
+            a.c_proj.weight,
+            a.c_proj.bias,
+            _norm(block.ln_2),
+            m.c_fc.weight,
+            m.c_fc.bias,
+            m.c_proj.weight,
+            m.c_proj.bias,
+            a.scaling,
+        )
 
 
 class GPT2SlotDecoder:
@@ -31,7 +87,14 @@ class GPT2SlotDecoder:
                 f"got {getattr(cfg, 'model_type', type(model).__name__)!r}"
             )
         self.model = model
-        self.blocks = list(model.transformer.h)
+        tr = model.transformer
+        self.blocks = list(tr.h)
+        # the modules' own tensors, called functionally: no nn.Module dispatch per op
+        self.weights = [_BlockWeights.of(block) for block in self.blocks]
+        self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
+        self.ln_f = _norm(tr.ln_f)
+        self.lm_head = model.lm_head.weight
+        self.act = _activation(cfg.activation_function)
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.context = cfg.n_positions
@@ -65,19 +128,23 @@ class GPT2SlotDecoder:
         for cache in self.k + self.v:
             cache[dst] = cache[src]
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, hd)
-        B, T, _ = x.shape
-        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+    def _attention_inputs(self, w: _BlockWeights, h: torch.Tensor):
+        """q, k, v of the block for hidden states h (N, C): each (N, H, hd)."""
+        N = h.shape[0]
+        qkv = torch.addmm(w.attn_b, _layer_norm(h, w.ln_1), w.attn_w)  # (N, 3C)
+        return (x.view(N, self.n_head, self.head_dim) for x in qkv.split(h.shape[-1], dim=1))
 
-    def _mlp(self, block, h: torch.Tensor) -> torch.Tensor:
-        return h + block.mlp(block.ln_2(h))
+    def _block_rest(self, w: _BlockWeights, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The attention output projection and the MLP, with their residuals; (N, C)."""
+        h = h + torch.addmm(w.proj_b, a, w.proj_w)
+        m = self.act(torch.addmm(w.fc_b, _layer_norm(h, w.ln_2), w.fc_w))
+        return h + torch.addmm(w.out_b, m, w.out_w)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32
-        return self.model.lm_head(self.model.transformer.ln_f(h)).float()
+        return F.linear(_layer_norm(h, self.ln_f), self.lm_head).float()
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        tr = self.model.transformer
-        return tr.wte(ids) + tr.wpe(pos)
+        return F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
@@ -93,17 +160,18 @@ class GPT2SlotDecoder:
         # (n, 1, P, P): causal, and no key past a row's own prompt (right padding)
         causal = torch.ones((P, P), dtype=torch.bool, device=self.device).tril()
         mask = (causal[None] & (pos[None, None, :] < lens[:, None, None]))[:, None]
-        h = self._embed(ids, pos[None].expand(n, P))  # (n, P, C)
+        h = self._embed(ids, pos[None].expand(n, P)).view(n * P, -1)  # (n*P, C)
         rows = slice(first_slot, first_slot + n)
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
-            q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        for layer, w in enumerate(self.weights):
+            q, k, v = (
+                x.view(n, P, self.n_head, self.head_dim).transpose(1, 2)
+                for x in self._attention_inputs(w, h)
+            )  # (n, H, P, hd)
             self.k[layer][rows, :, :P] = k
             self.v[layer][rows, :, :P] = v
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=block.attn.scaling)
-            h = h + block.attn.c_proj(a.transpose(1, 2).reshape(n, P, -1))
-            h = self._mlp(block, h)
-        last = h[torch.arange(n, device=self.device), lens - 1]  # (n, C)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling)
+            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * P, -1))
+        last = h.view(n, P, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
         return self._logits(last)
 
     @torch.inference_mode()
@@ -113,17 +181,15 @@ class GPT2SlotDecoder:
         pos = torch.tensor(positions, device=self.device)
         Tk = max(positions) + 1
         mask = (torch.arange(Tk, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        h = self._embed(ids.to(self.device)[:, None], pos[:, None])  # (B, 1, C)
+        h = self._embed(ids.to(self.device), pos)  # (B, C)
         rows = torch.arange(B, device=self.device)
-        for layer, block in enumerate(self.blocks):
-            q, k, v = block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], dim=2)
-            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, 1, hd)
-            self.k[layer][rows, :, pos] = k[:, :, 0]
-            self.v[layer][rows, :, pos] = v[:, :, 0]
+        for layer, w in enumerate(self.weights):
+            q, k, v = self._attention_inputs(w, h)  # (B, H, hd)
+            self.k[layer][rows, :, pos] = k
+            self.v[layer][rows, :, pos] = v
             keys, values = self.k[layer][:B, :, :Tk], self.v[layer][:B, :, :Tk]
             a = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=block.attn.scaling
-            )
-            h = h + block.attn.c_proj(a.transpose(1, 2).reshape(B, 1, -1))
-            h = self._mlp(block, h)
-        return self._logits(h[:, 0])
+                q[:, :, None], keys, values, attn_mask=mask, scale=w.scaling
+            )  # (B, H, 1, hd)
+            h = self._block_rest(w, h, a.view(B, -1))
+        return self._logits(h)

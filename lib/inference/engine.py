@@ -67,7 +67,7 @@ class GenerationEngine:
         tokenizer,
         *,
         max_batch_size: int = 64,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         max_queue: int = 256,
         lock: threading.Lock | None = None,
         observer: EngineObserver | None = None,

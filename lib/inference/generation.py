@@ -107,11 +107,12 @@ class GenerationRequest:
 class _Row:
     """A running sequence: its tokens, its incrementally decoded text and its generator."""
 
-    def __init__(self, request: GenerationRequest, device: torch.device):
+    def __init__(self, request: GenerationRequest):
         self.request = request
         self.params = request.params
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: 64 numbers a draw
+        self._uniforms: list[float] = []
         self.generated: list[int] = []
         self.text = ""  # decoded so far, without a trailing incomplete character
         self.prefix_offset = 0  # incremental detokenisation window (see DecodeBatch._detokenize)
@@ -120,6 +121,12 @@ class _Row:
         self.hold_back = max((len(s) for s in self.params.stop), default=1) - 1
         self.finish_reason: str | None = None
         self.last_token_at = 0.0
+
+    def next_uniform(self) -> float:
+        """The row's next random number in [0, 1), drawn 64 at a time from its own generator."""
+        if not self._uniforms:
+            self._uniforms = torch.rand(64, generator=self.generator).tolist()[::-1]
+        return self._uniforms.pop()
 
     @property
     def position(self) -> int:
@@ -171,7 +178,7 @@ class DecodeBatch:
             self.seen[first + i].zero_()
             self.seen[first + i, r.prompt_ids] = True
         logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
-        new_rows = [_Row(r, self.decoder.device) for r in requests]
+        new_rows = [_Row(r) for r in requests]
         self.rows.extend(new_rows)
         self._sampling = None
         sampling = SamplingTensors.build([r.params for r in new_rows], self.vocab, logits.device)
@@ -216,7 +223,13 @@ class DecodeBatch:
             if len(row.generated) < row.params.min_new_tokens:
                 logits[i, self.eos] = -torch.inf
         seen = self.seen[first : first + len(rows)]
-        next_ids = sample_next(logits, seen, sampling, [row.generator for row in rows]).tolist()
+
+        def uniforms() -> torch.Tensor:  # greedy rows draw nothing
+            return torch.tensor(
+                [0.0 if row.params.temperature <= 0 else row.next_uniform() for row in rows]
+            )
+
+        next_ids = sample_next(logits, seen, sampling, uniforms).tolist()
         now = time.monotonic()
         grew: list[_Row] = []
         gaps: list[float] = []

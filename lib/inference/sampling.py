@@ -5,12 +5,13 @@ top-k, then top-p over what top-k kept. A greedy row (temperature 0) takes the a
 penalised logits. Each sampled row draws from its own `torch.Generator`, so its tokens do not depend
 on the other rows of the batch: a row draws exactly one uniform number per token and inverts its
 own distribution's CDF, so neither the company nor how many candidates the batch sorts changes
-what it draws (`torch.multinomial` draws one number per candidate, so it would).
+what it draws (`torch.multinomial` draws one number per candidate, so it would). The numbers come
+from the row's own generator (`uniforms`, drawn by the caller).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,10 @@ def sample_next(
     logits: torch.Tensor,
     seen: torch.Tensor,
     sp: SamplingTensors,
-    generators: Sequence[torch.Generator],
+    uniforms: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """One token id per row from logits (B, vocab); `seen` (B, vocab) marks tokens to penalise."""
+    """One token id per row from logits (B, vocab); `seen` (B, vocab) marks tokens to penalise.
+    `uniforms()` gives each row's next number in [0, 1) (B,); all-greedy batches never call it."""
     penalised = torch.where(logits > 0, logits / sp.penalty, logits * sp.penalty)
     logits = torch.where(seen & (sp.penalty != 1.0), penalised, logits)
     if bool(sp.greedy.all()):
@@ -67,9 +69,7 @@ def sample_next(
     probs = torch.softmax(scaled, dim=-1)
     probs = probs.masked_fill((probs.cumsum(-1) - probs) > sp.top_p, 0.0)  # keeps rank 0 always
     cdf = probs.cumsum(-1)  # (B, k)
-    u = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(
-        cdf.device
-    )  # (B,) one draw per row, greedy rows too (their draw is unused)
+    u = uniforms().to(cdf.device)  # (B,)
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
     sampled = top_idx.gather(1, choice)[:, 0]
     return torch.where(sp.greedy, logits.argmax(dim=-1), sampled)

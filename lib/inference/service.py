@@ -125,7 +125,7 @@ class InferenceService:
     def create_engine(
         self,
         max_batch_size: int = 64,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         max_queue: int = 256,
         observer: EngineObserver | None = None,
     ) -> GenerationEngine:

@@ -38,7 +38,7 @@ class AppDependencies:
         return current
 
 
-def get_dependencies(request: Request) -> AppDependencies:
+async def get_dependencies(request: Request) -> AppDependencies:
     deps: AppDependencies = request.app.state.deps
     if deps.host.current is None:
         raise ModelNotReady()

@@ -91,7 +91,7 @@ class Guard:
             raise Unauthorized([{"loc": ["authorization"], "msg": "invalid admin token"}])
 
 
-def _guard(request: Request) -> Guard:
+async def _guard(request: Request) -> Guard:
     return request.app.state.guard
 
 
