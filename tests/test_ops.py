@@ -192,6 +192,8 @@ def test_body_size_limit_is_413_before_parsing(service, settings):
 
         r = c.post("/forward", content=chunks(), headers={"Content-Type": "application/json"})
         assert r.status_code == 413
+        upload = {"file": ("p.txt", "а".encode() * 1000, "text/plain")}
+        assert c.post("/forward", files=upload).status_code == 413  # a form, too
 
 
 def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, settings):

@@ -7,7 +7,9 @@ waits for the longest sequence of a batch. When the engine is idle, the first re
 `max_wait_s` for company before its batch starts.
 
 The engine knows nothing of HTTP: it takes token ids and `GenerationParams`, and gives results
-(`submit`) or pieces of text (`stream`) to asyncio callers. A caller that goes away (its task is
+(`submit`) or pieces of text (`stream`) to asyncio callers. What one step produces for callers on
+one event loop reaches that loop in one hand-over (not one per token), so a busy batch does not
+flood the loop with wake-ups. A caller that goes away (its task is
 cancelled) cancels its sequence, which leaves the batch at the next step.
 """
 
@@ -18,7 +20,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from lib.inference.generation import (
@@ -82,6 +84,7 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._outbox = _Outbox()
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -137,7 +140,9 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         requests = [
-            GenerationRequest(item.ids, item.params, on_done=_resolver(loop, fut))
+            GenerationRequest(
+                item.ids, item.params, on_done=self._outbox.sender(loop, _settle(fut))
+            )
             for item, fut in zip(items, futures, strict=True)
         ]
         self.enqueue(requests)
@@ -153,7 +158,7 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        put = _on_loop(loop, events.put_nowait)
+        put = self._outbox.sender(loop, events.put_nowait)
         request = GenerationRequest(item.ids, item.params, on_text=put, on_done=put)
         self.enqueue([request])
         return TokenStream(request, events)
@@ -196,6 +201,7 @@ class GenerationEngine:
             for r in admitted:
                 if not r.done:
                     batch.finish_request(r, failure)
+        self._outbox.flush()
         self.observer.on_step(size, time.monotonic() - t0)
 
     def _cancel_all(self) -> None:
@@ -205,6 +211,7 @@ class GenerationEngine:
             self._batch.finish_request(r, GenerationResult("", "cancelled", r.prompt_tokens, 0))
         for row in list(self._batch.rows):
             row.request.cancel()
+        self._outbox.flush()
 
 
 class TokenStream:
@@ -234,22 +241,47 @@ class TokenStream:
     def cancel(self) -> None:
         self.request.cancel()
 
-
-def _on_loop(loop: asyncio.AbstractEventLoop, fn):
-    """`fn`, callable from any thread, run on `loop`; a no-op once that loop is closed (its
-    caller is gone), so a departed client never disturbs the decoding thread."""
-
-    def call(arg) -> None:
-        try:
-            loop.call_soon_threadsafe(fn, arg)
-        except RuntimeError:
-            pass
-
-    return call
+    def interrupt(self, error: BaseException) -> None:
+        """End the stream now with `error` (call on its event loop); the sequence is cancelled."""
+        self.request.cancel()
+        self._events.put_nowait(error)
 
 
-def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
-    """A callback (for any thread) that settles `fut` on its loop."""
+class _Outbox:
+    """Deliveries from the decoding thread to event loops, sent once per step: one
+    `call_soon_threadsafe` per loop carries every piece and result the step produced for it."""
+
+    def __init__(self):
+        self._pending: list[tuple[asyncio.AbstractEventLoop, Callable, object]] = []
+        self._lock = threading.Lock()  # stop() may cancel from another thread
+
+    def sender(self, loop: asyncio.AbstractEventLoop, fn: Callable) -> Callable:
+        def send(item) -> None:
+            with self._lock:
+                self._pending.append((loop, fn, item))
+
+        return send
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, fn, item in pending:
+            by_loop.setdefault(loop, []).append((fn, item))
+        for loop, calls in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, calls)
+            except RuntimeError:  # that loop is closed: its callers are gone
+                pass
+
+
+def _deliver(calls: list) -> None:
+    for fn, item in calls:
+        fn(item)
+
+
+def _settle(fut: asyncio.Future) -> Callable:
+    """Settle `fut` with a result or an exception (on its loop)."""
 
     def settle(outcome) -> None:
         if fut.done():
@@ -259,4 +291,4 @@ def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
         else:
             fut.set_result(outcome)
 
-    return _on_loop(loop, settle)
+    return settle

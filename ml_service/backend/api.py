@@ -25,6 +25,7 @@ from ml_service.backend.errors import (
     ClientDisconnected,
     GenerationTimeout,
     Overloaded,
+    ServiceError,
     pydantic_errors,
 )
 from ml_service.backend.schemas import ErrorResponse
@@ -203,19 +204,17 @@ async def _sse(
     request: Request, events, service, req: BaseModel, timeout: float
 ) -> AsyncIterator[str]:
     """Server-Sent Events for one streamed generation (closing the stream cancels it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    stream = aiter(events)
+    # one timer for the whole stream (a timeout per event would cost a task per token)
+    expiry = asyncio.get_running_loop().call_later(
+        timeout, events.interrupt, asyncio.TimeoutError()
+    )
     try:
-        while True:
-            left = deadline - loop.time()
-            event = await asyncio.wait_for(anext(stream), timeout=max(left, 0))
+        async for event in events:
             if isinstance(event, str):
                 yield _event("token", {"text": event})
             else:
                 _note_usage(request, [event])
                 yield _event("done", service.postprocess(event, req).model_dump())
-                return
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
         yield _event("error", {"detail": f"timed out after {timeout:g} s"})
     except GenerationFailed:
@@ -224,6 +223,7 @@ async def _sse(
         log.exception("stream failed")
         yield _event("error", {"detail": "internal server error"})
     finally:
+        expiry.cancel()
         events.cancel()  # a no-op when it finished; otherwise its row leaves the batch
 
 
@@ -273,6 +273,8 @@ async def read_form(
 ) -> dict:
     try:
         form = await request.form(max_files=1, max_fields=32)
+    except ServiceError:  # e.g. the body grew past the size limit while being read (413)
+        raise
     except Exception as e:  # malformed multipart bodies raise several starlette/multipart errors
         raise BadRequest.one("body", f"malformed form data: {e}") from None
     payload: dict[str, Any] = {}
