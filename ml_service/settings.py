@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for the model's math (torch.set_num_threads); default: torch's "
+        "choice (all cores). Fewer can be faster when other busy processes share the cores",
+    )
     max_batch_size: int = Field(
         64,
         ge=1,

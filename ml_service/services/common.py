@@ -10,6 +10,8 @@ from ml_service.contract import InvalidInput, ModelService
 
 def load_inference(settings) -> InferenceService:
     """The checkpoint the settings name, or (only when asked) a randomly initialised preset."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if settings.random_preset:
         return InferenceService.random_baseline(settings.random_preset)
     return InferenceService.from_checkpoint(
