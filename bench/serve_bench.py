@@ -841,7 +841,7 @@ def parse_args(argv=None):
         help="closed-loop client counts (default 1 4 16 64; none when only --rate is given)",
     )
     p.add_argument("--requests-per-client", type=int, default=8)
-    p.add_argument("--min-requests", type=int, default=16, help="fewest requests per closed row")
+    p.add_argument("--min-requests", type=int, default=48, help="fewest requests per closed row")
     p.add_argument("--rate", type=float, nargs="+", help="open loop: Poisson arrival rates (req/s)")
     p.add_argument("--num-requests", type=int, default=64, help="open loop: requests per rate")
     p.add_argument("--max-new-tokens", type=int, default=64)
