@@ -110,14 +110,51 @@ class System:
         cmd = cmd.replace(shlex.quote(sys.executable), "python")
         return f"{env} {cmd}".strip()
 
+    path: str  # the generation endpoint
+
+    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
+        raise NotImplementedError
+
+    def read_event(self, line: str, state: dict) -> dict | None:
+        """One line of the event stream: returns the `usage` when the answer is complete, raises
+        RuntimeError for an error event; `state` carries what earlier lines set."""
+        raise NotImplementedError
+
     async def request(
         self, client: httpx.AsyncClient, prompt: str, seed: int, max_new: int, stream: bool
     ) -> RequestResult:
-        raise NotImplementedError
+        body = self.payload(prompt, seed, max_new, stream)
+        t0 = time.perf_counter()
+        if not stream:
+            r = await client.post(self.path, json=body)
+            latency = time.perf_counter() - t0
+            if r.status_code != 200:
+                return RequestResult(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
+            return _checked(latency, r.json()["usage"], max_new)
+        state: dict = {}
+        async with client.stream("POST", self.path, json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                return RequestResult(
+                    False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}"
+                )
+            async for line in r.aiter_lines():
+                try:
+                    usage = self.read_event(line, state)
+                except RuntimeError as e:
+                    return RequestResult(False, time.perf_counter() - t0, error=str(e))
+                if state.get("text") and "ttft" not in state:
+                    state["ttft"] = time.perf_counter() - t0
+                if usage is not None:
+                    return _checked(time.perf_counter() - t0, usage, max_new, state.get("ttft"))
+                if state.get("ended"):
+                    break
+        return RequestResult(False, time.perf_counter() - t0, error="stream ended without usage")
 
 
 class Ours(System):
     ready_path = "/ready"  # /health answers while the model still loads
+    path = "/forward"
 
     def __init__(self, name: str, max_batch_size: int):
         self.name = name
@@ -137,8 +174,7 @@ class Ours(System):
             "ML_SERVICE_LOG_LEVEL": "warning",
         }
 
-    @staticmethod
-    def payload(prompt: str, seed: int, max_new: int, stream: bool) -> dict:
+    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
         body = {
             "text": prompt,
             "max_new_tokens": max_new,
@@ -150,42 +186,23 @@ class Ours(System):
             body["stream"] = True
         return body
 
-    async def request(self, client, prompt, seed, max_new, stream):
-        body = self.payload(prompt, seed, max_new, stream)
-        t0 = time.perf_counter()
-        if not stream:
-            r = await client.post("/forward", json=body)
-            latency = time.perf_counter() - t0
-            if r.status_code != 200:
-                return RequestResult(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            return _checked(latency, r.json()["usage"], max_new)
-        ttft = None
-        event = None
-        async with client.stream("POST", "/forward", json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                return RequestResult(
-                    False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}"
-                )
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data = json.loads(line[5:])
-                    if event == "token":
-                        if ttft is None and data.get("text"):
-                            ttft = time.perf_counter() - t0
-                    elif event == "done":
-                        latency = time.perf_counter() - t0
-                        return _checked(latency, data["usage"], max_new, ttft)
-                    elif event == "error":
-                        return RequestResult(
-                            False, time.perf_counter() - t0, error=f"error event: {data}"
-                        )
-        return RequestResult(False, time.perf_counter() - t0, error="stream ended without `done`")
+    def read_event(self, line: str, state: dict) -> dict | None:
+        if line.startswith("event:"):
+            state["event"] = line[6:].strip()
+        elif line.startswith("data:"):
+            data = json.loads(line[5:])
+            if state.get("event") == "token" and data.get("text"):
+                state["text"] = True
+            elif state.get("event") == "done":
+                return data["usage"]
+            elif state.get("event") == "error":
+                raise RuntimeError(f"error event: {data}")
+        return None
 
 
 class TransformersServe(System):
+    path = "/v1/completions"
+
     def __init__(self, name: str, continuous_batching: bool, checkpoint: Path):
         self.name = name
         self.cb = continuous_batching
@@ -239,40 +256,20 @@ class TransformersServe(System):
             body["stream"] = True
         return body
 
-    async def request(self, client, prompt, seed, max_new, stream):
-        body = self.payload(prompt, seed, max_new, stream)
-        t0 = time.perf_counter()
-        if not stream:
-            r = await client.post("/v1/completions", json=body)
-            latency = time.perf_counter() - t0
-            if r.status_code != 200:
-                return RequestResult(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
-            return _checked(latency, r.json()["usage"], max_new)
-        ttft = None
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                return RequestResult(
-                    False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}"
-                )
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                data = json.loads(payload)
-                if "error" in data:
-                    return RequestResult(
-                        False, time.perf_counter() - t0, error=f"error chunk: {data['error']}"
-                    )
-                choices = data.get("choices") or [{}]
-                if ttft is None and choices[0].get("text"):
-                    ttft = time.perf_counter() - t0
-                if data.get("usage"):
-                    latency = time.perf_counter() - t0
-                    return _checked(latency, data["usage"], max_new, ttft)
-        return RequestResult(False, time.perf_counter() - t0, error="stream ended without usage")
+    def read_event(self, line: str, state: dict) -> dict | None:
+        if not line.startswith("data:"):
+            return None
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            state["ended"] = True
+            return None
+        data = json.loads(payload)
+        if "error" in data:
+            raise RuntimeError(f"error chunk: {data['error']}")
+        choices = data.get("choices") or [{}]
+        if choices[0].get("text"):
+            state["text"] = True
+        return data.get("usage") or None
 
 
 def _checked(latency: float, usage: dict, expected: int, ttft: float | None = None):
