@@ -520,3 +520,14 @@ def test_make_test_installs_chromium_first():
     (browser_recipe,) = re.findall(r"^browser:.*?(?=^\S)", makefile, flags=re.MULTILINE | re.DOTALL)
     assert "apt-get install" in browser_recipe and "chromium" in browser_recipe
     assert "command -v chromium" in browser_recipe  # only when missing
+
+
+def test_orchestrators_wait_longer_than_the_shutdown_grace():
+    """SIGKILL must come after the server has let in-flight requests finish."""
+    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in api_container()["env"]}
+    assert pod["terminationGracePeriodSeconds"] > float(env["ML_SERVICE_SHUTDOWN_GRACE_S"])
+    api = compose()["services"]["api"]
+    grace = api["environment"]["ML_SERVICE_SHUTDOWN_GRACE_S"]  # "${VAR:-30}"
+    default = float(grace.rsplit("-", 1)[1].rstrip("}"))
+    assert float(api["stop_grace_period"].rstrip("s")) > default
