@@ -219,6 +219,25 @@ def test_a_full_queue_refuses_at_once(service):
     assert first.completion_tokens == second.completion_tokens == 100
 
 
+def test_a_request_cancelled_while_waiting_gives_its_queue_place_up(service):
+    params = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
+
+    async def body(engine):
+        first = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
+        while engine.running == 0:
+            await asyncio.sleep(0.001)
+        waiting = asyncio.ensure_future(engine.submit(service.prepare("Он", params)))
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # its client timed out or went away while it waited
+        await asyncio.sleep(0.01)
+        assert engine.has_room()  # the cancelled one no longer holds the only place
+        third = await engine.submit(service.prepare("Она", params))
+        return await first, third
+
+    first, third = run(with_engine(service, body, max_batch_size=1, max_queue=1))
+    assert first.completion_tokens == third.completion_tokens == 100
+
+
 def test_a_model_failure_fails_its_batch_and_the_engine_goes_on(service, model_failure):
     params = GenerationParams(max_new_tokens=8, temperature=0)
     expected = service.generate("Москва", params).text

@@ -96,8 +96,13 @@ class GenerationEngine:
         return len(self._batch.rows)
 
     def has_room(self, n: int = 1) -> bool:
-        """Whether `n` more requests would fit in the queue now."""
-        return len(self._queue) + n <= self.max_queue
+        """Whether `n` more requests would fit in the queue now (requests cancelled while they
+        waited, by a timeout or a departed client, give their places up)."""
+        if len(self._queue) + n <= self.max_queue:
+            return True
+        with self._cond:
+            self._drop_cancelled()
+            return len(self._queue) + n <= self.max_queue
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -203,6 +208,15 @@ class GenerationEngine:
                     batch.finish_request(r, failure)
         self._outbox.flush()
         self.observer.on_step(size, time.monotonic() - t0)
+
+    def _drop_cancelled(self) -> None:
+        """Finish the waiting requests that were cancelled (call holding the condition)."""
+        gone = [r for r in self._queue if r.cancelled]
+        if gone:
+            self._queue = collections.deque(r for r in self._queue if not r.cancelled)
+            for r in gone:
+                self._batch.finish_request(r, GenerationResult("", "cancelled", r.prompt_tokens, 0))
+            self._outbox.flush()
 
     def _cancel_all(self) -> None:
         with self._cond:
