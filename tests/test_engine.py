@@ -201,18 +201,25 @@ def test_a_cancelled_caller_frees_its_row(service):
     assert 0 < req.result.completion_tokens < 250
 
 
-def test_a_full_queue_refuses_at_once(service):
-    params = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
+QUEUED = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
 
+
+async def one_running_one_waiting(engine, service):
+    """With one row and one queue place: a running request, then a waiting one (both tasks)."""
+    first = asyncio.ensure_future(engine.submit(service.prepare("Москва", QUEUED)))
+    while engine.running == 0:
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(engine.submit(service.prepare("Он", QUEUED)))
+    await asyncio.sleep(0.01)
+    return first, second
+
+
+def test_a_full_queue_refuses_at_once(service):
     async def body(engine):
-        first = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
-        second = asyncio.ensure_future(engine.submit(service.prepare("Он", params)))
-        await asyncio.sleep(0.01)
+        first, second = await one_running_one_waiting(engine, service)
         assert engine.waiting == 1 and not engine.has_room()
         with pytest.raises(QueueFull):
-            await engine.submit(service.prepare("Она", params))
+            await engine.submit(service.prepare("Она", QUEUED))
         return await first, await second
 
     first, second = run(with_engine(service, body, max_batch_size=1, max_queue=1))
@@ -220,18 +227,12 @@ def test_a_full_queue_refuses_at_once(service):
 
 
 def test_a_request_cancelled_while_waiting_gives_its_queue_place_up(service):
-    params = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
-
     async def body(engine):
-        first = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
-        waiting = asyncio.ensure_future(engine.submit(service.prepare("Он", params)))
-        await asyncio.sleep(0.01)
+        first, waiting = await one_running_one_waiting(engine, service)
         waiting.cancel()  # its client timed out or went away while it waited
         await asyncio.sleep(0.01)
         assert engine.has_room()  # the cancelled one no longer holds the only place
-        third = await engine.submit(service.prepare("Она", params))
+        third = await engine.submit(service.prepare("Она", QUEUED))
         return await first, third
 
     first, third = run(with_engine(service, body, max_batch_size=1, max_queue=1))

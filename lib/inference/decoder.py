@@ -86,11 +86,9 @@ class GPT2SlotDecoder:
                 f"the serving engine decodes GPT-2-family checkpoints (model_type 'gpt2'); "
                 f"got {getattr(cfg, 'model_type', type(model).__name__)!r}"
             )
-        self.model = model
         tr = model.transformer
-        self.blocks = list(tr.h)
         # the modules' own tensors, called functionally: no nn.Module dispatch per op
-        self.weights = [_BlockWeights.of(block) for block in self.blocks]
+        self.weights = [_BlockWeights.of(block) for block in tr.h]
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.ln_f = _norm(tr.ln_f)
         self.lm_head = model.lm_head.weight
@@ -113,8 +111,8 @@ class GPT2SlotDecoder:
         slots, length = max(slots, self.slots), max(length, self.length)
         shape = (slots, self.n_head, length, self.head_dim)
         old_k, old_v = self.k, self.v
-        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.blocks]
-        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.blocks]
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.weights]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.weights]
         # (old_k is empty on the first call: nothing to keep)
         for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
             new[: self.slots, :, : self.length] = old

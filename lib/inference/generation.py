@@ -79,7 +79,6 @@ class GenerationRequest:
     on_done: Callable[[GenerationResult | BaseException], None] | None = None
     cancelled: bool = False  # set from any thread: the row leaves the batch at the next step
     arrived_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None  # prompt processing began
     first_token_at: float | None = None
     result: GenerationResult | None = None
     error: BaseException | None = None
@@ -139,7 +138,6 @@ class DecodeBatch:
 
     def __init__(self, model, tokenizer, max_rows: int, observer=None):
         self.decoder = GPT2SlotDecoder(model)
-        self.tokenizer = tokenizer
         self.raw = tokenizer.backend_tokenizer  # the Rust tokenizer: batch decoding in one call
         self.eos = tokenizer.eos_token_id
         self.vocab = model.config.vocab_size
@@ -172,9 +170,7 @@ class DecodeBatch:
             )
             grown[: len(self.rows)] = self.seen[: len(self.rows)]
             self.seen = grown
-        now = time.monotonic()
         for i, r in enumerate(requests):
-            r.started_at = now
             self.seen[first + i].zero_()
             self.seen[first + i, r.prompt_ids] = True
         logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
