@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lib.config import PRESETS, TrainingConfig
+from lib.training.optim import OPTIMIZERS
 from lib.training.schedulers import SCHEDULES
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="micro-batches per optimizer step (loss-equivalent to a bigger batch)",
+    )
+    a(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw, or muon: Muon on the transformer's weight matrices, AdamW on the rest",
     )
     a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
@@ -240,6 +247,10 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         ),
         (not args.fp16 or cuda, "--fp16 needs a CUDA device; use --bf16 on CPU"),
         (
+            args.optimizer == "adamw" or args.mode == "baseline",
+            "--optimizer muon works in --mode baseline (one process or DDP); use adamw with fsdp/deepspeed",
+        ),
+        (
             args.report_to != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
             "--report-to tensorboard needs the tensorboard package (pip install tensorboard)",
         ),
@@ -260,6 +271,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
         block_size=args.block_size,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        optimizer=args.optimizer,
         lr=args.lr,
         min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay,

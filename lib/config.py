@@ -103,6 +103,7 @@ class TrainingConfig:
     )
     batch_size: int = 16
     grad_accum: int = 1
+    optimizer: str = "adamw"  # adamw | muon (Muon on the block matrices, AdamW on the rest)
     lr: float = 3e-3
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1

@@ -26,6 +26,7 @@ from lib.data import (
 from lib.inference import GenerationParams, InferenceService
 from lib.modeling import build_model, count_parameters
 from lib.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from lib.training.optim import build_optimizer
 from lib.training.schedulers import lr_multiplier
 
 # GPT-2 sizes as published by OpenAI / Hugging Face (tied embeddings counted once)
@@ -161,6 +162,24 @@ def test_token_budget_sets_the_step_count():
     assert config_from_args(args).max_steps == -(-1_000_000 // (2 * 2 * 256))
 
 
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = build_model(PRESETS["tiny"], vocab_size=300, seed=0)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, name="muon")
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon.isdisjoint(adamw) and muon | adamw == set(names)  # each parameter once (tied wte)
+    assert sorted({names[i].split(".")[-2] for i in muon}) == ["c_attn", "c_fc", "c_proj"]
+    assert all(names[i].startswith("transformer.h.") for i in muon)
+    assert {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)} <= adamw
+    # one LR schedule drives both optimizers
+    for group in opt.param_groups:
+        group["lr"] = 5e-4
+    assert {g["lr"] for g in opt.muon.param_groups + opt.adamw.param_groups} == {5e-4}
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(model, lr=1e-3, weight_decay=0.1, name="sgd")
+
+
 def test_bits_per_byte_formula():
     assert bits_per_byte(math.log(2) * 100, 100) == pytest.approx(1.0)
 
@@ -271,6 +290,7 @@ def test_training_smoke_produces_loadable_checkpoint(tmp_path):
         (["--save-total-limit", "0"], "--save-total-limit"),
         (["--zero-stage", "3"], "--zero-stage needs --mode deepspeed"),
         (["--mode", "deepspeed", "--compile"], "--compile is not supported"),
+        (["--mode", "fsdp", "--optimizer", "muon"], "--optimizer muon works in --mode baseline"),
     ],
 )
 def test_bad_cli_combinations_fail_before_any_work(args, message):

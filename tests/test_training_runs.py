@@ -67,11 +67,14 @@ def test_gradient_accumulation_is_loss_equivalent():
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
 
 
-def test_exact_resume_matches_uninterrupted_run(corpus, tmp_path):
-    straight = train(small_config(corpus, tmp_path / "a", save_every=4))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_matches_uninterrupted_run(corpus, tmp_path, optimizer):
+    straight = train(small_config(corpus, tmp_path / "a", save_every=4, optimizer=optimizer))
     # resume a copy of the run from its step-4 state and finish it
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "step4")
-    resumed = train(small_config(corpus, tmp_path / "b", resume=str(tmp_path / "step4")))
+    resumed = train(
+        small_config(corpus, tmp_path / "b", resume=str(tmp_path / "step4"), optimizer=optimizer)
+    )
     assert resumed.steps == straight.steps == 8
     a = {h["step"]: h["loss"] for h in straight.history}
     b = {h["step"]: h["loss"] for h in resumed.history}

@@ -243,7 +243,9 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model = wrap_model(model, ctx)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+    optimizer = build_optimizer(
+        model, config.lr, config.weight_decay, config.betas, name=config.optimizer
+    )
     if ctx.mode == "deepspeed":
         import deepspeed
 
