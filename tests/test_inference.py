@@ -101,10 +101,10 @@ def test_per_row_parameters(service):
 
 
 def test_min_new_tokens_holds_off_the_end_of_document(service):
-    free = service.generate("Москва", GenerationParams(max_new_tokens=20, temperature=0))
+    free = service.generate("Он сказал", GenerationParams(max_new_tokens=20, temperature=0))
     assert free.finish_reason == "eos" and free.completion_tokens < 20  # this model ends early here
     held = service.generate(
-        "Москва", GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0)
+        "Он сказал", GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0)
     )
     assert held.finish_reason == "length" and held.completion_tokens == 20
 
@@ -157,4 +157,4 @@ def test_service_metadata_counts_parameters(service):
     assert service.metadata()["parameters"] == sum(p.numel() for p in service.model.parameters())
 
 
-GOLDEN_GREEDY = " Владя, что не"
+GOLDEN_GREEDY = " Если же, что я не может быть, что в том, что это не"

@@ -31,7 +31,7 @@ from lib.training.schedulers import lr_multiplier
 
 # GPT-2 sizes as published by OpenAI / Hugging Face (tied embeddings counted once)
 EXPECTED_PARAMETERS = {
-    "tiny": 2_615_424,
+    "tiny": 3_401_856,
     "gpt2-124m": 124_439_808,
     "gpt2-350m": 354_823_168,
     "gpt2-774m": 774_030_080,
