@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
-    a("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
+    a(
+        "--weight-decay",
+        type=float,
+        default=0.1,
+        help="decay on the blocks' weight matrices (AdamW's or Muon's)",
+    )
     a(
         "--scheduler",
         choices=SCHEDULES,

@@ -49,10 +49,6 @@ class MuonAdamW:
         # read each time: load_state_dict replaces the inner optimizers' group dicts
         return self.muon.param_groups + self.adamw.param_groups
 
-    @property
-    def state(self) -> dict:
-        return {**self.muon.state, **self.adamw.state}
-
     def step(self, closure=None) -> None:
         self.muon.step()
         self.adamw.step()
