@@ -24,9 +24,11 @@ from lib.inference import GenerationParams, InferenceService
 PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
 
 
-async def run(service, concurrency: int, batch_size: int, per_caller: int, new_tokens: int):
+async def run(
+    service, concurrency: int, batch_size: int, per_caller: int, new_tokens: int, threads: int
+):
     """(tokens/s, median latency s) for `concurrency` callers, each sending `per_caller`."""
-    engine = service.create_engine(max_batch_size=batch_size)
+    engine = service.create_engine(max_batch_size=batch_size, threads=threads)
     engine.start()
     latencies: list[float] = []
     tokens = 0
@@ -64,18 +66,20 @@ def main() -> None:
     p.add_argument("--requests-per-caller", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # load in this thread with one: the engine's thread does the math
     service = InferenceService.from_checkpoint(args.checkpoint)
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{platform.machine()}, {threads} threads, torch {torch.__version__}")
     print(
         "| callers | tok/s, batching (64 rows) | tok/s, batch size 1 | ratio | median latency (s), batching / size 1 |"
     )
     print("| --- | --- | --- | --- | --- |")
     for n in args.concurrency:
         batched, lat_b = asyncio.run(
-            run(service, n, 64, args.requests_per_caller, args.max_new_tokens)
+            run(service, n, 64, args.requests_per_caller, args.max_new_tokens, threads)
         )
         single, lat_s = asyncio.run(
-            run(service, n, 1, args.requests_per_caller, args.max_new_tokens)
+            run(service, n, 1, args.requests_per_caller, args.max_new_tokens, threads)
         )
         print(
             f"| {n} | {batched:,.0f} | {single:,.0f} | {batched / single:.2f}x | {lat_b:.3f} / {lat_s:.3f} |"

@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads for the model's math (torch.set_num_threads); default: torch's "
-        "choice (all cores). Fewer can be faster when other busy processes share the cores",
+        description="CPU threads for the model's math (torch.set_num_threads on the engine's "
+        "thread); default: all the cores the process may use but one, which is left to the HTTP "
+        "side",
     )
     max_batch_size: int = Field(
         64,

@@ -15,8 +15,11 @@ from lib.inference import (
     InferenceService,
     QueueFull,
 )
+from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
+from lib.inference.engine import available_cores
 from lib.inference.generation import encode_prompts
+from lib.inference.sampling import SamplingTensors, sample_next
 from tests.conftest import is_russian
 
 PROMPTS = [
@@ -57,11 +60,19 @@ async def with_engine(service: InferenceService, body, **kwargs):
 
 
 # -- the decoder ----------------------------------------------------------------------------------
-def test_decoder_logits_equal_the_model_forward(service):
-    """Prefill, decode at different positions per row, and a row moved to another slot."""
+@pytest.mark.parametrize("library", ["torch", "onednn"])
+def test_decoder_logits_equal_the_model_forward(service, library, monkeypatch):
+    """Prefill, decode at different positions per row, and a row moved to another slot; with
+    torch's own matrix products and with oneDNN's for every row count."""
     model, tok = service.model, service.tokenizer
     prompts = encode_prompts(tok, PROMPTS[:3])
     dec = GPT2SlotDecoder(model)
+    if library == "onednn":
+        if torch.backends.mkldnn.is_available():  # x86 and arm64 builds of torch have it
+            assert dec._onednn is not None, "oneDNN's linear failed its start-up check"
+        monkeypatch.setattr(decoder_module, "ONEDNN_MIN_ROWS", 1)
+    else:
+        dec._onednn = None
     dec.reserve(3, 64)
     with torch.inference_mode():
         logits = dec.prefill(prompts, 0)
@@ -76,6 +87,28 @@ def test_decoder_logits_equal_the_model_forward(service):
         for ids, row in zip(seqs, step, strict=True):
             ref = model(torch.tensor([ids])).logits[0, -1]
             assert torch.allclose(row, ref, atol=1e-4)
+
+
+def test_repetition_penalty_touches_exactly_the_seen_tokens():
+    """The penalty gathers and scatters the seen ids (repeats and padding included); it must give
+    what the dense rule gives: logit / p where positive, logit * p where not, on seen tokens only."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 50
+    logits = torch.randn((3, vocab), generator=g) * 4
+    history = torch.tensor([[0, 7, 7, 9, 0, 0], [0, 1, 2, 3, 4, 5], [0, 49, 0, 0, 0, 0]])
+    params = [
+        GenerationParams(temperature=0, repetition_penalty=1.5),
+        GenerationParams(temperature=0, repetition_penalty=1.0),
+        GenerationParams(temperature=0, repetition_penalty=0.7),
+    ]
+    penalty = torch.tensor([1.5, 1.0, 0.7])[:, None]
+    seen = torch.zeros((3, vocab), dtype=torch.bool).scatter_(1, history, True)
+    dense = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    got = logits.clone()
+    picked = sample_next(got, history, SamplingTensors.build(params, vocab, "cpu"), None)
+    assert torch.equal(got, dense)
+    assert picked.tolist() == dense.argmax(-1).tolist()
+    assert not torch.equal(dense[0], logits[0]) and torch.equal(dense[1], logits[1])
 
 
 # -- correctness under batching -------------------------------------------------------------------
@@ -256,3 +289,21 @@ def test_a_model_failure_fails_its_batch_and_the_engine_goes_on(service, model_f
     outcomes, after = run(with_engine(service, body))
     assert all(isinstance(o, GenerationFailed) for o in outcomes), outcomes
     assert after.text == expected
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_engine_thread_does_the_math_with_its_own_thread_count(service, threads):
+    """ML_SERVICE_TORCH_THREADS reaches the decoding thread (the observer runs on it), and the
+    default leaves one core to the callers' side."""
+    seen = []
+
+    class Threads(EngineObserver):
+        def on_step(self, batch_size, seconds):
+            seen.append(torch.get_num_threads())
+
+    async def body(engine):
+        return await engine.submit(service.prepare("Москва", GenerationParams(max_new_tokens=3)))
+
+    run(with_engine(service, body, observer=Threads(), threads=threads))
+    assert seen and set(seen) == {threads}
+    assert service.create_engine().threads == max(1, available_cores() - 1)

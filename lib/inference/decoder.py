@@ -9,6 +9,14 @@ place, so the live slots stay contiguous and decoding reads the cache without co
 The weights are the `GPT2LMHeadModel`'s own tensors (LayerNorms, Conv1D projections, MLP),
 called through torch's functional ops so that a step pays no `nn.Module` dispatch per op; the
 logits equal `model(...)`'s up to float rounding, and tests compare them.
+
+On a CPU the matrix products go to the faster of two libraries for their shape. torch's default
+(MKL's GEMM) is quickest for one or a few rows of the small block matrices, but on CPUs where MKL
+does not use AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is about twice as fast for the output
+projection at any batch size and for the block matrices from a dozen rows on (BENCHMARKS.md, "The
+decode step"). oneDNN is reached through `torch.ops.mkldnn._linear_pointwise`, an operator of
+torch's own CPU compiler path; it is checked against `F.linear` once at start-up and left unused
+where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
 """
 
 from __future__ import annotations
@@ -21,6 +29,34 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
+ONEDNN_MIN_ROWS = 8  # from this many rows on, the block matrices go to oneDNN (see the docstring)
+
+
+def _onednn_linear():
+    """oneDNN's fp32/bf16 `linear` on the CPU (x (N, in), w (out, in), bias), or None where this
+    torch lacks it or its answer differs from `F.linear`'s."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=g) for shape in ((5, 24), (40, 24), (40,)))
+        ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        ok = ok and torch.allclose(
+            op(x, w.t().contiguous().t(), None, "none", [], ""), x @ w.t(), atol=1e-5
+        )
+    except (RuntimeError, NotImplementedError):
+        return None
+    if not ok:
+        return None
+    return partial(_call_onednn, op)
+
+
+def _call_onednn(op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return op(x, w, b, "none", [], "")
+
+
+_ONEDNN = _onednn_linear()
 
 
 class UnsupportedModel(ValueError):
@@ -98,6 +134,12 @@ class GPT2SlotDecoder:
         self.context = cfg.n_positions
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
+        onednn = (
+            _ONEDNN
+            if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+            else None
+        )
+        self._onednn = onednn
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.slots = 0  # allocated slots
@@ -126,20 +168,29 @@ class GPT2SlotDecoder:
         for cache in self.k + self.v:
             cache[dst] = cache[src]
 
+    def _conv1d(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """x @ w + b for a Conv1D weight w (in, out), by the faster library for x's row count."""
+        if self._onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
+            return self._onednn(x, w.t(), b)  # a view: oneDNN reads the transposed layout as is
+        return torch.addmm(b, x, w)
+
     def _attention_inputs(self, w: _BlockWeights, h: torch.Tensor):
         """q, k, v of the block for hidden states h (N, C): each (N, H, hd)."""
         N = h.shape[0]
-        qkv = torch.addmm(w.attn_b, _layer_norm(h, w.ln_1), w.attn_w)  # (N, 3C)
+        qkv = self._conv1d(_layer_norm(h, w.ln_1), w.attn_w, w.attn_b)  # (N, 3C)
         return (x.view(N, self.n_head, self.head_dim) for x in qkv.split(h.shape[-1], dim=1))
 
     def _block_rest(self, w: _BlockWeights, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The attention output projection and the MLP, with their residuals; (N, C)."""
-        h = h + torch.addmm(w.proj_b, a, w.proj_w)
-        m = self.act(torch.addmm(w.fc_b, _layer_norm(h, w.ln_2), w.fc_w))
-        return h + torch.addmm(w.out_b, m, w.out_w)
+        h = h + self._conv1d(a, w.proj_w, w.proj_b)
+        m = self.act(self._conv1d(_layer_norm(h, w.ln_2), w.fc_w, w.fc_b))
+        return h + self._conv1d(m, w.out_w, w.out_b)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32
-        return F.linear(_layer_norm(h, self.ln_f), self.lm_head).float()
+        x = _layer_norm(h, self.ln_f)
+        if self._onednn is not None:
+            return self._onednn(x, self.lm_head, None).float()
+        return F.linear(x, self.lm_head).float()
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)
@@ -178,7 +229,11 @@ class GPT2SlotDecoder:
         B = len(positions)
         pos = torch.tensor(positions, device=self.device)
         Tk = max(positions) + 1
-        mask = (torch.arange(Tk, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        # additive (0 / -inf), built once for all layers: SDPA would convert a boolean one per call
+        mask = torch.zeros((B, 1, 1, Tk), device=self.device, dtype=self.dtype).masked_fill_(
+            (torch.arange(Tk, device=self.device)[None, :] > pos[:, None])[:, None, None, :],
+            float("-inf"),
+        )
         h = self._embed(ids.to(self.device), pos)  # (B, C)
         rows = torch.arange(B, device=self.device)
         for layer, w in enumerate(self.weights):

@@ -11,6 +11,16 @@ The engine knows nothing of HTTP: it takes token ids and `GenerationParams`, and
 one event loop reaches that loop in one hand-over (not one per token), so a busy batch does not
 flood the loop with wake-ups. A caller that goes away (its task is
 cancelled) cancels its sequence, which leaves the batch at the next step.
+
+The decoding thread does the model's math with `threads` CPU threads (default: all cores but one,
+see `default_math_threads`), and it should be the only
+thread of the process that uses more than one. torch's OpenMP runtime (libgomp) keeps a pool of
+worker threads for each thread that ever ran a parallel operation; once the pools together hold
+more threads than there are cores, its workers stop spinning between parallel regions and sleep
+after each one. On 2 cores, a 16-row decode step of the default model took 4.1 ms in a thread of a
+process whose loading thread had used two threads, and 1.9 ms when that thread had used one. So
+load and warm up with `torch.set_num_threads(1)` in the loading thread, as `ml_service` does; the
+engine sets its own count when its thread starts.
 """
 
 from __future__ import annotations
@@ -18,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from lib.inference.generation import (
     DecodeBatch,
@@ -62,6 +75,21 @@ class EngineObserver:
     def on_finished(self, request: GenerationRequest) -> None: ...
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_math_threads() -> int:
+    """Every core but one, which is left to the callers' side (the HTTP event loop, streaming).
+    On 2 cores that is one thread, and it measured faster than two at every load, batched or not
+    (BENCHMARKS.md): two would make each parallel region wait for a core the event loop holds."""
+    return max(1, available_cores() - 1)
+
+
 class GenerationEngine:
     def __init__(
         self,
@@ -73,7 +101,9 @@ class GenerationEngine:
         max_queue: int = 256,
         lock: threading.Lock | None = None,
         observer: EngineObserver | None = None,
+        threads: int | None = None,
     ):
+        self.threads = threads or default_math_threads()  # the model's math, on the engine thread
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -170,6 +200,7 @@ class GenerationEngine:
 
     # -- the decoding thread --------------------------------------------------------------------
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP team (see the module docstring)
         batch = self._batch
         while True:
             with self._cond:

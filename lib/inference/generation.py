@@ -144,7 +144,11 @@ class DecodeBatch:
         self.max_rows = max_rows
         self.observer = observer
         self.rows: list[_Row] = []
-        self.seen = torch.zeros((0, self.vocab), dtype=torch.bool, device=self.decoder.device)
+        # each row's tokens so far (prompt, then generated), padded with EOS, which every prompt
+        # starts with: what the repetition penalty looks at
+        self.history = torch.full(
+            (0, self.decoder.context), self.eos, dtype=torch.long, device=self.decoder.device
+        )
         self._sampling: SamplingTensors | None = None  # for all rows; rebuilt when rows change
 
     @property
@@ -164,15 +168,13 @@ class DecodeBatch:
         first, n = len(self.rows), len(requests)
         need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
         self.decoder.reserve(first + n, need)
-        if self.seen.shape[0] < first + n:
-            grown = torch.zeros(
-                (self.max_rows, self.vocab), dtype=torch.bool, device=self.seen.device
-            )
-            grown[: len(self.rows)] = self.seen[: len(self.rows)]
-            self.seen = grown
+        if self.history.shape[0] < first + n:
+            grown = self.history.new_full((self.max_rows, self.history.shape[1]), self.eos)
+            grown[: len(self.rows)] = self.history[: len(self.rows)]
+            self.history = grown
         for i, r in enumerate(requests):
-            self.seen[first + i].zero_()
-            self.seen[first + i, r.prompt_ids] = True
+            self.history[first + i].fill_(self.eos)
+            self.history[first + i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
         new_rows = [_Row(r) for r in requests]
         self.rows.extend(new_rows)
@@ -215,26 +217,31 @@ class DecodeBatch:
     def _advance(self, first: int, logits: torch.Tensor, sampling: SamplingTensors) -> None:
         """Sample a token for rows first.. (one logits row each), then update text and state."""
         rows = self.rows[first:]
-        for i, row in enumerate(rows):
-            if len(row.generated) < row.params.min_new_tokens:
-                logits[i, self.eos] = -torch.inf
-        seen = self.seen[first : first + len(rows)]
+        early = [i for i, row in enumerate(rows) if len(row.generated) < row.params.min_new_tokens]
+        if early:  # no end of document before min_new_tokens
+            logits[early, self.eos] = -torch.inf
+        lengths = [len(row.request.prompt_ids) + len(row.generated) for row in rows]
+        history = self.history[first : first + len(rows), : max(lengths)]
 
         def uniforms() -> torch.Tensor:  # greedy rows draw nothing
             return torch.tensor(
                 [0.0 if row.params.temperature <= 0 else row.next_uniform() for row in rows]
             )
 
-        next_ids = sample_next(logits, seen, sampling, uniforms).tolist()
+        next_tensor = sample_next(logits, history, sampling, uniforms)
+        # recorded for every row (EOS, which ends a row, is in its history already)
+        room = [i for i, n in enumerate(lengths) if n < self.history.shape[1]]
+        if room:
+            self.history[[first + i for i in room], [lengths[i] for i in room]] = next_tensor[room]
+        next_ids = next_tensor.tolist()
         now = time.monotonic()
         grew: list[_Row] = []
         gaps: list[float] = []
-        for i, (row, tok) in enumerate(zip(rows, next_ids, strict=True)):
+        for row, tok in zip(rows, next_ids, strict=True):
             if tok == self.eos:
                 row.finish_reason = "eos"
                 continue
             row.generated.append(tok)
-            seen[i, tok] = True
             if row.request.first_token_at is None:
                 row.request.first_token_at = now
             else:
@@ -281,7 +288,7 @@ class DecodeBatch:
             row, last = self.rows[i], len(self.rows) - 1
             if i != last:
                 self.decoder.move(last, i)
-                self.seen[i] = self.seen[last]
+                self.history[i] = self.history[last]
                 self.rows[i] = self.rows[last]
             self.rows.pop()
             self._finish(row)

@@ -27,6 +27,9 @@ class SamplingTensors:
     penalty: torch.Tensor
     greedy: torch.Tensor  # (B,) bool
     k_max: int  # the largest top_k of the batch: only that many candidates are sorted
+    any_greedy: bool
+    all_greedy: bool
+    any_penalty: bool  # some row's repetition penalty is not 1
 
     @classmethod
     def build(cls, params: Sequence, vocab: int, device: torch.device) -> SamplingTensors:
@@ -35,6 +38,7 @@ class SamplingTensors:
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         temperature = column([p.temperature for p in params])
+        greedy = [p.temperature <= 0 for p in params]
         return cls(
             temperature=temperature,
             top_k=column(top_k, torch.long),
@@ -42,20 +46,29 @@ class SamplingTensors:
             penalty=column([p.repetition_penalty for p in params]),
             greedy=temperature[:, 0] <= 0,
             k_max=max(top_k),
+            any_greedy=any(greedy),
+            all_greedy=all(greedy),
+            any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         )
 
 
 def sample_next(
     logits: torch.Tensor,
-    seen: torch.Tensor,
+    history: torch.Tensor,
     sp: SamplingTensors,
     uniforms: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """One token id per row from logits (B, vocab); `seen` (B, vocab) marks tokens to penalise.
-    `uniforms()` gives each row's next number in [0, 1) (B,); all-greedy batches never call it."""
-    penalised = torch.where(logits > 0, logits / sp.penalty, logits * sp.penalty)
-    logits = torch.where(seen & (sp.penalty != 1.0), penalised, logits)
-    if bool(sp.greedy.all()):
+    """One token id per row from logits (B, vocab), which it penalises in place.
+
+    `history` (B, T) holds the token ids each row has seen (its prompt and what it generated),
+    padded with any of them: the repetition penalty touches those logits only (a gather and a
+    scatter of B x T values, not passes over B x vocab). `uniforms()` gives each row's next number
+    in [0, 1) (B,); all-greedy batches never call it."""
+    if sp.any_penalty:
+        seen = logits.gather(1, history)
+        seen = torch.where(seen > 0, seen / sp.penalty, seen * sp.penalty)
+        logits.scatter_(1, history, seen)  # a repeated id writes the same value again
+    if sp.all_greedy:
         return logits.argmax(dim=-1)
     # the k_max best candidates of every row, best first: (B, k_max)
     if sp.k_max < logits.shape[-1]:
@@ -72,4 +85,6 @@ def sample_next(
     u = uniforms().to(cdf.device)  # (B,)
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
     sampled = top_idx.gather(1, choice)[:, 0]
+    if not sp.any_greedy:
+        return sampled
     return torch.where(sp.greedy, logits.argmax(dim=-1), sampled)

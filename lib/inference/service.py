@@ -128,8 +128,10 @@ class InferenceService:
         max_wait_s: float = 0.0,
         max_queue: int = 256,
         observer: EngineObserver | None = None,
+        threads: int | None = None,
     ) -> GenerationEngine:
-        """The continuous-batching engine over this model (start() it; it shares the lock)."""
+        """The continuous-batching engine over this model (start() it; it shares the lock).
+        `threads`: CPU threads for its math (default: all the process's cores but one)."""
         return GenerationEngine(
             self.model,
             self.tokenizer,
@@ -138,6 +140,7 @@ class InferenceService:
             max_queue=max_queue,
             lock=self._lock,
             observer=observer,
+            threads=threads,
         )
 
     # -- generation ---------------------------------------------------------------------------

@@ -9,9 +9,12 @@ from ml_service.contract import InvalidInput, ModelService
 
 
 def load_inference(settings) -> InferenceService:
-    """The checkpoint the settings name, or (only when asked) a randomly initialised preset."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    """The checkpoint the settings name, or (only when asked) a randomly initialised preset.
+
+    The calling thread loads (and then warms up) with one CPU thread: the engine's thread does
+    the serving math with `settings.torch_threads`, and a second OpenMP pool left by this thread
+    would slow every decode step down (see `lib/inference/engine.py`)."""
+    torch.set_num_threads(1)
     if settings.random_preset:
         return InferenceService.random_baseline(settings.random_preset)
     return InferenceService.from_checkpoint(

@@ -52,6 +52,7 @@ class TextGenerationService(CheckpointService):
             max_wait_s=s.batch_wait_ms / 1000,
             max_queue=s.max_queue,
             observer=observer,
+            threads=s.torch_threads,
         )
 
     def predict(self, batch: list[PreparedPrompt]) -> list[GenerationResult]:
