@@ -194,6 +194,20 @@ def test_stream_pieces_add_up_to_the_result(service):
     assert final.completion_tokens == 40
 
 
+def test_a_reader_that_fell_behind_gets_the_backlog_as_one_piece(service):
+    params = GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0)
+
+    async def body(engine):
+        stream = engine.stream(service.prepare("Москва", params))
+        while not stream.request.done:  # the whole generation happens before the first read
+            await asyncio.sleep(0.01)
+        return [event async for event in stream]
+
+    events = run(with_engine(service, body))
+    assert len(events) == 2 and isinstance(events[0], str)
+    assert events[0] == events[1].text and events[1].completion_tokens == 20
+
+
 def test_stream_never_shows_text_past_a_stop_string(service):
     free = service.generate(
         "Он открыл дверь и", GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=0)

@@ -262,6 +262,8 @@ class GenerationEngine:
 class TokenStream:
     """Pieces of text (str) as they are generated, then the final `GenerationResult`.
 
+    A reader that falls behind gets what piled up as one piece (so a busy server sends fewer,
+    larger events instead of a backlog of one-token ones); the pieces always add up to the text.
     Closing it early (the client went away) cancels the sequence."""
 
     def __init__(self, request: GenerationRequest, events: asyncio.Queue):
@@ -275,6 +277,13 @@ class TokenStream:
         try:
             while True:
                 event = await self._events.get()
+                while isinstance(event, str) and not self._events.empty():
+                    following = self._events.get_nowait()
+                    if not isinstance(following, str):
+                        yield event
+                        event = following
+                        break
+                    event += following
                 if isinstance(event, BaseException):
                     raise event
                 yield event
