@@ -381,8 +381,12 @@ class Server:
         self.port = free_port()
         self.log_path = log_dir / f"{system.name}.log"
         env = dict(os.environ, **system.env())
-        # the same number of intra-op threads for every server
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if threads:  # the same number of math threads for every server
+            env.update(
+                OMP_NUM_THREADS=str(threads),
+                MKL_NUM_THREADS=str(threads),
+                ML_SERVICE_TORCH_THREADS=str(threads),
+            )
         env.pop("ML_SERVICE_PORT", None)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -600,7 +604,7 @@ def format_line(s: dict) -> str:
 # report
 
 
-def machine_info(threads: int) -> str:
+def machine_info(threads: int | None) -> str:
     import torch
     import transformers
 
@@ -613,8 +617,15 @@ def machine_info(threads: int) -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores ({platform.machine()}), no GPU; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; every server with {threads} intra-op threads "
-        f"(OMP_NUM_THREADS={threads}), one at a time; the client is one asyncio + httpx process"
+        f"transformers {transformers.__version__}; "
+        + (
+            f"every server with {threads} math threads (OMP_NUM_THREADS / "
+            f"ML_SERVICE_TORCH_THREADS={threads})"
+            if threads
+            else "every server with its default threads (the peer: torch's, all "
+            f"{os.cpu_count()} cores; ours: all cores but one for the model, the last for HTTP)"
+        )
+        + "; one server at a time; the client is one asyncio + httpx process"
     )
 
 
@@ -846,7 +857,13 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=160)
     p.add_argument("--val-fraction", type=float, default=0.05, help="as the training default")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per server")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="math threads for every server (OMP_NUM_THREADS for the peer, "
+        "ML_SERVICE_TORCH_THREADS for ours); default: each server's own default",
+    )
     p.add_argument("--warmup-burst", type=int, default=8)
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
     p.add_argument(

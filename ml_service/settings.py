@@ -43,8 +43,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="CPU threads for the model's math (torch.set_num_threads on the engine's "
-        "thread); default: all the cores the process may use but one, which is left to the HTTP "
-        "side",
+        "thread); default: OMP_NUM_THREADS if set, else all the cores the process may use but "
+        "one, which is left to the HTTP side",
     )
     max_batch_size: int = Field(
         64,

@@ -306,9 +306,9 @@ def test_a_model_failure_fails_its_batch_and_the_engine_goes_on(service, model_f
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_engine_thread_does_the_math_with_its_own_thread_count(service, threads):
-    """ML_SERVICE_TORCH_THREADS reaches the decoding thread (the observer runs on it), and the
-    default leaves one core to the callers' side."""
+def test_the_engine_thread_does_the_math_with_its_own_thread_count(service, threads, monkeypatch):
+    """ML_SERVICE_TORCH_THREADS reaches the decoding thread (the observer runs on it); the
+    default is OMP_NUM_THREADS, or all cores but one (left to the callers' side)."""
     seen = []
 
     class Threads(EngineObserver):
@@ -320,4 +320,7 @@ def test_the_engine_thread_does_the_math_with_its_own_thread_count(service, thre
 
     run(with_engine(service, body, observer=Threads(), threads=threads))
     assert seen and set(seen) == {threads}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert service.create_engine().threads == max(1, available_cores() - 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert service.create_engine().threads == 3

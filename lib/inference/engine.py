@@ -12,8 +12,8 @@ one event loop reaches that loop in one hand-over (not one per token), so a busy
 flood the loop with wake-ups. A caller that goes away (its task is
 cancelled) cancels its sequence, which leaves the batch at the next step.
 
-The decoding thread does the model's math with `threads` CPU threads (default: all cores but one,
-see `default_math_threads`), and it should be the only
+The decoding thread does the model's math with `threads` CPU threads (default: OMP_NUM_THREADS, or
+all cores but one: see `default_math_threads`), and it should be the only
 thread of the process that uses more than one. torch's OpenMP runtime (libgomp) keeps a pool of
 worker threads for each thread that ever ran a parallel operation; once the pools together hold
 more threads than there are cores, its workers stop spinning between parallel regions and sleep
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -84,9 +85,13 @@ def available_cores() -> int:
 
 
 def default_math_threads() -> int:
-    """Every core but one, which is left to the callers' side (the HTTP event loop, streaming).
-    On 2 cores that is one thread, and it measured faster than two at every load, batched or not
-    (BENCHMARKS.md): two would make each parallel region wait for a core the event loop holds."""
+    """OMP_NUM_THREADS when it is set (torch's own knob); otherwise every core but one, which is
+    left to the callers' side (the HTTP event loop, streaming). On 2 cores that is one thread,
+    and it measured faster than two at every load, batched or not (BENCHMARKS.md): with two, each
+    parallel region waits for the core the event loop holds."""
+    with contextlib.suppress(ValueError):
+        if (n := int(os.environ.get("OMP_NUM_THREADS", ""))) > 0:
+            return n
     return max(1, available_cores() - 1)
 
 

@@ -1,0 +1,85 @@
+"""One decode step of the serving engine's `DecodeBatch`, without the engine or HTTP: the time
+of a step at B running rows, with the matrix products in torch's default library (MKL on x86)
+and with the engine's choice (oneDNN for the output projection, and for the block matrices from
+`ONEDNN_MIN_ROWS` rows on; see lib/inference/decoder.py), at 1 and 2 CPU threads.
+
+Every row continues the same prompt for 64 tokens (EOS held off), sampled at temperature 0.8 with
+the service's default top-k/top-p/repetition penalty; a row's time is the mean step time of one
+such run, the best of `--repeats` (the machine is shared and noisy).
+
+    python bench/decode_bench.py                 # prints a markdown table
+    python bench/decode_bench.py --rows 1 16 --threads 1 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from lib.config import DEFAULT_CHECKPOINT
+from lib.inference import GenerationParams, InferenceService
+from lib.inference import decoder as decoder_module
+from lib.inference.generation import DecodeBatch, GenerationRequest, encode_prompts
+
+PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
+
+
+def step_ms(service: InferenceService, rows: int, onednn: bool, new_tokens: int) -> float:
+    """Mean milliseconds per decode step of `rows` rows generating `new_tokens` tokens each."""
+    ids = encode_prompts(service.tokenizer, [PROMPT])[0]
+    batch = DecodeBatch(service.model, service.tokenizer, max_rows=rows)
+    if not onednn:
+        batch.decoder._onednn = None
+    params = [
+        GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=i)
+        for i in range(rows)
+    ]
+    batch.admit([GenerationRequest(ids, p) for p in params])
+    steps, t0 = 0, time.perf_counter()
+    while batch.rows:
+        batch.step()
+        steps += 1
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args()
+    service = InferenceService.from_checkpoint(args.checkpoint)
+    onednn_ok = service.create_engine()._batch.decoder._onednn is not None
+    print(
+        f"{platform.machine()}, torch {torch.__version__}, oneDNN linear "
+        f"{'available' if onednn_ok else 'NOT available (both columns use torch)'}, "
+        f"ONEDNN_MIN_ROWS={decoder_module.ONEDNN_MIN_ROWS}"
+    )
+    print()
+    print(
+        "| threads | rows | ms/step, torch only | ms/step, engine's choice | speed-up | ms per row-token |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for rows in args.rows:
+            times = {False: [], True: []}
+            for _ in range(args.repeats):  # interleaved, so drift hits both alike
+                for onednn in (False, True):
+                    times[onednn].append(step_ms(service, rows, onednn, args.max_new_tokens))
+            plain, chosen = min(times[False]), min(times[True])
+            print(
+                f"| {threads} | {rows} | {plain:.2f} | {chosen:.2f} | {plain / chosen:.2f}x "
+                f"| {chosen / rows:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
