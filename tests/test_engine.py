@@ -20,7 +20,7 @@ from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.engine import available_cores
 from lib.inference.generation import encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
-from tests.conftest import is_russian
+from tests.conftest import CHECKPOINT, is_russian
 
 PROMPTS = [
     "Привет, мир!",
@@ -87,6 +87,20 @@ def test_decoder_logits_equal_the_model_forward(service, library, monkeypatch):
         for ids, row in zip(seqs, step, strict=True):
             ref = model(torch.tensor([ids])).logits[0, -1]
             assert torch.allclose(row, ref, atol=1e-4)
+
+
+def test_bfloat16_weights_decode_like_the_bfloat16_model():
+    """ML_SERVICE_DTYPE=bfloat16: the decoder (oneDNN's bf16 GEMM where available) gives the
+    logits of the bf16 model's own forward, and greedy text is still Russian."""
+    bf16 = InferenceService.from_checkpoint(CHECKPOINT, dtype=torch.bfloat16)
+    prompts = encode_prompts(bf16.tokenizer, PROMPTS[:2])
+    with torch.inference_mode():
+        logits = GPT2SlotDecoder(bf16.model).prefill(prompts, 0)
+        for ids, row in zip(prompts, logits, strict=True):
+            ref = bf16.model(torch.tensor([ids])).logits[0, -1].float()
+            assert torch.allclose(row, ref, atol=0.05)
+    text = bf16.generate("Привет, мир!", GenerationParams(max_new_tokens=16, temperature=0)).text
+    assert is_russian(text), text
 
 
 def test_repetition_penalty_touches_exactly_the_seen_tokens():
