@@ -45,7 +45,7 @@ def _onednn_linear():
         ok = ok and torch.allclose(
             op(x, w.t().contiguous().t(), None, "none", [], ""), x @ w.t(), atol=1e-5
         )
-    except (RuntimeError, NotImplementedError):
+    except Exception:  # any failure (another torch's signature, a build without it): not used
         return None
     if not ok:
         return None
