@@ -30,6 +30,12 @@ time) and `tf-serve-cb` (the same with `--continuous-batching`). The peer needs
     python bench/serve_bench.py --stream --write BENCHMARKS.md --plot bench/serve_bench.png
     python bench/serve_bench.py --systems ours tf-serve-cb --concurrency 4 --requests-per-client 2
     python bench/serve_bench.py --rate 2 8 --num-requests 64 --stream
+
+On a GPU, with a randomly initialised GPT-2 small (bench/random_checkpoint.py writes it):
+
+    python bench/random_checkpoint.py --preset gpt2-124m
+    python bench/serve_bench.py --checkpoint runs/bench/random-gpt2-124m --device cuda \
+        --dtype bfloat16 --stream
 """
 
 from __future__ import annotations
@@ -156,9 +162,10 @@ class Ours(System):
     ready_path = "/ready"  # /health answers while the model still loads
     path = "/forward"
 
-    def __init__(self, name: str, max_batch_size: int):
+    def __init__(self, name: str, max_batch_size: int, device: str = "cpu", dtype: str = "float32"):
         self.name = name
         self.max_batch_size = max_batch_size
+        self.device, self.dtype = device, dtype
         self.description = (
             "our service, continuous batching (up to 64 rows)"
             if max_batch_size > 1
@@ -169,10 +176,13 @@ class Ours(System):
         return [sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", str(port)]
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "ML_SERVICE_MAX_BATCH_SIZE": str(self.max_batch_size),
             "ML_SERVICE_LOG_LEVEL": "warning",
         }
+        if (self.device, self.dtype) != ("cpu", "float32"):
+            env.update(ML_SERVICE_DEVICE=self.device, ML_SERVICE_DTYPE=self.dtype)
+        return env
 
     def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
         body = {
@@ -203,9 +213,17 @@ class Ours(System):
 class TransformersServe(System):
     path = "/v1/completions"
 
-    def __init__(self, name: str, continuous_batching: bool, checkpoint: Path):
+    def __init__(
+        self,
+        name: str,
+        continuous_batching: bool,
+        checkpoint: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         self.name = name
         self.cb = continuous_batching
+        self.device, self.dtype = device, dtype
         self.description = (
             "`transformers serve --continuous-batching` (paged attention)"
             if continuous_batching
@@ -218,7 +236,8 @@ class TransformersServe(System):
         cmd = [str(exe) if exe.exists() else "transformers", "serve", str(checkpoint)]
         if self.cb:
             cmd.append("--continuous-batching")
-        cmd += ["--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--device", self.device, "--dtype", self.dtype]
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
         return cmd
 
     def display_command(self, checkpoint: str, port: str = "PORT") -> str:
@@ -282,12 +301,14 @@ def _checked(latency: float, usage: dict, expected: int, ttft: float | None = No
     return RequestResult(True, latency, tokens, ttft, prompt_tokens=prompt_tokens)
 
 
-def make_systems(names: list[str], checkpoint: Path) -> list[System]:
+def make_systems(
+    names: list[str], checkpoint: Path, device: str = "cpu", dtype: str = "float32"
+) -> list[System]:
     factories = {
-        "ours": lambda: Ours("ours", 64),
-        "ours-nobatch": lambda: Ours("ours-nobatch", 1),
-        "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint),
-        "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint),
+        "ours": lambda: Ours("ours", 64, device, dtype),
+        "ours-nobatch": lambda: Ours("ours-nobatch", 1, device, dtype),
+        "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint, device, dtype),
+        "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint, device, dtype),
     }
     return [factories[n]() for n in names]
 
@@ -604,7 +625,7 @@ def format_line(s: dict) -> str:
 # report
 
 
-def machine_info(threads: int | None) -> str:
+def machine_info(threads: int | None, device: str = "cpu", dtype: str = "float32") -> str:
     import torch
     import transformers
 
@@ -614,8 +635,15 @@ def machine_info(threads: int | None) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    if device.startswith("cuda") and torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name(0)} ({dtype} weights) with {cpu}"
+    else:
+        where = f"{cpu}, no GPU ({dtype} weights)" if dtype != "float32" else f"{cpu}, no GPU"
+        where = where.replace(
+            ", no GPU", f", {os.cpu_count()} cores ({platform.machine()}), no GPU"
+        )
     return (
-        f"{cpu}, {os.cpu_count()} cores ({platform.machine()}), no GPU; "
+        f"{where}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; "
         + (
@@ -728,7 +756,9 @@ def markdown(summaries, args, command, info, elapsed, plot_rel, systems) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
-        "Against the targets (2-core CPU, 64 new tokens):",
+        "Against the targets ("
+        + (f"{os.cpu_count()}-core CPU" if args.device == "cpu" else args.device)
+        + f", {args.max_new_tokens} new tokens):",
         "",
         *lines,
         "",
@@ -839,6 +869,10 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", type=Path, default=Path("models/default"))
+    p.add_argument("--device", default="cpu", help="every server's torch device, e.g. cuda")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
+    )
     p.add_argument(
         "--systems", nargs="+", choices=SYSTEM_NAMES, default=list(SYSTEM_NAMES), metavar="SYSTEM"
     )
@@ -898,7 +932,7 @@ def parse_args(argv=None):
 async def amain(args) -> int:
     t_start = time.perf_counter()
     args.prompts = validation_prompts(args.num_prompts, args.prompt_chars, args.val_fraction)
-    systems = make_systems(args.systems, args.checkpoint)
+    systems = make_systems(args.systems, args.checkpoint, args.device, args.dtype)
     summaries: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
         for system in systems:
@@ -910,7 +944,7 @@ async def amain(args) -> int:
             summaries += [r.summary() for r in runs]
     elapsed = time.perf_counter() - t_start
     command = "python bench/serve_bench.py " + shlex.join(sys.argv[1:])
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, args.device, args.dtype)
     lines, failed = ratios(summaries)
     print(f"\n{info}\nwhole run {elapsed / 60:.1f} min\n" + "\n".join(lines))
     if args.json:
@@ -919,7 +953,8 @@ async def amain(args) -> int:
     if args.plot and plot(
         summaries,
         args.plot,
-        f"{args.checkpoint}, {args.max_new_tokens} new tokens/request, {os.cpu_count()}-core CPU",
+        f"{args.checkpoint}, {args.max_new_tokens} new tokens/request, "
+        + (args.device if args.device != "cpu" else f"{os.cpu_count()}-core CPU"),
     ):
         print(f"plot: {args.plot} ({args.plot.stat().st_size / 1024:.0f} KB)")
         if args.write:

@@ -1,0 +1,53 @@
+"""Write a randomly initialised checkpoint of a preset (HF format, the default model's tokenizer),
+for speed measurements of sizes we have not trained, e.g. the serving benchmark on a GPU:
+
+    python bench/random_checkpoint.py --preset gpt2-124m --out runs/bench/random-gpt2-124m
+    python bench/serve_bench.py --checkpoint runs/bench/random-gpt2-124m --device cuda --stream
+
+The weights are noise, so the text is too; the model card says so. The vocabulary is the preset's
+(50,257 for the GPT-2 presets: the output projection has its real size), larger than the
+tokenizer's, whose ids it covers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lib.config import DEFAULT_CHECKPOINT, PRESETS
+from lib.inference import InferenceService
+from lib.modeling import save_checkpoint
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS))
+    p.add_argument("--out", type=Path, help="default: runs/bench/random-PRESET")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = args.out or Path("runs/bench") / f"random-{args.preset}"
+    service = InferenceService.random_baseline(args.preset, args.tokenizer, seed=args.seed)
+    params = sum(t.numel() for t in service.model.parameters())
+    card = {
+        "model_id": f"random-{args.preset}",
+        "preset": args.preset,
+        "random_weights": True,
+        "note": "randomly initialised, never trained: for speed measurements only",
+        "parameters": params,
+    }
+    path = save_checkpoint(service.model, service.tokenizer, out, card)
+    (path / "README.md").write_text(
+        f"# random-{args.preset}\n\nA randomly initialised `{args.preset}` ({params:,} "
+        "parameters) that was never trained: its text is noise. Written by "
+        "`bench/random_checkpoint.py` for speed measurements only.\n",
+        encoding="utf-8",
+    )
+    print(f"{path}: random {args.preset}, {params:,} parameters")
+    return path
+
+
+if __name__ == "__main__":
+    main()
