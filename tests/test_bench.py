@@ -42,3 +42,13 @@ def test_engine_bench_compares_batching_with_batch_size_one():
     )  # fmt: skip
     (row,) = table_rows(out)
     assert row[0] == "2" and float(row[1].replace(",", "")) > 0 and row[3].endswith("x")
+
+
+def test_random_checkpoint_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "random-tiny"
+    run_script("bench/random_checkpoint.py", "--preset", "tiny", "--out", str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert AutoTokenizer.from_pretrained(str(out)).eos_token_id == model.config.eos_token_id
+    assert "never trained" in (out / "README.md").read_text(encoding="utf-8")
