@@ -144,8 +144,8 @@ class DecodeBatch:
         self.max_rows = max_rows
         self.observer = observer
         self.rows: list[_Row] = []
-        # each row's tokens so far (prompt, then generated), padded with EOS, which every prompt
-        # starts with: what the repetition penalty looks at
+        # each row's tokens so far (prompt, then generated), padded with its first prompt token:
+        # what the repetition penalty looks at (a repeated id changes nothing)
         self.history = torch.full(
             (0, self.decoder.context), self.eos, dtype=torch.long, device=self.decoder.device
         )
@@ -173,7 +173,7 @@ class DecodeBatch:
             grown[: len(self.rows)] = self.history[: len(self.rows)]
             self.history = grown
         for i, r in enumerate(requests):
-            self.history[first + i].fill_(self.eos)
+            self.history[first + i].fill_(r.prompt_ids[0])
             self.history[first + i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
         new_rows = [_Row(r) for r in requests]
@@ -229,7 +229,7 @@ class DecodeBatch:
             )
 
         next_tensor = sample_next(logits, history, sampling, uniforms)
-        # recorded for every row (EOS, which ends a row, is in its history already)
+        # recorded for every row (a row that just ended leaves before this matters)
         room = [i for i, n in enumerate(lengths) if n < self.history.shape[1]]
         if room:
             self.history[[first + i for i in room], [lengths[i] for i in room]] = next_tensor[room]
