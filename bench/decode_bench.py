@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
     service = InferenceService.from_checkpoint(args.checkpoint)
-    onednn_ok = service.create_engine()._batch.decoder._onednn is not None
+    onednn_ok = decoder_module._ONEDNN is not None
     print(
         f"{platform.machine()}, torch {torch.__version__}, oneDNN linear "
         f"{'available' if onednn_ok else 'NOT available (both columns use torch)'}, "

@@ -638,10 +638,8 @@ def machine_info(threads: int | None, device: str = "cpu", dtype: str = "float32
     if device.startswith("cuda") and torch.cuda.is_available():
         where = f"{torch.cuda.get_device_name(0)} ({dtype} weights) with {cpu}"
     else:
-        where = f"{cpu}, no GPU ({dtype} weights)" if dtype != "float32" else f"{cpu}, no GPU"
-        where = where.replace(
-            ", no GPU", f", {os.cpu_count()} cores ({platform.machine()}), no GPU"
-        )
+        where = f"{cpu}, {os.cpu_count()} cores ({platform.machine()}), no GPU"
+        where += f" ({dtype} weights)" if dtype != "float32" else ""
     return (
         f"{where}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "

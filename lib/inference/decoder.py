@@ -13,10 +13,10 @@ logits equal `model(...)`'s up to float rounding, and tests compare them.
 On a CPU the matrix products go to the faster of two libraries for their shape. torch's default
 (MKL's GEMM) is quickest for one or a few rows of the small block matrices, but on CPUs where MKL
 does not use AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is about twice as fast for the output
-projection at any batch size and for the block matrices from a dozen rows on (BENCHMARKS.md, "The
-decode step"). oneDNN is reached through `torch.ops.mkldnn._linear_pointwise`, an operator of
-torch's own CPU compiler path; it is checked against `F.linear` once at start-up and left unused
-where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
+projection at any batch size and for the block matrices from `ONEDNN_MIN_ROWS` rows on
+(BENCHMARKS.md, "The decode step"). oneDNN is reached through
+`torch.ops.mkldnn._linear_pointwise`, an operator of torch's own CPU compiler path; it is checked
+against `F.linear` once at start-up and left unused where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
 """
 
 from __future__ import annotations
@@ -134,12 +134,8 @@ class GPT2SlotDecoder:
         self.context = cfg.n_positions
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
-        onednn = (
-            _ONEDNN
-            if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-            else None
-        )
-        self._onednn = onednn
+        cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        self._onednn = _ONEDNN if cpu else None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.slots = 0  # allocated slots

@@ -220,7 +220,7 @@ class DecodeBatch:
         early = [i for i, row in enumerate(rows) if len(row.generated) < row.params.min_new_tokens]
         if early:  # no end of document before min_new_tokens
             logits[early, self.eos] = -torch.inf
-        lengths = [len(row.request.prompt_ids) + len(row.generated) for row in rows]
+        lengths = [row.position + 1 for row in rows]  # tokens so far: the next one's column
         history = self.history[first : first + len(rows), : max(lengths)]
 
         def uniforms() -> torch.Tensor:  # greedy rows draw nothing
@@ -229,10 +229,11 @@ class DecodeBatch:
             )
 
         next_tensor = sample_next(logits, history, sampling, uniforms)
-        # recorded for every row (a row that just ended leaves before this matters)
-        room = [i for i, n in enumerate(lengths) if n < self.history.shape[1]]
-        if room:
-            self.history[[first + i for i in room], [lengths[i] for i in room]] = next_tensor[room]
+        # recorded for every row (one that just ended leaves before it matters); prompt plus
+        # max_new_tokens fits the context (check_fits), so the column is always inside it
+        self.history[first : first + len(rows)].scatter_(
+            1, torch.tensor(lengths)[:, None], next_tensor[:, None]
+        )
         next_ids = next_tensor.tolist()
         now = time.monotonic()
         grew: list[_Row] = []
