@@ -9,6 +9,7 @@ such run, the best of `--repeats` (the machine is shared and noisy).
 
     python bench/decode_bench.py                 # prints a markdown table
     python bench/decode_bench.py --rows 1 16 --threads 1 --repeats 5
+    python bench/decode_bench.py --top-k-off     # the sampling table: rows with top-k off
 """
 
 from __future__ import annotations
@@ -27,14 +28,22 @@ from lib.inference.generation import DecodeBatch, GenerationRequest, encode_prom
 PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
 
 
-def step_ms(service: InferenceService, rows: int, onednn: bool, new_tokens: int) -> float:
-    """Mean milliseconds per decode step of `rows` rows generating `new_tokens` tokens each."""
+def step_ms(
+    service: InferenceService, rows: int, onednn: bool, new_tokens: int, top_k_off: int = 0
+) -> float:
+    """Mean milliseconds per decode step of `rows` rows generating `new_tokens` tokens each, the
+    first `top_k_off` of them with top-k off (top-p 0.95 alone: the whole vocabulary sorted)."""
     ids = encode_prompts(service.tokenizer, [PROMPT])[0]
     batch = DecodeBatch(service.model, service.tokenizer, max_rows=rows)
     if not onednn:
         batch.decoder._onednn = None
     params = [
-        GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, seed=i)
+        GenerationParams(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            seed=i,
+            top_k=0 if i < top_k_off else GenerationParams.top_k,
+        )
         for i in range(rows)
     ]
     batch.admit([GenerationRequest(ids, p) for p in params])
@@ -54,8 +63,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--top-k-off",
+        action="store_true",
+        help="instead: the engine's step with none, one or every row sampling with top-k off",
+    )
     args = p.parse_args()
     service = InferenceService.from_checkpoint(args.checkpoint)
+    if args.top_k_off:
+        sampling_table(service, args)
+        return
     onednn_ok = decoder_module._ONEDNN is not None
     print(
         f"{platform.machine()}, torch {torch.__version__}, oneDNN linear "
@@ -79,6 +96,23 @@ def main() -> None:
                 f"| {threads} | {rows} | {plain:.2f} | {chosen:.2f} | {plain / chosen:.2f}x "
                 f"| {chosen / rows:.3f} |"
             )
+
+
+def sampling_table(service: InferenceService, args) -> None:
+    print(
+        "| threads | rows | ms/step, every row top-k 50 | one row top-k off | every row top-k off |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for rows in args.rows:
+            mixes = sorted({0, 1, rows})
+            times = {m: [] for m in mixes}
+            for _ in range(args.repeats):
+                for m in mixes:
+                    times[m].append(step_ms(service, rows, True, args.max_new_tokens, m))
+            cells = [f"{min(times[m]):.2f}" for m in (0, 1, rows)]
+            print(f"| {threads} | {rows} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

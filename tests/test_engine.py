@@ -125,15 +125,72 @@ def test_repetition_penalty_touches_exactly_the_seen_tokens():
     assert not torch.equal(dense[0], logits[0]) and torch.equal(dense[1], logits[1])
 
 
+def _reference_draw(logits: torch.Tensor, p: GenerationParams, u: float) -> int:
+    """One row's token by the definition, in float64 and plain Python: temperature, the top_k best
+    (renormalised), the top-p nucleus, then the first token whose cumulative mass reaches u times
+    the mass kept, counting from the most likely."""
+    order = sorted(range(len(logits)), key=lambda i: -float(logits[i]))
+    if 0 < p.top_k < len(order):
+        order = order[: p.top_k]
+    scaled = torch.tensor([float(logits[i]) for i in order], dtype=torch.float64) / p.temperature
+    probs = torch.softmax(scaled, dim=0).tolist()
+    kept, before = [], 0.0
+    for i, q in zip(order, probs, strict=True):
+        if before > p.top_p:
+            break
+        kept.append((i, q))
+        before += q
+    target, total = u * sum(q for _, q in kept), 0.0
+    for i, q in kept:
+        total += q
+        if total >= target:
+            return i
+    return kept[-1][0]
+
+
+def test_sampling_narrow_and_wide_rows_follow_the_definition():
+    """The sampler's two paths (topk candidates for small top-k; the whole vocabulary sorted for
+    top-k off or large) give, for the same uniform number, the token the definition gives, and a
+    row's token does not depend on its company."""
+    g = torch.Generator().manual_seed(11)
+    vocab = 400
+    params = [
+        GenerationParams(temperature=t, top_k=k, top_p=p, repetition_penalty=1.0)
+        for t in (0.7, 1.3)
+        for k in (5, 50, 0, 120)
+        for p in (0.5, 0.95, 1.0)
+    ]
+    logits = torch.randn((len(params), vocab), generator=g) * 3
+    u = torch.rand(len(params), generator=g)
+    history = torch.zeros((len(params), 1), dtype=torch.long)
+    together = sample_next(
+        logits.clone(), history, SamplingTensors.build(params, vocab, "cpu"), lambda: u
+    )
+    for i, p in enumerate(params):
+        alone = sample_next(
+            logits[i : i + 1].clone(),
+            history[:1],
+            SamplingTensors.build([p], vocab, "cpu"),
+            lambda i=i: u[i : i + 1],
+        )
+        expected = _reference_draw(logits[i], p, float(u[i]))
+        assert int(together[i]) == int(alone[0]) == expected, (i, p)
+
+
 # -- correctness under batching -------------------------------------------------------------------
 def test_every_request_gets_its_own_result_alone_or_among_16(service):
     """Greedy and seeded requests give the same text alone and in a batch of 16 with other
-    parameters around them."""
+    parameters around them (small top-k, and wide rows: top-k off or above NARROW_TOP_K)."""
+    wide_k = {4: 0, 8: 0, 12: 300}  # rows sampled from their whole sorted vocabulary
     params = [
         GenerationParams(max_new_tokens=12 + i, temperature=0)
         if i % 2
         else GenerationParams(
-            max_new_tokens=20, temperature=0.7 + i / 20, top_k=20 + i, top_p=0.9, seed=100 + i
+            max_new_tokens=20,
+            temperature=0.7 + i / 20,
+            top_k=wide_k.get(i, 20 + i),
+            top_p=1.0 if i == 8 else 0.9,
+            seed=100 + i,
         )
         for i in range(16)
     ]
