@@ -63,13 +63,14 @@ async def with_engine(service: InferenceService, body, **kwargs):
 @pytest.mark.parametrize("library", ["torch", "onednn"])
 def test_decoder_logits_equal_the_model_forward(service, library, monkeypatch):
     """Prefill, decode at different positions per row, and a row moved to another slot; with
-    torch's own matrix products and with oneDNN's for every row count."""
+    torch's own matrix products and with oneDNN's (and its fused GELU) for every row count."""
     model, tok = service.model, service.tokenizer
     prompts = encode_prompts(tok, PROMPTS[:3])
     dec = GPT2SlotDecoder(model)
     if library == "onednn":
         if torch.backends.mkldnn.is_available():  # x86 and arm64 builds of torch have it
             assert dec._onednn is not None, "oneDNN's linear failed its start-up check"
+            assert dec._fused_gelu == "tanh"  # the MLP's GELU runs inside oneDNN's product
         monkeypatch.setattr(decoder_module, "ONEDNN_MIN_ROWS", 1)
     else:
         dec._onednn = None
