@@ -79,11 +79,11 @@ class UnsupportedModel(ValueError):
 
 
 def _norm(ln) -> tuple:
-    return (ln.weight, ln.bias, ln.eps)
+    return (ln.weight, ln.bias, ln.eps, tuple(ln.normalized_shape))
 
 
 def _layer_norm(x: torch.Tensor, p: tuple) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), p[0], p[1], p[2])
+    return torch.layer_norm(x, p[3], p[0], p[1], p[2])  # the op itself: F's wrapper costs a step
 
 
 def _activation(name: str):
@@ -193,7 +193,7 @@ class GPT2SlotDecoder:
         """q, k, v of the block for hidden states h (N, C): each (N, H, hd)."""
         N = h.shape[0]
         qkv = self._conv1d(_layer_norm(h, w.ln_1), w.attn_w, w.attn_b)  # (N, 3C)
-        return (x.view(N, self.n_head, self.head_dim) for x in qkv.split(h.shape[-1], dim=1))
+        return qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)
 
     def _block_rest(self, w: _BlockWeights, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The attention output projection and the MLP, with their residuals; (N, C)."""
