@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -30,16 +29,43 @@ NARROW_TOP_K = 64  # rows with top_k up to this take their candidates from topk,
 
 
 @dataclass
-class SamplingTensors:
-    """Per-row parameters as (B, 1) tensors on the logits' device (built when the batch changes)."""
+class _Group:
+    """Rows sampled together, with their parameters as (n, 1) tensors: narrow rows (candidates
+    from `topk(k)`) or wide ones (the whole vocabulary sorted). Built with the batch."""
 
+    rows: torch.Tensor | None  # their places in the batch; None: all of it
+    wide: bool
+    k: int  # narrow: the largest top_k of the group, the candidates `topk` returns
     temperature: torch.Tensor
     top_k: torch.Tensor  # 0 (disabled) is stored as the vocabulary size
     top_p: torch.Tensor
-    penalty: torch.Tensor
+    limit_k: bool  # some row's top_k leaves out part of the candidates
+
+    def sample(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """A token id per row of `logits` (this group's rows only)."""
+        if not self.wide:
+            top_logits, top_idx = logits.topk(self.k, dim=-1)
+            rank = _draw(top_logits, self, u)
+            return top_idx.gather(1, rank[:, None])[:, 0]
+        # wide: the values sorted (descending), a rank drawn, and that value found back in the row
+        # (its first place there); numpy's sort on the CPU, where torch's is far slower
+        if logits.device.type != "cpu":
+            ordered = logits.sort(dim=-1, descending=True).values
+            chosen = ordered.gather(1, _draw(ordered, self, u)[:, None])
+            return (logits == chosen).int().argmax(dim=-1)
+        values = logits.numpy()
+        ordered = torch.from_numpy(-np.sort(-values, axis=-1))
+        chosen = ordered.gather(1, _draw(ordered, self, u)[:, None])
+        return torch.from_numpy(np.argmax(values == chosen.numpy(), axis=1))
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row parameters on the logits' device (built when the batch changes)."""
+
+    penalty: torch.Tensor  # (B, 1)
     greedy: torch.Tensor  # (B,) bool
-    k_max: int  # the largest top_k of the narrow rows: only that many candidates are sorted
-    wide: torch.Tensor | None  # (B,) bool, rows whose candidates are the whole sorted vocabulary
+    groups: list[_Group]  # the sampled rows: narrow ones, then wide ones (one group if all alike)
     any_greedy: bool
     all_greedy: bool
     any_penalty: bool  # some row's repetition penalty is not 1
@@ -50,19 +76,28 @@ class SamplingTensors:
             return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        temperature = column([p.temperature for p in params])
         greedy = [p.temperature <= 0 for p in params]
         # greedy rows need no candidates: they never make a batch sort
         wide = [k > NARROW_TOP_K and not g for k, g in zip(top_k, greedy, strict=True)]
-        narrow_k = [k for k in top_k if k <= NARROW_TOP_K]
+
+        def group(places: list[int], is_wide: bool) -> _Group:
+            ks = [top_k[i] for i in places]
+            width = vocab if is_wide else max([k for k in ks if k <= NARROW_TOP_K], default=1)
+            return _Group(
+                rows=None if len(places) == len(params) else torch.tensor(places, device=device),
+                wide=is_wide,
+                k=width,
+                temperature=column([params[i].temperature for i in places]),
+                top_k=column(ks, torch.long),
+                top_p=column([params[i].top_p for i in places]),
+                limit_k=min(ks) < width,
+            )
+
+        split = {w: [i for i, x in enumerate(wide) if x == w] for w in (False, True)}
         return cls(
-            temperature=temperature,
-            top_k=column(top_k, torch.long),
-            top_p=column([p.top_p for p in params]),
             penalty=column([p.repetition_penalty for p in params]),
-            greedy=temperature[:, 0] <= 0,
-            k_max=max(narrow_k, default=1),
-            wide=torch.tensor(wide, device=device) if any(wide) else None,
+            greedy=torch.tensor(greedy, device=device),
+            groups=[group(places, w) for w, places in split.items() if places],
             any_greedy=any(greedy),
             all_greedy=all(greedy),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
@@ -88,60 +123,28 @@ def sample_next(
     if sp.all_greedy:
         return logits.argmax(dim=-1)
     u = uniforms().to(logits.device)  # (B,)
-    if sp.wide is None:  # the usual case: every row narrow
-        sampled = _sample_narrow(logits, sp.k_max, sp.temperature, sp.top_k, sp.top_p, u)
+    if sp.groups[0].rows is None:  # the usual case: every row alike
+        sampled = sp.groups[0].sample(logits, u)
     else:
         sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for sample, rows in (
-            (partial(_sample_narrow, k=sp.k_max), (~sp.wide).nonzero()[:, 0]),
-            (_sample_wide, sp.wide.nonzero()[:, 0]),
-        ):
-            if len(rows):
-                sampled[rows] = sample(
-                    logits[rows],
-                    temperature=sp.temperature[rows],
-                    top_k=sp.top_k[rows],
-                    top_p=sp.top_p[rows],
-                    u=u[rows],
-                )
+        for g in sp.groups:
+            sampled[g.rows] = g.sample(logits[g.rows], u[g.rows])
     if not sp.any_greedy:
         return sampled
     return torch.where(sp.greedy, logits.argmax(dim=-1), sampled)
 
 
-def _sample_narrow(logits, k, temperature, top_k, top_p, u) -> torch.Tensor:
-    """Rows whose top_k is at most k: their k best candidates come from `topk`."""
-    top_logits, top_idx = logits.topk(k, dim=-1)
-    rank = _draw(top_logits, temperature, top_k, top_p, u)
-    return top_idx.gather(1, rank[:, None])[:, 0]
-
-
-def _sample_wide(logits, temperature, top_k, top_p, u) -> torch.Tensor:
-    """Rows that need their whole vocabulary in order: the values sorted (descending), the rank
-    drawn, and that value found back in the row (its first place there)."""
-    limit_k = bool((top_k < logits.shape[-1]).any())
-    if logits.device.type != "cpu":
-        ordered = logits.sort(dim=-1, descending=True).values
-        rank = _draw(ordered, temperature, top_k, top_p, u, limit_k)
-        return (logits == ordered.gather(1, rank[:, None])).to(torch.uint8).argmax(dim=-1)
-    values = logits.numpy()
-    ordered = torch.from_numpy(-np.sort(-values, axis=-1))
-    chosen = ordered.gather(1, _draw(ordered, temperature, top_k, top_p, u, limit_k)[:, None])
-    return torch.from_numpy(np.argmax(values == chosen.numpy(), axis=1))
-
-
-def _draw(ordered, temperature, top_k, top_p, u, limit_k: bool = True) -> torch.Tensor:
-    """The rank each row draws from its candidates' logits, best first (B, C): temperature, then
-    top-k (ranks from top_k on are out; `limit_k` False says no row's top_k is below C), then
-    top-p (a rank stays while the mass before it is at most top_p, so rank 0 always does); u (B,)
-    inverts the CDF of what is left: the first rank whose cumulative mass reaches u times the
-    mass kept."""
-    scaled = ordered / temperature.clamp(min=1e-5)
-    if limit_k:
+def _draw(ordered: torch.Tensor, g: _Group, u: torch.Tensor) -> torch.Tensor:
+    """The rank each row draws from its candidates' logits, best first (n, C): temperature, then
+    top-k (ranks from top_k on are out), then top-p (a rank stays while the mass before it is at
+    most top_p, so rank 0 always does); u (n,) inverts the CDF of what is left: the first rank
+    whose cumulative mass reaches u times the mass kept."""
+    scaled = ordered / g.temperature.clamp(min=1e-5)
+    if g.limit_k:
         ranks = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
-        scaled = scaled.masked_fill(ranks >= top_k, -torch.inf)
+        scaled = scaled.masked_fill(ranks >= g.top_k, -torch.inf)
     probs = torch.softmax(scaled, dim=-1)
-    cdf = probs.cumsum(-1)  # (B, C)
-    kept = ((cdf - probs) <= top_p).sum(-1, keepdim=True)  # a prefix of the ranks, at least 1
+    cdf = probs.cumsum(-1)  # (n, C)
+    kept = ((cdf - probs) <= g.top_p).sum(-1, keepdim=True)  # a prefix of the ranks, at least 1
     choice = torch.searchsorted(cdf, u[:, None] * cdf.gather(1, kept - 1))
     return choice[:, 0].clamp(max=cdf.shape[-1] - 1)
