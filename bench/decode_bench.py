@@ -54,6 +54,16 @@ def step_ms(
     return (time.perf_counter() - t0) / steps * 1000
 
 
+def best_of(repeats: int, variants: list, measure) -> list[float]:
+    """The least of `repeats` measurements of each variant, taken in turn (interleaved, so the
+    machine's drift hits all of them alike); a variant listed twice is measured once."""
+    times: dict = {v: [] for v in variants}
+    for _ in range(repeats):
+        for v in times:
+            times[v].append(measure(v))
+    return [min(times[v]) for v in variants]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,11 +97,11 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for rows in args.rows:
-            times = {False: [], True: []}
-            for _ in range(args.repeats):  # interleaved, so drift hits both alike
-                for onednn in (False, True):
-                    times[onednn].append(step_ms(service, rows, onednn, args.max_new_tokens))
-            plain, chosen = min(times[False]), min(times[True])
+            plain, chosen = best_of(
+                args.repeats,
+                [False, True],
+                lambda onednn, rows=rows: step_ms(service, rows, onednn, args.max_new_tokens),
+            )
             print(
                 f"| {threads} | {rows} | {plain:.2f} | {chosen:.2f} | {plain / chosen:.2f}x "
                 f"| {chosen / rows:.3f} |"
@@ -106,13 +116,12 @@ def sampling_table(service: InferenceService, args) -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for rows in args.rows:
-            mixes = sorted({0, 1, rows})
-            times = {m: [] for m in mixes}
-            for _ in range(args.repeats):
-                for m in mixes:
-                    times[m].append(step_ms(service, rows, True, args.max_new_tokens, m))
-            cells = [f"{min(times[m]):.2f}" for m in (0, 1, rows)]
-            print(f"| {threads} | {rows} | " + " | ".join(cells) + " |")
+            cells = best_of(
+                args.repeats,
+                [0, 1, rows],  # rows with top-k off
+                lambda off, rows=rows: step_ms(service, rows, True, args.max_new_tokens, off),
+            )
+            print(f"| {threads} | {rows} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":
