@@ -64,7 +64,7 @@ def common(corpus, out, *extra):
 
 MODES = {
     "fsdp": ["--mode", "fsdp", "--save-every", "3"],
-    "ddp": ["--mode", "baseline"],
+    "ddp": ["--mode", "baseline", "--peak-tflops", "1"],
     "zero2": ["--mode", "deepspeed", "--zero-stage", "2"],
     "zero3": ["--mode", "deepspeed", "--zero-stage", "3", "--save-every", "3"],
 }
@@ -118,3 +118,26 @@ def test_resumed_sharded_runs_agree(runs):
     assert card(runs / "fsdp")["val_loss"] == pytest.approx(
         card(runs / "zero3")["val_loss"], abs=1e-3
     )
+
+
+def test_mfu_counts_every_ranks_peak(runs, corpus, tmp_path):
+    """tokens/s counts both ranks' tokens, so MFU must divide by both ranks' peak: per device, the
+    2-process run's MFU per token/s is the 1-process run's (the same model, block and peak)."""
+    one = tmp_path / "one"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train_distributed.py"),
+            *common(corpus, one, *MODES["ddp"], "--vocab-size", "400", "--max-steps", "6"),
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    single, double = card(one)["throughput"], card(runs / "ddp")["throughput"]
+    assert card(runs / "ddp")["world_size"] == 2
+    per_device = double["tokens_per_s"] / 2
+    assert double["mfu"] / per_device == pytest.approx(single["mfu"] / single["tokens_per_s"])

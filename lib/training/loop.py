@@ -292,7 +292,8 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
     )
     callbacks: list[Callback] = [
         PreemptionSignals(),
-        Throughput(fpt, peak_flops(device, config.peak_tflops)),
+        # tokens_seen counts every rank's tokens: MFU divides by every rank's peak
+        Throughput(fpt, peak_flops(device, config.peak_tflops), world_size=ctx.world_size),
     ]
     if deadline:
         callbacks.append(TimeLimit(deadline))
@@ -578,6 +579,8 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
         "precision": a.precision,
         "mode": cfg.mode,
         "world_size": a.ctx.world_size,
+        # the last window's figures (all ranks' tokens; MFU against all ranks' peak, when known)
+        "throughput": {k: st.metrics[k] for k in ("tokens_per_s", "mfu") if k in st.metrics},
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "samples": sample_continuations(model, a.tokenizer),
