@@ -83,7 +83,7 @@ def main() -> None:
     if args.top_k_off:
         sampling_table(service, args)
         return
-    onednn_ok = decoder_module._ONEDNN is not None
+    onednn_ok = decoder_module.onednn_linear()[0] is not None
     print(
         f"{platform.machine()}, torch {torch.__version__}, oneDNN linear "
         f"{'available' if onednn_ok else 'NOT available (both columns use torch)'}, "

@@ -18,7 +18,7 @@ from lib.inference import (
 from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.engine import available_cores
-from lib.inference.generation import encode_prompts
+from lib.inference.generation import GenerationResult, encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
 from tests.conftest import CHECKPOINT, is_russian
 
@@ -120,7 +120,8 @@ def test_repetition_penalty_touches_exactly_the_seen_tokens():
     seen = torch.zeros((3, vocab), dtype=torch.bool).scatter_(1, history, True)
     dense = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     got = logits.clone()
-    picked = sample_next(got, history, SamplingTensors.build(params, vocab, "cpu"), None)
+    picked, bad = sample_next(got, history, SamplingTensors.build(params, vocab, "cpu"), None)
+    assert not bad.any()
     assert torch.equal(got, dense)
     assert picked.tolist() == dense.argmax(-1).tolist()
     assert not torch.equal(dense[0], logits[0]) and torch.equal(dense[1], logits[1])
@@ -164,11 +165,12 @@ def test_sampling_narrow_and_wide_rows_follow_the_definition():
     logits = torch.randn((len(params), vocab), generator=g) * 3
     u = torch.rand(len(params), generator=g)
     history = torch.zeros((len(params), 1), dtype=torch.long)
-    together = sample_next(
+    together, bad = sample_next(
         logits.clone(), history, SamplingTensors.build(params, vocab, "cpu"), lambda: u
     )
+    assert not bad.any()
     for i, p in enumerate(params):
-        alone = sample_next(
+        alone, _ = sample_next(
             logits[i : i + 1].clone(),
             history[:1],
             SamplingTensors.build([p], vocab, "cpu"),
@@ -271,7 +273,9 @@ def test_a_reader_that_fell_behind_gets_the_backlog_as_one_piece(service):
 
     async def body(engine):
         stream = engine.stream(service.prepare("Москва", params))
-        while not stream.request.done:  # the whole generation happens before the first read
+        # the whole generation is delivered (its result is queued last) before the first read
+        queued = stream._events._queue
+        while not (queued and isinstance(queued[-1], GenerationResult)):
             await asyncio.sleep(0.01)
         return [event async for event in stream]
 

@@ -52,22 +52,34 @@ def test_default_checkpoint_loads_with_plain_transformers():
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
-def test_plain_transformers_greedy_matches_service(service):
+@pytest.fixture(scope="module")
+def plain():
+    """The checkpoint under plain transformers, no project code."""
     tok = AutoTokenizer.from_pretrained(str(CHECKPOINT))
-    model = AutoModelForCausalLM.from_pretrained(str(CHECKPOINT))
-    ids = tok(tok.eos_token + "Москва", return_tensors="pt")
+    return tok, AutoModelForCausalLM.from_pretrained(str(CHECKPOINT)).eval()
+
+
+@pytest.mark.parametrize(
+    "prompt,penalty,new",
+    [("Москва", 1.3, 12), ("Привет, мир!", 1.1, 16), ("Он открыл дверь и", 1.0, 24)],
+)
+def test_plain_transformers_greedy_matches_service(service, plain, prompt, penalty, new):
+    """Guards generation against silent drift: the same greedy text as transformers' own
+    `generate` on this machine (a golden string would depend on the CPU's rounding)."""
+    tok, model = plain
+    ids = tok(tok.eos_token + prompt, return_tensors="pt")
     out = model.generate(
         **ids,
-        max_new_tokens=12,
+        max_new_tokens=new,
         do_sample=False,
-        repetition_penalty=1.3,
+        repetition_penalty=penalty,
         pad_token_id=tok.eos_token_id,
     )
     expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     got = service.generate(
-        "Москва", GenerationParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
+        prompt, GenerationParams(max_new_tokens=new, temperature=0, repetition_penalty=penalty)
     )
-    assert got.text == expected
+    assert got.text == expected and got.text
 
 
 def test_greedy_batch_equals_alone(service):
@@ -136,12 +148,6 @@ def test_cancellation_stops_generation(service):
     assert r.finish_reason == "cancelled" and r.completion_tokens == 3
 
 
-def test_golden_greedy_output(service):
-    """Guards generation against silent drift; regenerate when the default model is retrained."""
-    r = service.generate("Привет, мир!", GenerationParams(max_new_tokens=16, temperature=0))
-    assert r.text == GOLDEN_GREEDY, r.text
-
-
 def test_random_baseline_metadata_is_loud(service):
     baseline = InferenceService.random_baseline("tiny", tokenizer_path=CHECKPOINT)
     meta = baseline.metadata()
@@ -155,6 +161,3 @@ def test_random_baseline_metadata_is_loud(service):
 @torch.inference_mode()
 def test_service_metadata_counts_parameters(service):
     assert service.metadata()["parameters"] == sum(p.numel() for p in service.model.parameters())
-
-
-GOLDEN_GREEDY = " Если же, что я не может быть, что в том, что это не"

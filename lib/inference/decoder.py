@@ -16,7 +16,8 @@ does not use AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is about twice as fast 
 projection at any batch size and for the block matrices from `ONEDNN_MIN_ROWS` rows on
 (BENCHMARKS.md, "The decode step"). oneDNN is reached through
 `torch.ops.mkldnn._linear_pointwise`, an operator of torch's own CPU compiler path; it is checked
-against `F.linear` once at start-up and left unused where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
+against `F.linear` once, when the first decoder is built (nothing runs at import), and left unused
+where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
 Where oneDNN takes the MLP's first product (fp32, from `ONEDNN_MIN_ROWS` rows on), its GELU runs
 inside that product (a oneDNN post-op, checked at start-up like the product): one pass over the
 activations fewer, about 2-3% of a 16- to 64-row step here.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
 ONEDNN_MIN_ROWS = 8  # from this many rows on, the block matrices go to oneDNN (see the docstring)
 
 
-def _onednn_linear():
+@cache
+def onednn_linear():
     """oneDNN's fp32/bf16 `linear` on the CPU (x (N, in), w (out, in), bias, then optionally a
     fused GELU: `gelu="tanh"` or `"none"` (erf)), or None where this torch lacks it or its answer
     differs from `F.linear`'s. Also the GELU forms it fuses correctly (activation name -> form)."""
@@ -70,8 +72,6 @@ def _call_onednn(
         return op(x, w, b, "none", [], "")
     return op(x, w, b, "gelu", [], gelu)
 
-
-_ONEDNN, _ONEDNN_GELU = _onednn_linear()
 
 
 class UnsupportedModel(ValueError):
@@ -150,11 +150,12 @@ class GPT2SlotDecoder:
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        self._onednn = _ONEDNN if cpu else None
+        linear, fusable = onednn_linear() if cpu else (None, {})
+        self._onednn = linear
         # the MLP's GELU fused into oneDNN's fp32 product where it computes it right (None:
         # separate). Not in bf16: oneDNN would apply it before rounding the product to bf16.
         fp32 = cpu and self.dtype == torch.float32
-        self._fused_gelu = _ONEDNN_GELU.get(cfg.activation_function) if fp32 else None
+        self._fused_gelu = fusable.get(cfg.activation_function) if fp32 else None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.slots = 0  # allocated slots
@@ -243,8 +244,11 @@ class GPT2SlotDecoder:
         return self._logits(last)
 
     @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """One new token for each of the first B slots, at its own position; logits (B, vocab)."""
+    def decode(
+        self, ids: torch.Tensor, positions: list[int], slots: list[int] | None = None
+    ) -> torch.Tensor:
+        """One new token for each of the first B slots (or of `slots`), at its own position;
+        logits (B, vocab)."""
         B = len(positions)
         pos = torch.tensor(positions, device=self.device)
         Tk = max(positions) + 1
@@ -254,12 +258,19 @@ class GPT2SlotDecoder:
             float("-inf"),
         )
         h = self._embed(ids.to(self.device), pos)  # (B, C)
-        rows = torch.arange(B, device=self.device)
+        rows = (
+            torch.arange(B, device=self.device)
+            if slots is None
+            else torch.tensor(slots, device=self.device)
+        )
         for layer, w in enumerate(self.weights):
             q, k, v = self._attention_inputs(w, h)  # (B, H, hd)
             self.k[layer][rows, :, pos] = k
             self.v[layer][rows, :, pos] = v
-            keys, values = self.k[layer][:B, :, :Tk], self.v[layer][:B, :, :Tk]
+            if slots is None:  # the live slots are contiguous: a view, no copy
+                keys, values = self.k[layer][:B, :, :Tk], self.v[layer][:B, :, :Tk]
+            else:
+                keys, values = self.k[layer][rows, :, :Tk], self.v[layer][rows, :, :Tk]
             a = F.scaled_dot_product_attention(
                 q[:, :, None], keys, values, attn_mask=mask, scale=w.scaling
             )  # (B, H, 1, hd)
