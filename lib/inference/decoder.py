@@ -181,8 +181,8 @@ class GPT2SlotDecoder:
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` (a finished row's place)."""
-        for cache in self.k + self.v:
-            cache[dst] = cache[src]
+        for slots in self.k + self.v:
+            slots[dst] = slots[src]
 
     def _conv1d(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x @ w + b for a Conv1D weight w (in, out), by the faster library for x's row count."""
