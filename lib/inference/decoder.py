@@ -73,7 +73,6 @@ def _call_onednn(
     return op(x, w, b, "gelu", [], gelu)
 
 
-
 class UnsupportedModel(ValueError):
     """The engine decodes GPT-2-family checkpoints (model_type "gpt2") only."""
 
