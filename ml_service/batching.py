@@ -11,12 +11,13 @@ loop, so the API keeps answering (health probes, metadata) while the model is bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol
 
 from lib.inference import EngineStopped, QueueFull
@@ -34,6 +35,11 @@ class Engine(Protocol):
     def start(self) -> None: ...
 
     def stop(self, timeout: float = 30.0) -> None: ...
+
+    def abort(self, error: BaseException) -> None:
+        """End every queued and running request now with `error` (blocking; the app calls it,
+        off the event loop, when a shutdown's grace period is over). Optional for a service's
+        own engine: without it, what is left when the grace ends is cut off by the server."""
 
     def has_room(self, n: int = 1) -> bool: ...
 
@@ -59,6 +65,8 @@ class MicroBatcher:
         self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._running = 0
+        self._live: list[Future] = []  # the batch `predict` is working on
+        self._aborted: BaseException | None = None
 
     @property
     def waiting(self) -> int:
@@ -83,9 +91,24 @@ class MicroBatcher:
             self._thread.join(timeout)
             self._thread = None
 
+    def abort(self, error: BaseException) -> None:
+        """Take no new requests; end the queued ones and the batch in `predict` now with `error`
+        (that `predict` runs on, and its outputs are dropped). The worker then ends."""
+        self._aborted = error
+        for fut in list(self._live):
+            _settle(fut, error)
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not None:
+                _settle(entry[1], error)
+        self._queue.put(None)  # the worker ends after its current batch
+
     async def submit_many(self, items: Sequence[Any]) -> list[Any]:
         """Outputs for `items`, in order. They are queued together, so they share batches."""
-        if self._thread is None:
+        if self._thread is None or self._aborted is not None:
             raise EngineStopped("the micro-batcher is not running")
         if not self.has_room(len(items)):
             raise QueueFull(f"{self.waiting} requests are waiting (the limit is {self.max_queue})")
@@ -124,6 +147,12 @@ class MicroBatcher:
         live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
+        self._live = [fut for _, fut in live]
+        if self._aborted is not None:  # abort() came while this batch was being gathered
+            for fut in self._live:
+                _settle(fut, self._aborted)
+            self._live = []
+            return
         self._running = len(live)
         t0 = time.monotonic()
         try:
@@ -135,11 +164,21 @@ class MicroBatcher:
         except Exception as e:
             log.exception("predict failed for a batch of %d", len(live))
             for _, fut in live:
-                fut.set_exception(PredictionFailed(str(e)))
+                _settle(fut, PredictionFailed(str(e)))
             return
         finally:
             self._running = 0
+            self._live = []
             if self.observer is not None:
                 self.observer.on_step(len(live), time.monotonic() - t0)
         for (_, fut), out in zip(live, outputs, strict=True):
-            fut.set_result(out)
+            _settle(fut, out)
+
+
+def _settle(fut: Future, outcome: Any) -> None:
+    """Give `fut` its output or exception, unless it has one already (abort() came first)."""
+    with contextlib.suppress(InvalidStateError):
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)

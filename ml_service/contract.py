@@ -16,21 +16,39 @@ Services register under the entry-point group ``ml_service.services`` in their p
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENTRY_POINT_GROUP = "ml_service.services"
 DEFAULT_SERVICE = "text-generation"
 
 
 class InvalidInput(ValueError):
-    """Raised by `preprocess` for input the service cannot take: becomes HTTP 400 with this message."""
+    """Raised by `preprocess` for input the service cannot take: becomes HTTP 400 with this message
+    at `loc` (a field name, or a path such as `("items", 3, "text")`)."""
 
-    def __init__(self, msg: str, loc: str = "text"):
+    def __init__(self, msg: str, loc: str | Sequence[str | int] = "text"):
         super().__init__(msg)
-        self.loc = loc
+        self.loc = [loc] if isinstance(loc, str) else list(loc)
+
+    @property
+    def errors(self) -> list[dict]:
+        return [{"loc": [str(x) for x in self.loc], "msg": str(self)}]
+
+
+class InvalidItems(InvalidInput):
+    """Several errors at once (one /forward_batch item's validation)."""
+
+    def __init__(self, errors: list[dict]):
+        super().__init__(errors[0]["msg"], errors[0]["loc"])
+        self._errors = errors
+
+    @property
+    def errors(self) -> list[dict]:
+        return self._errors
 
 
 class BatchRequest(BaseModel):
@@ -55,6 +73,7 @@ class ModelService(ABC):
     response_model: ClassVar[type[BaseModel]]
     batch_request_model: ClassVar[type[BaseModel]] = BatchRequest
     batch_response_model: ClassVar[type[BaseModel]] = BatchResponse
+    batch_field: ClassVar[str] = "items"  # the list in the /forward_batch body
 
     def __init__(self, settings: Any = None):
         self.settings = settings
@@ -99,9 +118,40 @@ class ModelService(ABC):
             observer=observer,
         )
 
+    def batch_limit(self) -> int:
+        """Most inputs in one /forward_batch: `max_texts`, and never more than the queue holds
+        (a larger batch could never be queued)."""
+        s = self.settings
+        return min(getattr(s, "max_texts", 64), getattr(s, "max_queue", 256))
+
+    def check_batch_size(self, n: int) -> None:
+        if n > (limit := self.batch_limit()):
+            raise InvalidInput(f"{n} inputs; the limit is {limit}", loc=self.batch_field)
+
+    def batch_item_loc(self, i: int, loc: list) -> list:
+        """Where an error of input `i` of a /forward_batch lies in its body."""
+        return [self.batch_field, i, *loc]
+
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:
         """The single requests inside a /forward_batch body."""
-        return [self.request_model.model_validate(item) for item in batch_request.items]
+        items = getattr(batch_request, self.batch_field)
+        self.check_batch_size(len(items))
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(self.request_model.model_validate(item))
+            except ValidationError as e:
+                raise InvalidItems(
+                    [
+                        {
+                            "loc": [str(x) for x in self.batch_item_loc(i, list(err["loc"]))],
+                            "msg": err["msg"],
+                            "type": err["type"],
+                        }
+                        for err in e.errors()
+                    ]
+                ) from None
+        return out
 
     def batch_response(self, responses: list[BaseModel]) -> BaseModel:
         return self.batch_response_model(

@@ -7,6 +7,9 @@ before it stops. A version that fails to load leaves the current one in place an
 
 Versions: with `models_dir`, every subdirectory holding a checkpoint (`config.json`) is a version,
 and the default is the last one by name (`v1`, `v2`, ... or dates sort as expected).
+
+What these errors say reaches clients (/ready, the admin answers): names and versions only, never
+a server path or an exception's text; the log has the details.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class ReloadFailed(RuntimeError):
     pass
 
 
+LOAD_FAILED = "the model failed to load; the server log has the details"
+
+
 @dataclass(frozen=True)
 class Loaded:
     service: ModelService
@@ -41,7 +47,8 @@ class Loaded:
 
 def list_versions(models_dir: Path) -> list[str]:
     if not models_dir.is_dir():
-        raise VersionNotFound(f"models directory {models_dir} does not exist")
+        log.error("the models directory %s does not exist", models_dir)
+        raise VersionNotFound("the models directory does not exist")
     return sorted(d.name for d in models_dir.iterdir() if (d / "config.json").is_file())
 
 
@@ -53,7 +60,8 @@ def resolve_version(settings: Settings, version: str | None) -> tuple[Path, str 
         return settings.checkpoint, settings.checkpoint.name
     versions = list_versions(settings.models_dir)
     if not versions:
-        raise VersionNotFound(f"no checkpoints in {settings.models_dir}")
+        log.error("no checkpoints in the models directory %s", settings.models_dir)
+        raise VersionNotFound("no checkpoints in the models directory")
     name = version or settings.model_version or versions[-1]
     if name not in versions:
         raise VersionNotFound(f"unknown version {name!r}; available: {', '.join(versions)}")
@@ -71,6 +79,7 @@ class ModelHost:
         self.error: str | None = None  # why the first load failed
         self._reloading = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
+        self._retiring_engines: set[Engine] = set()  # old versions finishing their requests
         if metrics is not None:
             metrics.track_engine(
                 lambda: self.current.engine.running if self.current else 0,
@@ -95,8 +104,8 @@ class ModelHost:
         """The first load (in a thread, so the event loop keeps answering /health)."""
         try:
             loaded = await asyncio.to_thread(self._build, None, self._first_service)
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
+        except Exception:
+            self.error = LOAD_FAILED  # for clients; the log has the exception and the path
             log.exception("the model failed to load")
             return
         self._install(loaded)
@@ -110,20 +119,23 @@ class ModelHost:
     async def reload(self, version: str | None) -> tuple[Loaded, Loaded | None]:
         """Load `version` and swap it in; returns (new, old). The old one serves until the swap."""
         async with self._reloading:
-            resolve_version(self.settings, version)  # VersionNotFound before any loading
+            _, name = resolve_version(self.settings, version)  # VersionNotFound before loading
             try:
                 loaded = await asyncio.to_thread(self._build, version)
             except Exception as e:
-                log.exception(
-                    "reload of version %s failed; the current model keeps serving", version
-                )
-                raise ReloadFailed(f"{type(e).__name__}: {e}") from e
+                log.exception("reload of version %s failed; the current model keeps serving", name)
+                raise ReloadFailed(
+                    f"version {name!r} failed to load (the server log has the details); "
+                    "the current model keeps serving"
+                ) from e
             old = self.current
             self._install(loaded)
             if old is not None:  # finish its in-flight requests, off the event loop
                 task = asyncio.create_task(asyncio.to_thread(old.engine.stop, 300.0))
                 self._retiring.add(task)
+                self._retiring_engines.add(old.engine)
                 task.add_done_callback(self._retiring.discard)
+                task.add_done_callback(lambda _: self._retiring_engines.discard(old.engine))
             log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
             return loaded, old
 
@@ -132,6 +144,16 @@ class ModelHost:
         self.error = None
         if self.metrics is not None:
             self.metrics.set_model(loaded.service.metadata(), loaded.version)
+
+    def abort(self, error: BaseException) -> None:
+        """End every request still queued or running, on the current engine and on old versions'
+        that are finishing theirs, with `error` (blocking: call it off the event loop). An engine
+        without `abort` is left to finish (or to be cut off by the server)."""
+        engines = [*self._retiring_engines, *([self.current.engine] if self.current else [])]
+        for engine in engines:
+            abort = getattr(engine, "abort", None)
+            if abort is not None:
+                abort(error)
 
     async def stop(self, timeout: float) -> None:
         if self._retiring:

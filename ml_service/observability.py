@@ -49,7 +49,7 @@ class ServiceMetrics(EngineObserver):
         self.failures = Counter(
             f"{PREFIX}_request_failures",
             "failed requests by reason (bad_request, unauthorized, rate_limited, queue_full, "
-            "timeout, model_error, cancelled, internal)",
+            "shutdown, not_ready, timeout, model_error, cancelled, internal), streams included",
             ["reason"],
             registry=r,
         )
@@ -139,19 +139,6 @@ class ServiceMetrics(EngineObserver):
             self.ttft.observe(request.first_token_at - request.arrived_at)
 
 
-FAILURE_REASONS = {
-    400: "bad_request",
-    401: "unauthorized",
-    413: "bad_request",
-    429: "rate_limited",
-    499: "cancelled",
-    503: "queue_full",
-    504: "timeout",
-    403: "model_error",
-    500: "internal",
-}
-
-
 class AccessLog:
     """ASGI middleware: request id, per-route counts and latency, one JSON log line per request.
 
@@ -192,9 +179,11 @@ class AccessLog:
         label = getattr(route, "path", None) or "unmatched"
         self.metrics.requests.labels(route=label, status=str(status)).inc()
         self.metrics.e2e.labels(route=label).observe(seconds)
-        if status >= 400 and status != 404 and status != 405:
-            self.metrics.failures.labels(reason=FAILURE_REASONS.get(status, "internal")).inc()
         state = scope.get("state", {})
+        # every error answer notes its reason (backend/errors.py); a 5xx that did not is a crash
+        reason = state.get("failure_reason") or ("internal" if status >= 500 else None)
+        if reason is not None:
+            self.metrics.failures.labels(reason=reason).inc()
         line = {
             "request_id": request_id,
             "method": scope["method"],

@@ -18,6 +18,10 @@ import sys
 from ml_service.contract import UnknownService, discover_services, load_service_class
 
 OPTIONS = ("checkpoint", "random_preset", "host", "port", "device", "log_level")
+# after the shutdown grace, the time left to answer the requests the app ended (503, a stream's
+# `error` event) before uvicorn cancels what remains: orchestrators must wait longer than
+# ML_SERVICE_SHUTDOWN_GRACE_S + this before they kill the process (tests/test_deploy.py)
+SHUTDOWN_MARGIN_S = 2.0
 
 
 def describe_services() -> list[tuple[str, str]]:
@@ -81,8 +85,10 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that was
     # installed before it: make that an exit with status 0, as process supervisors expect
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # SIGTERM: stop accepting, let in-flight requests finish for up to shutdown_grace_s, then
-    # the lifespan drains the engine. The app writes its own JSON access log.
+    # SIGTERM: stop accepting, let in-flight requests finish for up to shutdown_grace_s; then the
+    # app ends what is left (503 with Retry-After, or a stream's `error` event: see
+    # ml_service.shutdown), and uvicorn, which waits SHUTDOWN_MARGIN_S longer, cancels only what
+    # could not even be answered. The app writes its own JSON access log.
     uvicorn.run(
         "ml_service.backend.app:create_app",
         factory=True,
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
         reload=args.reload,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        server_header=False,  # no `server: uvicorn` on every answer
+        timeout_graceful_shutdown=settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
     )
     return 0
 

@@ -87,6 +87,22 @@ class Settings(BaseSettings):
         description="requests per API key (or client address without keys), e.g. '60/minute' or "
         "'10/second;200/hour'; unset: no limit",
     )
+    auth_failure_limit: str | None = Field(
+        "20/minute",
+        description="failed authentications (a wrong API key or admin token) allowed per client "
+        "address, e.g. '20/minute'; past it the address gets 429 with Retry-After, even with a "
+        "correct key, until the window frees up; empty: no limit",
+    )
+    guard_info_routes: bool = Field(
+        False,
+        description="with API keys set, also require a key for /metadata, /metrics, /docs, "
+        "/redoc and /openapi.json (/health and /ready stay open)",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="largest total size of the request headers (bytes); larger ones get 431",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
@@ -105,7 +121,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "auth_failure_limit")
     @classmethod
     def _parse_rate(cls, v: str | None) -> str | None:
         if v:

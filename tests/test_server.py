@@ -199,6 +199,83 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0():
         assert [x["usage"]["completion_tokens"] for x in r.json()["results"]] == [250] * 16
 
 
+def test_sigterm_answers_what_cannot_finish_within_the_grace_with_503_or_an_error_event():
+    """With a 2 s grace and one batch row, a queue of long generations (~0.35 s each on a 2-core
+    CPU: several seconds in all) cannot finish before the grace ends. What is still queued or
+    running then is answered, not cut off: JSON requests get 503 with `Retry-After` and the
+    usual JSON error body, streams an `error` event; uvicorn cancels nothing; the exit is 0."""
+    env = {"ML_SERVICE_SHUTDOWN_GRACE_S": "2", "ML_SERVICE_MAX_BATCH_SIZE": "1"}
+    long_job = {"text": "Москва", "max_new_tokens": 250, "min_new_tokens": 250}
+    n_json, n_streams = 20, 8
+
+    def metric(text: str, name: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+
+    async def scenario(proc) -> tuple[list[httpx.Response], list[list[tuple[str, dict]]]]:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=120) as client:
+
+            async def stream() -> list[tuple[str, dict]]:
+                events, name = [], None
+                async with client.stream(
+                    "POST", "/forward", json={**long_job, "stream": True}
+                ) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("event: "):
+                            name = line.removeprefix("event: ")
+                        elif line.startswith("data: "):
+                            events.append((name, json.loads(line.removeprefix("data: "))))
+                return events
+
+            jsons = [
+                asyncio.create_task(client.post("/forward", json=long_job)) for _ in range(n_json)
+            ]
+            streams = [asyncio.create_task(stream()) for _ in range(n_streams)]
+            # every generation is in the engine: admitted (queue time observed) or waiting
+            deadline = time.monotonic() + 60
+            while True:
+                text = (await client.get("/metrics")).text
+                queued = metric(text, "ml_service_num_requests_waiting")
+                admitted = metric(text, "ml_service_request_queue_time_seconds_count")
+                if queued + admitted >= n_json + n_streams:
+                    break
+                assert time.monotonic() < deadline, f"{queued} waiting, {admitted} admitted"
+                await asyncio.sleep(0.02)
+            assert queued >= 1, "the queue emptied before SIGTERM: make the requests longer"
+            proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*jsons)), list(await asyncio.gather(*streams))
+
+    with running_server(["--checkpoint", str(CHECKPOINT)], env=env) as proc:
+        answers, streams = asyncio.run(scenario(proc))
+        assert proc.wait(timeout=60) == 0
+        log = proc.log.read_text()
+    assert "timeout graceful shutdown exceeded" not in log, log  # uvicorn cancelled nothing
+    statuses = collections.Counter(r.status_code for r in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] >= 1, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["content-type"] == "application/json"
+            assert r.headers["retry-after"] == "1"
+            assert r.json() == {
+                "detail": "the service is shutting down",
+                "errors": [{"loc": ["queue"], "msg": "the service is shutting down"}],
+            }
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 250
+    for events in streams:
+        name, data = events[-1]
+        assert name in ("done", "error"), events[-1]
+        if name == "error":
+            assert data == {"detail": "the service is shutting down"}
+        else:
+            assert data["usage"]["completion_tokens"] == 250
+
+
 BURST_PROMPTS = [
     "Привет, мир!",
     "Москва",

@@ -159,6 +159,32 @@ class GenerationEngine:
                 self._thread.join(5)
             self._thread = None
 
+    def abort(self, error: BaseException) -> None:
+        """Take no new requests and end every queued and running one now with `error` (e.g.
+        `EngineStopped` when a shutdown's grace period is over): each caller gets an answer
+        instead of being cut off. Blocks until the decoding thread has ended: call it off the
+        event loop. `stop()` still works afterwards (it has nothing left to wait for)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        while True:
+            # holding the model lock, the batch is between two steps; holding the condition, the
+            # decoding thread is not choosing what to admit. A request it took from the queue just
+            # before is admitted after we let go: the next round ends it.
+            with self._lock, self._cond:
+                queued, self._queue = list(self._queue), collections.deque()
+                for r in queued:
+                    self._batch.finish_request(r, error)
+                if self._batch.rows:
+                    self._batch.fail(error)
+            self._outbox.flush()
+            thread = self._thread
+            if thread is None:
+                return
+            thread.join(0.05)  # ends by itself: closing, with nothing queued or running
+            if not thread.is_alive():
+                return
+
     # -- submitting -----------------------------------------------------------------------------
     def enqueue(self, requests: Sequence[GenerationRequest]) -> None:
         """Queue requests together (all or none): QueueFull or EngineStopped otherwise."""
@@ -229,19 +255,22 @@ class GenerationEngine:
         size = len(batch.rows) + len(admitted)
         for r in admitted:
             self.observer.on_admitted(r)
-        try:
-            with self._lock:
-                if batch.rows:
+        # A row whose numbers go wrong, or that makes the model raise even alone, fails by
+        # itself inside `step`/`admit`; what reaches here could not be pinned on one row: a failed
+        # step fails the running rows, a failed admission only the requests being admitted.
+        with self._lock:
+            if batch.rows:
+                try:
                     batch.step()
-                if admitted:
+                except Exception as e:
+                    log.exception("generation failed for a batch of %d", len(batch.rows))
+                    batch.fail(GenerationFailed(str(e)))
+            if admitted:
+                try:
                     batch.admit(admitted)
-        except Exception as e:  # the model failed: every sequence in this batch fails with it
-            log.exception("generation failed for a batch of %d", size)
-            failure = GenerationFailed(str(e))
-            batch.fail(failure)
-            for r in admitted:
-                if not r.done:
-                    batch.finish_request(r, failure)
+                except Exception as e:
+                    log.exception("admitting %d new requests failed", len(admitted))
+                    batch.fail_requests(admitted, GenerationFailed(str(e)))
         self._outbox.flush()
         self.observer.on_step(size, time.monotonic() - t0)
 

@@ -14,6 +14,7 @@ engine (`engine.py`) feeds the same `DecodeBatch` from a queue.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +25,17 @@ import torch
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.sampling import SamplingTensors, sample_next
 
+log = logging.getLogger(__name__)
+NON_FINITE = "the model's probabilities for this sequence were not finite (NaN or infinity)"
+
 
 class PromptTooLong(ValueError):
-    """The prompt plus the requested new tokens do not fit in the model's context."""
+    """The prompt plus the requested new tokens do not fit in the model's context; `index` is the
+    prompt's place in its batch."""
+
+    def __init__(self, msg: str, index: int = 0):
+        super().__init__(msg)
+        self.index = index
 
 
 class GenerationFailed(RuntimeError):
@@ -61,11 +70,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 def check_fits(
     prompt_ids: Sequence[list[int]], params: Sequence[GenerationParams], context: int
 ) -> None:
+    """Prompt tokens + max_new_tokens <= context: the leading end-of-document token takes one
+    position, and the last new token is never fed back, so it needs none."""
     for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
-        if len(ids) + p.max_new_tokens > context:
+        if len(ids) - 1 + p.max_new_tokens > context:
             raise PromptTooLong(
-                f"text {i}: prompt of {len(ids) - 1} tokens + max_new_tokens {p.max_new_tokens} "
-                f"exceeds the context of {context} tokens (the service never truncates silently)"
+                f"prompt of {len(ids) - 1} tokens + max_new_tokens {p.max_new_tokens} "
+                f"exceeds the context of {context} tokens (the service never truncates silently)",
+                index=i,
             )
 
 
@@ -118,14 +130,23 @@ class _Row:
         self.read_offset = 0
         self.emitted = 0  # characters of `text` handed to on_text
         self.hold_back = max((len(s) for s in self.params.stop), default=1) - 1
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "failed": see `failure`
+        self.failure: BaseException | None = None
         self.last_token_at = 0.0
 
-    def next_uniform(self) -> float:
-        """The row's next random number in [0, 1), drawn 64 at a time from its own generator."""
+    def peek_uniform(self) -> float:
+        """The row's next random number in [0, 1), drawn 64 at a time from its own generator;
+        `use_uniform` moves past it once the token it chose is kept (so a step that is retried
+        draws the same numbers again)."""
         if not self._uniforms:
             self._uniforms = torch.rand(64, generator=self.generator).tolist()[::-1]
-        return self._uniforms.pop()
+        return self._uniforms[-1]
+
+    def use_uniform(self) -> None:
+        self._uniforms.pop()
+
+    def fail(self, error: BaseException) -> None:
+        self.finish_reason, self.failure = "failed", error
 
     @property
     def position(self) -> int:
@@ -146,8 +167,9 @@ class DecodeBatch:
         self.rows: list[_Row] = []
         # each row's tokens so far (prompt, then generated), padded with its first prompt token:
         # what the repetition penalty looks at (a repeated id changes nothing)
+        # (one column more than the context: the last new token is recorded, never fed back)
         self.history = torch.full(
-            (0, self.decoder.context), self.eos, dtype=torch.long, device=self.decoder.device
+            (0, self.decoder.context + 1), self.eos, dtype=torch.long, device=self.decoder.device
         )
         self._sampling: SamplingTensors | None = None  # for all rows; rebuilt when rows change
 
@@ -157,7 +179,10 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def admit(self, requests: Sequence[GenerationRequest]) -> None:
-        """Process the prompts of new sequences (at most `free`) and sample their first tokens."""
+        """Process the prompts of new sequences (at most `free`) and sample their first tokens.
+
+        If that raises, each new prompt is tried alone: those that fail alone fail, the others
+        are admitted (the error is raised only when no single prompt can be blamed)."""
         assert len(requests) <= self.free, "more requests than free rows"
         for r in requests:
             if r.cancelled:
@@ -175,16 +200,32 @@ class DecodeBatch:
         for i, r in enumerate(requests):
             self.history[first + i].fill_(r.prompt_ids[0])
             self.history[first + i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
         new_rows = [_Row(r) for r in requests]
+        history = self.history[first : first + n]
+
+        def prompt_alone(i: int) -> None:
+            logits = self.decoder.prefill([new_rows[i].request.prompt_ids], first)
+            self._choose([new_rows[i]], logits, history[i : i + 1])
+
+        try:
+            logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
+            chosen = self._choose(new_rows, logits, history)
+        except Exception as error:
+            culprits = self._culprits(error, new_rows, prompt_alone)
+            for row in culprits:
+                self.finish_request(row.request, row.failure)
+            self.admit([row.request for row in new_rows if row.failure is None])
+            return
         self.rows.extend(new_rows)
         self._sampling = None
-        sampling = SamplingTensors.build([r.params for r in new_rows], self.vocab, logits.device)
-        self._advance(first, logits, sampling)
+        self._apply(first, *chosen)
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One new token for every running sequence; finished ones leave."""
+        """One new token for every running sequence; finished ones leave.
+
+        If the step raises, each row is tried alone: those that fail alone leave with the error
+        and the step is run again for the others (raised only when no single row can be blamed)."""
         cancelled = [i for i, row in enumerate(self.rows) if row.request.cancelled]
         for i in cancelled:
             self.rows[i].finish_reason = "cancelled"
@@ -192,12 +233,25 @@ class DecodeBatch:
         if not self.rows:
             return
         ids = torch.tensor([row.generated[-1] for row in self.rows])
-        logits = self.decoder.decode(ids, [row.position for row in self.rows])
-        if self._sampling is None:
-            self._sampling = SamplingTensors.build(
-                [row.params for row in self.rows], self.vocab, logits.device
-            )
-        self._advance(0, logits, self._sampling)
+        positions = [row.position for row in self.rows]
+
+        def row_alone(i: int) -> None:
+            logits = self.decoder.decode(ids[i : i + 1], positions[i : i + 1], slots=[i])
+            self._choose([self.rows[i]], logits, self.history[i : i + 1])
+
+        try:
+            logits = self.decoder.decode(ids, positions)
+            if self._sampling is None:
+                self._sampling = SamplingTensors.build(
+                    [row.params for row in self.rows], self.vocab, logits.device
+                )
+            chosen = self._choose(self.rows, logits, self.history, self._sampling)
+        except Exception as error:
+            self._culprits(error, self.rows, row_alone)
+            self._remove_finished()
+            self.step()  # the others: their caches are rewritten with the same values
+            return
+        self._apply(0, *chosen)
 
     def fail(self, error: BaseException) -> None:
         """End every running sequence with `error` (the model raised)."""
@@ -205,6 +259,16 @@ class DecodeBatch:
         for row in rows:
             self.finish_request(row.request, error)
         self.decoder.release()
+
+    def fail_requests(self, requests: Sequence[GenerationRequest], error: BaseException) -> None:
+        """End `requests` with `error`, running or not; the other rows go on."""
+        for row in self.rows:
+            if row.request in requests:
+                row.fail(error)
+        self._remove_finished()
+        for r in requests:
+            if not r.done:
+                self.finish_request(r, error)
 
     def finish_request(
         self, request: GenerationRequest, outcome: GenerationResult | BaseException
@@ -214,31 +278,71 @@ class DecodeBatch:
             self.observer.on_finished(request)
 
     # -- internals ----------------------------------------------------------------------------
-    def _advance(self, first: int, logits: torch.Tensor, sampling: SamplingTensors) -> None:
-        """Sample a token for rows first.. (one logits row each), then update text and state."""
-        rows = self.rows[first:]
+    def _culprits(self, error: Exception, rows: list[_Row], alone: Callable[[int], None]) -> list:
+        """The rows for which `alone(i)` raises too, marked failed; `error` is raised again when
+        there are none (the failure cannot be pinned on a row, so it is the whole batch's)."""
+        culprits = []
+        for i, row in enumerate(rows):
+            try:
+                alone(i)
+            except Exception as e:
+                row.fail(GenerationFailed(str(e)))
+                culprits.append(row)
+        if not culprits:
+            raise error
+        log.error(
+            "a step of %d rows failed (%s: %s); %d row(s) that fail alone leave, the rest go on",
+            len(rows),
+            type(error).__name__,
+            error,
+            len(culprits),
+        )
+        return culprits
+
+    def _choose(
+        self,
+        rows: list[_Row],
+        logits: torch.Tensor,
+        history: torch.Tensor,
+        sampling: SamplingTensors | None = None,
+    ) -> tuple[list[_Row], torch.Tensor, torch.Tensor]:
+        """The next token of each row (one logits row each) and which rows' numbers were not
+        finite. Changes no state: a retried step chooses the same tokens."""
+        if sampling is None:
+            sampling = SamplingTensors.build([r.params for r in rows], self.vocab, logits.device)
         early = [i for i, row in enumerate(rows) if len(row.generated) < row.params.min_new_tokens]
         if early:  # no end of document before min_new_tokens
             logits[early, self.eos] = -torch.inf
-        lengths = [row.position + 1 for row in rows]  # tokens so far: the next one's column
-        history = self.history[first : first + len(rows), : max(lengths)]
+        seen = max(row.position + 1 for row in rows)  # tokens so far, over the rows
 
         def uniforms() -> torch.Tensor:  # greedy rows draw nothing
             return torch.tensor(
-                [0.0 if row.params.temperature <= 0 else row.next_uniform() for row in rows]
+                [0.0 if row.params.temperature <= 0 else row.peek_uniform() for row in rows]
             )
 
-        next_tensor = sample_next(logits, history, sampling, uniforms)
+        tokens, bad = sample_next(logits, history[: len(rows), :seen], sampling, uniforms)
+        return rows, tokens, bad
+
+    def _apply(self, first: int, rows: list[_Row], tokens: torch.Tensor, bad: torch.Tensor) -> None:
+        """Give rows first.. their chosen tokens, then update text and state."""
+        for row in rows:
+            if row.params.temperature > 0:
+                row.use_uniform()
+        lengths = [row.position + 1 for row in rows]  # tokens so far: the next one's column
         # recorded for every row (one that just ended leaves before it matters); prompt plus
         # max_new_tokens fits the context (check_fits), so the column is always inside it
         self.history[first : first + len(rows)].scatter_(
-            1, torch.tensor(lengths)[:, None], next_tensor[:, None]
+            1, torch.tensor(lengths)[:, None], tokens[:, None]
         )
-        next_ids = next_tensor.tolist()
+        next_ids = tokens.tolist()
+        failed = set(bad.nonzero()[:, 0].tolist()) if bad.any() else ()
         now = time.monotonic()
         grew: list[_Row] = []
         gaps: list[float] = []
-        for row, tok in zip(rows, next_ids, strict=True):
+        for i, (row, tok) in enumerate(zip(rows, next_ids, strict=True)):
+            if i in failed:  # its numbers were not finite: it leaves alone, the others go on
+                row.fail(GenerationFailed(NON_FINITE))
+                continue
             if tok == self.eos:
                 row.finish_reason = "eos"
                 continue
@@ -249,6 +353,8 @@ class DecodeBatch:
                 gaps.append(now - row.last_token_at)
             row.last_token_at = now
             grew.append(row)
+        if failed:
+            log.warning("%d row(s) had non-finite probabilities and failed alone", len(failed))
         if self.observer is not None:
             self.observer.on_tokens(len(grew), gaps)
         self._detokenize(grew)
@@ -297,6 +403,9 @@ class DecodeBatch:
             self._sampling = None
 
     def _finish(self, row: _Row) -> None:
+        if row.failure is not None:
+            self.finish_request(row.request, row.failure)
+            return
         if row.finish_reason in ("eos", "length"):
             # the whole completion, including a trailing piece the window had held back
             row.text = self.raw.decode(row.generated, skip_special_tokens=True)
@@ -350,6 +459,9 @@ def run_to_end(
     while batch.rows:
         stopping()
         batch.step()
+    for r in requests:
+        if r.error is not None:
+            raise r.error
     return [r.result for r in requests]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 NARROW_TOP_K = 64  # rows with top_k up to this take their candidates from topk, others sort
+MIN_TEMPERATURE = 1e-5  # a smaller positive temperature samples as this one (0 is greedy)
 
 
 @dataclass
@@ -41,22 +42,25 @@ class _Group:
     top_p: torch.Tensor
     limit_k: bool  # some row's top_k leaves out part of the candidates
 
-    def sample(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """A token id per row of `logits` (this group's rows only)."""
+    def sample(self, logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A token id per row of `logits` (this group's rows only), and whether each row's
+        probabilities were finite (a row that is not gets a meaningless id: fail it)."""
         if not self.wide:
             top_logits, top_idx = logits.topk(self.k, dim=-1)
-            rank = _draw(top_logits, self, u)
-            return top_idx.gather(1, rank[:, None])[:, 0]
+            rank, ok = _draw(top_logits, self, u)
+            return top_idx.gather(1, rank[:, None])[:, 0], ok
         # wide: the values sorted (descending), a rank drawn, and that value found back in the row
         # (its first place there); numpy's sort on the CPU, where torch's is far slower
         if logits.device.type != "cpu":
             ordered = logits.sort(dim=-1, descending=True).values
-            chosen = ordered.gather(1, _draw(ordered, self, u)[:, None])
-            return (logits == chosen).int().argmax(dim=-1)
+            rank, ok = _draw(ordered, self, u)
+            chosen = ordered.gather(1, rank[:, None])
+            return (logits == chosen).int().argmax(dim=-1), ok
         values = logits.numpy()
         ordered = torch.from_numpy(-np.sort(-values, axis=-1))
-        chosen = ordered.gather(1, _draw(ordered, self, u)[:, None])
-        return torch.from_numpy(np.argmax(values == chosen.numpy(), axis=1))
+        rank, ok = _draw(ordered, self, u)
+        chosen = ordered.gather(1, rank[:, None])
+        return torch.from_numpy(np.argmax(values == chosen.numpy(), axis=1)), ok
 
 
 @dataclass
@@ -109,8 +113,11 @@ def sample_next(
     history: torch.Tensor,
     sp: SamplingTensors,
     uniforms: Callable[[], torch.Tensor],
-) -> torch.Tensor:
-    """One token id per row from logits (B, vocab), which it penalises in place.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token id per row from logits (B, vocab), which it penalises in place, and a (B,) bool
+    that marks the rows whose logits or probabilities were not finite (NaN, or an infinity that a
+    warper made): their ids mean nothing, and the caller fails those rows alone. It never raises
+    for such a row, so one row's numbers cannot fail its batch.
 
     `history` (B, T) holds the token ids each row has seen (its prompt and what it generated),
     padded with any of them: the repetition penalty touches those logits only (a gather and a
@@ -121,30 +128,40 @@ def sample_next(
         seen = torch.where(seen > 0, seen / sp.penalty, seen * sp.penalty)
         logits.scatter_(1, history, seen)  # a repeated id writes the same value again
     if sp.all_greedy:
-        return logits.argmax(dim=-1)
+        best = logits.max(dim=-1)  # NaN wins max, so a NaN row shows in its value
+        return best.indices, ~best.values.isfinite()
     u = uniforms().to(logits.device)  # (B,)
     if sp.groups[0].rows is None:  # the usual case: every row alike
-        sampled = sp.groups[0].sample(logits, u)
+        sampled, ok = sp.groups[0].sample(logits, u)
     else:
         sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        ok = torch.empty(logits.shape[0], dtype=torch.bool, device=logits.device)
         for g in sp.groups:
-            sampled[g.rows] = g.sample(logits[g.rows], u[g.rows])
+            sampled[g.rows], ok[g.rows] = g.sample(logits[g.rows], u[g.rows])
     if not sp.any_greedy:
-        return sampled
-    return torch.where(sp.greedy, logits.argmax(dim=-1), sampled)
+        return sampled, ~ok
+    best = logits.max(dim=-1)
+    return (
+        torch.where(sp.greedy, best.indices, sampled),
+        torch.where(sp.greedy, ~best.values.isfinite(), ~ok),
+    )
 
 
-def _draw(ordered: torch.Tensor, g: _Group, u: torch.Tensor) -> torch.Tensor:
+def _draw(ordered: torch.Tensor, g: _Group, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rank each row draws from its candidates' logits, best first (n, C): temperature, then
     top-k (ranks from top_k on are out), then top-p (a rank stays while the mass before it is at
     most top_p, so rank 0 always does); u (n,) inverts the CDF of what is left: the first rank
-    whose cumulative mass reaches u times the mass kept."""
-    scaled = ordered / g.temperature.clamp(min=1e-5)
+    whose cumulative mass reaches u times the mass kept. Also (n,) bool: the row's probabilities
+    were finite (a NaN or +inf logit makes the whole row's softmax NaN, and its total mass shows
+    it)."""
+    scaled = ordered / g.temperature.clamp(min=MIN_TEMPERATURE)
     if g.limit_k:
         ranks = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
         scaled = scaled.masked_fill(ranks >= g.top_k, -torch.inf)
     probs = torch.softmax(scaled, dim=-1)
     cdf = probs.cumsum(-1)  # (n, C)
-    kept = ((cdf - probs) <= g.top_p).sum(-1, keepdim=True)  # a prefix of the ranks, at least 1
+    ok = cdf[:, -1].isfinite()
+    # a prefix of the ranks, at least 1 (a NaN row would keep none: it gets rank 0 and fails)
+    kept = ((cdf - probs) <= g.top_p).sum(-1, keepdim=True).clamp(min=1)
     choice = torch.searchsorted(cdf, u[:, None] * cdf.gather(1, kept - 1))
-    return choice[:, 0].clamp(max=cdf.shape[-1] - 1)
+    return choice[:, 0].clamp(max=cdf.shape[-1] - 1), ok

@@ -36,7 +36,8 @@ def check_scorable(tokenizer, texts: Sequence[str], context: int) -> list[list[i
     for i, row in enumerate(ids):
         if len(row) > context:
             raise PromptTooLong(
-                f"text {i}: {len(row) - 1} tokens exceed the context of {context - 1} scorable tokens"
+                f"{len(row) - 1} tokens exceed the context of {context - 1} scorable tokens",
+                index=i,
             )
     return ids
 

@@ -9,6 +9,7 @@ better than concurrent calls would.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -36,6 +37,39 @@ from lib.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+# The files that decide what a checkpoint computes (weights, architecture, tokenizer, generation
+# defaults); its card and README describe it and stay out of its content hash.
+CHECKPOINT_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The content files of the checkpoint at `path`, in a fixed (sorted) order."""
+    path = Path(path)
+    found = {f for pattern in CHECKPOINT_FILE_PATTERNS for f in path.glob(pattern) if f.is_file()}
+    return sorted(found, key=lambda f: f.name)
+
+
+def checkpoint_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """A SHA-256 over the checkpoint's content files (each file's name, size and bytes, streamed
+    in chunks): the same files give the same hash wherever the directory is."""
+    digest = hashlib.sha256()
+    for f in checkpoint_files(path):
+        digest.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as stream:
+            while chunk := stream.read(chunk_bytes):
+                digest.update(chunk)
+    return digest.hexdigest()
+
 
 class InferenceService:
     def __init__(
@@ -47,11 +81,13 @@ class InferenceService:
         source: str,
         card: dict | None = None,
         random_baseline: bool = False,
+        checkpoint_sha256: str | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
-        self.source = source
+        self.source = source  # where it was loaded from (a server path: never in metadata())
+        self.checkpoint_sha256 = checkpoint_sha256
         self.card = card or {}
         self.random_baseline = random_baseline
         self._lock = threading.Lock()
@@ -73,13 +109,15 @@ class InferenceService:
         model = load_model(path, device=device, dtype=dtype)
         tokenizer = load_tokenizer(path)
         card = read_card(path)
-        log.info("loaded %s in %.2fs", path, time.perf_counter() - t0)
+        sha256 = checkpoint_sha256(path)  # once per load
+        log.info("loaded %s (sha256 %s) in %.2fs", path, sha256, time.perf_counter() - t0)
         return cls(
             model,
             tokenizer,
             model_id=card.get("model_id") or path.name,
             source=str(path),
             card=card,
+            checkpoint_sha256=sha256,
         )
 
     @classmethod
@@ -192,12 +230,22 @@ class InferenceService:
                 raise GenerationFailed(str(e)) from e
 
     # -- metadata -----------------------------------------------------------------------------
+    def checkpoint(self) -> dict | None:
+        """The checkpoint by name and content hash (None for a random baseline): never its path."""
+        if self.random_baseline:
+            return None
+        return {"name": Path(self.source).name, "sha256": self.checkpoint_sha256}
+
     def metadata(self) -> dict:
+        """What /metadata shows about the model. `source` is the checkpoint's directory name (or
+        `random:<preset>`), not the server path it was loaded from."""
         cfg = self.model.config
         card = self.card
+        checkpoint = self.checkpoint()
         return {
             "model_id": self.model_id,
-            "source": self.source,
+            "source": checkpoint["name"] if checkpoint else self.source,
+            "checkpoint": checkpoint,
             "random_baseline": self.random_baseline,
             "warning": (
                 "RANDOMLY INITIALISED WEIGHTS: this model was not trained and produces noise"

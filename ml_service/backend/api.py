@@ -8,29 +8,31 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from lib.inference import GenerationFailed
 from ml_service import __version__
 from ml_service.backend.dependencies import DepsDep
 from ml_service.backend.errors import (
-    MODEL_FAILED,
     BadRequest,
     ClientDisconnected,
     GenerationTimeout,
     Overloaded,
     ServiceError,
+    as_service_error,
     pydantic_errors,
 )
 from ml_service.backend.schemas import ErrorResponse
 from ml_service.backend.security import require_api_key
 from ml_service.contract import InvalidInput, ModelService
+from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -87,7 +89,14 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         if streams and req.stream:
             events = model.engine.stream(item)  # queued now: a full queue is still a plain 503
             return StreamingResponse(
-                _sse(request, events, model.service, req, deps.settings.request_timeout_s),
+                _sse(
+                    request,
+                    events,
+                    model.service,
+                    req,
+                    deps.settings.request_timeout_s,
+                    deps.metrics,
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -101,6 +110,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         response_model=service_cls.batch_response_model,
         responses=ERRORS,
         dependencies=guarded,
+        openapi_extra=_json_body(batch_model),
         summary=f"{service_cls.name}: several inputs",
         description="One result per input, in order (JSON only). The inputs share model batches; "
         "the batch size limit is in /metadata.",
@@ -121,7 +131,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
             try:
                 items.append(model.service.preprocess(req))
             except InvalidInput as e:
-                raise BadRequest([{"loc": [str(i), e.loc], "msg": str(e)}]) from None
+                loc = model.service.batch_item_loc(i, e.loc)
+                raise BadRequest([{"loc": [str(x) for x in loc], "msg": str(e)}]) from None
         work = model.engine.submit_many(items)
         outputs = await _unless_disconnected(request, work, deps.settings.request_timeout_s)
         _note_usage(request, outputs)
@@ -201,30 +212,45 @@ async def _unless_disconnected(request: Request, work: Awaitable, timeout: float
 
 
 async def _sse(
-    request: Request, events, service, req: BaseModel, timeout: float
+    request: Request,
+    events,
+    service,
+    req: BaseModel,
+    timeout: float,
+    metrics: ServiceMetrics | None = None,
 ) -> AsyncIterator[str]:
-    """Server-Sent Events for one streamed generation (closing the stream cancels it)."""
+    """Server-Sent Events for one streamed generation (closing the stream cancels it).
+
+    Its status is 200 before any failure can happen, so a stream counts its own failures in
+    `ml_service_request_failures_total` (the access log counts the others from their status)."""
     # one timer for the whole stream (a timeout per event would cost a task per token)
     expiry = asyncio.get_running_loop().call_later(
         timeout, events.interrupt, asyncio.TimeoutError()
     )
+    failure = "cancelled"  # unless it ends otherwise: the client went away mid-stream
     try:
         async for event in events:
             if isinstance(event, str):
                 yield _event("token", {"text": event})
             else:
                 _note_usage(request, [event])
+                failure = None
                 yield _event("done", service.postprocess(event, req).model_dump())
-    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
-        yield _event("error", {"detail": f"timed out after {timeout:g} s"})
-    except GenerationFailed:
-        yield _event("error", {"detail": MODEL_FAILED})
-    except Exception:
-        log.exception("stream failed")
-        yield _event("error", {"detail": "internal server error"})
+    except Exception as e:  # the same map as JSON answers (a timeout, the model, a shutdown)
+        error = as_service_error(e)
+        failure = error.reason
+        if isinstance(error, GenerationTimeout):
+            detail = f"timed out after {timeout:g} s"
+        else:
+            detail = error.detail
+            if type(error) is ServiceError:
+                log.exception("stream failed")
+        yield _event("error", {"detail": detail})
     finally:
         expiry.cancel()
         events.cancel()  # a no-op when it finished; otherwise its row leaves the batch
+        if failure is not None and metrics is not None:
+            metrics.failures.labels(reason=failure).inc()
 
 
 def _event(name: str, data: dict) -> str:
@@ -257,12 +283,41 @@ async def read_body(
     )
 
 
-async def read_json_object(request: Request) -> dict:
-    body = await request.body()
+MAX_JSON_DEPTH = 32  # arrays and objects inside each other; our bodies need 3
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `body` nests arrays/objects more than `limit` deep, decided without parsing it (a
+    deep parse would recurse once per level). Brackets inside strings do not count."""
+    if body.count(b"[") + body.count(b"{") <= limit:  # every ordinary body: no scan at all
+        return False
+    structure = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    steps = (structure == ord("[")).astype(np.int32) + (structure == ord("{"))
+    steps -= (structure == ord("]")).astype(np.int32) + (structure == ord("}"))
+    return bool(steps.cumsum().max(initial=0) > limit)
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON value of a request body, or BadRequest that says, in our words, what is wrong."""
+    if json_depth_exceeds(body):
+        raise BadRequest.one("body", f"malformed JSON: nested more than {MAX_JSON_DEPTH} deep")
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest.one("body", f"malformed JSON: {e}") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest.one("body", f"the body is not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest.one(
+            "body", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg.lower()}"
+        ) from None
+    except ValueError:  # the only other one: an integer longer than Python converts (4,300 digits)
+        raise BadRequest.one("body", "malformed JSON: a number has too many digits") from None
+
+
+async def read_json_object(request: Request) -> dict:
+    payload = parse_json(await request.body())
     if not isinstance(payload, dict):
         raise BadRequest.one("body", "the JSON body must be an object")
     return payload
@@ -312,6 +367,12 @@ def _array_fields(model: type[BaseModel]) -> set[str]:
         for name, p in props.items()
         if p.get("type") == "array" or any(a.get("type") == "array" for a in p.get("anyOf", []))
     }
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its JSON itself."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _forward_body(model: type[BaseModel], takes_text: bool) -> dict:

@@ -14,12 +14,19 @@ from ml_service.backend.api import build_router
 from ml_service.backend.dependencies import AppDependencies
 from ml_service.backend.errors import install_error_handlers
 from ml_service.backend.ops import build_ops_router
-from ml_service.backend.security import BodyLimit, Guard
+from ml_service.backend.security import (
+    INFO_ROUTES,
+    BodyLimit,
+    Guard,
+    HeaderLimit,
+    InfoRouteGuard,
+)
 from ml_service.backend.ui import install_ui
 from ml_service.contract import ModelService, load_service_class
 from ml_service.hosting import ModelHost
 from ml_service.observability import AccessLog, ServiceMetrics, access_log
 from ml_service.settings import Settings, get_settings
+from ml_service.shutdown import ShutdownGrace
 
 log = logging.getLogger("ml_service")
 
@@ -40,12 +47,15 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        grace = ShutdownGrace(host, settings.shutdown_grace_s)
+        grace.install(asyncio.get_running_loop())
         loading = asyncio.create_task(host.start())
         if not settings.background_load:
             await loading
         try:
             yield
         finally:
+            await grace.close()
             loading.cancel()
             await host.stop(settings.shutdown_grace_s)
 
@@ -54,7 +64,8 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         version=__version__,
         description=f"{service.description}.\n\nErrors: 400 bad request (with `errors`), "
         "401 missing or wrong API key, 403 the model failed on valid input, 413 body too large, "
-        "429 rate limited and 503 queue full (both with `Retry-After`), 504 timed out.",
+        "431 headers too large, 429 rate limited or too many failed authentications and 503 "
+        "queue full (both with `Retry-After`), 504 timed out.",
         lifespan=lifespan,
         docs_url=None,  # install_ui serves /docs and /redoc from local assets
         redoc_url=None,
@@ -65,7 +76,14 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     app.include_router(build_router(type(service)))
     app.include_router(build_ops_router())
     install_ui(app)
+    if settings.guard_info_routes:
+        if settings.api_keys:
+            paths = INFO_ROUTES | {app.openapi_url}
+            app.add_middleware(InfoRouteGuard, guard=app.state.guard, paths=paths)
+        else:
+            log.warning("ML_SERVICE_GUARD_INFO_ROUTES has no effect without ML_SERVICE_API_KEYS")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeaderLimit, max_bytes=settings.max_header_bytes)
     app.add_middleware(AccessLog, metrics=metrics, log_prompts=settings.log_prompts)
     _log_access_as_json_lines()
     return app

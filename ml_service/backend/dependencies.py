@@ -8,18 +8,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ml_service.backend.errors import ServiceError
+from ml_service.backend.errors import ModelNotReady
 from ml_service.hosting import Loaded, ModelHost
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
-
-
-class ModelNotReady(ServiceError):
-    status_code = 503
-    detail = "model is not loaded yet"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
 
 
 @dataclass
@@ -34,14 +26,14 @@ class AppDependencies:
         never mixes one version's tokenizer with another's engine."""
         current = self.host.current
         if current is None:
-            raise ModelNotReady()
+            raise ModelNotReady(failed=self.host.error is not None)
         return current
 
 
 async def get_dependencies(request: Request) -> AppDependencies:
     deps: AppDependencies = request.app.state.deps
     if deps.host.current is None:
-        raise ModelNotReady()
+        raise ModelNotReady(failed=deps.host.error is not None)
     return deps
 
 

@@ -1,9 +1,11 @@
-"""The error contract, in one place.
+"""The error contract, in one place: every status the service answers, its body and its metrics
+reason. Each error class carries its status; `as_service_error` maps every exception the routes,
+services and engines raise to one of them (as TGI's router maps its error enum in one `match`).
 
-Any bad request -> 400 {"detail": "bad request", "errors": [...]}; a failure inside the model on
-valid input (`predict` raised) -> 403 {"detail": "модель не смогла обработать данные"}; a full queue
-or a stopping engine -> 503 with `Retry-After`; anything unexpected -> 500 with no traceback (the
-log has it). FastAPI's 422 never reaches a client.
+Any bad request -> 400 {"detail": "bad request", "errors": [{"loc": [...], "msg": ...}]}; a failure
+inside the model on valid input -> 403 {"detail": "модель не смогла обработать данные"}; a full
+queue, a shutdown, or a model not loaded -> 503 with `Retry-After`; anything unexpected -> 500 with
+no traceback (the log has it). FastAPI's 422 never reaches a client.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from ml_service.contract import InvalidInput
 
 log = logging.getLogger("ml_service")
 MODEL_FAILED = "модель не смогла обработать данные"
+SHUTTING_DOWN = "the service is shutting down"
 
 
 class ServiceError(Exception):
+    """An answer of the service: status, body (`detail`, `errors`), headers, metrics reason."""
+
     status_code = 500
     detail = "internal server error"
+    reason = "internal"  # the `reason` label of ml_service_request_failures_total
 
     def __init__(self, errors: list[dict] | None = None):
         super().__init__(self.detail)
@@ -37,6 +43,12 @@ class ServiceError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
+
+    async def send(self, scope, receive, send) -> None:
+        """Answer from an ASGI middleware (before any route), noting the metrics reason as the
+        exception handlers do."""
+        scope.setdefault("state", {})["failure_reason"] = self.reason
+        await self.response()(scope, receive, send)
 
     def body(self) -> dict:
         return (
@@ -49,15 +61,51 @@ class ServiceError(Exception):
 class BadRequest(ServiceError):
     status_code = 400
     detail = "bad request"
+    reason = "bad_request"
 
     @classmethod
     def one(cls, loc: str, msg: str) -> BadRequest:
         return cls([{"loc": [loc], "msg": msg}])
 
 
+class Unauthorized(ServiceError):
+    status_code = 401
+    detail = "unauthorized"
+    reason = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
 class ModelFailed(ServiceError):
     status_code = 403
     detail = MODEL_FAILED
+    reason = "model_error"
+
+
+class BodyTooLarge(ServiceError):
+    status_code = 413
+    detail = "request body too large"
+    reason = "bad_request"
+
+
+class RateLimited(ServiceError):
+    status_code = 429
+    detail = "rate limit exceeded"
+    reason = "rate_limited"
+
+    def __init__(self, retry_after_s: int, limit: str, loc: str = "rate_limit"):
+        super().__init__([{"loc": [loc], "msg": f"more than {limit}"}])
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class HeadersTooLarge(ServiceError):
+    status_code = 431
+    detail = "request header fields too large"
+    reason = "bad_request"
 
 
 class ClientDisconnected(ServiceError):
@@ -66,6 +114,47 @@ class ClientDisconnected(ServiceError):
 
     status_code = 499
     detail = "client closed request"
+    reason = "cancelled"
+
+
+class Overloaded(ServiceError):
+    """The engine's queue is full: try again shortly."""
+
+    status_code = 503
+    detail = "the service is at capacity; retry later"
+    reason = "queue_full"
+    retry_after_s = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class ShuttingDown(Overloaded):
+    """The engine stopped (a shutdown): another replica, or this one restarted, will answer."""
+
+    detail = SHUTTING_DOWN
+    reason = "shutdown"
+
+
+class ModelNotReady(ServiceError):
+    """503 while there is no model to serve: still loading (`Retry-After`), or its load failed
+    (until an admin reload succeeds). No path or exception text: the server log has those."""
+
+    status_code = 503
+    detail = "model is not loaded yet"
+    reason = "not_ready"
+
+    def __init__(self, failed: bool = False):
+        self.failed = failed
+        if failed:
+            self.detail = "the model failed to load"
+            msg = "the model could not be loaded; the server log has the details"
+        else:
+            msg = "the model is still loading; retry shortly"
+        super().__init__([{"loc": ["model"], "msg": msg}])
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.failed else {"Retry-After": "5"}
 
 
 class GenerationTimeout(ServiceError):
@@ -73,17 +162,20 @@ class GenerationTimeout(ServiceError):
 
     status_code = 504
     detail = "generation timed out"
+    reason = "timeout"
 
 
-class Overloaded(ServiceError):
-    """The engine's queue is full (or it is shutting down): try again shortly."""
+class HTTPError(ServiceError):
+    """Starlette's own answers (404 unknown path, 405 wrong method), in our body shape."""
 
-    status_code = 503
-    detail = "the service is at capacity; retry later"
-    retry_after_s = 1
+    reason = "bad_request"
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
+        self.status_code, self.detail, self._headers = status_code, detail, headers or {}
+        super().__init__()
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        return self._headers
 
 
 def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
@@ -97,46 +189,57 @@ def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]
     return out
 
 
+EXPECTED = (
+    ServiceError,
+    ValidationError,
+    RequestValidationError,
+    InvalidInput,
+    PromptTooLong,
+    EngineStopped,
+    QueueFull,
+    GenerationFailed,
+    PredictionFailed,
+    TimeoutError,
+    StarletteHTTPException,
+)
+
+
+def as_service_error(exc: BaseException) -> ServiceError:
+    """The answer to any exception: the whole mapping from what `lib`, the services and the
+    engines raise to statuses."""
+    match exc:
+        case ServiceError():
+            return exc
+        case ValidationError() | RequestValidationError():
+            return BadRequest(pydantic_errors(exc))
+        case InvalidInput():
+            return BadRequest(exc.errors)
+        case PromptTooLong():
+            return BadRequest([{"loc": ["text"], "msg": str(exc)}])
+        case EngineStopped():
+            return ShuttingDown([{"loc": ["queue"], "msg": str(exc)}])
+        case QueueFull():
+            return Overloaded([{"loc": ["queue"], "msg": str(exc)}])
+        case GenerationFailed() | PredictionFailed():
+            return ModelFailed()
+        case TimeoutError():
+            return GenerationTimeout()
+        case StarletteHTTPException():
+            return HTTPError(exc.status_code, exc.detail, exc.headers)
+        case _:
+            return ServiceError()
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError):
-        return exc.response()
+    async def answer(request: Request, exc: Exception):
+        error = as_service_error(exc)
+        if type(error) is ServiceError:  # not one we expected: a bug
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+        request.state.failure_reason = error.reason
+        return error.response()
 
-    async def _overloaded(_: Request, exc: Exception):
-        return Overloaded([{"loc": ["queue"], "msg": str(exc)}]).response()
-
-    app.add_exception_handler(QueueFull, _overloaded)
-    app.add_exception_handler(EngineStopped, _overloaded)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, exc: RequestValidationError):
-        return JSONResponse(BadRequest(pydantic_errors(exc)).body(), status_code=400)
-
-    @app.exception_handler(ValidationError)
-    async def _validation(_: Request, exc: ValidationError):
-        return JSONResponse(BadRequest(pydantic_errors(exc)).body(), status_code=400)
-
-    @app.exception_handler(PromptTooLong)
-    async def _too_long(_: Request, exc: PromptTooLong):
-        return JSONResponse(BadRequest.one("text", str(exc)).body(), status_code=400)
-
-    @app.exception_handler(InvalidInput)
-    async def _invalid_input(_: Request, exc: InvalidInput):
-        return JSONResponse(BadRequest.one(exc.loc, str(exc)).body(), status_code=400)
-
-    async def _model_failed(_: Request, exc: Exception):
-        return JSONResponse(ModelFailed().body(), status_code=403)
-
-    app.add_exception_handler(GenerationFailed, _model_failed)
-    app.add_exception_handler(PredictionFailed, _model_failed)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(
-            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
+    # the expected ones are answered by Starlette's exception middleware (FastAPI's own handlers
+    # for HTTPException and RequestValidationError are replaced); anything else reaches the
+    # server-error middleware, which answers 500 and lets the server log it
+    for exc_class in (*EXPECTED, Exception):
+        app.add_exception_handler(exc_class, answer)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ml_service.backend.api import read_json_object, validate_model
 from ml_service.backend.errors import BadRequest
@@ -27,9 +27,18 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str | None = Field(
         None,
-        description="a subdirectory of ML_SERVICE_MODELS_DIR; omitted: the configured version "
-        "(re-read from disk)",
+        min_length=1,
+        max_length=255,
+        description="a subdirectory of ML_SERVICE_MODELS_DIR, by name (no path separators, not "
+        "`.` or `..`); omitted: the configured version (re-read from disk)",
     )
+
+    @field_validator("version")
+    @classmethod
+    def _a_name_not_a_path(cls, v: str | None) -> str | None:
+        if v is not None and (v in (".", "..") or any(c in v for c in "/\\\0")):
+            raise ValueError("a version is a directory name: no path separators, not . or ..")
+        return v
 
 
 class ReloadResponse(BaseModel):
@@ -47,6 +56,10 @@ class VersionsResponse(BaseModel):
 ADMIN_ERRORS = {
     400: {"model": ErrorResponse, "description": "unknown version, or it failed to load"},
     401: {"model": ErrorResponse, "description": "missing or wrong admin token"},
+    429: {
+        "model": ErrorResponse,
+        "description": "too many wrong keys or tokens from this address (with `Retry-After`)",
+    },
 }
 
 
@@ -97,7 +110,10 @@ def build_ops_router() -> APIRouter:
         """The versions in the models directory, and the one serving now."""
         deps = request.app.state.deps
         current = deps.host.current
-        found = list_versions(deps.settings.models_dir) if deps.settings.models_dir else []
+        try:
+            found = list_versions(deps.settings.models_dir) if deps.settings.models_dir else []
+        except VersionNotFound as e:
+            raise BadRequest.one("version", str(e)) from None
         return VersionsResponse(current=current.version if current else None, versions=found)
 
     @router.post(

@@ -2,41 +2,89 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lib.inference import GenerationParams, GenerationResult
+
+DEFAULTS = GenerationParams()  # the defaults live in lib, once
+MIN_REPETITION_PENALTY = 0.01  # below it, dividing a logit by the penalty can overflow float32
+
+
+def _encodable(v: str) -> str:
+    """A lone surrogate (`"\\ud800"` is valid JSON) is not text: no tokenizer can take it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate (U+{ord(v[e.start]):04X}) at character "
+            f"{e.start}"
+        ) from None
+    return v
+
+
+# every text a request carries (prompts, stop strings, names) is this type
+Text = Annotated[str, AfterValidator(_encodable)]
+NUMBER_FIELDS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+)
 
 
 class GenerationOptions(BaseModel):
     """Generation parameters shared by /forward and /forward_batch (all optional)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most")
+    max_new_tokens: int = Field(
+        DEFAULTS.max_new_tokens, ge=1, description="tokens to generate at most"
+    )
     min_new_tokens: int = Field(
-        0, ge=0, description="do not end the text (end-of-document token) before this many tokens"
+        DEFAULTS.min_new_tokens,
+        ge=0,
+        description="do not end the text (end-of-document token) before this many tokens",
     )
     temperature: float = Field(
-        0.8, ge=0.0, le=5.0, description="sampling temperature; 0 means greedy"
+        DEFAULTS.temperature,
+        ge=0.0,
+        le=5.0,
+        description="sampling temperature; 0 means greedy (a positive value below 1e-5 samples "
+        "as 1e-5)",
     )
     top_p: float = Field(
-        0.95,
+        DEFAULTS.top_p,
         gt=0.0,
         le=1.0,
         description="nucleus sampling: keep the smallest set of tokens with this probability",
     )
-    top_k: int = Field(50, ge=0, description="keep the k most likely tokens; 0 disables")
+    top_k: int = Field(
+        DEFAULTS.top_k, ge=0, description="keep the k most likely tokens; 0 disables"
+    )
     repetition_penalty: float = Field(
-        1.1, gt=0.0, le=10.0, description="> 1 discourages repeating tokens already seen"
+        DEFAULTS.repetition_penalty,
+        ge=MIN_REPETITION_PENALTY,
+        le=10.0,
+        description="> 1 discourages repeating tokens already seen, < 1 encourages it",
     )
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="same seed and input, same output"
     )
-    stop: list[str] | None = Field(
+    stop: list[Text] | None = Field(
         None, max_length=8, description="stop before the first of these strings"
     )
+
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v):
+        if isinstance(v, bool):  # JSON's true/false would otherwise pass as 1/0
+            raise ValueError("must be a number, not a boolean")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -64,6 +112,19 @@ class GenerationOptions(BaseModel):
         )
 
 
+def parameter_ranges(model: type[BaseModel]) -> dict[str, dict]:
+    """Each numeric field's default and bounds, from the schema itself (for /metadata)."""
+    keys = ("default", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    out = {}
+    for name, prop in model.model_json_schema()["properties"].items():
+        entry = {k: prop[k] for k in keys if k in prop}
+        for option in prop.get("anyOf", []):  # an optional number: its bounds are in here
+            entry.update({k: option[k] for k in keys if k in option})
+        if name in NUMBER_FIELDS:
+            out[name] = entry
+    return out
+
+
 def _non_blank(v: str) -> str:
     if not v.strip():
         raise ValueError("text must not be empty")
@@ -71,7 +132,7 @@ def _non_blank(v: str) -> str:
 
 
 class ForwardRequest(GenerationOptions):
-    text: str = Field(..., description="the prompt (UTF-8)", examples=["Привет, мир!"])
+    text: Text = Field(..., description="the prompt (UTF-8)", examples=["Привет, мир!"])
     stream: bool = Field(
         False,
         description="answer with Server-Sent Events: `token` events with pieces of text as they "
@@ -82,7 +143,7 @@ class ForwardRequest(GenerationOptions):
 
 
 class ForwardBatchRequest(GenerationOptions):
-    texts: list[str] = Field(
+    texts: list[Text] = Field(
         ...,
         min_length=1,
         description="prompts; one result per text, in order",

@@ -1,5 +1,6 @@
-"""Protection at the edge, before any parsing or model work: API keys, the admin token, rate limits
-and the request body size."""
+"""Protection at the edge, before any parsing or model work: API keys, the admin token, rate limits,
+a limit on failed authentications per client address, the request body and header sizes, and
+(optionally) keys on the routes that describe the service."""
 
 from __future__ import annotations
 
@@ -13,33 +14,18 @@ from limits import parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from ml_service.backend.errors import ServiceError
+from ml_service.backend.errors import (
+    BodyTooLarge,
+    HeadersTooLarge,
+    RateLimited,
+    ServiceError,
+    Unauthorized,
+)
 from ml_service.settings import Settings
 
-
-class Unauthorized(ServiceError):
-    status_code = 401
-    detail = "unauthorized"
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
-
-
-class RateLimited(ServiceError):
-    status_code = 429
-    detail = "rate limit exceeded"
-
-    def __init__(self, retry_after_s: int, limit: str):
-        super().__init__([{"loc": ["rate_limit"], "msg": f"more than {limit}"}])
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
-
-class BodyTooLarge(ServiceError):
-    status_code = 413
-    detail = "request body too large"
+# Routes that describe the service (the model, its metrics, the API schema and docs): open by
+# default; with ML_SERVICE_GUARD_INFO_ROUTES and API keys they need a key too.
+INFO_ROUTES = frozenset({"/metadata", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
 def bearer_token(request: Request) -> str | None:
@@ -55,27 +41,41 @@ def _matches(token: str | None, secrets) -> bool:
 
 
 class Guard:
-    """API keys and per-client rate limits for the generation routes."""
+    """API keys and per-client rate limits for the generation routes, the admin token, and a
+    limit on failed authentications per client address (a brute-force guard)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.limits = parse_many(settings.rate_limit) if settings.rate_limit else []
+        self.failure_limits = (
+            parse_many(settings.auth_failure_limit) if settings.auth_failure_limit else []
+        )
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
 
     def check(self, request: Request) -> None:
-        token = bearer_token(request)
-        if self.settings.api_keys:
-            if token is None:
-                raise Unauthorized([{"loc": ["authorization"], "msg": "missing bearer API key"}])
-            if not _matches(token, self.settings.api_keys):
-                raise Unauthorized([{"loc": ["authorization"], "msg": "invalid API key"}])
+        """The generation routes: a valid API key (when keys are set), then the rate limit."""
+        token = self.authenticate(request)
+        if token is not None:
             client = "key:" + hmac.new(b"rate", token.encode(), "sha256").hexdigest()[:16]
         else:
-            client = "addr:" + (request.client.host if request.client else "unknown")
+            client = "addr:" + _address(request)
         for limit in self.limits:
             if not self.limiter.hit(limit, client):
-                reset_at = self.limiter.get_window_stats(limit, client).reset_time
-                raise RateLimited(max(1, math.ceil(reset_at - time.time())), str(limit))
+                raise RateLimited(self._retry_after(limit, client), str(limit))
+
+    def authenticate(self, request: Request) -> str | None:
+        """The request's valid API key, or None when keys are off; raises 401 for a missing or
+        wrong key, and 429 while the client's address has failed too often."""
+        if not self.settings.api_keys:
+            return None
+        self._refuse_blocked(request)
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized([{"loc": ["authorization"], "msg": "missing bearer API key"}])
+        if not _matches(token, self.settings.api_keys):
+            self._failed(request)
+            raise Unauthorized([{"loc": ["authorization"], "msg": "invalid API key"}])
+        return token
 
     def check_admin(self, request: Request) -> None:
         if self.settings.admin_token is None:
@@ -87,8 +87,36 @@ class Guard:
                     }
                 ]
             )
+        self._refuse_blocked(request)
         if not _matches(bearer_token(request), [self.settings.admin_token]):
+            self._failed(request)
             raise Unauthorized([{"loc": ["authorization"], "msg": "invalid admin token"}])
+
+    # -- failed authentications, per client address ----------------------------------------------
+    def _refuse_blocked(self, request: Request) -> None:
+        """429 while this address is over the failed-authentication limit (whatever it sends)."""
+        address = "auth-failures:" + _address(request)
+        for limit in self.failure_limits:
+            if not self.limiter.test(limit, address):
+                raise RateLimited(
+                    self._retry_after(limit, address),
+                    f"{limit} failed authentications",
+                    loc="authorization",
+                )
+
+    def _failed(self, request: Request) -> None:
+        """Count a wrong key or token presented by this address."""
+        address = "auth-failures:" + _address(request)
+        for limit in self.failure_limits:
+            self.limiter.hit(limit, address)
+
+    def _retry_after(self, limit, key: str) -> int:
+        reset_at = self.limiter.get_window_stats(limit, key).reset_time
+        return max(1, math.ceil(reset_at - time.time()))
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 async def _guard(request: Request) -> Guard:
@@ -116,7 +144,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(send)
+            return await BodyTooLarge(self._errors()).send(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -133,5 +161,47 @@ class BodyLimit:
     def _errors(self) -> list[dict]:
         return [{"loc": ["body"], "msg": f"the body is larger than {self.max_bytes} bytes"}]
 
-    async def _refuse(self, send) -> None:
-        await BodyTooLarge(self._errors()).response()({"type": "http"}, None, send)
+
+class HeaderLimit:
+    """ASGI middleware: 431 when the request's header fields (names and values) total more than
+    `max_bytes`, before any route or other middleware reads them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.max_bytes:
+                errors = [
+                    {
+                        "loc": ["headers"],
+                        "msg": f"the header fields are larger than {self.max_bytes} bytes",
+                    }
+                ]
+                return await HeadersTooLarge(errors).send(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class InfoRouteGuard:
+    """ASGI middleware: the API keys also guard `paths` (the routes that describe the service),
+    with the same 401 and the same failed-authentication limit as the generation routes."""
+
+    def __init__(self, app, guard: Guard, paths: frozenset[str]):
+        self.app = app
+        self.guard = guard
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _route_path(scope) in self.paths:
+            try:
+                self.guard.authenticate(Request(scope))
+            except ServiceError as e:
+                return await e.send(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -46,7 +46,7 @@ class CheckpointService(ModelService):
     def limits(self) -> dict:
         s = self.settings
         return {
-            "max_texts": s.max_texts,
+            "max_texts": self.batch_limit(),
             "max_batch_size": s.max_batch_size,
             "max_queue": s.max_queue,
             "max_text_chars": s.max_text_chars,

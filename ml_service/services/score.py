@@ -10,13 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lib.inference import PromptTooLong
 from lib.inference.scoring import TextScore
+from ml_service.backend.schemas import Text
 from ml_service.contract import InvalidInput
 from ml_service.services.common import CheckpointService, check_text_length
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(..., description="the text to score", examples=["Привет, мир!"])
+    text: Text = Field(..., description="the text to score", examples=["Привет, мир!"])
 
     @field_validator("text")
     @classmethod
@@ -55,7 +56,7 @@ class ScoreService(CheckpointService):
         try:
             self.inference.check_scorable([request.text])
         except PromptTooLong as e:
-            raise InvalidInput(str(e).removeprefix("text 0: ")) from None
+            raise InvalidInput(str(e)) from None
         return request.text
 
     def predict(self, batch: list[str]) -> list[TextScore]:

@@ -18,6 +18,8 @@ from ml_service.backend.schemas import (
     ForwardBatchResponse,
     ForwardRequest,
     ForwardResponse,
+    GenerationOptions,
+    parameter_ranges,
 )
 from ml_service.contract import InvalidInput
 from ml_service.services.common import CheckpointService, check_text_length
@@ -31,6 +33,7 @@ class TextGenerationService(CheckpointService):
     response_model = ForwardResponse
     batch_request_model = ForwardBatchRequest
     batch_response_model = ForwardBatchResponse
+    batch_field = "texts"
 
     def preprocess(self, request: ForwardRequest) -> PreparedPrompt:
         limit = self.settings.max_new_tokens_limit
@@ -40,7 +43,11 @@ class TextGenerationService(CheckpointService):
         try:
             return self.inference.prepare(request.text, request.to_generation_params())
         except PromptTooLong as e:
-            raise InvalidInput(str(e).removeprefix("text 0: ")) from None
+            raise InvalidInput(str(e)) from None
+
+    def batch_item_loc(self, i: int, loc: list) -> list:
+        """A text's error is at texts[i]; the options are shared by the whole batch."""
+        return ["texts", i] if loc == ["text"] else loc
 
     def warmup(self) -> None:
         self.inference.generate("Привет", GenerationParams(max_new_tokens=2, temperature=0))
@@ -65,9 +72,7 @@ class TextGenerationService(CheckpointService):
     def split_batch(self, batch_request: ForwardBatchRequest) -> list[ForwardRequest]:
         """One request per text; with a seed, row i samples with seed + i (rows differ, the batch
         stays reproducible)."""
-        n, limit = len(batch_request.texts), self.settings.max_texts
-        if n > limit:
-            raise InvalidInput(f"{n} texts; the limit is {limit}", loc="texts")
+        self.check_batch_size(len(batch_request.texts))
         options = batch_request.model_dump(exclude={"texts"})  # stream stays False: JSON only
         out = []
         for i, text in enumerate(batch_request.texts):
@@ -80,6 +85,10 @@ class TextGenerationService(CheckpointService):
             model=self.model_id,
             results=[Completion(**r.model_dump(exclude={"model"})) for r in responses],
         )
+
+    def metadata(self) -> dict:
+        """Adds `sampling`: each generation parameter's default and range."""
+        return {**super().metadata(), "sampling": parameter_ranges(GenerationOptions)}
 
     def limits(self) -> dict:
         ctx = self.inference.context_length
