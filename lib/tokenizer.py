@@ -38,7 +38,9 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
         pad_token=EOS_TOKEN,
         model_max_length=1 << 30,
     )
-    fast.padding_side = "left"  # generation pads on the left so every row ends at the same step
+    # left: for callers who batch prompts through transformers' own `generate` (a decoder-only model
+    # needs its prompts to end in the same column); our engine and scorer never pad through here
+    fast.padding_side = "left"
     return fast
 
 

@@ -21,8 +21,10 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol
 
 from lib.inference import EngineStopped, QueueFull
+from ml_service.settings import Settings
 
 log = logging.getLogger("ml_service.batching")
+DEFAULTS = Settings.model_fields  # the service's settings hold the defaults, once
 
 
 class PredictionFailed(RuntimeError):
@@ -52,9 +54,9 @@ class MicroBatcher:
     def __init__(
         self,
         predict: Callable[[list], list],
-        max_batch_size: int = 32,
-        max_wait_s: float = 0.002,
-        max_queue: int = 256,
+        max_batch_size: int = DEFAULTS["max_batch_size"].default,
+        max_wait_s: float = DEFAULTS["batch_wait_ms"].default / 1000,
+        max_queue: int = DEFAULTS["max_queue"].default,
         observer=None,
     ):
         self._predict = predict

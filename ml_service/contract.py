@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ml_service.settings import Settings
+
 ENTRY_POINT_GROUP = "ml_service.services"
 DEFAULT_SERVICE = "text-generation"
 
@@ -75,8 +77,9 @@ class ModelService(ABC):
     batch_response_model: ClassVar[type[BaseModel]] = BatchResponse
     batch_field: ClassVar[str] = "items"  # the list in the /forward_batch body
 
-    def __init__(self, settings: Any = None):
-        self.settings = settings
+    def __init__(self, settings: Settings | None = None):
+        # without settings (a service built by hand): the defaults, without reading the environment
+        self.settings = settings if settings is not None else Settings.model_construct()
 
     @property
     def model_id(self) -> str:
@@ -112,17 +115,16 @@ class ModelService(ABC):
         s = self.settings
         return MicroBatcher(
             self.predict,
-            max_batch_size=getattr(s, "max_batch_size", 32),
-            max_wait_s=getattr(s, "batch_wait_ms", 2.0) / 1000,
-            max_queue=getattr(s, "max_queue", 256),
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.batch_wait_ms / 1000,
+            max_queue=s.max_queue,
             observer=observer,
         )
 
     def batch_limit(self) -> int:
         """Most inputs in one /forward_batch: `max_texts`, and never more than the queue holds
         (a larger batch could never be queued)."""
-        s = self.settings
-        return min(getattr(s, "max_texts", 64), getattr(s, "max_queue", 256))
+        return min(self.settings.max_texts, self.settings.max_queue)
 
     def check_batch_size(self, n: int) -> None:
         if n > (limit := self.batch_limit()):

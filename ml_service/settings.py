@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lib.config import DEFAULT_CHECKPOINT
@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
+        # the service's own variable, else torch's usual knob (read here, at the edge)
+        validation_alias=AliasChoices(
+            "ML_SERVICE_TORCH_THREADS", "OMP_NUM_THREADS", "torch_threads"
+        ),
         description="CPU threads for the model's math (torch.set_num_threads on the engine's "
         "thread); default: OMP_NUM_THREADS if set, else all the cores the process may use but "
         "one, which is left to the HTTP side",

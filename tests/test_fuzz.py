@@ -4,6 +4,7 @@ service publishes (status codes, content types, headers and bodies)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lib.config import REPO_ROOT
 from tests.conftest import CHECKPOINT
 from tests.test_server import running_server
 
@@ -57,6 +59,9 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation():
             capture_output=True,
             text=True,
             timeout=900,
+            cwd=REPO_ROOT,
+            # also bodies nested too deep and texts with lone surrogates (tests/schemathesis_hooks)
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"},
         )
         log = proc.log.read_text()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

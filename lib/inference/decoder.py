@@ -12,15 +12,15 @@ logits equal `model(...)`'s up to float rounding, and tests compare them.
 
 On a CPU the matrix products go to the faster of two libraries for their shape. torch's default
 (MKL's GEMM) is quickest for one or a few rows of the small block matrices, but on CPUs where MKL
-does not use AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is about twice as fast for the output
+does not use AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is faster for the output
 projection at any batch size and for the block matrices from `ONEDNN_MIN_ROWS` rows on
 (BENCHMARKS.md, "The decode step"). oneDNN is reached through
 `torch.ops.mkldnn._linear_pointwise`, an operator of torch's own CPU compiler path; it is checked
 against `F.linear` once, when the first decoder is built (nothing runs at import), and left unused
 where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
 Where oneDNN takes the MLP's first product (fp32, from `ONEDNN_MIN_ROWS` rows on), its GELU runs
-inside that product (a oneDNN post-op, checked at start-up like the product): one pass over the
-activations fewer, about 2-3% of a 16- to 64-row step here.
+inside that product (a oneDNN post-op, checked like the product): one pass over the
+activations fewer (BENCHMARKS.md has both measurements).
 """
 
 from __future__ import annotations

@@ -12,14 +12,13 @@ one event loop reaches that loop in one hand-over (not one per token), so a busy
 flood the loop with wake-ups. A caller that goes away (its task is
 cancelled) cancels its sequence, which leaves the batch at the next step.
 
-The decoding thread does the model's math with `threads` CPU threads (default: OMP_NUM_THREADS, or
-all cores but one: see `default_math_threads`), and it should be the only
+The decoding thread does the model's math with `threads` CPU threads (default: all cores but one:
+see `default_math_threads`), and it should be the only
 thread of the process that uses more than one. torch's OpenMP runtime (libgomp) keeps a pool of
 worker threads for each thread that ever ran a parallel operation; once the pools together hold
 more threads than there are cores, its workers stop spinning between parallel regions and sleep
-after each one. On 2 cores, a 16-row decode step of the default model took 4.1 ms in a thread of a
-process whose loading thread had used two threads, and 1.9 ms when that thread had used one. So
-load and warm up with `torch.set_num_threads(1)` in the loading thread, as `ml_service` does; the
+after each one, which roughly doubled a decode step's time here (BENCHMARKS.md, "Reading these numbers").
+So load and warm up with `torch.set_num_threads(1)` in the loading thread, as `ml_service` does; the
 engine sets its own count when its thread starts.
 """
 
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
 import threading
@@ -85,13 +83,10 @@ def available_cores() -> int:
 
 
 def default_math_threads() -> int:
-    """OMP_NUM_THREADS when it is set (torch's own knob); otherwise every core but one, which is
-    left to the callers' side (the HTTP event loop, streaming). On 2 cores that is one thread,
-    and it measured faster than two at every load, batched or not (BENCHMARKS.md): with two, each
-    parallel region waits for the core the event loop holds."""
-    with contextlib.suppress(ValueError):
-        if (n := int(os.environ.get("OMP_NUM_THREADS", ""))) > 0:
-            return n
+    """Every core but one, which is left to the callers' side (the HTTP event loop, streaming).
+    On 2 cores that is one thread, and it measured faster than two at every load, batched or not
+    (BENCHMARKS.md): with two, each parallel region waits for the core the event loop holds.
+    (The service's settings read ML_SERVICE_TORCH_THREADS / OMP_NUM_THREADS and pass them in.)"""
     return max(1, available_cores() - 1)
 
 

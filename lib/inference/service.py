@@ -169,8 +169,7 @@ class InferenceService:
         threads: int | None = None,
     ) -> GenerationEngine:
         """The continuous-batching engine over this model (start() it; it shares the lock).
-        `threads`: CPU threads for its math (default: OMP_NUM_THREADS, or all the process's
-        cores but one)."""
+        `threads`: CPU threads for its math (default: all the process's cores but one)."""
         return GenerationEngine(
             self.model,
             self.tokenizer,
