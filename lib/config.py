@@ -1,12 +1,27 @@
 """Model presets and training settings, as data.
 
-A preset fixes the architecture of a GPT-2-family model. The training settings are one typed
-object resolved once (from the CLI or code) and passed down; nothing below reads the environment.
+A preset fixes the architecture of a GPT-2-family model. `TrainingConfig` is the one place where a
+training setting, its default, its help text and its checks live: `train_distributed.py` generates
+its command line from the fields (`add_config_arguments`), and `lib.training.train` validates and
+resolves the same object (`TrainingConfig.resolved`) before any work.
+
+The environment is read at the edge: the CLI turns W&B's variables (WANDB_PROJECT, WANDB_MODE,
+WANDB_API_KEY) into settings. Below it, only `lib/training/distributed.py` reads the environment:
+torchrun's process-group variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT), which it also
+fills in for a single process that needs a process group. (Libraries such as wandb, torch and
+transformers read their own variables.)
+
+This module imports no torch: the CLI parses and checks its arguments before the heavy imports.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib.util
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,66 +94,489 @@ def get_preset(name: str) -> ModelPreset:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
+MODES = ("baseline", "fsdp", "deepspeed")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+REPORT_TO = ("none", "wandb", "tensorboard")
+WANDB_MODES = ("online", "offline", "disabled")
+EXPORT_RESERVE_S = 30.0  # a time-limited run stops this long before the end to evaluate and save
+# defaults that follow the run's length (TrainingConfig.resolved)
+WARMUP_FRACTION, WARMUP_CAP = 0.1, 50  # warm-up: 10% of the steps, at most 50
+EVALS_PER_RUN, EVAL_EVERY_CAP = 6, 150  # validation about 6 times a run, at least every 150 steps
+
+
+class ConfigError(ValueError):
+    """Invalid training settings. `problems` lists every one, each naming the CLI flag
+    (`--batch-size` is the field `batch_size`; `--help` shows the few that differ)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            listed = "".join(f"\n  - {p}" for p in self.problems)
+            super().__init__(f"{len(self.problems)} problems with the settings:{listed}")
+
+
+# Parsers of command-line text (a field's `parse`): ValueError when the text is malformed.
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'3h30m', '90m', '45s' or plain seconds -> seconds."""
+    m = _DURATION.match(text.strip())
+    if not text.strip() or not m or not any(m.groups()):
+        raise ValueError(f"bad duration {text!r}; use e.g. 3h30m, 90m, 600s or 600")
+    h, mnt, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mnt * 60 + s
+
+
+def parse_count(text: str) -> int:
+    """'2.5M', '10B', '300k' or a plain number -> an integer."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMbB]?)", text.strip())
+    if not m:
+        raise ValueError(f"bad count {text!r}; use e.g. 300k, 2.5M, 10B or 5000000")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()])
+
+
+def parse_optional_path(text: str) -> Path | None:
+    """A path, or 'none' (the feature is off)."""
+    return None if text.strip().lower() == "none" else Path(text)
+
+
+def setting(
+    default=dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    parse: Callable[[str], object] | None = None,
+    metavar: str | None = None,
+    aliases: dict[str, tuple[object, str]] | None = None,
+    cli: bool = True,
+    default_factory=dataclasses.MISSING,
+):
+    """A `TrainingConfig` field with its help text, allowed values and command-line form.
+
+    flag: the option's name (default `--field-name`); parse: text -> value for the command line
+    (default: the field's type); aliases: extra flags that set a fixed value (`--bf16` for
+    precision bf16), mutually exclusive with the flag; cli=False: not on the command line."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "choices": choices,
+        "parse": parse,
+        "metavar": metavar,
+        "aliases": aliases or {},
+        "cli": cli,
+    }
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
 @dataclass
 class TrainingConfig:
-    """Everything one training run needs, resolved once and passed down."""
+    """Everything one training run needs: the defaults here are the CLI's defaults.
 
-    preset: str = "tiny"
-    mode: str = "baseline"  # baseline (one process, or DDP under torchrun) | fsdp | deepspeed
-    zero_stage: int = 2  # DeepSpeed ZeRO stage (mode deepspeed)
-    streaming: bool = (
-        False  # stream a large local/`datasets` source in one pass instead of loading it
+    `warmup_steps`, `eval_every` and `zero_stage` left at None, and `max_steps` when `max_tokens`
+    is set, follow the other settings; `resolved()` fills them in (`train` calls it) after
+    `validate()` has checked every setting.
+    """
+
+    # what to train, on what, where
+    preset: str = setting("tiny", "model size (lib/config.py)", choices=tuple(PRESETS))
+    mode: str = setting(
+        "baseline",
+        "baseline: one process, or DDP when launched by torchrun; fsdp: FSDP2 sharding; "
+        "deepspeed: ZeRO (launch both with torchrun or deepspeed)",
+        choices=MODES,
     )
-    data: str = "bundled"  # "bundled" (Russian corpus), a local .txt/.jsonl file or dir, or a `datasets` name
-    output_dir: Path = REPO_ROOT / "runs" / "baseline"
-    run_name: str | None = (
-        None  # the model id in the checkpoint; default: the output directory's name
+    zero_stage: int | None = setting(
+        None, "DeepSpeed ZeRO stage (--mode deepspeed only; default 2)", choices=(1, 2, 3)
     )
-    tokenizer: str | None = (
-        None  # existing tokenizer dir; None trains a new one on the training split
+    data: str = setting(
+        "bundled",
+        "'bundled' (Russian corpus), a .txt/.jsonl file or directory, or a `datasets` name",
     )
-    vocab_size: int | None = None  # overrides the preset's vocabulary when training a tokenizer
-    block_size: int | None = (
-        None  # context length for training; defaults to the preset's n_positions
+    streaming: bool = setting(
+        False,
+        "stream --data (a local .txt/.jsonl or a `datasets` name) in one pass instead of "
+        "loading it whole",
     )
-    batch_size: int = 16
-    grad_accum: int = 1
-    optimizer: str = "adamw"  # adamw | muon (Muon on the block matrices, AdamW on the rest)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    scheduler: str = "cosine"  # cosine | wsd | linear | constant
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    time_limit_s: float | None = None  # wall-clock budget: stop (and export) once it is spent
-    eval_every: int = 200
-    eval_batches: int | None = None  # None: the whole validation split
-    val_fraction: float = 0.05
-    dropout: float = 0.0
-    seed: int = 1337
-    num_threads: int | None = None
-    progress: bool = True
-    device: str | None = None  # None: cuda when available, else cpu
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler, CUDA only)
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    resume: str | None = (
-        None  # None | "auto" (newest complete state checkpoint in output_dir) | a path
+    output_dir: Path = setting(
+        Path("runs/baseline"),
+        "run directory: OUTPUT_DIR/final (export) and OUTPUT_DIR/checkpoints (training state)",
     )
-    save_every: int = 0  # training-state checkpoint every N steps (0: only when stopped early)
-    save_total_limit: int | None = 3  # state checkpoints kept (newest)
-    sample_every: int = 0  # log sample continuations every N steps (0: only in the final card)
-    cache_dir: Path | None = (
-        REPO_ROOT / ".cache" / "tokens"
-    )  # memory-mapped token cache (None: off)
-    report_to: str = "none"  # none | wandb | tensorboard
-    peak_tflops: float | None = None  # the device's dense peak, for MFU when it is not detected
-    extra: dict = field(default_factory=dict)
+    run_name: str | None = setting(
+        None,
+        "model id recorded in the checkpoint and the W&B run name (default: the output "
+        "directory's name)",
+    )
+    resume: str | None = setting(
+        None,
+        "'auto' (newest complete checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint path",
+    )
+    tokenizer: str | None = setting(None, "existing tokenizer directory (default: train a new BPE)")
+    cache_dir: Path | None = setting(
+        Path(".cache/tokens"),
+        "memory-mapped token cache, keyed by tokenizer and data ('none' disables)",
+        parse=parse_optional_path,
+        metavar="DIR",
+    )
+    vocab_size: int | None = setting(
+        None, "vocabulary of a newly trained tokenizer (default: the preset's)"
+    )
+    block_size: int | None = setting(None, "training context length (default: the preset's)")
+    val_fraction: float = setting(0.05, "share of the documents held out for validation")
+
+    # optimisation
+    batch_size: int = setting(8, "sequences per micro-batch (per process)")
+    grad_accum: int = setting(
+        1, "micro-batches per optimizer step (loss-equivalent to a bigger batch)"
+    )
+    optimizer: str = setting(
+        "adamw",
+        "adamw, or muon: Muon on the transformer's weight matrices, AdamW on the rest",
+        choices=OPTIMIZERS,
+    )
+    lr: float = setting(3e-3, "peak learning rate")
+    min_lr_ratio: float = setting(0.1, "final LR as a fraction of the peak")
+    weight_decay: float = setting(0.1, "decay on the blocks' weight matrices (AdamW's or Muon's)")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW's betas", metavar="BETA")
+    grad_clip: float = setting(1.0, "gradient-norm clipping threshold")
+    scheduler: str = setting(
+        "cosine", "LR schedule after warm-up (wsd = warmup-stable-decay)", choices=SCHEDULES
+    )
+    warmup_steps: int | None = setting(
+        None,
+        f"linear warm-up steps (default: {WARMUP_FRACTION:.0%} of --max-steps, at most "
+        f"{WARMUP_CAP}: {WARMUP_CAP} for 900 steps, 0 for 6)",
+    )
+
+    # length of the run
+    max_steps: int = setting(900, "optimizer steps (with --time-limit: the most it may take)")
+    max_tokens: int | None = setting(
+        None,
+        "token budget instead of --max-steps (e.g. 2.5M, 10B): "
+        "steps = tokens / (batch x accum x context x processes)",
+        parse=parse_count,
+        metavar="COUNT",
+    )
+    time_limit_s: float | None = setting(
+        None,
+        "wall-clock budget (e.g. 3h30m, 11m): the LR anneals by then; save, export and exit 0 "
+        "before it ends",
+        flag="--time-limit",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+
+    # evaluation, checkpoints, reporting
+    eval_every: int | None = setting(
+        None,
+        f"validation every N steps, 0: only at the end (default: --max-steps / {EVALS_PER_RUN}, "
+        f"at most {EVAL_EVERY_CAP}: {EVAL_EVERY_CAP} for 900 steps, 0 under {EVALS_PER_RUN})",
+    )
+    eval_batches: int | None = setting(
+        None, "validation batches per evaluation during training (default: the whole split)"
+    )
+    save_every: int = setting(
+        0, "training-state checkpoint every N steps (0: only on an early stop)"
+    )
+    save_total_limit: int | None = setting(3, "training-state checkpoints kept (the newest)")
+    sample_every: int = setting(
+        0, "log sample continuations every N steps (0: only in the training card)"
+    )
+    report_to: str = setting("none", "metrics sink (wandb: see --wandb-mode)", choices=REPORT_TO)
+    wandb_project: str = setting("ru-gpt", "W&B project (the CLI takes $WANDB_PROJECT when set)")
+    wandb_mode: str = setting(
+        "offline",
+        "W&B mode: offline logs to OUTPUT_DIR/wandb without ever prompting (upload later with "
+        "`wandb sync`); the CLI takes $WANDB_MODE when set, else online when WANDB_API_KEY is set",
+        choices=WANDB_MODES,
+    )
+    peak_tflops: float | None = setting(
+        None, "the device's dense peak TFLOP/s for MFU (detected for A100/H100/H200)"
+    )
+
+    # hardware and numerics
+    device: str | None = setting(None, "torch device (default: cuda when available, else cpu)")
+    precision: str = setting(
+        "fp32",
+        "autocast precision",
+        choices=PRECISIONS,
+        aliases={
+            "--bf16": ("bf16", "bfloat16 autocast (GPUs with bf16, recent CPUs)"),
+            "--fp16": ("fp16", "float16 autocast with a gradient scaler (CUDA only)"),
+        },
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in backward to save memory"
+    )
+    compile: bool = setting(False, "torch.compile the model")
+    dropout: float = setting(0.0, "dropout probability")
+    seed: int = setting(1337, "seed for init, data order and sampling")
+    num_threads: int | None = setting(
+        None, "torch CPU threads (default: torch's choice)", flag="--threads", metavar="N"
+    )
+    progress: bool = setting(True, "progress bar")
+    extra: dict = setting(default_factory=dict, cli=False)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["output_dir"] = str(self.output_dir)
         d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         return d
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
+        """The settings a parser made by `add_config_arguments` read (not yet validated)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if hasattr(args, f.name):
+                value = getattr(args, f.name)
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+    def steps_for_tokens(self, world_size: int = 1) -> int:
+        """Optimizer steps that consume `max_tokens` (at least one) with `world_size` processes."""
+        context = self.block_size or PRESETS[self.preset].n_positions
+        per_step = self.batch_size * self.grad_accum * context * world_size
+        return max(1, -(-self.max_tokens // per_step))
+
+    def _derived(self, world_size: int) -> dict:
+        """The values of the settings that follow others (see `resolved`)."""
+        steps = self.max_steps if self.max_tokens is None else self.steps_for_tokens(world_size)
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = min(WARMUP_CAP, int(steps * WARMUP_FRACTION))
+        eval_every = self.eval_every
+        if eval_every is None:
+            eval_every = min(EVAL_EVERY_CAP, steps // EVALS_PER_RUN)
+        zero_stage = self.zero_stage
+        if zero_stage is None and self.mode == "deepspeed":
+            zero_stage = 2
+        return {
+            "max_steps": steps,
+            "warmup_steps": warmup,
+            "eval_every": eval_every,
+            "zero_stage": zero_stage,
+        }
+
+    def problems(self, world_size: int = 1) -> list[str]:
+        """Every problem with these settings (empty when valid). Cheap: it imports torch only to
+        ask for CUDA when fp16 is asked for without a device."""
+        found: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                found.append(message)
+
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                allowed = ", ".join(map(str, choices))
+                found.append(f"{cli_flag(f)} must be one of {allowed} (got {value!r})")
+        need(self.batch_size >= 1, "--batch-size must be >= 1")
+        need(self.grad_accum >= 1, "--grad-accum must be >= 1")
+        need(self.max_steps >= 1, "--max-steps must be >= 1")
+        need(self.max_tokens is None or self.max_tokens >= 1, "--max-tokens must be >= 1")
+        need(self.lr > 0, "--lr must be > 0")
+        need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        need(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "--betas must be two numbers in [0, 1)",
+        )
+        need(self.grad_clip > 0, "--grad-clip must be > 0")
+        need(0 <= self.dropout < 1, "--dropout must be in [0, 1)")
+        need(0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)")
+        need(
+            min(self.eval_every or 0, self.save_every, self.sample_every) >= 0,
+            "--eval/save/sample-every must be >= 0",
+        )
+        need(self.eval_batches is None or self.eval_batches >= 1, "--eval-batches must be >= 1")
+        need(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            "--save-total-limit must be >= 1",
+        )
+        need(self.num_threads is None or self.num_threads >= 1, "--threads must be >= 1")
+        need(self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops must be > 0")
+        need(
+            self.time_limit_s is None or self.time_limit_s > EXPORT_RESERVE_S,
+            f"--time-limit must leave more than the {EXPORT_RESERVE_S:.0f} s reserved for "
+            "saving and export",
+        )
+        preset = PRESETS.get(self.preset)
+        need(self.block_size is None or self.block_size >= 1, "--block-size must be >= 1")
+        need(
+            preset is None or self.block_size is None or self.block_size <= preset.n_positions,
+            f"--block-size exceeds the {self.preset} context of {preset and preset.n_positions}",
+        )
+        need(
+            self.vocab_size is None or self.vocab_size >= 257,
+            "--vocab-size must be at least 257 (bytes + EOS)",
+        )
+        need(
+            self.tokenizer is None or self.vocab_size is None,
+            "--tokenizer and --vocab-size exclude each other",
+        )
+        need(
+            not (self.resume and (self.tokenizer or self.vocab_size)),
+            "--resume takes the tokenizer from the checkpoint: drop --tokenizer/--vocab-size",
+        )
+        if self.resume and self.resume != "auto":
+            need(
+                (Path(self.resume) / "state.pt").is_file(),
+                f"--resume {self.resume}: not a training-state checkpoint "
+                f"(expected {Path(self.resume) / 'state.pt'})",
+            )
+        need(
+            self.zero_stage is None or self.mode == "deepspeed",
+            "--zero-stage needs --mode deepspeed",
+        )
+        need(
+            self.mode != "deepspeed" or _installed("deepspeed"),
+            "--mode deepspeed needs the deepspeed package (see HOW_TO_USE.md, 'Modes')",
+        )
+        need(
+            not (self.mode == "deepspeed" and self.compile),
+            "--compile is not supported with --mode deepspeed",
+        )
+        need(
+            self.optimizer != "muon" or self.mode == "baseline",
+            "--optimizer muon works in --mode baseline (one process or DDP); "
+            "use adamw with fsdp/deepspeed",
+        )
+        need(
+            self.report_to != "tensorboard" or _installed("tensorboard"),
+            "--report-to tensorboard needs the tensorboard package (pip install tensorboard)",
+        )
+        need(
+            self.report_to != "wandb" or _installed("wandb"),
+            "--report-to wandb needs the wandb package (pip install wandb)",
+        )
+        need(
+            self.precision != "fp16" or _cuda_device(self.device),
+            "--fp16 needs a CUDA device; use --bf16 on CPU",
+        )
+        # the warm-up must fit in the run: checked on the resolved length, once that is computable
+        lengths_ok = (
+            preset is not None
+            and self.batch_size >= 1
+            and self.grad_accum >= 1
+            and self.max_steps >= 1
+            and (self.max_tokens is None or self.max_tokens >= 1)
+            and (self.block_size is None or 1 <= self.block_size <= preset.n_positions)
+        )
+        if lengths_ok:
+            d = self._derived(world_size)
+            steps = d["max_steps"]
+            source = "" if self.max_tokens is None else f" (--max-tokens gives {steps} steps)"
+            source = source.replace(" 1 steps", " 1 step")
+            need(
+                0 <= d["warmup_steps"] < steps,
+                f"--warmup-steps must be in [0, --max-steps){source}",
+            )
+        return found
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise `ConfigError` listing every problem (see `problems`); `world_size` processes
+        share a `max_tokens` budget."""
+        found = self.problems(world_size)
+        if found:
+            raise ConfigError(found)
+
+    def resolved(self, world_size: int = 1) -> TrainingConfig:
+        """Validated, with the settings that follow others filled in (the one place they are):
+
+        - max_steps: from max_tokens when that is set (tokens / (batch x accum x context x
+          world_size), rounded up);
+        - warmup_steps: 10% of max_steps, at most 50 (50 for the default 900 steps, 0 for 6);
+        - eval_every: max_steps / 6, at most 150 (150 for 900 steps; 0, only at the end, under 6);
+        - zero_stage: 2 under --mode deepspeed.
+
+        Resolving a resolved config changes nothing."""
+        self.validate(world_size)
+        return dataclasses.replace(self, **self._derived(world_size))
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def _cuda_device(device: str | None) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    import torch  # only here: fp16 without a device asks whether there is a GPU
+
+    return torch.cuda.is_available()
+
+
+# The command line, generated from the fields.
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _value_type(hint) -> tuple[type, int | None]:
+    """(element type, nargs) of a field's annotation: `int | None` -> (int, None)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return args[0], len(args)
+    return (args[0] if len(args) == 1 else hint), None
+
+
+def _command_line_parser(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """`parse` for argparse: its ValueError message becomes the command-line error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type = TrainingConfig
+) -> argparse.ArgumentParser:
+    """One option per field of `cls` (help, choices, flag name and parser from the metadata).
+    Booleans get --name/--no-name; the parsed namespace feeds `cls.from_args`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if not m.get("cli", True):
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value_type, nargs = _value_type(hints[f.name])
+        help_text = m.get("help", "").replace("%", "%%")
+        kw: dict = {"dest": f.name, "default": default}
+        if value_type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+            help_text += f" (default: {'on' if default else 'off'})"
+        else:
+            parse = m.get("parse")
+            kw["type"] = _command_line_parser(parse) if parse else value_type
+            if nargs:
+                kw["nargs"] = nargs
+            if m.get("choices"):
+                kw["choices"] = m["choices"]
+            if m.get("metavar"):
+                kw["metavar"] = m["metavar"]
+            if default is not None:
+                help_text += " (default: %(default)s)"
+        kw["help"] = help_text
+        target = parser
+        if m.get("aliases"):
+            target = parser.add_mutually_exclusive_group()
+        target.add_argument(cli_flag(f), **kw)
+        for alias, (value, alias_help) in m.get("aliases", {}).items():
+            target.add_argument(
+                alias, dest=f.name, action="store_const", const=value, help=alias_help
+            )
+    return parser

@@ -55,3 +55,33 @@ def test_checkpointing_and_bf16_cut_activations():
     checkpointed = TrainingConfig(**{**vars(base), "gradient_checkpointing": True})
     assert estimate_memory(checkpointed).activations < full / 5
     assert "total" in estimate_memory(base).table()
+
+
+def test_the_cli_prints_the_estimate_and_trains_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from lib.config import REPO_ROOT
+
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train_distributed.py"),
+            "--preset",
+            "gpt2-124m",
+            "--mode",
+            "fsdp",
+            "--output-dir",
+            str(out),
+            "--estimate-memory",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "4 device(s)" in r.stdout and "optimizer states" in r.stdout and "total" in r.stdout
+    assert not out.exists()

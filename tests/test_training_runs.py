@@ -3,6 +3,7 @@ state checkpoints, reporting, MFU. Small real runs on a slice of the bundled cor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -46,6 +47,8 @@ def small_config(corpus: Path, out: Path, **kw) -> TrainingConfig:
         report_to="none",
         cache_dir=Path(out).parent / "token-cache",
     )
+    if kw.get("resume"):  # a resumed run takes its tokenizer (and vocabulary) from the checkpoint
+        base["vocab_size"] = None
     return TrainingConfig(**{**base, **kw})
 
 
@@ -178,7 +181,22 @@ def test_wandb_runs_offline_without_an_api_key(corpus, tmp_path, monkeypatch):
     assert result.steps == 3
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
-    assert os.environ["WANDB_MODE"] == "offline"
+    # the mode is a setting (wandb_mode, default offline): the process environment is left alone
+    assert "WANDB_MODE" not in os.environ
+
+
+def test_a_short_cli_run_works_with_the_default_warmup(corpus, tmp_path):
+    """`--max-steps 6` alone: the warm-up and evaluation defaults follow the run's length."""
+    out = tmp_path / "run"
+    cmd = endless_run_cli(corpus, out)
+    i = cmd.index("--warmup-steps")
+    del cmd[i : i + 2]  # no --warmup-steps, no --eval-every
+    cmd[cmd.index("--max-steps") + 1] = "6"
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    config = json.loads((out / "final" / "training_card.json").read_text())["config"]
+    assert (config["max_steps"], config["warmup_steps"], config["eval_every"]) == (6, 0, 1)
+    assert r.stdout.count("val loss") == 5 + 1  # steps 1-5, then the final evaluation
 
 
 def test_streaming_source_trains_with_its_own_tokenizer(corpus, tmp_path):

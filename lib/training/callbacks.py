@@ -7,7 +7,6 @@ loop to save a resumable checkpoint, export the model and exit cleanly.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -111,23 +110,35 @@ class Throughput(Callback):
 
 
 class Reporter(Callback):
-    """Sends the step's metrics to W&B or TensorBoard (or nowhere)."""
+    """Sends the step's metrics to W&B or TensorBoard (or nowhere).
 
-    def __init__(self, kind: str, output_dir, run_name: str, config: dict):
+    W&B's project and mode come in as settings (`wandb_project`, `wandb_mode`; the CLI fills
+    them from WANDB_PROJECT / WANDB_MODE / WANDB_API_KEY): the process environment is left alone.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        output_dir,
+        run_name: str,
+        config: dict,
+        project: str = "ru-gpt",
+        mode: str = "offline",
+    ):
         self.kind = kind
         self.run = None
         if kind == "wandb":
             import wandb
 
-            # no API key: log offline (sync later with `wandb sync`), never prompt or block
-            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-                os.environ["WANDB_MODE"] = "offline"
-            os.environ.setdefault("WANDB_SILENT", "true")
+            # offline (the default) logs to OUTPUT_DIR/wandb, synced later with `wandb sync`:
+            # it never prompts for a login or blocks on the network
             self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "ru-gpt"),
+                project=project,
                 name=run_name,
                 dir=str(output_dir),
                 config=config,
+                mode=mode,
+                settings=wandb.Settings(silent=True),
                 reinit="finish_previous",
             )
         elif kind == "tensorboard":

@@ -3,6 +3,10 @@
 `--mode baseline` under torchrun wraps the model in DistributedDataParallel; `--mode fsdp` shards
 every transformer block and the root with FSDP2 (`fully_shard`). NCCL on GPUs, gloo on CPUs.
 Export and training-state saves gather full (unsharded) state dicts on rank 0.
+
+This is the one training module that reads the environment: torchrun's WORLD_SIZE, RANK and
+LOCAL_RANK, and, for a single process that still needs a process group (FSDP, DeepSpeed), it sets
+defaults for MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-MODES = ("baseline", "fsdp", "deepspeed")
+from lib.config import MODES as MODES  # the choices live with the settings
 
 
 @dataclass
@@ -56,9 +60,14 @@ class DistContext:
         return bool(t.item())
 
 
+def launched_world_size() -> int:
+    """Processes torchrun launched (WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(mode: str, device_type: str) -> DistContext:
     """Join the process group torchrun describes (FSDP also needs one for a single process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if (world > 1 or mode in ("fsdp", "deepspeed")) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
-from lib.config import ModelPreset, TrainingConfig, get_preset
+from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, get_preset
 from lib.data import (
     DataSplits,
     bits_per_byte,
@@ -49,6 +49,7 @@ from lib.training.distributed import (
     full_model_state,
     full_optimizer_state,
     init_distributed,
+    launched_world_size,
     load_optimizer_state,
     wrap_model,
 )
@@ -65,7 +66,6 @@ from lib.training.state import (
 )
 
 DS_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a state checkpoint
-EXPORT_RESERVE_S = 30.0  # final evaluation + samples + saves of a small model
 SAMPLE_PROMPTS = ["Привет, мир!", "Москва", "Он открыл дверь и", "В начале было"]
 
 
@@ -177,17 +177,16 @@ def resolve_resume(config: TrainingConfig) -> Path | None:
 
 
 def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
-    """Data, tokenizer, model, optimizer, schedule, callbacks; restored from a checkpoint when resuming."""
+    """Data, tokenizer, model, optimizer, schedule, callbacks; restored from a checkpoint when resuming.
+
+    The settings are validated and resolved first (`TrainingConfig.resolved`; `ConfigError`)."""
     t0 = time.perf_counter()
+    config = config.resolved(launched_world_size())
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     preset = get_preset(config.preset)
-    block_size = config.block_size or preset.n_positions
-    if block_size > preset.n_positions:
-        raise ValueError(
-            f"block_size {block_size} exceeds the preset's context of {preset.n_positions}"
-        )
+    block_size = config.block_size or preset.n_positions  # at most n_positions (validated)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = init_distributed(config.mode, device.type)
     if device.type == "cuda":
@@ -289,6 +288,8 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         Path(config.output_dir),
         config.run_name or Path(config.output_dir).name,
         config.to_dict(),
+        project=config.wandb_project,
+        mode=config.wandb_mode,
     )
     callbacks: list[Callback] = [
         PreemptionSignals(),
@@ -422,8 +423,11 @@ def export_model(a: TrainingArtifacts) -> torch.nn.Module | None:
 
 
 def train(config: TrainingConfig) -> TrainResult:
-    """Run (or resume) a training run (one process, or one of torchrun's); export OUTPUT_DIR/final."""
-    a = build_training_artifacts(config)
+    """Run (or resume) a training run (one process, or one of torchrun's); export OUTPUT_DIR/final.
+
+    Checks every setting before any work (`TrainingConfig.validate`: a `ConfigError` lists every
+    problem) and fills in the defaults that follow others (`TrainingConfig.resolved`)."""
+    a = build_training_artifacts(config.resolved(launched_world_size()))
     cfg, st, ctx = a.config, a.state, a.ctx
     say = print if ctx.is_main else (lambda *_, **__: None)
     if a.resumed_from:

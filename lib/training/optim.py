@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("adamw", "muon")
+from lib.config import OPTIMIZERS as OPTIMIZERS  # the choices live with the settings
 
 
 def split_parameters(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
+from lib.config import SCHEDULES as SCHEDULES  # the choices live with the settings
 
 
 def lr_multiplier(
