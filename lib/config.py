@@ -57,7 +57,7 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
-        # The embedded default: trained in about 12 minutes on 2 CPU cores (see HOW_TO_USE.md).
+        # The embedded default: trained in 11.5 minutes on 2 CPU cores (`make train-baseline`).
         ModelPreset(
             "tiny",
             n_layer=4,
