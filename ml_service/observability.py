@@ -53,36 +53,33 @@ class ServiceMetrics(EngineObserver):
             ["reason"],
             registry=r,
         )
-        self.e2e = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds",
+
+        def histogram(name: str, doc: str, buckets, labels=()) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        self.e2e = histogram(
+            "e2e_request_latency_seconds",
             "end-to-end request latency (until the last byte of a stream)",
+            LATENCY_BUCKETS,
             ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.queue_time = Histogram(
-            f"{PREFIX}_request_queue_time_seconds",
+        self.queue_time = histogram(
+            "request_queue_time_seconds",
             "time a generation waited in the queue before its prompt was processed",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
             "time from a generation's arrival to its first token",
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            TTFT_BUCKETS,
         )
-        self.itl = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds",
+        self.itl = histogram(
+            "inter_token_latency_seconds",
             "time between two successive tokens of one generation",
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
-        self.batch_size = Histogram(
-            f"{PREFIX}_batch_size",
-            "sequences in the batch at each model step",
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = histogram(
+            "batch_size", "sequences in the batch at each model step", BATCH_BUCKETS
         )
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "prompt tokens processed", registry=r
