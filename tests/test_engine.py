@@ -199,7 +199,7 @@ def test_every_request_gets_its_own_result_alone_or_among_16(service):
         for i in range(16)
     ]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
-    alone = [service.generate(p, q).text for p, q in zip(prompts, params, strict=True)]
+    alone = [service.generate(p, q) for p, q in zip(prompts, params, strict=True)]
 
     async def body(engine):
         items = [service.prepare(p, q) for p, q in zip(prompts, params, strict=True)]
@@ -207,7 +207,8 @@ def test_every_request_gets_its_own_result_alone_or_among_16(service):
 
     rec = Recorder()
     together = run(with_engine(service, body, observer=rec, max_wait_s=0.05))
-    assert [r.text for r in together] == alone
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert max(rec.batch_sizes) == 16  # they really shared the batch
 
 

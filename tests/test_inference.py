@@ -80,6 +80,11 @@ def test_plain_transformers_greedy_matches_service(service, plain, prompt, penal
         prompt, GenerationParams(max_new_tokens=new, temperature=0, repetition_penalty=penalty)
     )
     assert got.text == expected and got.text
+    expected_ids = out[0, ids["input_ids"].shape[1] :].tolist()
+    if tok.eos_token_id in expected_ids:  # the result's ids stop before the end of document
+        expected_ids = expected_ids[: expected_ids.index(tok.eos_token_id)]
+    assert got.token_ids == expected_ids and got.completion_tokens == len(expected_ids)
+    assert got.logprobs is None  # not asked
 
 
 def test_greedy_batch_equals_alone(service):
@@ -119,6 +124,7 @@ def test_min_new_tokens_holds_off_the_end_of_document(service):
         "Он сказал", GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0)
     )
     assert held.finish_reason == "length" and held.completion_tokens == 20
+    assert held.token_ids[: free.completion_tokens] == free.token_ids
 
 
 def test_top_k_one_is_greedy(service):

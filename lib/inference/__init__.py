@@ -8,10 +8,13 @@ from lib.inference.engine import (
     QueueFull,
 )
 from lib.inference.generation import (
+    MAX_LOGPROBS,
     GenerationFailed,
     GenerationParams,
     GenerationResult,
+    InvalidTokens,
     PromptTooLong,
+    TokenLogprob,
 )
 from lib.inference.service import InferenceService
 
@@ -25,5 +28,8 @@ __all__ = [
     "GenerationParams",
     "GenerationResult",
     "InferenceService",
+    "InvalidTokens",
+    "MAX_LOGPROBS",
     "PromptTooLong",
+    "TokenLogprob",
 ]

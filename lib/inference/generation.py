@@ -4,9 +4,11 @@
 runs the prompts of new sequences and gives them their first token; `step` gives every running
 sequence its next token; a sequence that ends (end of document, stop string, token budget,
 cancellation) leaves at once and frees its slot. Every row carries its own temperature, top-k,
-top-p, repetition penalty, seed, stop strings and budget, and samples with its own
-`torch.Generator`, so a seeded or greedy request gives the same text alone or in any company.
-Text is detokenised incrementally, so pieces can be streamed as they are generated.
+top-p, repetition/presence/frequency penalties, logit bias, seed, stop strings and budget, and
+samples with its own `torch.Generator`, so a seeded or greedy request gives the same text alone or
+in any company. Text is detokenised incrementally, so pieces can be streamed as they are generated.
+A row that asks for `logprobs` gets, for each token, its raw log-probability and the best
+alternatives (`TokenLogprob`), computed for the rows that ask only.
 
 `generate()` runs a fixed list of prompts to the end (library use, training samples); the serving
 engine (`engine.py`) feeds the same `DecodeBatch` from a queue.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,11 +29,21 @@ from lib.inference.sampling import SamplingTensors, sample_next
 
 log = logging.getLogger(__name__)
 NON_FINITE = "the model's probabilities for this sequence were not finite (NaN or infinity)"
+MAX_LOGPROBS = 20  # the most alternatives a row may ask for (OpenAI's top_logprobs limit)
 
 
 class PromptTooLong(ValueError):
     """The prompt plus the requested new tokens do not fit in the model's context; `index` is the
     prompt's place in its batch."""
+
+    def __init__(self, msg: str, index: int = 0):
+        super().__init__(msg)
+        self.index = index
+
+
+class InvalidTokens(ValueError):
+    """A token id outside the model's vocabulary [0, vocab_size), in a prompt given as ids or in a
+    `logit_bias`; `index` is the prompt's place in its batch."""
 
     def __init__(self, msg: str, index: int = 0):
         super().__init__(msg)
@@ -44,6 +56,20 @@ class GenerationFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """One row's decoding parameters. The defaults of the OpenAI-style fields (presence and
+    frequency penalties, logit bias, ignore_eos, logprobs) change nothing and cost nothing.
+
+    Order on a step's logits: the multiplicative repetition penalty (prompt and generated tokens),
+    then `logit[t] += logit_bias[t] - presence_penalty * (count[t] > 0) - frequency_penalty *
+    count[t]`, where count[t] is how often t occurs among the tokens GENERATED so far (not the
+    prompt: vLLM's rule), then temperature, top-k, top-p. `logit_bias` is (token id, bias) pairs
+    (a mapping is accepted too; an id given twice keeps its last bias); OpenAI's -100 effectively
+    bans a token and +100 forces it. `ignore_eos`: the end-of-document token is never chosen (as
+    before `min_new_tokens`). `logprobs` (0..MAX_LOGPROBS, None: not asked): the result carries
+    each generated token's log-probability and that many best alternatives, from the model's RAW
+    logits of that step (before penalties, bias, temperature and the end-of-document ban: vLLM's
+    default)."""
+
     max_new_tokens: int = 64
     min_new_tokens: int = 0  # the end-of-document token is forbidden before this many tokens
     temperature: float = 0.8  # 0 means greedy
@@ -52,19 +78,68 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.logit_bias:  # normalised: (int, float) pairs, one per token id
+            pairs = (
+                self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+            )
+            bias = {int(t): float(b) for t, b in pairs}
+            object.__setattr__(self, "logit_bias", tuple(bias.items()))
+        elif not isinstance(self.logit_bias, tuple):
+            object.__setattr__(self, "logit_bias", ())
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be within 0..{MAX_LOGPROBS}, not {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    """A token's natural-log probability under the model's raw logits, and the `top` most likely
+    tokens of that position as (token id, logprob), best first (as many as were asked)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
 class GenerationResult:
+    """`token_ids`: the generated ids, without a final end-of-document token; `logprobs` (None
+    unless the params asked; a request cancelled before it ever ran may carry None or [] even if it
+    asked): one entry per id of `token_ids`, aligned with it. Both count every
+    generated token, those whose text a stop string cut off included (`completion_tokens` does
+    too), so `text` can be shorter than the decoded `token_ids`."""
+
     text: str
     finish_reason: str  # "length" | "stop" | "eos" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt behind a leading EOS, which marks a document start in training."""
     return [[tokenizer.eos_token_id] + ids for ids in tokenizer(list(prompts))["input_ids"]]
+
+
+def check_tokens(
+    prompt_ids: Sequence[Sequence[int]], params: Sequence[GenerationParams], vocab: int
+) -> None:
+    """Every prompt id and every `logit_bias` id is a token of the vocabulary [0, vocab), else
+    InvalidTokens (ids from a tokenizer always are: this checks ids that came from outside)."""
+    for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
+        for what, tokens in (("prompt", ids), ("logit_bias", [t for t, _ in p.logit_bias])):
+            bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise InvalidTokens(
+                    f"{what} token id {bad[0]!r} is outside the vocabulary [0, {vocab})", index=i
+                )
 
 
 def check_fits(
@@ -131,6 +206,7 @@ class _Row:
         self.emitted = 0  # characters of `text` handed to on_text
         self.hold_back = max((len(s) for s in self.params.stop), default=1) - 1
         self.finish_reason: str | None = None  # "failed": see `failure`
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
         self.failure: BaseException | None = None
         self.last_token_at = 0.0
 
@@ -186,7 +262,9 @@ class DecodeBatch:
         assert len(requests) <= self.free, "more requests than free rows"
         for r in requests:
             if r.cancelled:
-                self.finish_request(r, GenerationResult("", "cancelled", r.prompt_tokens, 0))
+                logprobs = [] if r.params.logprobs is not None else None
+                cancelled = GenerationResult("", "cancelled", r.prompt_tokens, 0, [], logprobs)
+                self.finish_request(r, cancelled)
         requests = [r for r in requests if not r.cancelled]
         if not requests:
             return
@@ -305,26 +383,48 @@ class DecodeBatch:
         logits: torch.Tensor,
         history: torch.Tensor,
         sampling: SamplingTensors | None = None,
-    ) -> tuple[list[_Row], torch.Tensor, torch.Tensor]:
-        """The next token of each row (one logits row each) and which rows' numbers were not
-        finite. Changes no state: a retried step chooses the same tokens."""
+    ) -> tuple[list[_Row], torch.Tensor, torch.Tensor, dict[int, TokenLogprob] | None]:
+        """The next token of each row (one logits row each), which rows' numbers were not finite,
+        and the chosen tokens' log-probabilities of the rows that ask (by place in `rows`).
+        Changes no state (the logits aside): a retried step chooses the same tokens. The counts
+        of the presence/frequency penalties are read from `history`, which only `_apply` writes."""
         if sampling is None:
             sampling = SamplingTensors.build([r.params for r in rows], self.vocab, logits.device)
-        early = [i for i, row in enumerate(rows) if len(row.generated) < row.params.min_new_tokens]
-        if early:  # no end of document before min_new_tokens
+        raw = None
+        if sampling.logprob_rows is not None:  # from the raw logits, before anything changes them
+            asking = logits if sampling.logprob_all else logits[sampling.logprob_rows]
+            raw = torch.log_softmax(asking, dim=-1, dtype=torch.float32)
+        early = [
+            i
+            for i, row in enumerate(rows)
+            if len(row.generated) < row.params.min_new_tokens or row.params.ignore_eos
+        ]
+        if early:  # no end of document before min_new_tokens, nor ever with ignore_eos
             logits[early, self.eos] = -torch.inf
         seen = max(row.position + 1 for row in rows)  # tokens so far, over the rows
+        spans = None
+        if sampling.any_counts:  # where each row's generated tokens lie in its history
+            spans = torch.tensor([[len(row.request.prompt_ids), row.position + 1] for row in rows])
 
         def uniforms() -> torch.Tensor:  # greedy rows draw nothing
             return torch.tensor(
                 [0.0 if row.params.temperature <= 0 else row.peek_uniform() for row in rows]
             )
 
-        tokens, bad = sample_next(logits, history[: len(rows), :seen], sampling, uniforms)
-        return rows, tokens, bad
+        tokens, bad = sample_next(logits, history[: len(rows), :seen], sampling, uniforms, spans)
+        picked = None if raw is None else _token_logprobs(raw, tokens, sampling)
+        return rows, tokens, bad, picked
 
-    def _apply(self, first: int, rows: list[_Row], tokens: torch.Tensor, bad: torch.Tensor) -> None:
-        """Give rows first.. their chosen tokens, then update text and state."""
+    def _apply(
+        self,
+        first: int,
+        rows: list[_Row],
+        tokens: torch.Tensor,
+        bad: torch.Tensor,
+        logprobs: dict[int, TokenLogprob] | None = None,
+    ) -> None:
+        """Give rows first.. their chosen tokens (and log-probabilities), then update text and
+        state."""
         for row in rows:
             if row.params.temperature > 0:
                 row.use_uniform()
@@ -347,6 +447,8 @@ class DecodeBatch:
                 row.finish_reason = "eos"
                 continue
             row.generated.append(tok)
+            if logprobs is not None and i in logprobs:
+                row.logprobs.append(logprobs[i])
             if row.request.first_token_at is None:
                 row.request.first_token_at = now
             else:
@@ -411,8 +513,36 @@ class DecodeBatch:
             row.text = self.raw.decode(row.generated, skip_special_tokens=True)
         self._emit(row, len(row.text))
         r = row.request
-        result = GenerationResult(row.text, row.finish_reason, r.prompt_tokens, len(row.generated))
+        result = GenerationResult(
+            row.text,
+            row.finish_reason,
+            r.prompt_tokens,
+            len(row.generated),
+            token_ids=list(row.generated),
+            logprobs=row.logprobs,
+        )
         self.finish_request(r, result)
+
+
+def _token_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, sampling: SamplingTensors
+) -> dict[int, TokenLogprob]:
+    """The chosen token's log-probability and the best alternatives of each asking row, by its
+    place in the batch; `raw` holds those rows' log_softmax of the raw logits (n, vocab)."""
+    places = sampling.logprob_places
+    chosen = tokens if sampling.logprob_all else tokens[sampling.logprob_rows]
+    values = raw.gather(1, chosen[:, None])[:, 0].tolist()
+    ids = chosen.tolist()
+    if sampling.logprob_k > 0:
+        top = raw.topk(sampling.logprob_k, dim=-1)
+        top_values, top_ids = top.values.tolist(), top.indices.tolist()
+    else:
+        top_values = top_ids = [[] for _ in places]
+    out = {}
+    for j, (place, k) in enumerate(zip(places, sampling.logprob_top, strict=True)):
+        pairs = list(zip(top_ids[j][:k], top_values[j][:k], strict=True))
+        out[place] = TokenLogprob(ids[j], values[j], pairs)
+    return out
 
 
 def generate(
@@ -431,6 +561,7 @@ def generate(
         return []
     prompt_ids = encode_prompts(tokenizer, prompts)
     check_fits(prompt_ids, params, model.config.n_positions)
+    check_tokens(prompt_ids, params, model.config.vocab_size)
     return run_to_end(model, tokenizer, prompt_ids, params, should_stop)
 
 

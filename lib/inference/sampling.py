@@ -1,13 +1,16 @@
 """Next-token choice for a batch whose rows each carry their own sampling parameters.
 
 Order of the warpers, as in `transformers`' `generate`: repetition penalty, then temperature, then
-top-k, then top-p over what top-k kept. A greedy row (temperature 0) takes the arg-max of the
-penalised logits. Each sampled row draws from its own `torch.Generator`, so its tokens do not depend
-on the other rows of the batch: a row draws exactly one uniform number per token and inverts its
-own distribution's CDF, taken over its candidates from the most likely down, so neither the company
-nor how many candidates the batch looks at changes what it draws (`torch.multinomial` draws one
-number per candidate, so it would). The numbers come from the row's own generator (`uniforms`,
-drawn by the caller).
+top-k, then top-p over what top-k kept. Between the repetition penalty and temperature come the
+OpenAI-style additive terms, as vLLM applies them: each row's logit bias, and its presence and
+frequency penalties over the counts of the tokens it GENERATED (not its prompt); rows without them
+are not touched, and a batch where no row has them skips them. A greedy row (temperature 0) takes
+the arg-max of the penalised logits. Each sampled row draws from its own `torch.Generator`, so its
+tokens do not depend on the other rows of the batch: a row draws exactly one uniform number per
+token and inverts its own distribution's CDF, taken over its candidates from the most likely down,
+so neither the company nor how many candidates the batch looks at changes what it draws
+(`torch.multinomial` draws one number per candidate, so it would). The numbers come from the row's
+own generator (`uniforms`, drawn by the caller).
 
 Candidates, by row: a row with a small top-k (at most `NARROW_TOP_K`, the service's default 50
 among them) takes them from `topk`. A wide row (a larger top-k, or none: top-p alone, or plain
@@ -73,6 +76,26 @@ class SamplingTensors:
     any_greedy: bool
     all_greedy: bool
     any_penalty: bool  # some row's repetition penalty is not 1
+    # the additive terms (all None when no row uses them: the default path skips them at once)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, ids, values (N,)
+    count_rows: torch.Tensor | None = None  # rows with a presence/frequency penalty; None: all
+    presence: torch.Tensor | None = None  # (P, 1) for those rows; None: no row has these penalties
+    frequency: torch.Tensor | None = None  # (P, 1)
+    # the rows that ask for log-probabilities (`generation.py` computes them; None: no row asks)
+    logprob_rows: torch.Tensor | None = None  # their places in the batch
+    logprob_places: list[int] | None = None  # the same, as a list
+    logprob_all: bool = False  # every row asks
+    logprob_top: list[int] | None = None  # alternatives each asks for
+    logprob_k: int = 0  # the most any asks for
+
+    @property
+    def additive(self) -> bool:
+        return self.bias is not None or self.presence is not None
+
+    @property
+    def any_counts(self) -> bool:
+        """Some row has a presence or frequency penalty: `sample_next` needs `spans`."""
+        return self.presence is not None
 
     @classmethod
     def build(cls, params: Sequence, vocab: int, device: torch.device) -> SamplingTensors:
@@ -98,7 +121,7 @@ class SamplingTensors:
             )
 
         split = {w: [i for i, x in enumerate(wide) if x == w] for w in (False, True)}
-        return cls(
+        sp = cls(
             penalty=column([p.repetition_penalty for p in params]),
             greedy=torch.tensor(greedy, device=device),
             groups=[group(places, w) for w, places in split.items() if places],
@@ -106,6 +129,34 @@ class SamplingTensors:
             all_greedy=all(greedy),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
         )
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in getattr(p, "logit_bias", ())]
+        if bias:
+            rows, ids, values = zip(*bias, strict=True)
+            if not all(0 <= t < vocab for t in ids):  # InvalidTokens, earlier, in the service
+                raise ValueError(f"a logit_bias token id is outside the vocabulary [0, {vocab})")
+            sp.bias = (
+                torch.tensor(rows, device=device),
+                torch.tensor(ids, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
+        counted = [
+            i
+            for i, p in enumerate(params)
+            if getattr(p, "presence_penalty", 0.0) or getattr(p, "frequency_penalty", 0.0)
+        ]
+        if counted:
+            if len(counted) < len(params):
+                sp.count_rows = torch.tensor(counted, device=device)
+            sp.presence = column([params[i].presence_penalty for i in counted])
+            sp.frequency = column([params[i].frequency_penalty for i in counted])
+        asking = [i for i, p in enumerate(params) if getattr(p, "logprobs", None) is not None]
+        if asking:
+            sp.logprob_rows = torch.tensor(asking, device=device)
+            sp.logprob_places = asking
+            sp.logprob_all = len(asking) == len(params)
+            sp.logprob_top = [params[i].logprobs for i in asking]
+            sp.logprob_k = min(max(sp.logprob_top), vocab)
+        return sp
 
 
 def sample_next(
@@ -113,6 +164,7 @@ def sample_next(
     history: torch.Tensor,
     sp: SamplingTensors,
     uniforms: Callable[[], torch.Tensor],
+    spans: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token id per row from logits (B, vocab), which it penalises in place, and a (B,) bool
     that marks the rows whose logits or probabilities were not finite (NaN, or an infinity that a
@@ -122,11 +174,17 @@ def sample_next(
     `history` (B, T) holds the token ids each row has seen (its prompt and what it generated),
     padded with any of them: the repetition penalty touches those logits only (a gather and a
     scatter of B x T values, not passes over B x vocab). `uniforms()` gives each row's next number
-    in [0, 1) (B,); all-greedy batches never call it."""
+    in [0, 1) (B,); all-greedy batches never call it.
+
+    `spans` (B, 2), needed only when some row has a presence or frequency penalty: the columns
+    [start, end) of `history` that hold each row's generated tokens (what those penalties count).
+    """
     if sp.any_penalty:
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / sp.penalty, seen * sp.penalty)
         logits.scatter_(1, history, seen)  # a repeated id writes the same value again
+    if sp.additive:
+        _add_bias_and_penalties(logits, history, sp, spans)
     if sp.all_greedy:
         best = logits.max(dim=-1)  # NaN wins max, so a NaN row shows in its value
         return best.indices, ~best.values.isfinite()
@@ -145,6 +203,65 @@ def sample_next(
         torch.where(sp.greedy, best.indices, sampled),
         torch.where(sp.greedy, ~best.values.isfinite(), ~ok),
     )
+
+
+def _generated(
+    history: torch.Tensor, spans: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Each row's generated ids, from columns [start, end) of `history` (B, T), as (B, G) (G the
+    longest span) with each row's count n (B, 1); a row's places past its span repeat its last
+    id (a row without any repeats a column of no importance). None when no row generated any."""
+    start, n = spans[:, :1], spans[:, 1:] - spans[:, :1]
+    width = int(n.max()) if n.numel() else 0
+    if width == 0:
+        return None
+    offsets = torch.arange(width, device=history.device)[None, :]
+    cols = (start + torch.minimum(offsets, (n - 1).clamp(min=0))).clamp(max=history.shape[1] - 1)
+    return history.gather(1, cols), offsets < n, n
+
+
+def generated_counts(history: torch.Tensor, spans: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32: how often each token occurs in columns [start, end) of each row of
+    `history` (B, T), the row's generated tokens; one scatter_add of B x (longest span) values."""
+    counts = torch.zeros((history.shape[0], vocab), device=history.device)
+    generated = _generated(history, spans)
+    if generated is None:
+        return counts
+    ids, valid, _ = generated
+    return counts.scatter_add_(1, ids, valid.float())
+
+
+def _add_bias_and_penalties(
+    logits: torch.Tensor, history: torch.Tensor, sp: SamplingTensors, spans: torch.Tensor | None
+) -> None:
+    """In place: logit += bias - presence * (count > 0) - frequency * count, for the rows that
+    have them (the others are not touched). The penalties touch the generated ids only (gathers
+    and scatters of B x G values, as the repetition penalty; only the counts are B x vocab)."""
+    if sp.bias is not None:
+        rows, ids, values = sp.bias
+        logits.index_put_((rows, ids), values.to(logits.dtype), accumulate=True)
+    if sp.presence is None:
+        return
+    if spans is None:
+        raise ValueError("presence/frequency penalties need `spans`: the generated tokens' columns")
+    spans = spans.to(history.device)
+    rows = sp.count_rows
+    if rows is not None:
+        history, spans = history[rows], spans[rows]
+    generated = _generated(history, spans)
+    if generated is None:  # nothing generated yet (a prompt's first token)
+        return
+    ids, valid, n = generated
+    counts = torch.zeros((ids.shape[0], logits.shape[-1]), device=ids.device)
+    counts = counts.scatter_add_(1, ids, valid.float()).gather(1, ids)  # each id's count, >= 1
+    # presence * (count > 0) + frequency * count; nothing for a row that generated nothing
+    # (its places all repeat one column); an id seen twice gets the same value twice
+    penalty = ((sp.presence + sp.frequency * counts) * (n > 0)).to(logits.dtype)
+    if rows is None:
+        logits.scatter_(1, ids, logits.gather(1, ids) - penalty)
+    else:
+        places = (rows[:, None].expand_as(ids), ids)
+        logits.index_put_(places, logits[places] - penalty)
 
 
 def _draw(ordered: torch.Tensor, g: _Group, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.inference.generation import PromptTooLong, encode_prompts
+from lib.inference.generation import PromptTooLong, TokenLogprob, encode_prompts
 
 
 @dataclass
@@ -33,22 +33,27 @@ class TextScore:
 def check_scorable(tokenizer, texts: Sequence[str], context: int) -> list[list[int]]:
     """Token ids (behind a leading EOS) of each text, or PromptTooLong if one exceeds the context."""
     ids = encode_prompts(tokenizer, texts)
+    check_scorable_ids(ids, context)
+    return ids
+
+
+def check_scorable_ids(ids: Sequence[list[int]], context: int) -> None:
+    """PromptTooLong if a row of token ids (with its leading EOS) exceeds the context."""
     for i, row in enumerate(ids):
         if len(row) > context:
             raise PromptTooLong(
                 f"{len(row) - 1} tokens exceed the context of {context - 1} scorable tokens",
                 index=i,
             )
-    return ids
 
 
-@torch.inference_mode()
-def score_texts(model, tokenizer, texts: Sequence[str]) -> list[TextScore]:
-    """Every token of every text is scored; the leading EOS (document start) is context only."""
-    ids = check_scorable(tokenizer, texts, model.config.n_positions)
+def _logprobs(model, ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass over rows of token ids (each behind its leading EOS, which also pads them
+    on the right): the log-softmax at every position (B, T, vocab) on the CPU, the input ids
+    (B, T), and each token's log-probability given those before it (B, T-1)."""
     device = next(model.parameters()).device
     B, T = len(ids), max(len(r) for r in ids)
-    input_ids = torch.full((B, T), tokenizer.eos_token_id, dtype=torch.long)
+    input_ids = torch.full((B, T), ids[0][0], dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     for i, row in enumerate(ids):  # right padding: positions start at 0 for every row
         input_ids[i, : len(row)] = torch.tensor(row)
@@ -56,6 +61,39 @@ def score_texts(model, tokenizer, texts: Sequence[str]) -> list[TextScore]:
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
     logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, vocab)
     target_logp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return logp, input_ids, target_logp
+
+
+@torch.inference_mode()
+def token_logprobs(model, ids: Sequence[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
+    """For each row of token ids (checked: `check_scorable_ids`), one `TokenLogprob` per token
+    after the first (the leading EOS is context only), with its `top` best alternatives: the
+    numbers `score_texts` gives."""
+    logp, _, target_logp = _logprobs(model, ids)
+    if top > 0:
+        best = logp[:, :-1].topk(top, dim=-1)
+        top_values, top_ids = best.values.tolist(), best.indices.tolist()
+    out = []
+    for i, row in enumerate(ids):
+        values = target_logp[i, : len(row) - 1].tolist()
+        out.append(
+            [
+                TokenLogprob(
+                    t,
+                    lp,
+                    list(zip(top_ids[i][j], top_values[i][j], strict=True)) if top > 0 else [],
+                )
+                for j, (t, lp) in enumerate(zip(row[1:], values, strict=True))
+            ]
+        )
+    return out
+
+
+@torch.inference_mode()
+def score_texts(model, tokenizer, texts: Sequence[str]) -> list[TextScore]:
+    """Every token of every text is scored; the leading EOS (document start) is context only."""
+    ids = check_scorable(tokenizer, texts, model.config.n_positions)
+    _, _, target_logp = _logprobs(model, ids)
     out = []
     for i, row in enumerate(ids):
         n = len(row) - 1

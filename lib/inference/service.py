@@ -1,16 +1,18 @@
 """`InferenceService`: one loaded model + tokenizer, generating for a prompt or a batch.
 
-The HTTP layer talks to `lib` only through this class: `prepare` checks and tokenizes a prompt,
-`create_engine` gives the continuous-batching engine that serves concurrent requests
-(`engine.py`), and `generate_batch` runs a fixed batch directly (library use). Every use of the
-model is serialised by one lock: the model is one set of CPU/GPU cores, and a batch uses them
-better than concurrent calls would.
+The HTTP layer talks to `lib` only through this class: `prepare` checks and tokenizes a prompt
+(`prepare_ids` checks one given as token ids), `prompt_logprobs` scores a prompt's tokens (OpenAI's
+`echo` with `logprobs`), `create_engine` gives the continuous-batching engine that serves
+concurrent requests (`engine.py`), and `generate_batch` runs a fixed batch directly (library use).
+Every use of the model is serialised by one lock: the model is one set of CPU/GPU cores, and a
+batch uses them better than concurrent calls would.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,13 +27,22 @@ from lib.inference.generation import (
     GenerationFailed,
     GenerationParams,
     GenerationResult,
+    InvalidTokens,
     PromptTooLong,
+    TokenLogprob,
     check_fits,
+    check_tokens,
     encode_prompts,
     generate,
     run_to_end,
 )
-from lib.inference.scoring import TextScore, check_scorable, score_texts
+from lib.inference.scoring import (
+    TextScore,
+    check_scorable,
+    check_scorable_ids,
+    score_texts,
+    token_logprobs,
+)
 from lib.modeling import build_model, count_parameters, load_model, read_card
 from lib.tokenizer import load_tokenizer
 
@@ -148,6 +159,10 @@ class InferenceService:
         return int(self.model.config.n_positions)
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -158,7 +173,41 @@ class InferenceService:
         """Token ids for the engine, or PromptTooLong (never truncated) before any model work."""
         ids = encode_prompts(self.tokenizer, [prompt])
         check_fits(ids, [params], self.context_length)
+        check_tokens(ids, [params], self.vocab_size)  # the logit_bias ids
         return PreparedPrompt(ids[0], params)
+
+    def prepare_ids(self, ids: Sequence[int], params: GenerationParams) -> PreparedPrompt:
+        """`prepare` for a prompt given as token ids (without the leading end-of-document token,
+        which this adds): InvalidTokens for an id outside [0, vocab_size) (in the prompt or in
+        `params.logit_bias`), PromptTooLong when it does not fit, before any model work."""
+        full = [self.tokenizer.eos_token_id, *self._token_ids(ids)]
+        check_tokens([full], [params], self.vocab_size)
+        check_fits([full], [params], self.context_length)
+        return PreparedPrompt(full, params)
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
+        """The log-probability of each prompt token (ids, without the leading end-of-document
+        token) given those before it, with its `top` best alternatives: what OpenAI's `echo`
+        returns, so the first entry is None (it has no tokens before it). The numbers are
+        `score`'s (the prompt behind the leading end-of-document token, in one forward pass).
+        InvalidTokens / PromptTooLong (more than context_length - 1 tokens) before any model
+        work; runs holding the model's lock."""
+        full = [self.tokenizer.eos_token_id, *self._token_ids(ids)]
+        check_tokens([full], [GenerationParams()], self.vocab_size)
+        check_scorable_ids([full], self.context_length)
+        if top < 0:
+            raise ValueError(f"top must be >= 0, not {top}")
+        if len(full) == 1:
+            return []
+        scored = self._locked(token_logprobs, self.model, [full], min(top, self.vocab_size))[0]
+        return [None, *scored[1:]]
+
+    @staticmethod
+    def _token_ids(ids: Sequence[int]) -> list[int]:
+        try:
+            return [operator.index(t) for t in ids]
+        except TypeError as e:
+            raise InvalidTokens(f"token ids must be integers ({e})") from None
 
     def create_engine(
         self,
@@ -222,7 +271,7 @@ class InferenceService:
         with self._lock:
             try:
                 return fn(*args)
-            except PromptTooLong:
+            except (PromptTooLong, InvalidTokens):
                 raise
             except Exception as e:  # any failure inside the model on valid input
                 log.exception("%s failed", fn.__name__)
