@@ -134,6 +134,12 @@ class ModelService(ABC):
         """Where an error of input `i` of a /forward_batch lies in its body."""
         return [self.batch_field, i, *loc]
 
+    @classmethod
+    def extra_routers(cls) -> list:
+        """More routes the app serves for this service (FastAPI routers), beside /forward,
+        /forward_batch and /metadata (default: none; text generation adds the OpenAI routes)."""
+        return []
+
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:
         """The single requests inside a /forward_batch body."""
         items = getattr(batch_request, self.batch_field)

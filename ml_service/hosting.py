@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ml_service.batching import Engine
@@ -43,6 +44,7 @@ class Loaded:
     service: ModelService
     engine: Engine
     version: str | None
+    created: float = field(default_factory=time.time)  # when it was loaded (unix time)
 
 
 def list_versions(models_dir: Path) -> list[str]:

@@ -83,7 +83,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         payload = await read_body(request, deps.settings, array_fields, takes_text)
         req = validate_model(req_model, payload)
         model = deps.model  # one version for the whole request, even across a reload
-        _check_room(model.engine, 1)
+        check_room(model.engine, 1)
         item = model.service.preprocess(req)
         _note_prompt(request, req)
         if streams and req.stream:
@@ -101,8 +101,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         work = model.engine.submit(item)
-        output = await _unless_disconnected(request, work, deps.settings.request_timeout_s)
-        _note_usage(request, [output])
+        output = await unless_disconnected(request, work, deps.settings.request_timeout_s)
+        note_usage(request, [output])
         return model.service.postprocess(output, req)
 
     @router.post(
@@ -125,7 +125,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         batch_req = validate_model(batch_model, await read_json_object(request))
         model = deps.model
         requests = model.service.split_batch(batch_req)
-        _check_room(model.engine, len(requests))
+        check_room(model.engine, len(requests))
         items = []
         for i, req in enumerate(requests):
             try:
@@ -134,8 +134,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
                 loc = model.service.batch_item_loc(i, e.loc)
                 raise BadRequest([{"loc": [str(x) for x in loc], "msg": str(e)}]) from None
         work = model.engine.submit_many(items)
-        outputs = await _unless_disconnected(request, work, deps.settings.request_timeout_s)
-        _note_usage(request, outputs)
+        outputs = await unless_disconnected(request, work, deps.settings.request_timeout_s)
+        note_usage(request, outputs)
         return model.service.batch_response(
             [model.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
         )
@@ -154,7 +154,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
     return router
 
 
-def _check_room(engine, n: int) -> None:
+def check_room(engine, n: int) -> None:
     """503 before any tokenization or model work when the queue cannot take `n` more."""
     if not engine.has_room(n):
         raise Overloaded([{"loc": ["queue"], "msg": "the request queue is full"}])
@@ -166,7 +166,7 @@ def _note_prompt(request: Request, req: BaseModel) -> None:
         request.state.prompt = req.text
 
 
-def _note_usage(request: Request, outputs: list) -> None:
+def note_usage(request: Request, outputs: list) -> None:
     """Token counts for the access log, when the outputs have them (text generation does)."""
     if outputs and all(hasattr(o, "completion_tokens") for o in outputs):
         request.state.prompt_tokens = sum(o.prompt_tokens for o in outputs)
@@ -184,7 +184,7 @@ def _with_stream(responses: dict) -> dict:
     }
 
 
-async def _unless_disconnected(request: Request, work: Awaitable, timeout: float) -> Any:
+async def unless_disconnected(request: Request, work: Awaitable, timeout: float) -> Any:
     """Await `work`, cancelling it (and so its rows in the engine) if the client disconnects
     (499, nobody reads it) or it takes longer than `timeout` seconds (504)."""
     task = asyncio.ensure_future(work)
@@ -233,7 +233,7 @@ async def _sse(
             if isinstance(event, str):
                 yield _event("token", {"text": event})
             else:
-                _note_usage(request, [event])
+                note_usage(request, [event])
                 failure = None
                 yield _event("done", service.postprocess(event, req).model_dump())
     except Exception as e:  # the same map as JSON answers (a timeout, the model, a shutdown)

@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     app.state.guard = Guard(settings)
     install_error_handlers(app)
     app.include_router(build_router(type(service)))
+    for router in type(service).extra_routers():  # text generation: the OpenAI routes
+        app.include_router(router)
     app.include_router(build_ops_router())
     install_ui(app)
     if settings.guard_info_routes:

@@ -23,16 +23,21 @@ from ml_service.batching import PredictionFailed
 from ml_service.contract import InvalidInput
 
 log = logging.getLogger("ml_service")
+OPENAI_PREFIX = "/v1/"
 MODEL_FAILED = "модель не смогла обработать данные"
 SHUTTING_DOWN = "the service is shutting down"
 
 
 class ServiceError(Exception):
-    """An answer of the service: status, body (`detail`, `errors`), headers, metrics reason."""
+    """An answer of the service: status, body (`detail`, `errors`), headers, metrics reason, and
+    its OpenAI form for the /v1 routes (`{"error": {"message", "type", "param", "code"}}`)."""
 
     status_code = 500
     detail = "internal server error"
     reason = "internal"  # the `reason` label of ml_service_request_failures_total
+    openai_type = "server_error"
+    openai_code: str | None = None
+    openai_status: int | None = None  # where /v1 answers another status (the ecosystem's)
 
     def __init__(self, errors: list[dict] | None = None):
         super().__init__(self.detail)
@@ -41,14 +46,32 @@ class ServiceError(Exception):
     def headers(self) -> dict[str, str]:
         return {}
 
-    def response(self) -> JSONResponse:
+    def response(self, path: str = "") -> JSONResponse:
+        """Our body, or OpenAI's on the /v1 routes."""
+        if path.startswith(OPENAI_PREFIX):
+            status = self.openai_status or self.status_code
+            return JSONResponse(self.openai_body(), status_code=status, headers=self.headers())
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers())
 
     async def send(self, scope, receive, send) -> None:
         """Answer from an ASGI middleware (before any route), noting the metrics reason as the
         exception handlers do."""
         scope.setdefault("state", {})["failure_reason"] = self.reason
-        await self.response()(scope, receive, send)
+        await self.response(scope.get("path", ""))(scope, receive, send)
+
+    def openai_body(self) -> dict:
+        """The first error names the offending field (`param`, dotted: `messages.0.content`)."""
+        first = self.errors[0] if self.errors else None
+        param = ".".join(str(x) for x in first.get("loc", [])) if first else ""
+        message = f"{self.detail}: {first['msg']}" if first else self.detail
+        return {
+            "error": {
+                "message": message,
+                "type": self.openai_type,
+                "param": param or None,
+                "code": self.openai_code,
+            }
+        }
 
     def body(self) -> dict:
         return (
@@ -62,6 +85,7 @@ class BadRequest(ServiceError):
     status_code = 400
     detail = "bad request"
     reason = "bad_request"
+    openai_type = "invalid_request_error"
 
     @classmethod
     def one(cls, loc: str, msg: str) -> BadRequest:
@@ -72,27 +96,49 @@ class Unauthorized(ServiceError):
     status_code = 401
     detail = "unauthorized"
     reason = "unauthorized"
+    openai_type = "authentication_error"
+    openai_code = "invalid_api_key"
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
 
 
 class ModelFailed(ServiceError):
-    status_code = 403
+    status_code = 403  # the seed contract's; /v1 follows the ecosystem: a 500 server_error
     detail = MODEL_FAILED
     reason = "model_error"
+    openai_status = 500
+    openai_code = "model_error"
+
+    def openai_body(self) -> dict:
+        body = super().openai_body()
+        body["error"]["message"] = "the model failed while processing the request"
+        return body
+
+
+class ModelNotFound(ServiceError):
+    """/v1: a `model` that is not served here (the ids are in /v1/models)."""
+
+    status_code = 404
+    detail = "model not found"
+    reason = "bad_request"
+    openai_type = "invalid_request_error"
+    openai_code = "model_not_found"
 
 
 class BodyTooLarge(ServiceError):
     status_code = 413
     detail = "request body too large"
     reason = "bad_request"
+    openai_type = "invalid_request_error"
 
 
 class RateLimited(ServiceError):
     status_code = 429
     detail = "rate limit exceeded"
     reason = "rate_limited"
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
 
     def __init__(self, retry_after_s: int, limit: str, loc: str = "rate_limit"):
         super().__init__([{"loc": [loc], "msg": f"more than {limit}"}])
@@ -106,6 +152,7 @@ class HeadersTooLarge(ServiceError):
     status_code = 431
     detail = "request header fields too large"
     reason = "bad_request"
+    openai_type = "invalid_request_error"
 
 
 class ClientDisconnected(ServiceError):
@@ -163,12 +210,14 @@ class GenerationTimeout(ServiceError):
     status_code = 504
     detail = "generation timed out"
     reason = "timeout"
+    openai_type = "timeout"
 
 
 class HTTPError(ServiceError):
     """Starlette's own answers (404 unknown path, 405 wrong method), in our body shape."""
 
     reason = "bad_request"
+    openai_type = "invalid_request_error"
 
     def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
         self.status_code, self.detail, self._headers = status_code, detail, headers or {}
@@ -183,9 +232,8 @@ def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]
     out = []
     for e in exc.errors():
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        out.append(
-            {"loc": loc, "msg": e.get("msg", "invalid value"), "type": e.get("type", "value_error")}
-        )
+        msg = e.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's prefix
+        out.append({"loc": loc, "msg": msg, "type": e.get("type", "value_error")})
     return out
 
 
@@ -236,7 +284,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if type(error) is ServiceError:  # not one we expected: a bug
             log.exception("unhandled error on %s %s", request.method, request.url.path)
         request.state.failure_reason = error.reason
-        return error.response()
+        return error.response(request.url.path)
 
     # the expected ones are answered by Starlette's exception middleware (FastAPI's own handlers
     # for HTTPException and RequestValidationError are replaced); anything else reaches the

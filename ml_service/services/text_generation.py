@@ -49,6 +49,12 @@ class TextGenerationService(CheckpointService):
         """A text's error is at texts[i]; the options are shared by the whole batch."""
         return ["texts", i] if loc == ["text"] else loc
 
+    @classmethod
+    def extra_routers(cls) -> list:
+        from ml_service.backend.openai_routes import build_openai_router
+
+        return [build_openai_router()]
+
     def warmup(self) -> None:
         self.inference.generate("Привет", GenerationParams(max_new_tokens=2, temperature=0))
 

@@ -1,0 +1,290 @@
+"""The OpenAI-compatible request and response models (`/v1/completions`, `/v1/chat/completions`,
+`/v1/models`), after OpenAI's API reference and vLLM's `protocol.py`.
+
+Requests ignore fields they do not know (newer clients keep working; the route logs them at debug
+level); everything they do know is checked as strictly as `/forward`'s fields. Requests convert
+themselves into `GenerationParams`: OpenAI's defaults (temperature 1, top_p 1, no top-k, no
+repetition penalty), its additive presence and frequency penalties, and our extras (`top_k`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lib.inference import GenerationParams
+from ml_service.backend.schemas import MIN_REPETITION_PENALTY, Text
+
+MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI
+MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI
+MAX_N = 16
+SHARED_NUMBERS = (
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "repetition_penalty",
+    "min_tokens",
+)
+
+
+def _not_a_boolean(v):
+    if isinstance(v, bool):  # JSON's true/false would otherwise pass as 1/0
+        raise ValueError("must be a number, not a boolean")
+    return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="send a last chunk with the token usage")
+
+
+class SamplingRequest(BaseModel):
+    """The fields completions and chat share."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = Field(
+        None, description="a model id from /v1/models; omitted: the served one"
+    )
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt, sampled as separate rows")
+    stop: Text | list[Text] | None = Field(None, description="up to 8 strings of 1-64 characters")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="choice i samples with seed + i (reproducible)"
+    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100], added to its logit"
+    )
+    user: str | None = Field(None, description="accepted and ignored (logs carry the API key)")
+    # our extras
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 disables")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+
+    _numbers = field_validator(*SHARED_NUMBERS, mode="before")(
+        classmethod(lambda cls, v: _not_a_boolean(v))
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 8 or any(not s or len(s) > 64 for s in stops)):
+            raise ValueError("at most 8 stop strings of 1 to 64 characters")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are in [-100, 100]; got {bias}")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def params(self, max_new_tokens: int, logprobs: int | None, seed: int | None):
+        return GenerationParams(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(self.min_tokens, max_new_tokens),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=seed,
+            stop=self.stops(),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(k), b) for k, b in sorted((self.logit_bias or {}).items())),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+    def choice_seed(self, i: int) -> int | None:
+        return None if self.seed is None else (self.seed + i) % 2**63
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Text | list[Text] | TokenIds | list[TokenIds] = Field(
+        ..., description="a string, strings, token ids, or lists of token ids"
+    )
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo: score the prompt only")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    _own_numbers = field_validator("max_tokens", "logprobs", mode="before")(
+        classmethod(lambda cls, v: _not_a_boolean(v))
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        texts = [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]
+        if any(not t for t in texts):
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _zero_tokens(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (it scores the prompt without generating)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of the one below")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    _own_numbers = field_validator(
+        "max_tokens", "max_completion_tokens", "top_logprobs", mode="before"
+    )(classmethod(lambda cls, v: _not_a_boolean(v)))
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def asked_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# -- responses ---------------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # ours
+    context_length: int
+    version: str | None
+    chat_template: str = Field(..., description="the template chat messages are rendered with")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorBody

@@ -1,0 +1,199 @@
+"""The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/completions`,
+`POST /v1/chat/completions`. Thin, like `api.py`: parse, check, hand to `openai_serving`.
+
+Same engine, limits, keys (`Authorization: Bearer`), metrics, versions and logs as `/forward`;
+errors in OpenAI's shape (`backend/errors.py` decides them, by path). Unknown request fields are
+ignored and logged at debug level, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from ml_service.backend import openai_serving as serving
+from ml_service.backend.api import _json_body, check_room, read_json_object
+from ml_service.backend.dependencies import DepsDep
+from ml_service.backend.errors import BadRequest, pydantic_errors
+from ml_service.backend.openai_protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    OpenAIErrorResponse,
+)
+from ml_service.backend.security import require_api_key
+
+log = logging.getLogger("ml_service")
+ERRORS = {
+    status: {"model": OpenAIErrorResponse, "description": what}
+    for status, what in {
+        400: "invalid request (`param` names the field)",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "body too large",
+        429: "rate limited (`Retry-After`)",
+        500: "the model failed",
+        503: "queue full or shutting down (`Retry-After`)",
+        504: "timed out",
+    }.items()
+}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def parse(model: type[BaseModel], payload: dict) -> BaseModel:
+    unknown = sorted(set(payload) - set(model.model_fields))
+    if unknown:
+        log.debug("%s: ignoring unknown fields %s", model.__name__, unknown)
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        raise BadRequest(pydantic_errors(e)) from None
+
+
+def build_openai_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["OpenAI"])
+
+    @router.get("/models", response_model=ModelList, responses=ERRORS, summary="served models")
+    async def models(deps: DepsDep) -> ModelList:
+        """The served model's id and, with model versions, the version serving it; each with
+        its context length and the chat template in use."""
+        return ModelList(data=serving.model_cards(deps.model))
+
+    @router.post(
+        "/completions",
+        response_model=CompletionResponse,
+        responses=ERRORS,
+        openapi_extra=_json_body(CompletionRequest),
+        summary="text completion (OpenAI)",
+    )
+    async def completions(request: Request, deps: DepsDep):
+        """OpenAI's completions: `prompt` as text, texts, token ids or lists of them; `n`,
+        `stop`, `seed`, `logprobs` with `echo` (the prompt's log-probabilities too; with
+        `max_tokens: 0`, only those), penalties, `logit_bias`, streaming."""
+        req = parse(CompletionRequest, await read_json_object(request))
+        loaded = deps.model
+        serving.check_model(loaded, req.model)
+        prompts = serving.completion_prompts(req, loaded)
+        if req.stream and req.logprobs is not None:
+            raise BadRequest.one("logprobs", "logprobs are not streamed; send stream: false")
+        if req.max_tokens == 0:
+            outputs = serving.scored_only(prompts, req.n)
+            return await serving.completion_response(request, req, loaded, prompts, outputs)
+        items = serving.engine_items(req, prompts, loaded, req.max_tokens, req.logprobs, "prompt")
+        timeout = deps.settings.request_timeout_s
+        if req.stream:
+            return _stream_completion(request, deps, req, loaded, prompts, items)
+        outputs = await serving.generate(request, loaded, items, timeout)
+        return await serving.completion_response(request, req, loaded, prompts, outputs)
+
+    @router.post(
+        "/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=ERRORS,
+        openapi_extra=_json_body(ChatCompletionRequest),
+        summary="chat completion (OpenAI)",
+    )
+    async def chat(request: Request, deps: DepsDep):
+        """OpenAI's chat completions. The messages are rendered with the checkpoint's chat
+        template, or the fallback `/v1/models` shows (the default model was not trained on
+        dialogues: expect a continuation, not an assistant)."""
+        req = parse(ChatCompletionRequest, await read_json_object(request))
+        loaded = deps.model
+        serving.check_model(loaded, req.model)
+        if req.stream and req.logprobs:
+            raise BadRequest.one("logprobs", "logprobs are not streamed; send stream: false")
+        prompt = serving.chat_prompt(req, loaded)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        fallback = loaded.service.inference.tokenizer.chat_template is None
+        extra_stop = (serving.FALLBACK_STOP,) if fallback else ()
+        asked = req.asked_tokens()
+        items = serving.engine_items(req, [prompt], loaded, asked, top, "messages", extra_stop)
+        if req.stream:
+            return _stream_chat(request, deps, req, loaded, prompt, items)
+        outputs = await serving.generate(request, loaded, items, deps.settings.request_timeout_s)
+        return serving.chat_response(req, loaded, prompt, outputs)
+
+    return router
+
+
+def _streams(loaded, items) -> list:
+    check_room(loaded.engine, len(items))
+    return [loaded.engine.stream(item) for item in items]  # queued now: a full queue is a 503
+
+
+def _usage_chunk(base: dict, req, prompts):
+    include = req.stream_options is not None and req.stream_options.include_usage
+
+    def chunk(outputs):
+        if not include:
+            return None
+        return {**base, "choices": [], "usage": serving.usage(prompts, outputs).model_dump()}
+
+    return chunk
+
+
+def _stream_completion(request, deps, req, loaded, prompts, items) -> StreamingResponse:
+    base = {
+        "id": serving.response_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": serving.served_name(loaded),
+        "system_fingerprint": serving.fingerprint(loaded),
+    }
+    echoed: set[int] = set()
+
+    def chunk(i: int, text: str, result) -> dict:
+        if req.echo and i not in echoed:  # the prompt comes first, with the choice's first piece
+            echoed.add(i)
+            text = prompts[i // req.n].text + text
+        finish = None if result is None else serving.FINISH[result.finish_reason]
+        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    body = serving.stream_chunks(
+        request,
+        loaded,
+        _streams(loaded, items),
+        chunk,
+        _usage_chunk(base, req, prompts),
+        deps.settings.request_timeout_s,
+        deps.metrics,
+    )
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _stream_chat(request, deps, req, loaded, prompt, items) -> StreamingResponse:
+    base = {
+        "id": serving.response_id("chatcmpl"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": serving.served_name(loaded),
+        "system_fingerprint": serving.fingerprint(loaded),
+    }
+    started: set[int] = set()
+
+    def chunk(i: int, text: str, result) -> dict:
+        delta = {"content": text}
+        if i not in started:  # the first delta names the role
+            started.add(i)
+            delta = {"role": "assistant", **delta}
+        finish = None if result is None else serving.FINISH[result.finish_reason]
+        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    body = serving.stream_chunks(
+        request,
+        loaded,
+        _streams(loaded, items),
+        chunk,
+        _usage_chunk(base, req, [prompt]),
+        deps.settings.request_timeout_s,
+        deps.metrics,
+    )
+    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,227 @@
+"""The OpenAI-compatible routes, driven by real clients over real HTTP: the official `openai`
+Python package (sync and async) and Node's `fetch`, against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from lib.config import REPO_ROOT
+from tests.conftest import CHECKPOINT, is_russian
+from tests.test_server import running_server
+
+pytestmark = pytest.mark.slow
+PROMPT = "Москва — столица"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(["--checkpoint", str(CHECKPOINT)]) as proc:
+        yield proc.url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_lists_the_served_model(client, server):
+    cards = client.models.list().data
+    meta = httpx.get(f"{server}/metadata").json()
+    assert cards[0].id == meta["model_id"] and cards[0].owned_by
+    raw = httpx.get(f"{server}/v1/models").json()["data"][0]
+    assert raw["context_length"] == meta["limits"]["context_length"]
+    assert "Пользователь" in raw["chat_template"]  # the fallback: the model has no template
+
+
+def test_greedy_completion_equals_forward(client, server, model_id):
+    forward = httpx.post(
+        f"{server}/forward",
+        json={"text": PROMPT, "max_new_tokens": 12, "temperature": 0, "repetition_penalty": 1.0},
+        timeout=60,
+    ).json()
+    done = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert done.choices[0].text == forward["text"] and done.object == "text_completion"
+    assert done.usage.completion_tokens == forward["usage"]["completion_tokens"]
+    assert done.model == model_id and done.system_fingerprint
+    # streamed: the same text in pieces, the finish reason on the last content chunk, then usage
+    chunks = list(
+        client.completions.create(
+            model=model_id,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in content) == forward["text"]
+    assert content[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in content[:-1])
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_token_id_prompts_and_several_prompts(client, server, model_id):
+    ids = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).json()
+    assert ids["usage"]["prompt_tokens"] > 0
+    text = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=6, temperature=0)
+    tok = __import__("lib.tokenizer", fromlist=["load_tokenizer"]).load_tokenizer(CHECKPOINT)
+    as_ids = tok(PROMPT)["input_ids"]
+    by_ids = client.completions.create(model=model_id, prompt=as_ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == text.choices[0].text
+    both = client.completions.create(
+        model=model_id, prompt=[PROMPT, "Он открыл дверь и"], max_tokens=6, temperature=0, n=2
+    )
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert both.choices[0].text == both.choices[1].text == text.choices[0].text  # greedy
+
+
+def test_n_with_a_seed_is_reproducible_and_choice_i_uses_seed_plus_i(client, model_id):
+    ask = dict(model=model_id, prompt=PROMPT, max_tokens=10, temperature=0.9, seed=40)
+    first = client.completions.create(n=3, **ask)
+    again = client.completions.create(n=3, **ask)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    third = client.completions.create(n=1, **{**ask, "seed": 42})
+    assert third.choices[0].text == first.choices[2].text
+    assert len({c.text for c in first.choices}) > 1
+
+
+def test_logprobs_and_echo_score_the_prompt(client, model_id):
+    out = client.completions.create(
+        model=model_id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text.startswith(PROMPT)
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    scored = client.completions.create(
+        model=model_id, prompt=PROMPT, max_tokens=0, logprobs=0, echo=True
+    )
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    n_prompt = scored.usage.prompt_tokens
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n_prompt])
+
+
+def test_chat_completion_streamed_and_not(client, model_id):
+    messages = [
+        {"role": "system", "content": "Отвечай по-русски."},
+        {"role": "user", "content": [{"type": "text", "text": "Расскажи о Москве."}]},
+    ]
+    done = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        max_completion_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    message = done.choices[0].message
+    assert message.role == "assistant" and done.object == "chat.completion"
+    assert is_russian(message.content), message.content
+    entries = done.choices[0].logprobs.content
+    assert entries and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id, messages=messages, max_tokens=16, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+
+def test_async_client_streams_a_chat(server, model_id):
+    async def run() -> str:
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0)
+        stream = await client.chat.completions.create(
+            model=model_id,
+            messages=[{"role": "user", "content": "Привет!"}],
+            max_tokens=8,
+            seed=1,
+            stream=True,
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        await client.close()
+        return "".join(pieces)
+
+    assert asyncio.run(run()) == asyncio.run(run())  # seeded: the same text twice
+
+
+BAD = {
+    "temperature": {"temperature": 9},
+    "max_tokens": {"max_tokens": 100000},
+    "n": {"n": 0},
+    "stop": {"stop": [""]},
+    "logit_bias": {"logit_bias": {"x": 1}},
+    "prompt": {"prompt": ""},
+}
+
+
+@pytest.mark.parametrize("param", list(BAD))
+def test_bad_requests_are_400_naming_the_param(client, model_id, param):
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": 2, **BAD[param]}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**body)
+    err = e.value.body
+    assert e.value.status_code == 400 and err["type"] == "invalid_request_error"
+    assert err["param"].split(".")[0] == param, err
+
+
+def test_unknown_model_is_404_and_unknown_fields_are_ignored(client, server, model_id):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    r = httpx.post(
+        f"{server}/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 2, "best_of": 1, "suffix": None, "x_new": 1},
+    )
+    assert r.status_code == 200, r.text
+    for body in ({}, {"messages": []}, {"messages": "hi"}, [1, 2]):
+        r = httpx.post(f"{server}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "error" in r.json(), r.text
+    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": [[[[[[', timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+
+
+def test_keys_and_limits_raise_the_matching_client_errors():
+    env = {"ML_SERVICE_API_KEYS": "k1", "ML_SERVICE_RATE_LIMIT": "3/minute"}
+    with running_server(["--checkpoint", str(CHECKPOINT)], env=env) as proc:
+        wrong = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="k1", max_retries=0)
+        model = right.models.list().data[0].id  # 1 of the 3 requests a minute
+        assert right.completions.create(model=model, prompt="a", max_tokens=1).choices
+        right.models.list()
+        with pytest.raises(openai.RateLimitError) as e:
+            right.models.list()
+        assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node on PATH")
+def test_node_fetch_streams_a_chat_and_gets_a_completion(server, model_id):
+    script = REPO_ROOT / "examples" / "openai_client.mjs"
+    r = subprocess.run(
+        ["node", str(script), f"{server}/v1", model_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # (a busy server may send the whole text as one piece: its backlog)
+    assert out["chat_chunks"] >= 1 and out["chat_text"] and out["completion_text"]
+    assert out["finish_reason"] in ("stop", "length")
