@@ -6,6 +6,7 @@ run for real against a server started with the image's settings."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -14,11 +15,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.routing import Match
 
 from lib.config import REPO_ROOT
+from ml_service.backend.app import create_app
+from ml_service.settings import Settings
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -41,6 +47,80 @@ METRICS = {
     "ml_service_num_requests_waiting",
     "ml_service_model_info",
 }
+
+
+# ---- the app the files deploy -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(textgen, settings):
+    """The app (not started): its routes are what probes and scripts may call."""
+    return create_app(settings, service=textgen)
+
+
+def routed(app, path: str, method: str = "GET") -> bool:
+    """Whether the app's router has a route for `method path` (as it matches a request)."""
+    scope = {
+        "type": "http",
+        "path": path,
+        "method": method,
+        "root_path": "",
+        "headers": [],
+        "query_string": b"",
+    }
+    return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
+
+
+def test_routed_tells_routes_from_other_paths(app):
+    assert routed(app, "/health") and routed(app, "/forward", "POST")
+    assert not routed(app, "/forward", "GET") and not routed(app, "/no-such-path")
+
+
+def exported_metrics(metrics_text: str) -> dict[str, set[str]]:
+    """Metric name as queried (a counter with `_total`, a histogram without its suffixes) -> the
+    label names of its samples (`le` for histograms), from Prometheus text."""
+    exported = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name.endswith("_created"):  # prometheus_client's creation timestamps
+            continue
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        exported[name] = {label for sample in family.samples for label in sample.labels}
+    return exported
+
+
+@pytest.fixture(scope="module")
+def live_metrics(client) -> dict[str, set[str]]:
+    """What GET /metrics of the app exports, once every labelled family has a sample (a
+    labelled metric with no sample yet would show no label names)."""
+    assert client.post("/forward", json={"text": "Привет", "max_new_tokens": 2}).status_code == 200
+    assert client.post("/forward", json={"text": ""}).status_code == 400  # a failure reason
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    return exported_metrics(r.text)
+
+
+def compose_default(value) -> str:
+    """A compose value with every `${VAR:-default}` / `${VAR-default}` / `${VAR}` replaced by
+    its default (empty without one): what it means with nothing set in the environment."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+
+
+DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def duration_s(text: str) -> float:
+    """A Go/compose duration ("45s", "1m30s", "500ms") in seconds."""
+    pieces = re.findall(r"(\d+(?:\.\d+)?)(ms|us|ns|h|m|s)", text)
+    assert pieces and "".join(n + u for n, u in pieces) == text, f"not a duration: {text!r}"
+    return sum(float(n) * DURATION_UNITS[u] for n, u in pieces)
+
+
+def test_compose_default_and_duration_parse_what_the_files_use():
+    assert compose_default("${PORT:-8000}:8000") == "8000:8000"
+    assert compose_default("${A-x}/${B}") == "x/"
+    assert duration_s("45s") == 45 and duration_s("1m30s") == 90 and duration_s("1h") == 3600
+    with pytest.raises(AssertionError):
+        duration_s("45")
 
 
 # ---- Dockerfile ----------------------------------------------------------------------------
@@ -161,10 +241,59 @@ def test_dockerfile_embeds_the_default_model_and_copies_only_what_exists():
                 assert not any(src == p or src.startswith(p + "/") for p in ignored), src
 
 
-def test_dockerfile_healthcheck_probes_health():
-    (health,) = args_of(stages()["runtime"], "HEALTHCHECK")
-    assert "/health" in health and "CMD" in health
-    assert "--start-period=" in health  # loading the model is not a failure
+def image_user() -> tuple[int, int | None]:
+    """(uid, gid) of the runtime's USER (numeric: Kubernetes' runAsNonRoot can check it)."""
+    (user,) = args_of(stages()["runtime"], "USER")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and (not gid or gid.isdigit()), f"USER {user}: numeric ids"
+    return int(uid), int(gid) if gid else None
+
+
+def healthcheck() -> dict:
+    """The runtime's HEALTHCHECK, parsed: its options, and the URL, port and fallback of the
+    `python -c` probe it runs (read from the probe's code, not searched in its text)."""
+    (args,) = args_of(stages()["runtime"], "HEALTHCHECK")
+    options, sep, command = args.partition(" CMD ")
+    assert sep, f"HEALTHCHECK {args}: an exec'd command"
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "-c"], argv
+    code = ast.parse(argv[2])
+    # 'http://host:%s/path' % os.environ.get('VAR', 'default')
+    (url_of,) = [
+        node
+        for node in ast.walk(code)
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Mod)
+        and isinstance(node.left, ast.Constant)
+        and "://" in str(node.left.value)
+    ]
+    port_of = url_of.right
+    assert isinstance(port_of, ast.Call) and ast.unparse(port_of.func) == "os.environ.get"
+    variable, fallback = (ast.literal_eval(a) for a in port_of.args)
+    url = urlsplit(url_of.left.value)
+    assert url.netloc.endswith(":%s"), url
+    return {
+        "options": dict(o.removeprefix("--").split("=", 1) for o in options.split()),
+        "host": url.hostname,
+        "path": url.path,
+        "port_variable": variable,
+        "port_fallback": int(fallback),
+        "after": argv[3:],
+    }
+
+
+def test_dockerfile_healthcheck_probes_health(app):
+    check = healthcheck()
+    assert check["path"] == "/health" and routed(app, check["path"])
+    assert check["host"] in ("127.0.0.1", "localhost")  # inside the container
+    # the port the server binds (its settings' variable), falling back to the image's port
+    assert check["port_variable"] == "ML_SERVICE_PORT"
+    assert check["port_fallback"] == image_port()
+    assert check["after"] == ["||", "exit", "1"]  # Docker knows exit codes 0 and 1 only
+    options = check["options"]
+    assert duration_s(options["start-period"]) > 0  # loading the model is not a failure
+    assert duration_s(options["timeout"]) < duration_s(options["interval"])
+    assert int(options["retries"]) >= 1
 
 
 def ignore_patterns() -> list[str]:
@@ -218,6 +347,25 @@ def gpu_devices(service: dict) -> list[dict]:
     return service["deploy"]["resources"]["reservations"]["devices"]
 
 
+def published_ports(service: dict) -> dict[int, int | None]:
+    """Container port -> host port of a compose service's `ports` (short or long syntax, with
+    the defaults of `${VAR:-default}`)."""
+    ports = {}
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            published = entry.get("published")
+            ports[int(entry["target"])] = int(compose_default(published)) if published else None
+            continue
+        *host, container = compose_default(entry).split("/")[0].split(":")
+        ports[int(container)] = int(host[-1]) if host and host[-1] else None
+    return ports
+
+
+def test_published_ports_reads_both_syntaxes():
+    service = {"ports": ["${P:-8080}:8000", "127.0.0.1:9000:9001/tcp", "7000", {"target": 1}]}
+    assert published_ports(service) == {8000: 8080, 9001: 9000, 7000: None, 1: None}
+
+
 def bind_mounts(service: dict) -> dict[str, str]:
     """host path -> container path, for the ./relative bind mounts."""
     mounts = {}
@@ -236,7 +384,7 @@ def test_compose_api_reserves_an_nvidia_gpu_and_mounts_checkpoints():
     assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
     assert "checkpoints:/checkpoints" in api["volumes"] and "checkpoints" in c["volumes"]
     assert api["build"]["context"] == "." and api["build"]["args"]["FLAVOR"] == "gpu"
-    assert any(p.endswith(f":{image_port()}") for p in api["ports"])
+    assert image_port() in published_ports(api)
     env = api["environment"]
     for key in ("ML_SERVICE_DEVICE", "ML_SERVICE_DTYPE", "ML_SERVICE_CHECKPOINT"):
         assert key in env, key
@@ -323,8 +471,17 @@ def test_grafana_datasource_is_the_compose_prometheus():
     (source,) = yaml.safe_load(
         (REPO_ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
     )["datasources"]
-    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    assert "9090" in compose()["services"]["prometheus"]["ports"][0]
+    assert source["type"] == "prometheus"
+    url = urlsplit(source["url"])
+    prometheus = compose()["services"]["prometheus"]
+    assert url.hostname == "prometheus"  # the compose service, on its container port
+    assert url.port in published_ports(prometheus)
+    (self_job,) = [
+        j
+        for j in yaml.safe_load((REPO_ROOT / "deploy/prometheus.yml").read_text())["scrape_configs"]
+        if j["job_name"] == "prometheus"
+    ]
+    assert self_job["static_configs"][0]["targets"] == [f"localhost:{url.port}"]
     uids = {p["datasource"]["uid"] for p in dashboard_panels() if "datasource" in p}
     assert uids == {source["uid"]}
 
@@ -333,10 +490,48 @@ def dashboard_panels() -> list[dict]:
     return json.loads(DASHBOARD.read_text())["panels"]
 
 
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the dashboard: the panels' targets and the variables' queries."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        exprs.append(query["query"] if isinstance(query, dict) else query)
+    return exprs
+
+
+def base_name(name: str) -> str:
+    return re.sub(r"_(bucket|sum|count)$", "", name)
+
+
 def dashboard_metric_names() -> set[str]:
-    exprs = " ".join(t["expr"] for p in dashboard_panels() for t in p.get("targets", []))
-    names = set(re.findall(r"\bml_service_\w+", exprs))
-    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+    return {base_name(n) for e in dashboard_queries() for n in re.findall(r"\bml_service_\w+", e)}
+
+
+def labels_used(expr: str) -> set[str]:
+    """Label names a PromQL expression relies on: in selectors, `by`/`without` and
+    `label_values(metric, label)`."""
+    used = set()
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        used |= set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+    for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        used |= {label.strip() for label in grouping.split(",") if label.strip()}
+    used |= set(re.findall(r"label_values\(\s*\w+\s*,\s*(\w+)\s*\)", expr))
+    return used
+
+
+def target_labels() -> set[str]:
+    """Labels Prometheus adds to every sample it scrapes from the API."""
+    config = yaml.safe_load((REPO_ROOT / "deploy/prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ml-service"]
+    static = {label for group in job["static_configs"] for label in group.get("labels", {})}
+    return {"instance", "job"} | static
+
+
+def test_labels_used_reads_selectors_groupings_and_variables():
+    expr = 'sum by (le, route) (rate(m_bucket{instance=~"$i", status!="200"}[5m]))'
+    assert labels_used(expr) == {"le", "route", "instance", "status"}
+    assert labels_used("label_values(ml_service_model_info, instance)") == {"instance"}
 
 
 def test_dashboard_shows_every_metric_and_no_unknown_one():
@@ -353,16 +548,20 @@ def test_dashboard_shows_every_metric_and_no_unknown_one():
             assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
 
 
-def test_dashboard_names_match_what_the_service_exports(client):
-    """Against the live /metrics, where the service has one (skipped until it does)."""
-    r = client.get("/metrics")
-    if r.status_code == 404:
-        pytest.skip("this service has no /metrics endpoint yet")
-    assert r.status_code == 200
-    families = set(re.findall(r"^# TYPE (\S+) ", r.text, flags=re.MULTILINE))
-    for name in dashboard_metric_names():
-        # a counter's family drops "_total" in some client libraries
-        assert name in families or name.removesuffix("_total") in families, name
+def test_dashboard_names_match_what_the_service_exports(live_metrics):
+    """Against the live /metrics of an app: the dashboard shows every metric the service
+    exports and no other (METRICS, the list above, is that same set)."""
+    assert dashboard_metric_names() == set(live_metrics)
+    assert set(live_metrics) == METRICS
+
+
+def test_dashboard_queries_only_labels_the_metrics_have(live_metrics):
+    """A `by (route)` or `{reason="..."}` on a label the metric lacks shows nothing, silently."""
+    for expr in dashboard_queries():
+        names = {base_name(n) for n in re.findall(r"\bml_service_\w+", expr)}
+        assert names, expr
+        available = target_labels().union(*(live_metrics[n] for n in names))
+        assert labels_used(expr) <= available, (expr, labels_used(expr) - available)
 
 
 # ---- Kubernetes ----------------------------------------------------------------------------
@@ -428,6 +627,47 @@ def test_deployment_requests_a_gpu_and_runs_as_the_image_user():
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+def k8s_probes() -> dict[str, dict]:
+    c = api_container()
+    return {
+        name: c[name]["httpGet"]
+        for name in ("startupProbe", "readinessProbe", "livenessProbe")
+        if name in c
+    }
+
+
+def test_deployment_probes_and_scrape_path_are_routes_of_the_app(app, client):
+    """Each probe's path is a GET route of the app, and answers 200 once the model is ready."""
+    probes = k8s_probes()
+    assert {"readinessProbe", "livenessProbe"} <= set(probes)
+    annotations = k8s_objects()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    paths = {p["path"] for p in probes.values()} | {annotations["prometheus.io/path"]}
+    for path in paths:
+        assert routed(app, path), path
+        assert client.get(path).status_code == 200, path
+
+
+def security_contexts() -> list[tuple[str, dict]]:
+    """The pod's securityContext and each container's (a container's wins for that container)."""
+    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+    found = [("pod", pod.get("securityContext", {}))]
+    for c in pod["containers"] + pod.get("initContainers", []):
+        found.append((f"container {c['name']}", c.get("securityContext", {})))
+    return found
+
+
+def test_kubernetes_runs_the_image_user_wherever_it_sets_one():
+    uid, gid = image_user()
+    for where, context in security_contexts():
+        if "runAsUser" in context:
+            assert context["runAsUser"] == uid, where
+        if "runAsGroup" in context and gid is not None:
+            assert context["runAsGroup"] == gid, where
+        if context.get("runAsNonRoot"):
+            assert uid != 0, where
+        assert context.get("privileged") is not True, where
+
+
 def test_service_and_budget_select_the_deployment_pods():
     objects = k8s_objects()
     d = objects["Deployment"]
@@ -486,23 +726,158 @@ def runs(steps: list[dict]) -> str:
     return "\n".join(s.get("run", "") for s in steps)
 
 
+def simple_commands(line: str) -> list[list[str]]:
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token in {";", "&&", "||", "|", "&"}:
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return [c for c in [*commands, current] if c]
+
+
+def shell(script: str) -> tuple[list[list[str]], list[list[str]]]:
+    """(commands, substitutions) of a shell script: each simple command as argv, split at
+    newlines, `;`, `&&`, `||` and `|` (continuation lines joined); a command substitution
+    `$(...)` is the token `$S<n>` in its command, and its own command is substitutions[n]."""
+    substitutions: list[list[str]] = []
+
+    def substitute(match: re.Match) -> str:
+        (argv,) = simple_commands(match.group(1))
+        substitutions.append(argv)
+        return f"$S{len(substitutions) - 1}"
+
+    script = re.sub(r"\$\(([^()]*)\)", substitute, script.replace("\\\n", " "))
+    commands = [c for line in script.splitlines() for c in simple_commands(line)]
+    return commands, substitutions
+
+
+def test_shell_splits_commands_and_substitutions():
+    commands, subs = shell('a -x "b c" && d | e\ntest "$(id -u)" = 1; f \\\n  g')
+    assert commands == [["a", "-x", "b c"], ["d"], ["e"], ["test", "$S0", "=", "1"], ["f", "g"]]
+    assert subs == [["id", "-u"]]
+
+
+DOCKER_VALUE_OPTIONS = {
+    "build": {"-t", "--tag", "--build-arg", "-f", "--file", "--target", "--platform"},
+    "run": {"--name", "-p", "--publish", "-e", "--env", "--gpus", "-v", "--volume"},
+    "inspect": {"--format", "-f", "--type"},
+    "exec": set(),
+}
+DOCKER_FLAGS = {"-d", "--detach", "--rm", "-q", "--quiet"}
+
+
+def docker(argv: list[str]) -> tuple[str, dict[str, list[str]], list[str]]:
+    """`docker SUB [options] args...` -> (SUB, {option: [values]}, args); an unknown option
+    fails, so a new one is looked at here."""
+    assert argv[0] == "docker", argv
+    sub, rest = argv[1], argv[2:]
+    options: dict[str, list[str]] = {}
+    while rest and rest[0].startswith("-"):
+        option, _, value = rest.pop(0).partition("=")
+        if option in DOCKER_FLAGS:
+            options.setdefault(option, []).append("")
+            continue
+        assert option in DOCKER_VALUE_OPTIONS[sub], f"docker {sub} {option}: unknown here"
+        options.setdefault(option, []).append(value or rest.pop(0))
+    return sub, options, rest
+
+
+def docker_commands(steps: list[dict]) -> tuple[list[tuple], list[list[str]], list[list[str]]]:
+    """(the docker commands parsed, every command, the substitutions) of a job's steps; the
+    docker commands include those run in substitutions."""
+    commands, subs = shell(runs(steps))
+    dockers = [docker(c) for c in commands + subs if c[0] == "docker" and c[1] != "compose"]
+    return dockers, commands, subs
+
+
+def compared_to(commands: list[list[str]], subs: list[list[str]], argv: list[str]) -> list[str]:
+    """What `test "$(argv)" = VALUE` lines compare the output of `argv` with."""
+    found = []
+    for c in commands:
+        if c[0] in ("test", "[") and len(c) >= 4 and c[2] == "=":
+            n = re.fullmatch(r"\$S(\d+)", c[1])
+            if n and subs[int(n.group(1))] == argv:
+                found.append(c[3])
+    return found
+
+
+def curl_calls(commands: list[list[str]]) -> list[tuple[str, str, int | None]]:
+    """(method, path, port) of each curl to this host."""
+    calls = []
+    for c in (c for c in commands if c[0] == "curl"):
+        (url,) = [t for t in c[1:] if re.match(r"(https?://)?(localhost|127\.0\.0\.1)\b", t)]
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        data = any(t in c for t in ("-d", "--data", "--data-binary"))
+        method = c[c.index("-X") + 1] if "-X" in c else ("POST" if data else "GET")
+        calls.append((method, parts.path or "/", parts.port))
+    return calls
+
+
 def test_workflow_mirrors_ci_run():
-    ci_run = (REPO_ROOT / ".ci" / "run").read_text()
-    assert "make test" in ci_run and "make lint" in ci_run
+    ci_commands, _ = shell((REPO_ROOT / ".ci" / "run").read_text())
+    assert ["make", "test"] in ci_commands and ["make", "lint"] in ci_commands
     workflow = yaml.safe_load(WORKFLOW.read_text())
     test_job = workflow["jobs"]["test"]
-    assert "bash .ci/run" in runs(test_job["steps"])
+    commands, _ = shell(runs(test_job["steps"]))
+    assert ["bash", ".ci/run"] in commands
     assert test_job["env"]["CI"] == "true"  # the browser test fails rather than skips there
-    assert "bookworm" in test_job["container"]  # Debian: `make test` installs chromium with apt
+    # Debian (`make test` installs chromium with apt), with the Python and the Debian release of
+    # the CPU image's base
+    ci_image = re.fullmatch(r"python:(\d+\.\d+)-(\w+)", test_job["container"])
+    image_base = re.fullmatch(r"python:(\d+\.\d+)-slim-(\w+)", arg_defaults()["PYTHON_IMAGE"])
+    assert ci_image and image_base, (test_job["container"], arg_defaults()["PYTHON_IMAGE"])
+    assert ci_image.groups() == image_base.groups() and ci_image.group(2) == "bookworm"
 
 
-def test_workflow_builds_the_image_and_runs_its_health_check():
+def test_workflow_builds_the_image_and_runs_its_health_check(app):
+    """The `image` job runs the image it built, on the image's port, waits for the image's own
+    health check, calls routes the app has on the port it published, and checks the user."""
     steps = workflow_steps()
-    image = runs(steps["image"])
-    assert "docker build" in image and "docker run" in image
-    assert ".State.Health.Status" in image and "healthy" in image
-    assert "docker compose" in image and "config" in image
-    assert "docker build" in runs(steps["image-gpu"])
+    dockers, commands, subs = docker_commands(steps["image"])
+    ((_, build, context),) = [d for d in dockers if d[0] == "build"]
+    ((_, run, (image,)),) = [d for d in dockers if d[0] == "run"]
+    assert context == ["."] and build["-t"] == [image]
+    (flavor,) = [a.split("=", 1)[1] for a in build["--build-arg"] if a.startswith("FLAVOR=")]
+    assert f"base-{flavor}" in stages()
+    (name,) = run["--name"]
+    (publish,) = run["-p"]
+    host_port, container_port_ = (int(p) for p in publish.split(":"))
+    assert container_port_ == image_port()
+    # waits for Docker's health status of that container (the HEALTHCHECK), until "healthy"
+    assert ["docker", "inspect", "--format", "{{.State.Health.Status}}", name] in subs
+    assert any(c[-3:] == ["=", "healthy", "]"] for c in commands if c[0] == "if")
+    calls = curl_calls(commands)
+    assert ("GET", healthcheck()["path"], host_port) in calls
+    for method, path, port in calls:
+        assert port == host_port and routed(app, path, method), (method, path, port)
+    uid, _ = image_user()
+    assert compared_to(commands, subs, ["docker", "exec", name, "id", "-u"]) == [str(uid)]
+    assert ["docker", "compose", "--profile", "train", "--profile", "monitoring", "config"] == (
+        next(c for c in commands if c[:2] == ["docker", "compose"])[:7]
+    )
+
+
+def test_workflow_builds_the_gpu_image_that_compose_and_kubernetes_run():
+    dockers, commands, subs = docker_commands(workflow_steps()["image-gpu"])
+    ((_, build, context),) = [d for d in dockers if d[0] == "build"]
+    (tag,) = build["-t"]
+    assert context == ["."] and "--build-arg" not in build  # FLAVOR's default
+    assert arg_defaults()["FLAVOR"] == "gpu"
+    assert compose_default(compose()["services"]["api"]["image"]) == tag
+    assert api_container()["image"] == tag
+    uid, gid = image_user()
+    user = f"{uid}:{gid}" if gid is not None else str(uid)
+    assert compared_to(
+        commands, subs, ["docker", "inspect", "--format", "{{.Config.User}}", tag]
+    ) == [user]
+    # the image's health check is the one the Dockerfile declares
+    inspect = ["docker", "inspect", "--format", "{{json .Config.Healthcheck}}", tag]
+    following = commands[commands.index(inspect) + 1]
+    assert following == ["grep", "-q", healthcheck()["path"]]
 
 
 def test_workflow_scripts_are_valid_bash():
@@ -524,14 +899,77 @@ def test_make_test_installs_chromium_first():
 
 def test_orchestrators_wait_longer_than_the_shutdown_grace():
     """SIGKILL must come after the server has let in-flight requests finish, and has answered
-    those it ended when the grace ran out (uvicorn waits SHUTDOWN_MARGIN_S more for them)."""
+    those it ended when the grace ran out (uvicorn waits SHUTDOWN_MARGIN_S more for them). The
+    grace is what each file sets, else the image's ENV, else the settings' default."""
     from ml_service.runner import SHUTDOWN_MARGIN_S
 
+    default = Settings.model_fields["shutdown_grace_s"].default
+    image_grace = float(env_of(stages()["runtime"]).get("ML_SERVICE_SHUTDOWN_GRACE_S", default))
+
     pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
-    env = {e["name"]: e["value"] for e in api_container()["env"]}
-    grace = float(env["ML_SERVICE_SHUTDOWN_GRACE_S"])
-    assert pod["terminationGracePeriodSeconds"] > grace + SHUTDOWN_MARGIN_S
+    env = {e["name"]: e.get("value") for e in api_container()["env"]}
+    grace = float(env.get("ML_SERVICE_SHUTDOWN_GRACE_S") or image_grace)
+    # Kubernetes' default is 30 s: a grace of 30 s needs the field
+    assert pod.get("terminationGracePeriodSeconds", 30) > grace + SHUTDOWN_MARGIN_S
+
     api = compose()["services"]["api"]
-    grace = api["environment"]["ML_SERVICE_SHUTDOWN_GRACE_S"]  # "${VAR:-30}"
-    default = float(grace.rsplit("-", 1)[1].rstrip("}"))
-    assert float(api["stop_grace_period"].rstrip("s")) > default + SHUTDOWN_MARGIN_S
+    set_here = compose_default(api.get("environment", {}).get("ML_SERVICE_SHUTDOWN_GRACE_S", ""))
+    grace = float(set_here or image_grace)  # "${ML_SERVICE_SHUTDOWN_GRACE_S:-30}": its default
+    # Docker's default is 10 s
+    assert duration_s(str(api.get("stop_grace_period", "10s"))) > grace + SHUTDOWN_MARGIN_S
+    # the signal they send is the one the server shuts down gracefully on
+    assert args_of(stages()["runtime"], "STOPSIGNAL") in ([], ["SIGTERM"])
+    assert api.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+def test_one_port_everywhere(monkeypatch):
+    """The port the image exposes is the one the server binds (its settings, from the image's
+    and the pod's environment), the pod's containerPort, the Service's targetPort, the probes',
+    compose's published container port, Prometheus' targets and CI's `docker run -p`."""
+    port = image_port()
+
+    def settings_port(value: str | None) -> int:
+        if value is None:
+            monkeypatch.delenv("ML_SERVICE_PORT", raising=False)
+        else:
+            monkeypatch.setenv("ML_SERVICE_PORT", value)
+        return Settings().port
+
+    c = api_container()
+    pod_env = {e["name"]: e.get("value") for e in c["env"]}
+    objects = k8s_objects()
+    (service_port,) = objects["Service"]["spec"]["ports"]
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    api = compose()["services"]["api"]
+    compose_env = compose_default(api.get("environment", {}).get("ML_SERVICE_PORT", ""))
+    config = yaml.safe_load((REPO_ROOT / "deploy/prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ml-service"]
+    (target,) = [t for group in job["static_configs"] for t in group["targets"]]
+    dockers, _, _ = docker_commands(workflow_steps()["image"])
+    ((_, run, _),) = [d for d in dockers if d[0] == "run"]
+    (published,) = published_ports(api)
+
+    where = {
+        "Dockerfile EXPOSE": port,
+        "the server in the image (settings)": settings_port(
+            env_of(stages()["runtime"])["ML_SERVICE_PORT"]
+        ),
+        "the server by default (settings)": settings_port(None),
+        "HEALTHCHECK's fallback": healthcheck()["port_fallback"],
+        "the server in the pod (settings)": settings_port(pod_env.get("ML_SERVICE_PORT")),
+        "pod containerPort": c["ports"][0]["containerPort"],
+        "Service targetPort": container_port(service_port["targetPort"]),
+        **{f"k8s {name}": container_port(p["port"]) for name, p in k8s_probes().items()},
+        "prometheus.io/port": int(annotations["prometheus.io/port"]),
+        "compose published (container side)": published,
+        "Prometheus target": int(target.rsplit(":", 1)[1]),
+        "CI docker run -p (container side)": int(run["-p"][0].split(":")[1]),
+    }
+    if compose_env:
+        where["the server in compose (settings)"] = settings_port(compose_env)
+    assert set(where.values()) == {port}, where
+    assert (
+        len(c["ports"]) == 1
+        and target.rsplit(":", 1)[0] == "api"
+        and "api" in compose()["services"]
+    )

@@ -12,12 +12,14 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.observability import access_log
 from ml_service.services.text_generation import TextGenerationService
 from tests.conftest import CHECKPOINT
 
 SHORT = {"text": "Привет", "max_new_tokens": 4}
+HANG_S = 60  # only a test that hangs waits this long
 
 
 def with_settings(settings, **changes):
@@ -37,6 +39,51 @@ class Lines(logging.Handler):
 
     def emit(self, record):
         self.lines.append(json.loads(record.getMessage()))
+
+
+def wait_until(condition, what: str, timeout: float = HANG_S) -> None:
+    """Poll `condition` until it holds; the deadline only fails a test that hangs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not true after {timeout} s: {what}"
+        time.sleep(0.01)
+
+
+class DecodeGate:
+    """While closed, an engine's decoding thread waits before each decode step of the model, so
+    a generation that reached the model stays in flight until the test opens the gate, however
+    fast the machine. Other threads (a version loading and warming up) pass."""
+
+    def __init__(self):
+        self._open = threading.Event()
+        self._open.set()
+        self.holding = threading.Event()  # a decoding thread waits at the closed gate
+
+    def close(self) -> None:
+        self.holding.clear()
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def pass_through(self) -> None:
+        if threading.current_thread().name == "generation-engine" and not self._open.is_set():
+            self.holding.set()
+            self._open.wait(HANG_S)
+
+
+@pytest.fixture
+def decode_gate(monkeypatch):
+    gate = DecodeGate()
+    original = GPT2SlotDecoder.decode
+
+    def decode(self, *args, **kwargs):
+        gate.pass_through()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2SlotDecoder, "decode", decode)
+    yield gate
+    gate.open()
 
 
 @pytest.fixture
@@ -110,7 +157,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_warm(service, settings):
 
     class SlowToLoad(TextGenerationService):
         def warmup(self):
-            gate.wait(10)
+            gate.wait(HANG_S)
             super().warmup()
 
     s = with_settings(settings, background_load=True)
@@ -121,9 +168,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_warm(service, settings):
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert c.post("/forward", json=SHORT).status_code == 503
         gate.set()
-        deadline = time.monotonic() + 10
-        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: c.get("/ready").status_code == 200, "ready after the warm-up")
         assert c.get("/ready").json() == {
             "status": "ready",
             "model": "ru-gpt-tiny",
@@ -136,9 +181,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_warm(service, settings):
 def test_a_model_that_fails_to_load_is_never_ready(settings, tmp_path):
     s = with_settings(settings, checkpoint=tmp_path, background_load=True)
     with TestClient(create_app(s)) as c:
-        deadline = time.monotonic() + 10
-        while c.get("/ready").json()["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: c.get("/ready").json()["status"] != "loading", "the load ended")
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "failed"
         assert "failed to load" in r.json()["error"] and str(tmp_path) not in r.text
@@ -196,19 +239,31 @@ def test_body_size_limit_is_413_before_parsing(service, settings):
         assert c.post("/forward", files=upload).status_code == 413  # a form, too
 
 
-def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, settings):
+def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, settings, decode_gate):
+    """The model is held at the gate until the answer came, so the generation cannot finish
+    within the timeout, however fast the machine; then its rows must leave the engine."""
     app = app_with(service, settings, request_timeout_s=0.05, max_batch_size=1)
     long_job = {"max_new_tokens": 250, "min_new_tokens": 250}
     with TestClient(app) as c:
-        r = c.post("/forward_batch", json={**long_job, "texts": ["Москва"] * 8})
-        assert r.status_code == 504 and r.json()["detail"] == "generation timed out"
         engine = app.state.deps.model.engine
-        deadline = time.monotonic() + 5
-        while (engine.running or engine.waiting) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.running == engine.waiting == 0  # cancelled, not left running
-        s = c.post("/forward", json={**long_job, "text": "Москва", "stream": True})
+        decode_gate.close()
+        try:
+            r = c.post("/forward_batch", json={**long_job, "texts": ["Москва"] * 8})
+        finally:
+            decode_gate.open()
+        assert r.status_code == 504 and r.json()["detail"] == "generation timed out"
+        # cancelled, not left running: the engine empties (the rest would take 8 x 250 tokens)
+        wait_until(lambda: engine.running == engine.waiting == 0, "the engine emptied")
+        registry = app.state.deps.metrics.registry
+        tokens = registry.get_sample_value("ml_service_generation_tokens_total")
+        assert tokens < 8 * 250, tokens
+        decode_gate.close()
+        try:
+            s = c.post("/forward", json={**long_job, "text": "Москва", "stream": True})
+        finally:
+            decode_gate.open()
         assert s.status_code == 200 and "event: error" in s.text and "timed out" in s.text
+        wait_until(lambda: engine.running == engine.waiting == 0, "the engine emptied")
 
 
 # -- model versions -------------------------------------------------------------------------------
@@ -257,23 +312,36 @@ def test_reload_switches_versions_and_a_broken_one_leaves_the_old_serving(settin
         assert 'version="v1"' in c.get("/metrics").text
 
 
-def test_in_flight_requests_finish_across_a_reload(settings, models_dir):
+def test_in_flight_requests_finish_across_a_reload(settings, models_dir, decode_gate):
+    """A request that is being generated on v2 when the reload to v1 is answered (its decoding
+    waits at the gate until then) finishes on v2; the next one runs on v1."""
     s = with_settings(settings, models_dir=models_dir, model_version="v2", admin_token="adm")
     with TestClient(create_app(s)) as c:
         results = {}
 
         def long_request():
-            results["r"] = c.post(
-                "/forward",
-                json={"text": "Москва", "max_new_tokens": 250, "min_new_tokens": 250},
-            )
+            try:
+                results["r"] = c.post(
+                    "/forward",
+                    json={"text": "Москва", "max_new_tokens": 250, "min_new_tokens": 250},
+                )
+            except BaseException as e:  # reported below, not lost in the thread
+                results["error"] = e
 
+        decode_gate.close()
         worker = threading.Thread(target=long_request)
         worker.start()
-        time.sleep(0.2)
-        r = c.post("/admin/reload", json={"version": "v1"}, headers={"Authorization": "Bearer adm"})
-        worker.join(60)
-        assert r.status_code == 200
+        try:
+            assert decode_gate.holding.wait(HANG_S), f"it never reached the model: {results}"
+            admin = {"Authorization": "Bearer adm"}
+            r = c.post("/admin/reload", json={"version": "v1"}, headers=admin)
+            assert r.status_code == 200, r.text
+            assert r.json()["previous_version"] == "v2"
+            assert not results, "still in flight when the reload was answered"
+        finally:
+            decode_gate.open()
+        worker.join(HANG_S)
+        assert not worker.is_alive() and "error" not in results, results
         assert results["r"].status_code == 200
         assert results["r"].json()["usage"]["completion_tokens"] == 250
         assert results["r"].json()["model"] == "ru-gpt-tiny-v2"  # began on v2, finished there
