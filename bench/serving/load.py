@@ -5,6 +5,7 @@ server up and runs its rows, each the least disturbed of its attempts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -16,7 +17,7 @@ import httpx
 import numpy as np
 
 from .report import format_line
-from .systems import RequestResult, Server, System
+from .systems import RequestResult, Server, System, proc_stat, process_tree
 
 # --------------------------------------------------------------------------------------------
 # prompts
@@ -51,17 +52,20 @@ def machine_cpu_seconds() -> tuple[float, float]:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads), from /proc/PID/stat."""
-    try:
-        after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(after_name[11]) + int(after_name[12])) / TICK
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    """User + system CPU seconds of one process and its descendants (all their threads), from
+    /proc (a process that exited since is not counted)."""
+    total = 0
+    for p in process_tree(pid) if pid else []:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = proc_stat(p)
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
 
 
 class CpuMeter:
-    """How the machine's CPU was shared during a row: our server, this client, and the rest
-    (other people's work, which makes the row noisy), as fractions of all cores' time."""
+    """How the machine's CPU was shared during a row: the server (its processes), this client,
+    and the rest (other people's work, which makes the row noisy), as fractions of all cores'
+    time."""
 
     def __init__(self, server_pid: int):
         self.pid = server_pid
@@ -198,9 +202,11 @@ async def open_loop(client, system, prompts, rate, total, max_new, stream, seed0
 # one system: warm-up, then every row
 
 
-async def warm_up(client, system: System, args, prompts: list[str], port: int) -> None:
-    """A few lone requests, then a burst (not measured)."""
+async def warm_up(client, system: System, args, prompts: list[str], port: int, up: float) -> None:
+    """The request's extension fields agreed on, a few lone requests, then a burst (none of
+    it measured)."""
     t = time.perf_counter()
+    await system.negotiate(client, prompts[0])
     warm = [
         await timed(client, system, prompts[i], 10**6 + i, args.max_new_tokens, True)
         for i in range(2)
@@ -213,7 +219,7 @@ async def warm_up(client, system: System, args, prompts: list[str], port: int) -
     )
     bad = [r.error for r in warm if not r.ok]
     print(
-        f"[{system.name}] up on :{port}, warm-up {time.perf_counter() - t:.1f}s"
+        f"[{system.name}] up on :{port} after {up:.0f}s, warm-up {time.perf_counter() - t:.1f}s"
         + (f", {len(bad)} warm-up errors: {bad[:2]}" if bad else ""),
         flush=True,
     )
@@ -260,14 +266,16 @@ async def bench_system(system: System, args, prompts: list[str], log_dir: Path) 
     waited = await wait_quiet(args.wait_quiet)
     if waited > 4:
         print(f"[{system.name}] waited {waited:.0f}s for a quiet machine", flush=True)
+    started = time.perf_counter()
     server = Server(system, args.checkpoint, args.threads, log_dir)
     try:
         await server.wait_healthy()
+        up = time.perf_counter() - started
         most = max([*args.concurrency, 8])
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=most + 8)
         timeout = httpx.Timeout(args.timeout, connect=30)
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as client:
-            await warm_up(client, system, args, prompts, server.port)
+            await warm_up(client, system, args, prompts, server.port, up)
             rows = [("closed", c) for c in args.concurrency]
             rows += [("open", r) for r in args.rate or []]
             pid = server.proc.pid

@@ -5,18 +5,54 @@ targets they are read against are stated in BENCHMARKS.md), the markdown Serving
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
 from pathlib import Path
 
-from .systems import TEMPERATURE
+from .systems import COMPLETIONS, TEMPERATURE, TOP_K, TOP_P, TransformersServe, VllmCpu
 
 SECTION_START = "<!-- serve_bench:start -->"
 SECTION_END = "<!-- serve_bench:end -->"
+HEADING = f"## Serving through {COMPLETIONS}"
 
 
-def machine_info(threads: int | None, device: str = "cpu", dtype: str = "float32") -> str:
+def markers(key: str = "") -> tuple[str, str]:
+    """The start and end markers of the section named `key` ("": the default model's)."""
+    if not key:
+        return SECTION_START, SECTION_END
+    return f"<!-- serve_bench:start {key} -->", f"<!-- serve_bench:end {key} -->"
+
+
+def _threads(threads: int | None, systems) -> str:
+    vllm = any(isinstance(s, VllmCpu) for s in systems)
+    if threads:
+        return (
+            f"every server with {threads} math threads (OMP_NUM_THREADS / "
+            f"ML_SERVICE_TORCH_THREADS={threads}"
+            + (
+                f"; vLLM: VLLM_CPU_OMP_THREADS_BIND, its threads bound to {threads} cores"
+                if vllm
+                else ""
+            )
+            + ")"
+        )
+    return (
+        "every server with its default threads (`transformers serve`: torch's, all "
+        f"{os.cpu_count()} cores; ours: all cores but one for the model, the last for HTTP"
+        + (
+            "; vLLM: its automatic binding, all cores but one, which it keeps for its scheduler"
+            if vllm
+            else ""
+        )
+        + ")"
+    )
+
+
+def machine_info(
+    threads: int | None, device: str = "cpu", dtype: str = "float32", systems=()
+) -> str:
     import torch
     import transformers
 
@@ -31,17 +67,12 @@ def machine_info(threads: int | None, device: str = "cpu", dtype: str = "float32
     else:
         where = f"{cpu}, {os.cpu_count()} cores ({platform.machine()}), no GPU"
         where += f" ({dtype} weights)" if dtype != "float32" else ""
+    peers = "".join(f", {s.versions()}" for s in systems if isinstance(s, VllmCpu))
     return (
         f"{where}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; "
-        + (
-            f"every server with {threads} math threads (OMP_NUM_THREADS / "
-            f"ML_SERVICE_TORCH_THREADS={threads})"
-            if threads
-            else "every server with its default threads (the peer: torch's, all "
-            f"{os.cpu_count()} cores; ours: all cores but one for the model, the last for HTTP)"
-        )
+        f"transformers {transformers.__version__}{peers}; "
+        + _threads(threads, systems)
         + "; one server at a time; the client is one asyncio + httpx process"
     )
 
@@ -68,8 +99,17 @@ def format_line(s: dict) -> str:
 # ratios
 
 
+def _ratio_line(c: int, ours: dict, peer: dict, what: str) -> str:
+    clients = "1 client" if c == 1 else f"{c} clients"
+    return (
+        f"- {clients}, ours / {what}: throughput {ours['tok_s'] / peer['tok_s']:.2f}x, "
+        f"p95 latency {ours['lat_p95']:.2f}s vs {peer['lat_p95']:.2f}s"
+    )
+
+
 def _ratios_at(closed: dict, c: int) -> list[str]:
-    """At `c` clients: ours against the best `transformers serve` row and against ours-nobatch."""
+    """At `c` clients: ours against the best `transformers serve` row, against vLLM and against
+    ours-nobatch."""
     ours = closed.get(("ours", c))
     if ours is None:
         return []
@@ -77,11 +117,10 @@ def _ratios_at(closed: dict, c: int) -> list[str]:
     peers = [closed[k] for k in (("tf-serve", c), ("tf-serve-cb", c)) if k in closed]
     if peers:
         best = max(peers, key=lambda s: s["tok_s"])
-        r = ours["tok_s"] / best["tok_s"]
-        lines.append(
-            f"- {c} clients, ours / best `transformers serve` ({best['system']}): throughput "
-            f"{r:.2f}x, p95 latency {ours['lat_p95']:.2f}s vs {best['lat_p95']:.2f}s"
-        )
+        lines.append(_ratio_line(c, ours, best, f"best `transformers serve` ({best['system']})"))
+    vllm = closed.get(("vllm-cpu", c))
+    if vllm is not None:
+        lines.append(_ratio_line(c, ours, vllm, "vLLM CPU (vllm-cpu)"))
     nob = closed.get(("ours-nobatch", c))
     if nob is not None:
         r = ours["tok_s"] / nob["tok_s"]
@@ -95,6 +134,8 @@ def ratios(summaries: list[dict]) -> list[str]:
     closed = {(s["system"], s["load"]): s for s in summaries if s["mode"] == "closed"}
     lines = [*_ratios_at(closed, 16), *_ratios_at(closed, 64)]
     ours1, nob1 = closed.get(("ours", 1)), closed.get(("ours-nobatch", 1))
+    if ours1 and ("vllm-cpu", 1) in closed:
+        lines.append(_ratio_line(1, ours1, closed[("vllm-cpu", 1)], "vLLM CPU (vllm-cpu)"))
     if ours1 and nob1:
         r = ours1["lat_p50"] / nob1["lat_p50"]
         r95 = ours1["lat_p95"] / nob1["lat_p95"]
@@ -155,7 +196,8 @@ def _setup(summaries: list[dict], args, elapsed: float) -> str:
     return (
         f"Checkpoint `{args.checkpoint}`, {args.max_new_tokens} new tokens per request (exactly: "
         f"EOS is held off), temperature {TEMPERATURE}, "
-        f"{'streamed (SSE)' if args.stream else 'not streamed'}; "
+        f"{'streamed (SSE)' if args.stream else 'not streamed'}, every system through "
+        f"`POST {COMPLETIONS}`; "
         f"{len(args.prompts)} fixed Russian prompts from the validation split of "
         f"the bundled corpus (at most {args.prompt_chars} characters, cut at a word; "
         f"{_prompt_tokens(summaries)} prompt tokens on average, by each system's count). Closed "
@@ -170,12 +212,13 @@ def _setup(summaries: list[dict], args, elapsed: float) -> str:
     )
 
 
-def _systems(systems, checkpoint: str) -> list[str]:
+def _systems(systems, checkpoint: str, skipped: dict[str, str]) -> list[str]:
     return [
-        "How the systems were run (each on a free port, `HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1` "
-        "for the peer, nothing downloaded):",
+        "How the systems were run (each on a free port, the peers with `HF_HUB_OFFLINE=1 "
+        "TRANSFORMERS_OFFLINE=1`, nothing downloaded):",
         "",
         *(f"- `{s.name}`: {s.description}: `{s.display_command(checkpoint)}`" for s in systems),
+        *(f"- `{name}`: skipped: {why}" for name, why in skipped.items()),
     ]
 
 
@@ -190,39 +233,96 @@ def _short(summaries: list[dict]) -> str:
     )
 
 
-def _notes(summaries: list[dict], args) -> list[str]:
+def _request_notes(systems, args) -> list[str]:
+    n = args.max_new_tokens
+    stream = (
+        ' (plus `"stream": true, "stream_options": {"include_usage": true}`)' if args.stream else ""
+    )
+    notes = [
+        f"- Every system: `POST {COMPLETIONS}` (OpenAI's legacy completions: a raw prompt, no chat "
+        f'template) with the same OpenAI body `{{"prompt", "max_tokens": {n}, "temperature": '
+        f'{TEMPERATURE}, "top_p": {TOP_P}, "seed": i}}`{stream}, and the fields beyond OpenAI\'s '
+        f"that make each sample as the checkpoint's generation config asks (top-k {TOP_K}, "
+        f"repetition penalty 1.1) and generate exactly {n} tokens, in each system's dialect:",
+    ]
+    notes += [f"  - `{s.name}`: {s.extensions_note()}" for s in systems]
+    if any(isinstance(s, TransformersServe) for s in systems):
+        notes.append(
+            "- `transformers serve` answers 422 to fields it does not know (`ignore_eos`, `top_k`, "
+            "`repetition_penalty`) and takes them in `generation_config`, a JSON string that "
+            "replaces the model's generation config."
+            + (
+                " With `--continuous-batching` it drops the logits processors it does not support "
+                "(`min_new_tokens`, `repetition_penalty`): `eos_token_id: -1` makes it ignore EOS "
+                "instead, and it runs without the repetition penalty the others apply."
+                if any(getattr(s, "cb", False) for s in systems)
+                else ""
+            )
+        )
+    if any(isinstance(s, VllmCpu) for s in systems):
+        notes.append(
+            "- vLLM: `--generation-config vllm`, so that the checkpoint's `generation_config.json` "
+            "(whose `max_new_tokens` would cap every request) is not read: every sampling "
+            f"parameter comes with the request; {VllmCpu.KV_CACHE_GIB} GiB of KV cache "
+            "(`VLLM_CPU_KVCACHE_SPACE`); "
+            "`LD_PRELOAD` tcmalloc and Intel OpenMP, as its CPU guide asks, where present."
+        )
+    return notes
+
+
+def vocab_gap(checkpoint: Path) -> tuple[int, int] | None:
+    """(the model's vocabulary, its tokenizer's) when the model can sample ids that its tokenizer
+    has no text for (bench/random_checkpoint.py's GPT-2 presets), else None."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        model = int(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+        tok = json.loads((checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = [*tok["model"]["vocab"].values(), *(t["id"] for t in tok.get("added_tokens", []))]
+        if model > max(ids) + 1:
+            return model, max(ids) + 1
+    return None
+
+
+def _vocab_note(checkpoint: Path) -> list[str]:
+    gap = vocab_gap(checkpoint)
+    if gap is None:
+        return []
+    model, tok = gap
+    return [
+        f"- The checkpoint's vocabulary ({model:,} ids) is larger than its tokenizer's "
+        f"({tok:,}): sampling from random weights, about {1 - tok / model:.0%} of the tokens "
+        "are ids without text, so the first chunk with text (TTFT) comes a few tokens in, and "
+        "TPOT with it; tokens/s and latency count every token (`usage`)."
+    ]
+
+
+def _notes(summaries: list[dict], args, systems) -> list[str]:
     return [
         "Notes:",
         "",
-        '- Ours: `POST /forward` with `{"text", "max_new_tokens": 64, "min_new_tokens": 64, '
-        '"temperature": 0.8, "seed": i}` (plus `"stream": true`); the service\'s defaults give '
-        "top-p 0.95, top-k 50, repetition penalty 1.1.",
-        "- `transformers serve`: `POST /v1/completions` (the OpenAI legacy completions endpoint: "
-        "a raw prompt, no chat template) with `prompt`, `max_tokens`, `seed` and "
-        "`generation_config`, a JSON string that replaces the model's generation config: the "
-        "checkpoint's own (top-p 0.95, top-k 50, repetition penalty 1.1) with temperature 0.8, "
-        "`max_new_tokens` 64 and `min_new_tokens` 64. With `--continuous-batching` the server "
-        "drops the logits processors it does not support (`min_new_tokens`, "
-        "`repetition_penalty`): those are left out, `eos_token_id: -1` makes it ignore EOS "
-        "instead, and it runs without the repetition penalty the other three apply.",
+        *_request_notes(systems, args),
         "- Output tokens are counted from each response's `usage.completion_tokens`; a response "
-        "with a status other than 200, an error event or fewer tokens than asked counts as an "
+        "with a status other than 200, an error chunk or fewer tokens than asked counts as an "
         "error (its tokens still count toward tok/s)." + _short(summaries),
         "- Throughput is output tokens over the wall time of the row (first request sent to last "
-        "answer); TTFT is the time to the first non-empty piece of text; TPOT is "
+        "answer); TTFT is the time to the first chunk with text; TPOT is "
         "(latency − TTFT) / (tokens − 1) per request. Latencies are end to end, seen by the client.",
-        "- CPU: the share of both cores' time, during the row, used by the server process, by the "
-        "load-generating client and by anything else on the machine (from /proc). The script "
-        "waits for an idle machine before each server and row, and runs a row again (up to "
-        f"{args.retries} times) when other processes took more than {args.max_other_cpu:.0%}.",
+        *(_vocab_note(args.checkpoint) if args.stream else []),
+        "- CPU: the share of all cores' time, during the row, used by the server's processes (vLLM "
+        "serves from three), by the load-generating client and by anything else on the machine "
+        "(from /proc). The script waits for an idle machine before each server and row, and runs "
+        f"a row again (up to {args.retries} times) when other processes took more than "
+        f"{args.max_other_cpu:.0%}.",
     ]
 
 
 def markdown(summaries, args, command, info, elapsed, plot_rel, systems) -> str:
     where = f"{os.cpu_count()}-core CPU" if args.device == "cpu" else args.device
+    key = getattr(args, "section", "")
+    start, end = markers(key)
+    skipped = getattr(args, "skipped", {})
     out = [
-        SECTION_START,
-        "## Serving",
+        start,
+        HEADING + (f", `{args.checkpoint}`" if key else ""),
         "",
         f"Machine: {info}.  ",
         _setup(summaries, args, elapsed),
@@ -238,23 +338,32 @@ def markdown(summaries, args, command, info, elapsed, plot_rel, systems) -> str:
     ]
     if plot_rel:
         out += [f"![serving throughput and p95 latency against concurrency]({plot_rel})", ""]
-    out += [*_systems(systems, str(args.checkpoint)), "", *_notes(summaries, args), "", SECTION_END]
+    out += [*_systems(systems, str(args.checkpoint), skipped), ""]
+    out += [*_notes(summaries, args, systems), "", end]
     return "\n".join(out) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write `section` in `path` in place of the previous one (between its markers, or else an
-    unmarked `## Serving` section up to the next `## ` heading), or at the end; every other
+def replace_section(path: Path, section: str, key: str = "") -> None:
+    """Write `section` in `path` in place of the previous one named `key` (between its markers;
+    for the default model's, else an unmarked `## Serving...` section up to the next `## `
+    heading); a new one goes after the last serving section, or at the end. Every other
     section is left alone."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    marked = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n*", re.S)
-    unmarked = re.compile(r"^## Serving[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    for pattern in (marked, unmarked):
+    start, end = markers(key)
+    patterns = [re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n*", re.S)]
+    if not key:
+        patterns.append(re.compile(r"^## Serving\b[^\n]*\n.*?(?=^## |\Z)", re.S | re.M))
+    for pattern in patterns:
         if pattern.search(text):
             text = pattern.sub(lambda _: section + "\n", text, count=1)
             break
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        ends = list(re.finditer(r"<!-- serve_bench:end[^>]*-->\n*", text))
+        if ends:
+            at = ends[-1].end()
+            text = text[:at].rstrip("\n") + "\n\n" + section + "\n" + text[at:]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 

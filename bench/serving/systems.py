@@ -1,5 +1,15 @@
 """The systems under test: how each server is started (command, environment), what it is sent
-(request body) and how its answers are read, plus the server process that runs one of them."""
+and how its answers are read, plus the server process that runs one of them.
+
+Every system is sent the same OpenAI request, `POST /v1/completions` (a raw prompt, no chat
+template), so that one client measures all of them: `prompt`, `max_tokens`, `temperature`,
+`top_p`, `seed` and, streamed, `stream_options.include_usage`; then each system's extension
+fields, which make it sample as the checkpoint's generation config asks (top-k 50, repetition
+penalty 1.1) and hold off EOS so that every request generates exactly `max_tokens` tokens: ours
+and vLLM take `top_k`, `repetition_penalty` and `ignore_eos`; `transformers serve` refuses
+unknown fields and takes its own `generation_config` instead. A server that refuses an extension
+field at warm-up is sent the request without it (`System.negotiate`), and its rows show the cost:
+a response shorter than asked counts as an error."""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -19,8 +30,13 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+COMPLETIONS = "/v1/completions"
 TEMPERATURE = 0.8
-SYSTEM_NAMES = ("ours", "ours-nobatch", "tf-serve", "tf-serve-cb")
+TOP_P = 0.95
+TOP_K = 50
+REPETITION_PENALTY = 1.1
+SYSTEM_NAMES = ("ours", "ours-nobatch", "tf-serve", "tf-serve-cb", "vllm-cpu")
+VLLM_VENV = ROOT / ".venv-vllm"
 
 
 @dataclass
@@ -35,7 +51,7 @@ class RequestResult:
 
 def _checked(latency: float, usage: dict, expected: int, ttft: float | None = None):
     tokens = int(usage["completion_tokens"])
-    prompt_tokens = int(usage.get("prompt_tokens", 0))
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
     if tokens != expected:
         return RequestResult(
             False, latency, tokens, ttft, f"short: {tokens} of {expected} tokens", prompt_tokens
@@ -43,11 +59,37 @@ def _checked(latency: float, usage: dict, expected: int, ttft: float | None = No
     return RequestResult(True, latency, tokens, ttft, prompt_tokens=prompt_tokens)
 
 
+def _http_error(status: int, text: str, latency: float) -> RequestResult:
+    return RequestResult(False, latency, error=f"HTTP {status}: {text[:200]}")
+
+
+def openai_body(prompt: str, seed: int, max_new: int, stream: bool) -> dict:
+    """The OpenAI part of every system's request (what any OpenAI server accepts)."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_new,
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "seed": seed,
+    }
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return body
+
+
 class System:
     name: str
     description: str
     ready_path = "/health"  # answers 200 once the server can generate
-    path: str  # the generation endpoint
+    ready_timeout = 180.0  # seconds from start to ready
+    path = COMPLETIONS
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []  # extension fields the server refused at warm-up
+
+    def unavailable(self) -> str | None:
+        """Why this system cannot run here (it is skipped), or None."""
+        return None
 
     def command(self, checkpoint: Path, port: int) -> list[str]:
         raise NotImplementedError
@@ -55,19 +97,65 @@ class System:
     def env(self) -> dict[str, str]:
         return {}
 
+    def thread_env(self, threads: int) -> dict[str, str]:
+        """The environment that gives the server `threads` math threads."""
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
     def display_command(self, checkpoint: str, port: str = "PORT") -> str:
         env = " ".join(f"{k}={v}" for k, v in self.env().items())
         cmd = shlex.join(self.command(Path(checkpoint), 0)).replace(" --port 0", f" --port {port}")
         cmd = cmd.replace(shlex.quote(sys.executable), "python")
         return f"{env} {cmd}".strip()
 
+    def extensions(self, max_new: int) -> dict:
+        """The fields beyond OpenAI's: the checkpoint's sampling, and no EOS before max_new."""
+        return {"top_k": TOP_K, "repetition_penalty": REPETITION_PENALTY, "ignore_eos": True}
+
+    def extensions_note(self) -> str:
+        """How this system was sent the extensions (for the report)."""
+        sent = [k for k in self.extensions(1) if k not in self.refused]
+        note = ", ".join(f"`{k}`" for k in sent) or "none"
+        if self.refused:
+            note += " (refused, so not sent: " + ", ".join(f"`{k}`" for k in self.refused) + ")"
+        return note
+
     def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
-        raise NotImplementedError
+        body = openai_body(prompt, seed, max_new, stream)
+        body.update({k: v for k, v in self.extensions(max_new).items() if k not in self.refused})
+        return body
 
     def read_event(self, line: str, state: dict) -> dict | None:
-        """One line of the event stream: returns the `usage` when the answer is complete, raises
-        RuntimeError for an error event; `state` carries what earlier lines set."""
-        raise NotImplementedError
+        """One line of an OpenAI event stream: returns the `usage` when it comes, raises
+        RuntimeError for an error chunk; `state` carries what earlier lines set ("text" once a
+        chunk carried text, "ended" at `[DONE]`)."""
+        if not line.startswith("data:"):
+            return None
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            state["ended"] = True
+            return None
+        data = json.loads(payload)
+        if "error" in data:
+            raise RuntimeError(f"error chunk: {data['error']}")
+        choices = data.get("choices") or [{}]
+        if choices[0].get("text"):
+            state["text"] = True
+        return data.get("usage") or None
+
+    async def negotiate(self, client: httpx.AsyncClient, prompt: str) -> None:
+        """One request with every extension field; a server that refuses it (400 or 422) is sent
+        requests without the fields its error names (all of them when it names none)."""
+        r = await client.post(self.path, json=self.payload(prompt, 0, 2, False))
+        if r.status_code not in (400, 422):
+            return
+        fields = list(self.extensions(2))
+        named = [f for f in fields if re.search(rf"\b{re.escape(f)}\b", r.text)]
+        self.refused = named or fields
+        print(
+            f"[{self.name}] refused {', '.join(self.refused)} (HTTP {r.status_code}: "
+            f"{r.text[:160]}): sent without them, so a response may stop at EOS",
+            flush=True,
+        )
 
     async def request(
         self, client: httpx.AsyncClient, prompt: str, seed: int, max_new: int, stream: bool
@@ -79,7 +167,7 @@ class System:
         r = await client.post(self.path, json=body)
         latency = time.perf_counter() - t0
         if r.status_code != 200:
-            return RequestResult(False, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")
+            return _http_error(r.status_code, r.text, latency)
         return _checked(latency, r.json()["usage"], max_new)
 
     async def _streamed(
@@ -89,9 +177,7 @@ class System:
         async with client.stream("POST", self.path, json=body) as r:
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
-                return RequestResult(
-                    False, time.perf_counter() - t0, error=f"HTTP {r.status_code}: {text[:200]}"
-                )
+                return _http_error(r.status_code, text, time.perf_counter() - t0)
             async for line in r.aiter_lines():
                 try:
                     usage = self.read_event(line, state)
@@ -108,9 +194,9 @@ class System:
 
 class Ours(System):
     ready_path = "/ready"  # /health answers while the model still loads
-    path = "/forward"
 
     def __init__(self, name: str, max_batch_size: int, device: str = "cpu", dtype: str = "float32"):
+        super().__init__()
         self.name = name
         self.max_batch_size = max_batch_size
         self.device, self.dtype = device, dtype
@@ -132,35 +218,11 @@ class Ours(System):
             env.update(ML_SERVICE_DEVICE=self.device, ML_SERVICE_DTYPE=self.dtype)
         return env
 
-    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
-        body = {
-            "text": prompt,
-            "max_new_tokens": max_new,
-            "min_new_tokens": max_new,
-            "temperature": TEMPERATURE,
-            "seed": seed,
-        }
-        if stream:
-            body["stream"] = True
-        return body
-
-    def read_event(self, line: str, state: dict) -> dict | None:
-        if line.startswith("event:"):
-            state["event"] = line[6:].strip()
-        elif line.startswith("data:"):
-            data = json.loads(line[5:])
-            if state.get("event") == "token" and data.get("text"):
-                state["text"] = True
-            elif state.get("event") == "done":
-                return data["usage"]
-            elif state.get("event") == "error":
-                raise RuntimeError(f"error event: {data}")
-        return None
+    def thread_env(self, threads: int) -> dict[str, str]:
+        return {**super().thread_env(threads), "ML_SERVICE_TORCH_THREADS": str(threads)}
 
 
 class TransformersServe(System):
-    path = "/v1/completions"
-
     def __init__(
         self,
         name: str,
@@ -169,6 +231,7 @@ class TransformersServe(System):
         device: str = "cpu",
         dtype: str = "float32",
     ):
+        super().__init__()
         self.name = name
         self.cb = continuous_batching
         self.device, self.dtype = device, dtype
@@ -196,12 +259,12 @@ class TransformersServe(System):
         return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def _generation_config(self, checkpoint: Path) -> dict:
-        """The checkpoint's generation config (same sampling as ours: temperature 0.8, top-p 0.95,
-        top-k 50, repetition penalty 1.1), made to generate exactly max_new_tokens."""
+        """The checkpoint's generation config (top-p 0.95, top-k 50, repetition penalty 1.1 for
+        ours), made to generate exactly max_new_tokens."""
         path = checkpoint / "generation_config.json"
         config = json.loads(path.read_text()) if path.exists() else {}
         config.pop("transformers_version", None)
-        config.update(do_sample=True, temperature=TEMPERATURE)
+        config.update(do_sample=True, top_k=TOP_K, repetition_penalty=REPETITION_PENALTY)
         if self.cb:
             # continuous batching drops the processors it does not support (min_new_tokens and
             # repetition_penalty among them) and stops at eos_token_id per request: -1 turns EOS off
@@ -209,44 +272,144 @@ class TransformersServe(System):
             config["eos_token_id"] = -1
         return config
 
-    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
+    def extensions(self, max_new: int) -> dict:
+        """`transformers serve` answers 422 to fields OpenAI's schema lacks (`ignore_eos`,
+        `top_k`...): its own extension is `generation_config`, a JSON string that replaces the
+        model's (the body's temperature, top_p and max_tokens still apply on top)."""
         config = dict(self.generation_config, max_new_tokens=max_new)
         if not self.cb:
-            config["min_new_tokens"] = max_new  # EOS masked until max_new, as ours does
-        body = {
-            "prompt": prompt,
-            "max_tokens": max_new,
-            "seed": seed,
-            "generation_config": json.dumps(config),
-        }
-        if stream:
-            body["stream"] = True
-        return body
+            config["min_new_tokens"] = max_new  # EOS masked until max_new, as ignore_eos does
+        return {"generation_config": json.dumps(config)}
 
-    def read_event(self, line: str, state: dict) -> dict | None:
-        if not line.startswith("data:"):
-            return None
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            state["ended"] = True
-            return None
-        data = json.loads(payload)
-        if "error" in data:
-            raise RuntimeError(f"error chunk: {data['error']}")
-        choices = data.get("choices") or [{}]
-        if choices[0].get("text"):
-            state["text"] = True
-        return data.get("usage") or None
+    def extensions_note(self) -> str:
+        if self.cb:
+            how = "without `repetition_penalty`, which it drops, and with `eos_token_id: -1`"
+        else:
+            how = "with `min_new_tokens` = `max_tokens`"
+        return (
+            "`generation_config` (the checkpoint's: top-k 50, repetition penalty 1.1, "
+            f"`max_new_tokens` = `max_tokens`; {how})"
+        )
+
+
+def cpu_list(threads: int) -> str:
+    """The first `threads` CPUs this process may run on, as a list like "0,1"."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = cpus or list(range(os.cpu_count() or 1))
+    return ",".join(str(c) for c in cpus[:threads])
+
+
+class VllmCpu(System):
+    """vLLM's CPU build (the `vllm-cpu` package) in its own virtual environment: it pins its own
+    torch and transformers (`make vllm-venv`)."""
+
+    ready_timeout = 600.0  # the first start compiles the model (torch.compile, cached after)
+    KV_CACHE_GIB = 2
+
+    def __init__(
+        self,
+        name: str,
+        checkpoint: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        venv: Path = VLLM_VENV,
+    ):
+        super().__init__()
+        self.name = name
+        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+        self.venv = venv
+        self.description = "vLLM's CPU build (`vllm-cpu`, its own venv), continuous batching"
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    def unavailable(self) -> str | None:
+        if not self.python.exists():
+            return f"no {self.venv} (create it with `make vllm-venv`)"
+        if self.device != "cpu":
+            return f"vllm-cpu runs on the CPU only (--device {self.device})"
+        return None
+
+    def versions(self) -> str:
+        """vllm-cpu's version and its torch's and transformers' (without importing vllm)."""
+        code = (
+            "import importlib.metadata as m; "
+            "print(*(m.version(p) for p in ('vllm-cpu', 'torch', 'transformers')))"
+        )
+        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+            out = subprocess.run(
+                [str(self.python), "-c", code], capture_output=True, text=True, timeout=60
+            )
+            vllm, torch, transformers = out.stdout.split()
+            return f"vllm-cpu {vllm} (torch {torch}, transformers {transformers})"
+        return "vllm-cpu (version unknown)"
+
+    def max_model_len(self, checkpoint: Path) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((checkpoint / "config.json").read_text())
+            for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+                if key in config:
+                    return int(config[key])
+        return None
+
+    def command(self, checkpoint: Path, port: int) -> list[str]:
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server"]
+        cmd += ["--model", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--dtype", self.dtype]
+        length = self.max_model_len(checkpoint if checkpoint.exists() else self.checkpoint)
+        if length:
+            cmd += ["--max-model-len", str(length)]
+        # every sampling parameter comes with the request: "auto" would read the checkpoint's
+        # generation_config.json, whose max_new_tokens would cap every request server-wide
+        cmd += ["--generation-config", "vllm", "--seed", "0"]
+        cmd += ["--disable-log-stats", "--disable-uvicorn-access-log"]
+        return cmd
+
+    def display_command(self, checkpoint: str, port: str = "PORT") -> str:
+        cmd = super().display_command(checkpoint, port)
+        return cmd.replace(str(self.venv), os.path.relpath(self.venv, ROOT))
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": str(self.KV_CACHE_GIB),  # GiB
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+        }
+        preload = self.preload()
+        if preload:
+            env["LD_PRELOAD"] = preload
+        return env
+
+    def preload(self) -> str:
+        """What vLLM's CPU guide preloads: tcmalloc (Debian's libtcmalloc-minimal4) and Intel's
+        OpenMP (intel-openmp, a dependency of vllm-cpu, in the venv), each where present."""
+        libs = [
+            Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+            self.venv / "lib" / "libiomp5.so",
+        ]
+        return ":".join(str(p) for p in libs if p.exists())
+
+    def thread_env(self, threads: int) -> dict[str, str]:
+        # vLLM binds its OpenMP threads to CPUs itself and sets OMP_NUM_THREADS from the list
+        # (by default, all cores but one, which it keeps for its scheduler process)
+        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_list(threads)}
 
 
 def make_systems(
-    names: list[str], checkpoint: Path, device: str = "cpu", dtype: str = "float32"
+    names: list[str],
+    checkpoint: Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    vllm_venv: Path = VLLM_VENV,
 ) -> list[System]:
     factories = {
         "ours": lambda: Ours("ours", 64, device, dtype),
         "ours-nobatch": lambda: Ours("ours-nobatch", 1, device, dtype),
         "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint, device, dtype),
         "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint, device, dtype),
+        "vllm-cpu": lambda: VllmCpu("vllm-cpu", checkpoint, device, dtype, vllm_venv),
     }
     return [factories[n]() for n in names]
 
@@ -265,17 +428,33 @@ def server_env(system: System, threads: int | None) -> dict[str, str]:
     """This process's environment with the system's own, and `threads` math threads if given."""
     env = dict(os.environ, **system.env())
     if threads:  # the same number of math threads for every server
-        env.update(
-            OMP_NUM_THREADS=str(threads),
-            MKL_NUM_THREADS=str(threads),
-            ML_SERVICE_TORCH_THREADS=str(threads),
-        )
+        env.update(system.thread_env(threads))
     env.pop("ML_SERVICE_PORT", None)
     return env
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process descended from it (vLLM serves from three)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(int(proc_stat(entry.name)[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
 class Server:
-    """One system's server process, started and stopped by us."""
+    """One system's server process (and its children, in a session of their own), started and
+    stopped by us."""
 
     live: set[Server] = set()  # stopped by main() whatever happens
 
@@ -296,7 +475,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         Server.live.add(self)
 
-    async def wait_healthy(self, timeout: float = 180.0) -> None:
+    async def wait_healthy(self, timeout: float | None = None) -> None:
+        timeout = timeout or self.system.ready_timeout
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(base_url=self.url, timeout=5) as client:
             while time.monotonic() < deadline:
@@ -316,11 +496,39 @@ class Server:
 
     def stop(self) -> None:
         Server.live.discard(self)
+        pids = process_tree(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._stop_group()
         self._log.close()
+        # Intel OpenMP's registration files, which vLLM's engine processes leave behind when
+        # their server kills them at shutdown
+        for pid in pids:
+            for leftover in Path("/dev/shm").glob(f"__KMP_REGISTERED_LIB_{pid}_*"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _stop_group(self, grace: float = 15.0) -> None:
+        """What the server started and left behind (vLLM's engine processes), in its session
+        only: given `grace` seconds to exit, then terminated, then killed."""
+        for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, sig)
+            deadline = time.monotonic() + wait
+            while self._group_alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self._group_alive():
+                return
