@@ -74,8 +74,13 @@ def running_server(args: list[str], runner: bool = False, env: dict[str, str] | 
         try:
             yield proc
         except BaseException:
-            # the server's side of a failure: its log (and access lines), in the test's output
-            print(f"---- server log ----\n{proc.log.read_text()[-20000:]}")
+            # the server's side of a failure, in the test's output: its log, and its last access
+            # lines (one JSON line per request)
+            lines = proc.log.read_text().splitlines()
+            access = [line for line in lines if line.startswith('{"request_id"')]
+            other = [line for line in lines if not line.startswith('{"request_id"')]
+            print("---- server log ----", *other[-400:], "---- last access lines ----", sep="\n")
+            print(*access[-40:], sep="\n")
             raise
     finally:
         if proc.poll() is None:
@@ -440,11 +445,14 @@ def test_a_burst_of_1000_requests_over_64_clients_against_a_queue_of_32(service)
 
             async def worker():
                 for i in todo:
-                    r = await client.post(
-                        "/forward",
-                        json={"text": prompts[i], "max_new_tokens": 8, "temperature": 0},
-                        headers={"X-Request-ID": f"burst-{i}"},
-                    )
+                    try:
+                        r = await client.post(
+                            "/forward",
+                            json={"text": prompts[i], "max_new_tokens": 8, "temperature": 0},
+                            headers={"X-Request-ID": f"burst-{i}"},
+                        )
+                    except httpx.TransportError as e:
+                        raise AssertionError(f"request burst-{i}: {e!r}") from e
                     assert r.headers["x-request-id"] == f"burst-{i}"
                     outcomes[i] = (r.status_code, r.json().get("text"))
 
