@@ -56,6 +56,7 @@ def running_server(args: list[str], runner: bool = False, env: dict[str, str] | 
         text=True,
     )
     proc.log = Path(log.name)
+    keep_log = False
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -81,6 +82,8 @@ def running_server(args: list[str], runner: bool = False, env: dict[str, str] | 
             other = [line for line in lines if not line.startswith('{"request_id"')]
             print("---- server log ----", *other[-400:], "---- last access lines ----", sep="\n")
             print(*access[-40:], sep="\n")
+            print(f"---- kept: {proc.log} ----")
+            keep_log = True
             raise
     finally:
         if proc.poll() is None:
@@ -90,7 +93,8 @@ def running_server(args: list[str], runner: bool = False, env: dict[str, str] | 
             except subprocess.TimeoutExpired:
                 proc.kill()
         log.close()
-        proc.log.unlink(missing_ok=True)
+        if not keep_log:
+            proc.log.unlink(missing_ok=True)
 
 
 def scrape(url: str) -> str:
@@ -440,7 +444,14 @@ def test_a_burst_of_1000_requests_over_64_clients_against_a_queue_of_32(service)
 
     async def burst(url: str) -> None:
         todo = iter(range(1000))
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        # The pool reuses the first idle connection it finds, so one near its end may sit idle
+        # for seconds; the server closes a connection idle for 5 s (uvicorn's keep-alive), and
+        # httpx's own expiry is 5 s too, counted from later: a request sent on a connection the
+        # server is closing at that moment fails with ReadError before it reaches the app. The
+        # client drops idle connections well before the server does.
+        limits = httpx.Limits(
+            max_connections=64, max_keepalive_connections=64, keepalive_expiry=1.0
+        )
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
             async def worker():

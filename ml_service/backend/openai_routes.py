@@ -122,78 +122,51 @@ def build_openai_router() -> APIRouter:
     return router
 
 
-def _streams(loaded, items) -> list:
+def _stream(request, deps, req, loaded, prompts, items, prefix: str, obj: str, choice):
+    """The streamed answer: `choice(i, text, finish, first)` shapes one choice of a chunk
+    (`first`: the choice's first piece); the chunks share one id and header fields."""
     check_room(loaded.engine, len(items))
-    return [loaded.engine.stream(item) for item in items]  # queued now: a full queue is a 503
-
-
-def _usage_chunk(base: dict, req, prompts):
-    include = req.stream_options is not None and req.stream_options.include_usage
-
-    def chunk(outputs):
-        if not include:
-            return None
-        return {**base, "choices": [], "usage": serving.usage(prompts, outputs).model_dump()}
-
-    return chunk
-
-
-def _stream_completion(request, deps, req, loaded, prompts, items) -> StreamingResponse:
+    streams = [loaded.engine.stream(item) for item in items]  # queued now: a full queue is a 503
     base = {
-        "id": serving.response_id("cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": serving.served_name(loaded),
-        "system_fingerprint": serving.fingerprint(loaded),
-    }
-    echoed: set[int] = set()
-
-    def chunk(i: int, text: str, result) -> dict:
-        if req.echo and i not in echoed:  # the prompt comes first, with the choice's first piece
-            echoed.add(i)
-            text = prompts[i // req.n].text + text
-        finish = None if result is None else serving.FINISH[result.finish_reason]
-        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**base, "choices": [choice]}
-
-    body = serving.stream_chunks(
-        request,
-        loaded,
-        _streams(loaded, items),
-        chunk,
-        _usage_chunk(base, req, prompts),
-        deps.settings.request_timeout_s,
-        deps.metrics,
-    )
-    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-def _stream_chat(request, deps, req, loaded, prompt, items) -> StreamingResponse:
-    base = {
-        "id": serving.response_id("chatcmpl"),
-        "object": "chat.completion.chunk",
+        "id": serving.response_id(prefix),
+        "object": obj,
         "created": int(time.time()),
         "model": serving.served_name(loaded),
         "system_fingerprint": serving.fingerprint(loaded),
     }
     started: set[int] = set()
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
 
     def chunk(i: int, text: str, result) -> dict:
-        delta = {"content": text}
-        if i not in started:  # the first delta names the role
-            started.add(i)
-            delta = {"role": "assistant", **delta}
+        first = i not in started
+        started.add(i)
         finish = None if result is None else serving.FINISH[result.finish_reason]
-        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {**base, "choices": [choice]}
+        return {**base, "choices": [choice(i, text, finish, first)]}
+
+    def usage_chunk(outputs) -> dict | None:
+        if not include_usage:
+            return None
+        return {**base, "choices": [], "usage": serving.usage(prompts, outputs).model_dump()}
 
     body = serving.stream_chunks(
-        request,
-        loaded,
-        _streams(loaded, items),
-        chunk,
-        _usage_chunk(base, req, [prompt]),
-        deps.settings.request_timeout_s,
-        deps.metrics,
+        request, loaded, streams, chunk, usage_chunk, deps.settings.request_timeout_s, deps.metrics
     )
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _stream_completion(request, deps, req, loaded, prompts, items) -> StreamingResponse:
+    def choice(i: int, text: str, finish, first: bool) -> dict:
+        if req.echo and first:  # the prompt comes first, with the choice's first piece
+            text = prompts[i // req.n].text + text
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+
+    return _stream(request, deps, req, loaded, prompts, items, "cmpl", "text_completion", choice)
+
+
+def _stream_chat(request, deps, req, loaded, prompt, items) -> StreamingResponse:
+    def choice(i: int, text: str, finish, first: bool) -> dict:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    obj = "chat.completion.chunk"
+    return _stream(request, deps, req, loaded, [prompt], items, "chatcmpl", obj, choice)
