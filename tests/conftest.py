@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,15 @@ def textgen(service, settings) -> TextGenerationService:
 def client(textgen, settings):
     with TestClient(create_app(settings, service=textgen), raise_server_exceptions=False) as c:
         yield c
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; the deadline only fails a test that hangs (nothing here
+    asserts how fast anything is: bench/ measures that)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
 
 
 def is_russian(text: str) -> bool:

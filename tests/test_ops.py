@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,7 +15,7 @@ from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.observability import access_log
 from ml_service.services.text_generation import TextGenerationService
-from tests.conftest import CHECKPOINT
+from tests.conftest import CHECKPOINT, wait_for
 
 SHORT = {"text": "Привет", "max_new_tokens": 4}
 HANG_S = 60  # only a test that hangs waits this long
@@ -39,14 +38,6 @@ class Lines(logging.Handler):
 
     def emit(self, record):
         self.lines.append(json.loads(record.getMessage()))
-
-
-def wait_until(condition, what: str, timeout: float = HANG_S) -> None:
-    """Poll `condition` until it holds; the deadline only fails a test that hangs."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"still not true after {timeout} s: {what}"
-        time.sleep(0.01)
 
 
 class DecodeGate:
@@ -168,7 +159,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_warm(service, settings):
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert c.post("/forward", json=SHORT).status_code == 503
         gate.set()
-        wait_until(lambda: c.get("/ready").status_code == 200, "ready after the warm-up")
+        wait_for(lambda: c.get("/ready").status_code == 200, "ready after the warm-up")
         assert c.get("/ready").json() == {
             "status": "ready",
             "model": "ru-gpt-tiny",
@@ -181,7 +172,7 @@ def test_ready_is_503_until_the_model_is_loaded_and_warm(service, settings):
 def test_a_model_that_fails_to_load_is_never_ready(settings, tmp_path):
     s = with_settings(settings, checkpoint=tmp_path, background_load=True)
     with TestClient(create_app(s)) as c:
-        wait_until(lambda: c.get("/ready").json()["status"] != "loading", "the load ended")
+        wait_for(lambda: c.get("/ready").json()["status"] != "loading", "the load ended")
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "failed"
         assert "failed to load" in r.json()["error"] and str(tmp_path) not in r.text
@@ -253,7 +244,7 @@ def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, setti
             decode_gate.open()
         assert r.status_code == 504 and r.json()["detail"] == "generation timed out"
         # cancelled, not left running: the engine empties (the rest would take 8 x 250 tokens)
-        wait_until(lambda: engine.running == engine.waiting == 0, "the engine emptied")
+        wait_for(lambda: engine.running == engine.waiting == 0, "the engine emptied")
         registry = app.state.deps.metrics.registry
         tokens = registry.get_sample_value("ml_service_generation_tokens_total")
         assert tokens < 8 * 250, tokens
@@ -263,7 +254,7 @@ def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, setti
         finally:
             decode_gate.open()
         assert s.status_code == 200 and "event: error" in s.text and "timed out" in s.text
-        wait_until(lambda: engine.running == engine.waiting == 0, "the engine emptied")
+        wait_for(lambda: engine.running == engine.waiting == 0, "the engine emptied")
 
 
 # -- model versions -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lib.config import REPO_ROOT
-from tests.conftest import CHECKPOINT, is_russian
+from tests.conftest import CHECKPOINT, is_russian, wait_for
 
 pytestmark = pytest.mark.slow
 # Nothing here asserts how fast the server is (bench/ measures that): the tests wait for events
@@ -109,14 +109,6 @@ def metric(text: str, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
-
-
-def wait_for(condition, what: str, timeout: float = HANG_S) -> None:
-    """Poll `condition` until it holds; the deadline only fails a test that hangs."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
 
 
 def in_thread(target, *args) -> tuple[threading.Thread, dict]:

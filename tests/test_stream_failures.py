@@ -22,6 +22,7 @@ from ml_service.backend.errors import MODEL_FAILED
 from ml_service.batching import MicroBatcher
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.shutdown import SHUTTING_DOWN, ShutdownGrace
+from tests.conftest import wait_for
 
 LONG = {"text": "Москва", "max_new_tokens": 250, "min_new_tokens": 250}
 
@@ -49,13 +50,6 @@ def read_sse(text: str) -> list[tuple[str, dict]]:
             fields = dict(line.split(": ", 1) for line in block.splitlines())
             events.append((fields["event"], json.loads(fields["data"])))
     return events
-
-
-def wait_for(condition, what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 async def leave_mid_stream(app, body: dict) -> list[dict]:
