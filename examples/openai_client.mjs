@@ -12,6 +12,7 @@ async function streamedChat() {
       model,
       messages: [{ role: "user", content: "Расскажи о Москве." }],
       max_tokens: 16,
+      seed: 1, // the same sampled reply every time (unseeded, a tiny model may end at once)
       stream: true,
     }),
   });
