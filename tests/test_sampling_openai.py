@@ -411,7 +411,11 @@ def test_a_row_that_makes_the_model_raise_fails_alone_beside_the_new_options(ser
 
     monkeypatch.setattr(GPT2SlotDecoder, "decode", bad_decode)
     prompts = [OPENAI_PROMPTS[0], long_prompt, *OPENAI_PROMPTS[1:]]
-    params = [OPENAI_ROWS[0], GenerationParams(max_new_tokens=12, logprobs=1), *OPENAI_ROWS[1:]]
+    params = [
+        OPENAI_ROWS[0],
+        GenerationParams(max_new_tokens=12, seed=5, ignore_eos=True, logprobs=1),
+        *OPENAI_ROWS[1:],
+    ]  # (it must live to its 4th token)
     batch, requests = _batch(service, prompts, params)
     batch.admit(requests)
     while batch.rows:
