@@ -108,7 +108,9 @@ def test_a_row_that_makes_the_model_raise_fails_alone(service, poisoned, where):
         engine.start()
         try:
             items = [service.prepare(p, q) for p, q in zip(PROMPTS, ORDINARY, strict=True)]
-            items.insert(1, service.prepare(LONG, GenerationParams(max_new_tokens=12)))
+            items.insert(
+                1, service.prepare(LONG, GenerationParams(max_new_tokens=12, ignore_eos=True))
+            )
             return await asyncio.gather(*map(engine.submit, items), return_exceptions=True)
         finally:
             engine.stop()
