@@ -180,6 +180,30 @@ def test_bad_requests_are_400_naming_the_param(client, model_id, param):
     assert err["param"].split(".")[0] == param, err
 
 
+# found by schemathesis once /v1 was in the schema: huge ids reached the tokenizer (a 500)
+BAD_PROMPTS = {
+    "[[5, 2**70]]": ([[5, 2**70]], "prompt 0: token id 1180591620717411303424 is outside"),
+    "[5, 9000]": ([5, 9000], "token id 9000 is outside the vocabulary [0, 8192)"),
+    "[[5.0, 6]]": ([[5.0, 6]], "prompt must be a string, a list of strings, a list of token"),
+    "[true]": ([True], "prompt must be a string"),
+    "[[1, 2], [3, -4]]": ([[1, 2], [3, -4]], "prompt[1][1]: Input should be greater than"),
+    "['a', lone surrogate]": (["a", "\ud800"], "prompt[1]: not valid Unicode text"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_bad_prompts_are_400_saying_what_is_wrong(server, case):
+    prompt, message = BAD_PROMPTS[case]
+    r = httpx.post(
+        f"{server}/v1/completions",
+        content=json.dumps({"prompt": prompt, "max_tokens": 2}),
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "prompt" and message in err["message"], err
+
+
 def test_unknown_model_is_404_and_unknown_fields_are_ignored(client, server, model_id):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
@@ -225,3 +249,13 @@ def test_node_fetch_streams_a_chat_and_gets_a_completion(server, model_id):
     # (a busy server may send the whole text as one piece: its backlog)
     assert out["chat_chunks"] >= 1 and out["chat_text"] and out["completion_text"]
     assert out["finish_reason"] in ("stop", "length")
+
+
+def test_openapi_describes_the_v1_routes_without_dangling_references(server):
+    doc = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(doc["paths"])
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    messages = body["application/json"]["schema"]["properties"]["messages"]
+    assert "role" in messages["items"]["properties"]  # the message model, written in place
+    # every reference points into the document (ReDoc failed on `#/$defs/...`)
+    assert "#/$defs/" not in json.dumps(doc)

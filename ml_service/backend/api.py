@@ -369,14 +369,38 @@ def _array_fields(model: type[BaseModel]) -> set[str]:
     }
 
 
+def _inline_refs(schema: dict) -> dict:
+    """The model's JSON schema with its `$defs` written in place: a schema put into the OpenAPI
+    document by hand cannot point at `#/$defs/...` (ReDoc and schemathesis resolve references from
+    the document's root). The request models are not recursive."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(
+                    {
+                        **defs[ref.removeprefix("#/$defs/")],
+                        **{k: v for k, v in node.items() if k != "$ref"},
+                    }
+                )
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 def _json_body(model: type[BaseModel]) -> dict:
     """The OpenAPI request body of a route that reads its JSON itself."""
-    schema = model.model_json_schema()
+    schema = _inline_refs(model.model_json_schema())
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _forward_body(model: type[BaseModel], takes_text: bool) -> dict:
-    schema = model.model_json_schema()
+    schema = _inline_refs(model.model_json_schema())
     form_props = {
         k: ({"type": "array", "items": {"type": "string"}} if k in _array_fields(model) else v)
         for k, v in schema.get("properties", {}).items()

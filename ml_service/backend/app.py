@@ -74,10 +74,9 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     app.state.guard = Guard(settings)
     install_error_handlers(app)
     app.include_router(build_router(type(service)))
-    # text generation: the OpenAI routes (kept out of /openapi.json for now: ReDoc failed to render
-    # the schema with them; tests/test_openai.py drives them with real clients)
+    # text generation: the OpenAI routes (/v1)
     for router in type(service).extra_routers():
-        app.include_router(router, include_in_schema=False)
+        app.include_router(router)
     app.include_router(build_ops_router())
     install_ui(app)
     if settings.guard_info_routes:

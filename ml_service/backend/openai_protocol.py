@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lib.inference import GenerationParams
 from ml_service.backend.schemas import MIN_REPETITION_PENALTY, Text
@@ -119,7 +127,15 @@ class SamplingRequest(BaseModel):
         return None if self.seed is None else (self.seed + i) % 2**63
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# token ids are integers (5.0 is not one: strict)
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], Field(min_length=1)]
+
+_PROMPT_SHAPES = {
+    "text": TypeAdapter(Text),
+    "texts": TypeAdapter(list[Text]),
+    "ids": TypeAdapter(TokenIds),
+    "id_lists": TypeAdapter(list[TokenIds]),
+}
 
 
 class CompletionRequest(SamplingRequest):
@@ -133,6 +149,40 @@ class CompletionRequest(SamplingRequest):
     _own_numbers = field_validator("max_tokens", "logprobs", mode="before")(
         classmethod(lambda cls, v: _not_a_boolean(v))
     )
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, v, handler):
+        """Validated as the one shape it has, so that its error names the problem (the union's
+        own errors list every member's)."""
+
+        def ids(x) -> bool:
+            return isinstance(x, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in x
+            )
+
+        if isinstance(v, str):
+            shape = "text"
+        elif ids(v):
+            shape = "ids"
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            shape = "texts"
+        elif isinstance(v, list) and all(ids(x) for x in v):
+            shape = "id_lists"
+        else:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids (integers) "
+                "or a list of such lists"
+            )
+        try:
+            _PROMPT_SHAPES[shape].validate_python(v)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = "".join(f"[{i}]" for i in first["loc"] if isinstance(i, int))
+            raise ValueError(
+                f"prompt{where}: {first['msg'].removeprefix('Value error, ')}"
+            ) from None
+        return handler(v)
 
     @field_validator("prompt")
     @classmethod

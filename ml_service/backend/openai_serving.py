@@ -137,7 +137,12 @@ def completion_prompts(req: CompletionRequest, loaded: Loaded) -> list[Prompt]:
             if len(p) > limit:
                 raise _refuse("prompt", f"prompt {i} has {len(p)} characters; the limit is {limit}")
             prompts.append(Prompt(tok(p)["input_ids"], p))
-        else:
+        else:  # ids are checked before the tokenizer sees them (it overflows on huge ones)
+            vocab = loaded.service.inference.vocab_size
+            if bad := next((t for t in p if t >= vocab), None):
+                raise _refuse(
+                    "prompt", f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})"
+                )
             prompts.append(Prompt(list(p), tok.decode(p)))
     return prompts
 
