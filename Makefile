@@ -13,7 +13,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv clean
+.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,19 @@ browser: ## install Debian's chromium for the browser test when no chromium is f
 		echo "no chromium and no apt-get: install chromium or set CHROMIUM=/path/to/chromium"; \
 	fi
 
+# The fleet tests (tests/test_fleet*.py) start their own redis-server: Debian's, installed the same
+# way when missing; without it they skip, except under CI=true, where they fail.
+redis-server: ## install Debian's redis-server for the fleet tests when none is found
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		echo "installing redis-server with apt-get (for the fleet tests)"; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
+	else \
+		echo "no redis-server and no apt-get: install redis-server for the fleet tests"; \
+	fi
+
 serve: $(STAMP) ## serve the embedded default model on HOST:PORT
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT)
 
@@ -57,7 +70,7 @@ serve-dev: $(STAMP) ## serve with auto-reload on code changes
 serve-trained: $(STAMP) ## serve CHECKPOINT=path (default runs/baseline/final)
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT) --checkpoint $(CHECKPOINT)
 
-test: $(STAMP) browser ## run the whole test suite (installs chromium for the browser test)
+test: $(STAMP) browser redis-server ## run the whole test suite (installs chromium and redis-server)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## tests without the slow ones (training, subprocess servers)

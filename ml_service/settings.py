@@ -115,6 +115,23 @@ class Settings(BaseSettings):
         description="load the model after the server starts (/health answers, /ready is 503 "
         "until it is loaded and warmed up); false: load before accepting connections",
     )
+    redis_url: str | None = Field(
+        None,
+        description="the fleet's shared Redis, e.g. redis://redis:6379/0: rate limits, the "
+        "response cache and A/B assignments are shared by every replica; unset: each replica "
+        "keeps them in memory. Redis down or slow: each replica falls back to memory and serves on",
+    )
+    redis_timeout_ms: float = Field(
+        50.0, gt=0, le=10_000, description="the longest any Redis call may take before falling back"
+    )
+    cache_ttl_s: float = Field(
+        600.0,
+        ge=0,
+        description="how long a cached response lives (greedy or seeded requests only); 0: no cache",
+    )
+    cache_max_entries: int = Field(
+        10_000, ge=1, description="most responses the in-memory cache holds (least recently used go)"
+    )
     log_prompts: bool = Field(False, description="write prompt texts into the access log")
     log_level: str = Field("info", description="log level of the service")
 

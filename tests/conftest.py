@@ -79,3 +79,16 @@ def model_failure(monkeypatch) -> dict:
 
         monkeypatch.setattr(GPT2SlotDecoder, name, broken)
     return switch
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free port (tests/redis_server.py), stopped after the test."""
+    from tests.redis_server import RedisServer
+    from tests.test_server import free_port
+
+    server = RedisServer(free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()

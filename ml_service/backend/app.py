@@ -26,6 +26,7 @@ from ml_service.contract import ModelService, load_service_class
 from ml_service.hosting import ModelHost
 from ml_service.observability import AccessLog, ServiceMetrics, access_log
 from ml_service.settings import Settings, get_settings
+from ml_service.shared import SharedStore
 from ml_service.shutdown import ShutdownGrace
 
 log = logging.getLogger("ml_service")
@@ -43,7 +44,8 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         service = load_service_class(settings.service)(settings)
     metrics = ServiceMetrics()
     host = ModelHost(settings, service, metrics)
-    deps = AppDependencies(settings=settings, host=host, metrics=metrics)
+    shared = SharedStore(settings.redis_url, settings.redis_timeout_ms, metrics.registry)
+    deps = AppDependencies(settings=settings, host=host, metrics=metrics, shared=shared)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
             await grace.close()
             loading.cancel()
             await host.stop(settings.shutdown_grace_s)
+            await shared.close()
 
     app = FastAPI(
         title=f"ml_service: {service.name}",
@@ -71,7 +74,7 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         redoc_url=None,
     )
     app.state.deps = deps
-    app.state.guard = Guard(settings)
+    app.state.guard = Guard(settings, shared)
     install_error_handlers(app)
     app.include_router(build_router(type(service)))
     # text generation: the OpenAI routes (/v1)

@@ -12,6 +12,7 @@ from ml_service.backend.errors import ModelNotReady
 from ml_service.hosting import Loaded, ModelHost
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
+from ml_service.shared import SharedStore
 
 
 @dataclass
@@ -19,6 +20,7 @@ class AppDependencies:
     settings: Settings
     host: ModelHost
     metrics: ServiceMetrics
+    shared: SharedStore  # the fleet's Redis (or none): use its `run` for every call
 
     @property
     def model(self) -> Loaded:

@@ -22,6 +22,7 @@ from ml_service.backend.errors import (
     Unauthorized,
 )
 from ml_service.settings import Settings
+from ml_service.shared import SharedStore
 
 # Routes that describe the service (the model, its metrics, the API schema and docs): open by
 # default; with ML_SERVICE_GUARD_INFO_ROUTES and API keys they need a key too.
@@ -44,8 +45,9 @@ class Guard:
     """API keys and per-client rate limits for the generation routes, the admin token, and a
     limit on failed authentications per client address (a brute-force guard)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, shared: SharedStore | None = None):
         self.settings = settings
+        self.shared = shared
         self.limits = parse_many(settings.rate_limit) if settings.rate_limit else []
         self.failure_limits = (
             parse_many(settings.auth_failure_limit) if settings.auth_failure_limit else []
