@@ -101,6 +101,8 @@ def format_line(s: dict) -> str:
 
 def _ratio_line(c: int, ours: dict, peer: dict, what: str) -> str:
     clients = "1 client" if c == 1 else f"{c} clients"
+    if not peer["tok_s"]:  # every request failed (the table shows its errors)
+        return f"- {clients}, ours / {what}: no ratio, {what} answered no request"
     return (
         f"- {clients}, ours / {what}: throughput {ours['tok_s'] / peer['tok_s']:.2f}x, "
         f"p95 latency {ours['lat_p95']:.2f}s vs {peer['lat_p95']:.2f}s"
