@@ -6,7 +6,10 @@ then swaps them in one step on the event loop; the old engine finishes its in-fl
 before it stops. A version that fails to load leaves the current one in place and says why.
 
 Versions: with `models_dir`, every subdirectory holding a checkpoint (`config.json`) is a version,
-and the default is the last one by name (`v1`, `v2`, ... or dates sort as expected).
+and the default is the last one by name (`v1`, `v2`, ... or dates sort as expected). Several
+versions may be loaded at once: a traffic split (`ML_SERVICE_TRAFFIC`, `POST /admin/traffic`)
+sends each client to one of them (ml_service/traffic.py), a request may pin one, and a shadow
+version may receive a copy of the traffic. Each loaded version holds its own weights.
 
 What these errors say reaches clients (/ready, the admin answers): names and versions only, never
 a server path or an exception's text; the log has the details.
@@ -24,6 +27,7 @@ from ml_service.batching import Engine
 from ml_service.contract import ModelService
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
+from ml_service.traffic import BadSplit, TrafficSplit
 
 log = logging.getLogger("ml_service")
 
@@ -77,16 +81,24 @@ class ModelHost:
         self.settings = settings
         self.metrics = metrics
         self._first_service = service  # built by the app factory (or given by a test)
-        self.current: Loaded | None = None
+        self.current: Loaded | None = None  # the default version (no split, or no pin)
+        self.loaded: dict[str, Loaded] = {}  # every version held in memory, by name
+        self.split: TrafficSplit | None = None
+        self.shadow: Loaded | None = None  # receives a copy of the traffic (answers discarded)
         self.error: str | None = None  # why the first load failed
         self._reloading = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._retiring_engines: set[Engine] = set()  # old versions finishing their requests
         if metrics is not None:
             metrics.track_engine(
-                lambda: self.current.engine.running if self.current else 0,
-                lambda: self.current.engine.waiting if self.current else 0,
+                lambda: sum(v.engine.running for v in self._engines_of()),
+                lambda: sum(v.engine.waiting for v in self._engines_of()),
             )
+
+    def _engines_of(self) -> list[Loaded]:
+        """Every loaded version (the default, the split's, the shadow), once each."""
+        seen = {id(v): v for v in [*self.loaded.values(), self.current, self.shadow] if v}
+        return list(seen.values())
 
     def _build(self, version: str | None, service: ModelService | None = None) -> Loaded:
         """Load, start and warm up a service (blocking: run it in a thread)."""
@@ -98,7 +110,8 @@ class ModelHost:
             service.settings = service.settings.model_copy(update={"checkpoint": path})
         service.load()
         service.warmup()
-        engine = service.create_engine(observer=self.metrics)
+        observer = self.metrics.for_version(name) if self.metrics is not None else None
+        engine = service.create_engine(observer=observer)
         engine.start()
         return Loaded(service, engine, name)
 
@@ -117,6 +130,76 @@ class ModelHost:
             loaded.service.model_id,
             loaded.version,
         )
+        if self.settings.traffic:
+            try:
+                await self.set_traffic(TrafficSplit.parse(self.settings.traffic))
+            except (BadSplit, VersionNotFound, ReloadFailed) as e:
+                log.error(
+                    "ML_SERVICE_TRAFFIC not applied (%s): serving %s alone", e, loaded.version
+                )
+        if self.settings.shadow_version:
+            try:
+                self.shadow = await self._version(self.settings.shadow_version)
+                log.info("shadow version %s receives a copy of the traffic", self.shadow.version)
+            except (VersionNotFound, ReloadFailed) as e:
+                log.error("ML_SERVICE_SHADOW_VERSION not loaded: %s", e)
+
+    async def _version(self, name: str) -> Loaded:
+        """A loaded version by name, loading it (in a thread) when it is not held yet."""
+        if name in self.loaded:
+            return self.loaded[name]
+        _, name = resolve_version(self.settings, name)  # VersionNotFound before loading
+        try:
+            loaded = await asyncio.to_thread(self._build, name)
+        except Exception as e:
+            log.exception("version %s failed to load", name)
+            raise ReloadFailed(
+                f"version {name!r} failed to load (the server log has the details)"
+            ) from e
+        self.loaded[name] = loaded
+        return loaded
+
+    async def set_traffic(self, split: TrafficSplit) -> None:
+        """Load the split's versions that are not held yet, then route by the split. A version
+        that is unknown or fails to load raises, and the split in force stays. Versions that
+        leave the split (and are neither the default nor the shadow) are unloaded after their
+        in-flight requests."""
+        async with self._reloading:
+            for name in split.versions:
+                await self._version(name)
+            self.split = split
+            if self.metrics is not None:
+                self.metrics.set_split(split.shares())
+            keep = {*split.versions, *(v.version for v in (self.current, self.shadow) if v)}
+            for name in [n for n in self.loaded if n not in keep]:
+                self._retire(self.loaded.pop(name))
+            log.info("traffic split now %s", split.text())
+
+    async def clear_traffic(self) -> None:
+        """Every request to the default version again (the others are unloaded)."""
+        async with self._reloading:
+            self.split = None
+            if self.metrics is not None:
+                self.metrics.set_split({})
+            keep = {v.version for v in (self.current, self.shadow) if v}
+            for name in [n for n in self.loaded if n not in keep]:
+                self._retire(self.loaded.pop(name))
+            log.info("traffic split cleared: the default version serves everything")
+
+    def choose(self, client: str, pinned: str | None = None) -> Loaded:
+        """The version for one request: the pinned one (VersionNotFound unless it is loaded),
+        else the split's choice for this client, else the default."""
+        if pinned is not None:
+            if pinned in self.loaded:
+                chosen = self.loaded[pinned]
+            else:
+                held = ", ".join(sorted(self.loaded))
+                raise VersionNotFound(f"version {pinned!r} is not loaded here (loaded: {held})")
+        elif self.split is not None:
+            chosen = self.loaded[self.split.assign(client)]
+        else:
+            chosen = self.current
+        return chosen
 
     async def reload(self, version: str | None) -> tuple[Loaded, Loaded | None]:
         """Load `version` and swap it in; returns (new, old). The old one serves until the swap."""
@@ -131,18 +214,28 @@ class ModelHost:
                     "the current model keeps serving"
                 ) from e
             old = self.current
+            replaced = self.loaded.get(loaded.version)
             self._install(loaded)
-            if old is not None:  # finish its in-flight requests, off the event loop
-                task = asyncio.create_task(asyncio.to_thread(old.engine.stop, 300.0))
-                self._retiring.add(task)
-                self._retiring_engines.add(old.engine)
-                task.add_done_callback(self._retiring.discard)
-                task.add_done_callback(lambda _: self._retiring_engines.discard(old.engine))
+            for previous in {id(v): v for v in (old, replaced) if v is not None}.values():
+                if all(previous is not v for v in self._engines_of()):  # nobody routes to it
+                    self._retire(previous)
             log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
             return loaded, old
 
+    def _retire(self, old: Loaded) -> None:
+        """Stop an engine once its in-flight requests are done, off the event loop."""
+        task = asyncio.create_task(asyncio.to_thread(old.engine.stop, 300.0))
+        self._retiring.add(task)
+        self._retiring_engines.add(old.engine)
+        task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(lambda _: self._retiring_engines.discard(old.engine))
+
     def _install(self, loaded: Loaded) -> None:
+        """`loaded` becomes the default version, and the one held under its name."""
         self.current = loaded
+        self.loaded[loaded.version] = loaded
+        if self.shadow is not None and self.shadow.version == loaded.version:
+            self.shadow = loaded
         self.error = None
         if self.metrics is not None:
             self.metrics.set_model(loaded.service.metadata(), loaded.version)
@@ -151,7 +244,7 @@ class ModelHost:
         """End every request still queued or running, on the current engine and on old versions'
         that are finishing theirs, with `error` (blocking: call it off the event loop). An engine
         without `abort` is left to finish (or to be cut off by the server)."""
-        engines = [*self._retiring_engines, *([self.current.engine] if self.current else [])]
+        engines = [*self._retiring_engines, *(v.engine for v in self._engines_of())]
         for engine in engines:
             abort = getattr(engine, "abort", None)
             if abort is not None:
@@ -160,5 +253,5 @@ class ModelHost:
     async def stop(self, timeout: float) -> None:
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=timeout)
-        if self.current is not None:
-            await asyncio.to_thread(self.current.engine.stop, timeout)
+        for loaded in self._engines_of():
+            await asyncio.to_thread(loaded.engine.stop, timeout)

@@ -37,7 +37,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class ServiceMetrics(EngineObserver):
+class ServiceMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -63,29 +63,34 @@ class ServiceMetrics(EngineObserver):
             LATENCY_BUCKETS,
             ["route"],
         )
+        # the engine's metrics carry the model version that served them (A/B dashboards)
+        v = ["version"]
         self.queue_time = histogram(
             "request_queue_time_seconds",
             "time a generation waited in the queue before its prompt was processed",
             LATENCY_BUCKETS,
+            v,
         )
         self.ttft = histogram(
             "time_to_first_token_seconds",
             "time from a generation's arrival to its first token",
             TTFT_BUCKETS,
+            v,
         )
         self.itl = histogram(
             "inter_token_latency_seconds",
             "time between two successive tokens of one generation",
             ITL_BUCKETS,
+            v,
         )
         self.batch_size = histogram(
-            "batch_size", "sequences in the batch at each model step", BATCH_BUCKETS
+            "batch_size", "sequences in the batch at each model step", BATCH_BUCKETS, v
         )
         self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "prompt tokens processed", registry=r
+            f"{PREFIX}_prompt_tokens", "prompt tokens processed", v, registry=r
         )
         self.generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "tokens generated", registry=r
+            f"{PREFIX}_generation_tokens", "tokens generated", v, registry=r
         )
         self.running = Gauge(
             f"{PREFIX}_num_requests_running", "sequences in the running batch", registry=r
@@ -93,12 +98,30 @@ class ServiceMetrics(EngineObserver):
         self.waiting = Gauge(
             f"{PREFIX}_num_requests_waiting", "requests waiting for a batch row", registry=r
         )
+        self.version_requests = Counter(
+            f"{PREFIX}_version_requests",
+            "model requests (POST) routed to each version (the split's choice, a pin, or the "
+            "default), whatever their status",
+            ["version"],
+            registry=r,
+        )
+        self.traffic_share = Gauge(
+            f"{PREFIX}_traffic_share",
+            "each version's configured share of the traffic (absent without a split)",
+            ["version"],
+            registry=r,
+        )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "the model being served (value 1)",
             ["model_id", "version", "parameters", "dtype", "device"],
             registry=r,
         )
+
+    def set_split(self, shares: dict[str, float]) -> None:
+        self.traffic_share.clear()
+        for version, share in shares.items():
+            self.traffic_share.labels(version=version).set(share)
 
     def track_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the engine's state at scrape time (the functions follow a reloaded engine)."""
@@ -118,7 +141,23 @@ class ServiceMetrics(EngineObserver):
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # -- EngineObserver (called on the decoding thread) ------------------------------------------
+    def for_version(self, version: str | None) -> VersionObserver:
+        """The observer of one version's engine: its metrics carry `version`."""
+        return VersionObserver(self, str(version or ""))
+
+
+class VersionObserver(EngineObserver):
+    """`lib`'s engine hooks (called on the decoding thread) into one version's metrics."""
+
+    def __init__(self, metrics: ServiceMetrics, version: str):
+        m = metrics
+        self.queue_time = m.queue_time.labels(version=version)
+        self.prompt_tokens = m.prompt_tokens.labels(version=version)
+        self.batch_size = m.batch_size.labels(version=version)
+        self.generation_tokens = m.generation_tokens.labels(version=version)
+        self.itl = m.itl.labels(version=version)
+        self.ttft = m.ttft.labels(version=version)
+
     def on_admitted(self, request) -> None:
         self.queue_time.observe(time.monotonic() - request.arrived_at)
         self.prompt_tokens.inc(request.prompt_tokens)
@@ -160,10 +199,10 @@ class AccessLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode("latin-1")),
-                ]
+                extra = [(b"x-request-id", request_id.encode("latin-1"))]
+                if version := scope["state"].get("model_version"):  # the version that served it
+                    extra.append((b"x-model-version", version.encode("utf-8", "replace")))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
@@ -179,6 +218,8 @@ class AccessLog:
         state = scope.get("state", {})
         # every error answer notes its reason (backend/errors.py); a 5xx that did not is a crash
         reason = state.get("failure_reason") or ("internal" if status >= 500 else None)
+        if scope["method"] == "POST" and state.get("model_version"):  # a model request
+            self.metrics.version_requests.labels(version=state["model_version"]).inc()
         if reason is not None:
             self.metrics.failures.labels(reason=reason).inc()
         line = {
@@ -189,6 +230,7 @@ class AccessLog:
             "status": status,
             "latency_ms": round(seconds * 1000, 2),
             "client": (scope.get("client") or ("", 0))[0],
+            "version": state.get("model_version"),
             "prompt_tokens": state.get("prompt_tokens"),
             "completion_tokens": state.get("completion_tokens"),
         }

@@ -33,6 +33,17 @@ class Settings(BaseSettings):
     model_version: str | None = Field(
         None, description="the version (subdirectory of models_dir) to serve; default: the last"
     )
+    traffic: str | None = Field(
+        None,
+        description="A/B split between versions of models_dir, e.g. '2026-11-20=90,2026-11-28=10' "
+        "(weights; every version named is loaded); each client sticks to one version; "
+        "POST /admin/traffic changes it at run time; unset: the default version serves all",
+    )
+    shadow_version: str | None = Field(
+        None,
+        description="a version of models_dir that receives a copy of /forward and /forward_batch "
+        "traffic; its answers are discarded (only its metrics are kept), it never delays a client",
+    )
     random_preset: str | None = Field(
         None,
         description="serve a RANDOMLY INITIALISED preset instead of a checkpoint (baseline only)",
@@ -130,7 +141,9 @@ class Settings(BaseSettings):
         description="how long a cached response lives (greedy or seeded requests only); 0: no cache",
     )
     cache_max_entries: int = Field(
-        10_000, ge=1, description="most responses the in-memory cache holds (least recently used go)"
+        10_000,
+        ge=1,
+        description="most responses the in-memory cache holds (least recently used go)",
     )
     log_prompts: bool = Field(False, description="write prompt texts into the access log")
     log_level: str = Field("info", description="log level of the service")
@@ -141,6 +154,15 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @field_validator("traffic")
+    @classmethod
+    def _parse_traffic(cls, v: str | None) -> str | None:
+        if v:
+            from ml_service.traffic import TrafficSplit
+
+            TrafficSplit.parse(v)  # raises BadSplit (a ValueError) saying what is wrong
+        return v or None
 
     @field_validator("rate_limit", "auth_failure_limit")
     @classmethod

@@ -275,7 +275,7 @@ def test_full_queue_is_a_503_with_retry_after(service, settings):
     """Refused at the edge, before any model work, when the queue cannot take the request."""
     app = create_app(settings, service=TextGenerationService(settings, inference=service))
     with TestClient(app, raise_server_exceptions=False) as c:
-        engine = app.state.deps.model.engine
+        engine = app.state.deps.host.current.engine
         engine.max_queue = 0  # nothing may wait
         for path, body in (("/forward", {"text": "a"}), ("/forward_batch", {"texts": ["a"]})):
             r = c.post(path, json=body)

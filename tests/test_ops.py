@@ -114,9 +114,11 @@ def test_metrics_count_requests_tokens_and_latencies(client):
     }
     assert samples['ml_service_requests_total{route="/forward",status="200"}'] >= 3
     assert samples['ml_service_request_failures_total{reason="bad_request"}'] >= 1
-    assert samples["ml_service_generation_tokens_total"] >= 12
-    assert samples["ml_service_time_to_first_token_seconds_count"] >= 3
-    assert samples["ml_service_inter_token_latency_seconds_count"] >= 9  # 3 gaps per request
+    # the engine's metrics carry the version that served them (the checkpoint's name here)
+    version = '{version="default"}'
+    assert samples["ml_service_generation_tokens_total" + version] >= 12
+    assert samples["ml_service_time_to_first_token_seconds_count" + version] >= 3
+    assert samples["ml_service_inter_token_latency_seconds_count" + version] >= 9  # 3 gaps each
     assert samples["ml_service_num_requests_running"] == 0
     info = [k for k in samples if k.startswith("ml_service_model_info{")]
     assert info and 'model_id="ru-gpt-tiny"' in info[0] and 'device="cpu"' in info[0]
@@ -236,7 +238,7 @@ def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, setti
     app = app_with(service, settings, request_timeout_s=0.05, max_batch_size=1)
     long_job = {"max_new_tokens": 250, "min_new_tokens": 250}
     with TestClient(app) as c:
-        engine = app.state.deps.model.engine
+        engine = app.state.deps.host.current.engine
         decode_gate.close()
         try:
             r = c.post("/forward_batch", json={**long_job, "texts": ["Москва"] * 8})
@@ -246,7 +248,9 @@ def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, setti
         # cancelled, not left running: the engine empties (the rest would take 8 x 250 tokens)
         wait_for(lambda: engine.running == engine.waiting == 0, "the engine emptied")
         registry = app.state.deps.metrics.registry
-        tokens = registry.get_sample_value("ml_service_generation_tokens_total")
+        tokens = registry.get_sample_value(
+            "ml_service_generation_tokens_total", {"version": "default"}
+        )
         assert tokens < 8 * 250, tokens
         decode_gate.close()
         try:

@@ -113,7 +113,7 @@ def test_a_client_leaving_mid_stream_counts_a_cancellation(service, settings):
         messages = asyncio.run(leave_mid_stream(app, {**LONG, "stream": True}))
         assert messages[0]["status"] == 200
         assert not any(b"event: done" in m.get("body", b"") for m in messages)
-        engine = app.state.deps.model.engine
+        engine = app.state.deps.host.current.engine
         wait_for(lambda: engine.running == engine.waiting == 0, "the cancelled row to leave")
         after = failures(app)
         assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
@@ -147,7 +147,7 @@ def test_an_aborted_engine_answers_503_json_and_ends_streams_with_an_error_event
     app = app_with(service, settings, max_batch_size=1)
     n_json, n_streams = 3, 2
     with TestClient(app) as c:
-        engine = app.state.deps.model.engine
+        engine = app.state.deps.host.current.engine
         before = failures(app).get("shutdown", 0)
 
         async def scenario():

@@ -144,11 +144,15 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
     async def metadata(deps: DepsDep) -> dict:
         """The service (name, description), the model (id, version, preset, parameters, context,
         vocabulary, dtype, device, training card), the request limits and the service version."""
-        model = deps.model
+        model, host = deps.model, deps.host
         return {
             **model.service.metadata(),
             "version": model.version,
             "service_version": __version__,
+            # what this replica holds (each loaded version has its own weights in memory)
+            "loaded_versions": sorted(host.loaded),
+            "traffic": host.split.shares() if host.split else None,
+            "shadow_version": host.shadow.version if host.shadow else None,
         }
 
     return router

@@ -28,6 +28,7 @@ from ml_service.observability import AccessLog, ServiceMetrics, access_log
 from ml_service.settings import Settings, get_settings
 from ml_service.shared import SharedStore
 from ml_service.shutdown import ShutdownGrace
+from ml_service.traffic import SplitSync
 
 log = logging.getLogger("ml_service")
 
@@ -46,12 +47,14 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     host = ModelHost(settings, service, metrics)
     shared = SharedStore(settings.redis_url, settings.redis_timeout_ms, metrics.registry)
     deps = AppDependencies(settings=settings, host=host, metrics=metrics, shared=shared)
+    split_sync = SplitSync(shared)  # the fleet's A/B split, through Redis when there is one
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         grace = ShutdownGrace(host, settings.shutdown_grace_s)
         grace.install(asyncio.get_running_loop())
         loading = asyncio.create_task(host.start())
+        syncing = asyncio.create_task(split_sync.run(host)) if shared.enabled else None
         if not settings.background_load:
             await loading
         try:
@@ -59,6 +62,8 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         finally:
             await grace.close()
             loading.cancel()
+            if syncing is not None:
+                syncing.cancel()
             await host.stop(settings.shutdown_grace_s)
             await shared.close()
 
@@ -74,6 +79,7 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         redoc_url=None,
     )
     app.state.deps = deps
+    app.state.split_sync = split_sync
     app.state.guard = Guard(settings, shared)
     install_error_handlers(app)
     app.include_router(build_router(type(service)))

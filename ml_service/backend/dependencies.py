@@ -8,11 +8,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ml_service.backend.errors import ModelNotReady
-from ml_service.hosting import Loaded, ModelHost
+from ml_service.backend.errors import ModelNotFound, ModelNotReady
+from ml_service.backend.security import bearer_token
+from ml_service.hosting import Loaded, ModelHost, VersionNotFound
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
 from ml_service.shared import SharedStore
+from ml_service.traffic import client_key
 
 
 @dataclass
@@ -22,21 +24,45 @@ class AppDependencies:
     metrics: ServiceMetrics
     shared: SharedStore  # the fleet's Redis (or none): use its `run` for every call
 
-    @property
-    def model(self) -> Loaded:
-        """The model serving now. A route reads it once per request, so a reload in between
-        never mixes one version's tokenizer with another's engine."""
-        current = self.host.current
-        if current is None:
-            raise ModelNotReady(failed=self.host.error is not None)
-        return current
+
+class RequestDependencies:
+    """The app's dependencies with the version chosen for one request as `model`: the one its
+    `X-Model-Version` header pins, else the traffic split's choice for its client, else the
+    default. A route reads it once, so a reload in between never mixes one version's tokenizer
+    with another's engine."""
+
+    def __init__(self, app: AppDependencies, request: Request, model: Loaded):
+        self.app = app
+        self.request = request
+        self.model = model
+        request.state.model_version = model.version  # the X-Model-Version header, the access log
+
+    def __getattr__(self, name: str):
+        return getattr(self.app, name)
+
+    def pin(self, version: str) -> Loaded:
+        """The request asked for `version` by name (the OpenAI routes' `model`); ModelNotFound
+        unless it is loaded here."""
+        try:
+            self.model = self.app.host.choose("", pinned=version)
+        except VersionNotFound as e:
+            raise ModelNotFound([{"loc": ["model"], "msg": str(e)}]) from None
+        self.request.state.model_version = self.model.version
+        return self.model
 
 
-async def get_dependencies(request: Request) -> AppDependencies:
+async def get_dependencies(request: Request) -> RequestDependencies:
     deps: AppDependencies = request.app.state.deps
-    if deps.host.current is None:
-        raise ModelNotReady(failed=deps.host.error is not None)
-    return deps
+    host = deps.host
+    if host.current is None:
+        raise ModelNotReady(failed=host.error is not None)
+    pinned = request.headers.get("x-model-version", "").strip() or None
+    api_key = bearer_token(request) if deps.settings.api_keys else None
+    try:
+        chosen = host.choose(client_key(request, api_key), pinned)
+    except VersionNotFound as e:
+        raise ModelNotFound([{"loc": ["x-model-version"], "msg": str(e)}]) from None
+    return RequestDependencies(deps, request, chosen)
 
 
-DepsDep = Annotated[AppDependencies, Depends(get_dependencies)]
+DepsDep = Annotated[RequestDependencies, Depends(get_dependencies)]

@@ -63,7 +63,10 @@ def build_openai_router() -> APIRouter:
     async def models(deps: DepsDep) -> ModelList:
         """The served model's id and, with model versions, the version serving it; each with
         its context length and the chat template in use."""
-        return ModelList(data=serving.model_cards(deps.model))
+        cards = [
+            card for loaded in serving.all_loaded(deps) for card in serving.model_cards(loaded)
+        ]
+        return ModelList(data=list({card.id: card for card in cards}.values()))
 
     @router.post(
         "/completions",
@@ -77,8 +80,7 @@ def build_openai_router() -> APIRouter:
         `stop`, `seed`, `logprobs` with `echo` (the prompt's log-probabilities too; with
         `max_tokens: 0`, only those), penalties, `logit_bias`, streaming."""
         req = parse(CompletionRequest, await read_json_object(request))
-        loaded = deps.model
-        serving.check_model(loaded, req.model)
+        loaded = serving.requested_model(deps, req.model)
         prompts = serving.completion_prompts(req, loaded)
         if req.stream and req.logprobs is not None:
             raise BadRequest.one("logprobs", "logprobs are not streamed; send stream: false")
@@ -104,8 +106,7 @@ def build_openai_router() -> APIRouter:
         template, or the fallback `/v1/models` shows (the default model was not trained on
         dialogues: expect a continuation, not an assistant)."""
         req = parse(ChatCompletionRequest, await read_json_object(request))
-        loaded = deps.model
-        serving.check_model(loaded, req.model)
+        loaded = serving.requested_model(deps, req.model)
         if req.stream and req.logprobs:
             raise BadRequest.one("logprobs", "logprobs are not streamed; send stream: false")
         prompt = serving.chat_prompt(req, loaded)

@@ -98,12 +98,21 @@ def model_cards(loaded: Loaded) -> list[ModelCard]:
     ]
 
 
-def check_model(loaded: Loaded, requested: str | None) -> None:
-    if requested is not None and requested not in model_ids(loaded):
-        served = ", ".join(model_ids(loaded))
-        raise ModelNotFound(
-            [{"loc": ["model"], "msg": f"{requested!r} is not served here ({served})"}]
-        )
+def requested_model(deps, requested: str | None) -> Loaded:
+    """The version a request's `model` names: the model id (or omitted) leaves the choice to the
+    traffic split (`deps.model`); a loaded version's name pins that version."""
+    if requested is None or requested in model_ids(deps.model):
+        return deps.model
+    if requested in deps.host.loaded and deps.settings.models_dir is not None:
+        return deps.pin(requested)
+    served = ", ".join(dict.fromkeys(i for v in all_loaded(deps) for i in model_ids(v)))
+    raise ModelNotFound([{"loc": ["model"], "msg": f"{requested!r} is not served here ({served})"}])
+
+
+def all_loaded(deps) -> list[Loaded]:
+    """The versions a request may name: the one chosen for it first, then the others loaded."""
+    others = [v for name, v in sorted(deps.host.loaded.items()) if v is not deps.model]
+    return [deps.model, *others]
 
 
 # -- requests into engine items ------------------------------------------------------------------

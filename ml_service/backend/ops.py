@@ -14,6 +14,7 @@ from ml_service.backend.schemas import ErrorResponse, HealthResponse
 from ml_service.backend.security import require_admin
 from ml_service.hosting import ReloadFailed, VersionNotFound, list_versions
 from ml_service.observability import METRICS_CONTENT_TYPE
+from ml_service.traffic import BadSplit, TrafficSplit
 
 
 class ReadyResponse(BaseModel):
@@ -51,6 +52,30 @@ class ReloadResponse(BaseModel):
 class VersionsResponse(BaseModel):
     current: str | None
     versions: list[str]
+
+
+class TrafficRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    split: dict[str, float] | str | None = Field(
+        ...,
+        description='weights by version (`{"2026-11-20": 90, "2026-11-28": 10}` or '
+        '`"2026-11-20=90,2026-11-28=10"`); null: the default version serves everything',
+        examples=[{"2026-11-20": 90, "2026-11-28": 10}],
+    )
+
+
+class TrafficResponse(BaseModel):
+    split: dict[str, float] | None = Field(..., description="the weights in force (null: none)")
+    shares: dict[str, float] = Field(..., description="each version's share of the traffic")
+    default: str | None = Field(..., description="the version serving without a split or a pin")
+    loaded: list[str] = Field(..., description="the versions held in memory on this replica")
+    shadow: str | None = Field(None, description="the version receiving a copy of the traffic")
+    requests: dict[str, float] = Field(
+        ..., description="model requests routed to each version by this replica since it started"
+    )
+    shared: bool = Field(
+        ..., description="whether the split was published to the fleet through Redis (POST)"
+    )
 
 
 ADMIN_ERRORS = {
@@ -138,7 +163,69 @@ def build_ops_router() -> APIRouter:
             previous_model=old.service.model_id if old else None,
         )
 
+    @router.get(
+        "/admin/traffic",
+        response_model=TrafficResponse,
+        responses=ADMIN_ERRORS,
+        dependencies=[Depends(require_admin)],
+        summary="A/B traffic split (admin)",
+    )
+    async def get_traffic(request: Request) -> TrafficResponse:
+        """The split in force on this replica, the versions it holds and its request counts."""
+        return _traffic(request, shared=False)
+
+    @router.post(
+        "/admin/traffic",
+        response_model=TrafficResponse,
+        responses=ADMIN_ERRORS,
+        dependencies=[Depends(require_admin)],
+        summary="change the A/B traffic split (admin)",
+    )
+    async def set_traffic(request: Request) -> TrafficResponse:
+        """Load the versions the split names (those not held yet), then route by it; with Redis
+        the split is published and every replica applies it within a second or so. A version
+        that is unknown or fails to load: 400, and the split in force stays."""
+        body = validate_model(TrafficRequest, await read_json_object(request))
+        host = request.app.state.deps.host
+        if request.app.state.deps.settings.models_dir is None:
+            raise BadRequest.one("split", "a traffic split needs ML_SERVICE_MODELS_DIR (versions)")
+        try:
+            if body.split is None:
+                split = None
+                await host.clear_traffic()
+            else:
+                split = (
+                    TrafficSplit.parse(body.split)
+                    if isinstance(body.split, str)
+                    else TrafficSplit.of(body.split)
+                )
+                await host.set_traffic(split)
+        except (BadSplit, VersionNotFound, ReloadFailed) as e:
+            raise BadRequest.one("split", f"{e}; the split in force stays") from None
+        published = await request.app.state.split_sync.publish(split)
+        return _traffic(request, shared=published)
+
     return router
+
+
+def _traffic(request: Request, shared: bool) -> TrafficResponse:
+    deps = request.app.state.deps
+    host = deps.host
+    requests = {
+        s.labels["version"]: s.value
+        for family in deps.metrics.version_requests.collect()
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    return TrafficResponse(
+        split=dict(host.split.weights) if host.split else None,
+        shares=host.split.shares() if host.split else {},
+        default=host.current.version if host.current else None,
+        loaded=sorted(host.loaded),
+        shadow=host.shadow.version if host.shadow else None,
+        requests=requests,
+        shared=shared,
+    )
 
 
 async def _reload_body(request: Request) -> ReloadRequest:

@@ -1,0 +1,201 @@
+"""A/B and canary traffic between model versions (ml_service/traffic.py, ml_service/hosting.py):
+the split and its sticky assignment on their own, then in the app (pins, the admin routes, the
+metrics by version), then in a fleet of two processes sharing one real Redis."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from ml_service.backend.app import create_app
+from ml_service.traffic import BadSplit, TrafficSplit
+from tests.conftest import CHECKPOINT, wait_for
+from tests.test_ops import with_settings
+from tests.test_server import metric, running_server, scrape
+
+KEYS = [f"user-{i}" for i in range(2000)]
+ADMIN = {"Authorization": "Bearer adm"}
+SHORT = {"text": "Привет", "max_new_tokens": 2, "temperature": 0}
+
+
+# -- the split on its own -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("v1", "is not version=weight"),
+        ("v1=x", "not a number"),
+        ("v1=-1", ">= 0"),
+        ("v1=nan", ">= 0"),
+        ("v1=inf", ">= 0"),
+        ("v1=0,v2=0", "at least one version"),
+        ("=5", "is not version=weight"),
+    ],
+)
+def test_a_bad_split_says_what_is_wrong(text, message):
+    with pytest.raises(BadSplit, match=message):
+        TrafficSplit.parse(text)
+
+
+def test_assignment_is_sticky_and_matches_the_weights_over_2000_keys():
+    split = TrafficSplit.parse("2026-11-20=90, 2026-11-28=10")
+    first = [split.assign(k) for k in KEYS]
+    assert first == [TrafficSplit.parse("2026-11-28=10,2026-11-20=90").assign(k) for k in KEYS]
+    canary = first.count("2026-11-28") / len(KEYS)
+    # binomial standard deviation sqrt(0.1 * 0.9 / 2000) = 0.0067: 4.5 of them either side
+    assert abs(canary - 0.10) < 0.03, canary
+    three = TrafficSplit.of({"a": 1, "b": 1, "c": 2})
+    got = [three.assign(k) for k in KEYS]
+    for name, share in (("a", 0.25), ("b", 0.25), ("c", 0.5)):
+        assert abs(got.count(name) / len(KEYS) - share) < 0.045, (name, got.count(name))
+
+
+def test_raising_a_canary_moves_only_clients_towards_it():
+    """10% -> 20%: every client on the canary stays there; the new ones come from the old
+    version, and nobody moves the other way."""
+    before = TrafficSplit.parse("old=90,new=10")
+    after = TrafficSplit.parse("old=80,new=20")
+    moved = [(before.assign(k), after.assign(k)) for k in KEYS]
+    assert ("new", "old") not in moved
+    assert 0.05 < moved.count(("old", "new")) / len(KEYS) < 0.15
+
+
+# -- in the app -----------------------------------------------------------------------------------
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    """v1 and v2 (the same weights, told apart by model id), and v3, a broken checkpoint."""
+    for name in ("v1", "v2"):
+        shutil.copytree(CHECKPOINT, tmp_path / name)
+        card_path = tmp_path / name / "training_card.json"
+        card = json.loads(card_path.read_text())
+        card_path.write_text(json.dumps({**card, "model_id": f"ru-gpt-tiny-{name}"}))
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "config.json").write_text("{not json")
+    return tmp_path
+
+
+def test_a_split_routes_each_client_to_its_version_and_a_pin_wins(settings, models_dir):
+    s = with_settings(
+        settings,
+        models_dir=models_dir,
+        model_version="v1",
+        traffic="v1=50,v2=50",
+        admin_token="adm",
+    )
+    split = TrafficSplit.parse("v1=50,v2=50")
+    with TestClient(create_app(s)) as c:
+        meta = c.get("/metadata").json()
+        assert meta["loaded_versions"] == ["v1", "v2"] and meta["traffic"] == {"v1": 0.5, "v2": 0.5}
+        for user in KEYS[:12]:
+            r = c.post("/forward", json=SHORT, headers={"X-User-ID": user})
+            want = split.assign("user:" + user)
+            assert r.status_code == 200 and r.headers["x-model-version"] == want
+            assert r.json()["model"] == f"ru-gpt-tiny-{want}"
+        # a pin: the header on /forward, `model` on the OpenAI routes
+        pinned = c.post("/forward", json=SHORT, headers={"X-Model-Version": "v1"})
+        assert pinned.headers["x-model-version"] == "v1"
+        done = c.post("/v1/completions", json={"model": "v2", "prompt": "Привет", "max_tokens": 2})
+        assert done.status_code == 200 and done.json()["model"] == "v2", done.text
+        assert done.headers["x-model-version"] == "v2"
+        ids = {m["id"] for m in c.get("/v1/models").json()["data"]}
+        assert {"v1", "v2"} <= ids
+        unknown = c.post("/forward", json=SHORT, headers={"X-Model-Version": "v9"})
+        assert unknown.status_code == 404 and "'v9' is not loaded" in unknown.text
+        missing = c.post("/v1/completions", json={"model": "v9", "prompt": "a", "max_tokens": 1})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+        # per-version metrics and counts
+        text = c.get("/metrics").text
+        for v in ("v1", "v2"):
+            assert metric(text, "ml_service_generation_tokens_total", version=v) > 0, text
+            assert metric(text, "ml_service_version_requests_total", version=v) > 0
+        assert metric(text, "ml_service_traffic_share", version="v2") == 0.5
+        counts = c.get("/admin/traffic", headers=ADMIN).json()
+        assert counts["split"] == {"v1": 50.0, "v2": 50.0} and counts["loaded"] == ["v1", "v2"]
+        # 12 + the pin + /v1 pinned to v2 + /v1 naming v9 (routed, then refused); the unknown
+        # X-Model-Version never reached a version
+        assert sum(counts["requests"].values()) == 12 + 1 + 1 + 1
+
+
+def test_the_admin_changes_the_split_and_a_bad_one_keeps_the_old(settings, models_dir):
+    s = with_settings(settings, models_dir=models_dir, model_version="v1", admin_token="adm")
+    with TestClient(create_app(s)) as c:
+        assert c.get("/admin/traffic", headers=ADMIN).json()["split"] is None
+        assert c.post("/admin/traffic", json={"split": {"v2": 1}}).status_code == 401
+        r = c.post("/admin/traffic", json={"split": "v1=0,v2=100"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json()["split"] == {"v2": 100.0} and r.json()["shared"] is False
+        for user in KEYS[:5]:
+            r = c.post("/forward", json=SHORT, headers={"X-User-ID": user})
+            assert r.headers["x-model-version"] == "v2"
+        for bad, says in (
+            ({"split": {"v2": 50, "v3": 50}}, "'v3' failed to load"),
+            ({"split": {"v9": 1}}, "unknown version 'v9'"),
+            ({"split": {"v1": -1}}, ">= 0"),
+            ({"split": "v1"}, "is not version=weight"),
+            ({"split": 7}, "split"),
+        ):
+            r = c.post("/admin/traffic", json=bad, headers=ADMIN)
+            assert r.status_code == 400 and says in r.text, r.text
+            assert str(models_dir) not in r.text
+        assert c.get("/admin/traffic", headers=ADMIN).json()["split"] == {"v2": 100.0}
+        # back to the default version alone: v2 leaves memory
+        r = c.post("/admin/traffic", json={"split": None}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["loaded"] == ["v1"]
+        assert c.post("/forward", json=SHORT).headers["x-model-version"] == "v1"
+
+
+def test_a_split_needs_versions(settings):
+    s = with_settings(settings, admin_token="adm")
+    with TestClient(create_app(s)) as c:
+        r = c.post("/admin/traffic", json={"split": {"v1": 1}}, headers=ADMIN)
+        assert r.status_code == 400 and "ML_SERVICE_MODELS_DIR" in r.text
+
+
+def test_a_bad_traffic_setting_is_refused_at_start():
+    from ml_service.settings import Settings
+
+    with pytest.raises(ValueError, match="is not version=weight"):
+        Settings(traffic="v1")
+
+
+# -- a fleet: two processes, one Redis ------------------------------------------------------------
+@pytest.mark.slow
+def test_two_replicas_assign_alike_and_share_a_split_changed_on_one(redis_server, models_dir):
+    env = {
+        "ML_SERVICE_MODELS_DIR": str(models_dir),
+        "ML_SERVICE_MODEL_VERSION": "v1",
+        "ML_SERVICE_TRAFFIC": "v1=70,v2=30",
+        "ML_SERVICE_ADMIN_TOKEN": "adm",
+        "ML_SERVICE_REDIS_URL": redis_server.url,
+    }
+    with running_server([], env=env) as a, running_server([], env=env) as b:
+        users = KEYS[:40]
+        served = {
+            url: [
+                httpx.post(f"{url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
+                for u in users
+            ]
+            for url in (a.url, b.url)
+        }
+        versions = {url: [r.headers["x-model-version"] for r in rs] for url, rs in served.items()}
+        assert versions[a.url] == versions[b.url] and {"v1", "v2"} == set(versions[a.url])
+
+        r = httpx.post(
+            f"{a.url}/admin/traffic", json={"split": {"v2": 1}}, headers=ADMIN, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["shared"] is True, r.text
+
+        def b_follows() -> bool:
+            got = httpx.get(f"{b.url}/admin/traffic", headers=ADMIN, timeout=10).json()
+            return got["split"] == {"v2": 1.0}
+
+        wait_for(b_follows, "replica B applies the split published by replica A")
+        for u in users[:5]:
+            r = httpx.post(f"{b.url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
+            assert r.headers["x-model-version"] == "v2"
+        assert metric(scrape(b.url), "ml_service_traffic_share", version="v2") == 1.0
