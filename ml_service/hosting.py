@@ -89,6 +89,7 @@ class ModelHost:
         self._reloading = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._retiring_engines: set[Engine] = set()  # old versions finishing their requests
+        self._shadowing: set[asyncio.Task] = set()  # copies of requests on the shadow version
         if metrics is not None:
             metrics.track_engine(
                 lambda: sum(v.engine.running for v in self._engines_of()),
@@ -221,6 +222,29 @@ class ModelHost:
                     self._retire(previous)
             log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
             return loaded, old
+
+    def mirror(self, requests: list, chosen: Loaded) -> None:
+        """A copy of validated requests for the shadow version, if there is one (and it is not
+        the version that serves them): preprocessed by its own service, queued only when its
+        engine has room, its answers and errors discarded (its metrics, labelled by version, are
+        what it is for). Never awaited, so the client's answer never waits for it."""
+        shadow = self.shadow
+        if shadow is None or shadow is chosen:
+            return
+        try:
+            items = [shadow.service.preprocess(r) for r in requests]
+        except Exception:  # e.g. a prompt too long for the shadow's context: no copy
+            return
+        if not shadow.engine.has_room(len(items)):
+            return
+        task = asyncio.ensure_future(shadow.engine.submit_many(items))
+        self._shadowing.add(task)
+        task.add_done_callback(self._shadow_done)
+
+    def _shadow_done(self, task: asyncio.Task) -> None:
+        self._shadowing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("shadow request failed: %r", task.exception())
 
     def _retire(self, old: Loaded) -> None:
         """Stop an engine once its in-flight requests are done, off the event loop."""

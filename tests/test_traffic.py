@@ -20,7 +20,7 @@ from tests.test_server import metric, running_server, scrape
 
 KEYS = [f"user-{i}" for i in range(2000)]
 ADMIN = {"Authorization": "Bearer adm"}
-SHORT = {"text": "Привет", "max_new_tokens": 2, "temperature": 0}
+SHORT = {"text": "Привет", "max_new_tokens": 2, "min_new_tokens": 2, "temperature": 0}
 
 
 # -- the split on its own -------------------------------------------------------------------------
@@ -147,6 +147,27 @@ def test_the_admin_changes_the_split_and_a_bad_one_keeps_the_old(settings, model
         r = c.post("/admin/traffic", json={"split": None}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["loaded"] == ["v1"]
         assert c.post("/forward", json=SHORT).headers["x-model-version"] == "v1"
+
+
+def test_a_shadow_version_gets_a_copy_and_its_answers_are_discarded(settings, models_dir):
+    s = with_settings(settings, models_dir=models_dir, model_version="v1", shadow_version="v2")
+    with TestClient(create_app(s)) as c:
+        assert c.get("/metadata").json()["shadow_version"] == "v2"
+        for _ in range(3):
+            r = c.post("/forward", json=SHORT)
+            assert r.headers["x-model-version"] == "v1" and r.json()["model"] == "ru-gpt-tiny-v1"
+        batch = {"texts": ["а", "б"], "max_new_tokens": 2, "min_new_tokens": 2}
+        r = c.post("/forward_batch", json=batch)
+        assert r.status_code == 200 and r.headers["x-model-version"] == "v1"
+
+        def shadow_tokens() -> float:
+            text = c.get("/metrics").text
+            return metric(text, "ml_service_generation_tokens_total", version="v2")
+
+        # 3 + 2 copies of 2 tokens each, generated beside the answers (never awaited by them)
+        wait_for(lambda: shadow_tokens() == 10, "the shadow version generated its copies")
+        requests = metric(c.get("/metrics").text, "ml_service_version_requests_total", version="v2")
+        assert requests == 0  # nobody was served by it
 
 
 def test_a_split_needs_versions(settings):

@@ -85,6 +85,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         model = deps.model  # one version for the whole request, even across a reload
         check_room(model.engine, 1)
         item = model.service.preprocess(req)
+        deps.host.mirror([req], model)  # a copy for the shadow version, if any (never awaited)
         _note_prompt(request, req)
         if streams and req.stream:
             events = model.engine.stream(item)  # queued now: a full queue is still a plain 503
@@ -133,6 +134,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
             except InvalidInput as e:
                 loc = model.service.batch_item_loc(i, e.loc)
                 raise BadRequest([{"loc": [str(x) for x in loc], "msg": str(e)}]) from None
+        deps.host.mirror(requests, model)
         work = model.engine.submit_many(items)
         outputs = await unless_disconnected(request, work, deps.settings.request_timeout_s)
         note_usage(request, outputs)
