@@ -568,9 +568,10 @@ def test_dashboard_queries_only_labels_the_metrics_have(live_metrics):
 
 
 def k8s_objects() -> dict[str, dict]:
+    """The API's objects (redis.yaml, the fleet's Redis, is checked on its own below)."""
     objects = {}
     for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
+        if path.name in ("kustomization.yaml", "redis.yaml"):
             continue
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc["kind"] not in objects, f"one {doc['kind']} only"
@@ -602,7 +603,7 @@ def test_deployment_probes_ready_and_health_on_the_container_port():
         probes["startupProbe"] = c["startupProbe"]["httpGet"]
     for probe in probes.values():
         assert container_port(probe["port"]) == image_port()
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     assert env["ML_SERVICE_HOST"] == "0.0.0.0" and int(env["ML_SERVICE_PORT"]) == image_port()
     assert env["ML_SERVICE_DEVICE"] == "cuda"
 
@@ -710,7 +711,13 @@ def test_kubectl_kustomize_renders_the_manifests():
     )
     assert run.returncode == 0, run.stderr
     kinds = {doc["kind"] for doc in yaml.safe_load_all(run.stdout)}
-    assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert kinds == {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ConfigMap",  # redis.yaml: the fleet's Redis URL
+    }
 
 
 # ---- CI/CD ---------------------------------------------------------------------------------
@@ -973,3 +980,49 @@ def test_one_port_everywhere(monkeypatch):
         and target.rsplit(":", 1)[0] == "api"
         and "api" in compose()["services"]
     )
+
+
+# ---- the fleet: Redis in Kubernetes and in compose -----------------------------------------
+
+
+def test_k8s_redis_is_what_the_api_is_pointed_at():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "redis.yaml").read_text())}
+    config, deployment, service = docs["ConfigMap"], docs["Deployment"], docs["Service"]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "redis.yaml" in kustomization["resources"]
+    # the API reads the URL from this ConfigMap
+    (ref,) = [
+        e["valueFrom"]["configMapKeyRef"]
+        for e in api_container()["env"]
+        if e["name"] == "ML_SERVICE_REDIS_URL"
+    ]
+    assert ref["name"] == config["metadata"]["name"] and ref["key"] in config["data"]
+    url = urlsplit(config["data"][ref["key"]])
+    assert url.scheme == "redis" and url.hostname == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert url.port == port["port"]
+    # the Service selects the Redis pods, on a port their container opens
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    assert "--save" in container["args"] and "--maxmemory" in container["args"]
+
+
+def test_compose_fleet_is_two_replicas_behind_one_port_sharing_one_redis():
+    services = compose()["services"]
+    api, api2, lb, redis_service = (services[n] for n in ("api", "api-2", "lb", "redis"))
+    assert api2["profiles"] == lb["profiles"] == ["fleet"] and "profiles" not in redis_service
+    for replica in (api, api2):
+        url = urlsplit(compose_default(replica["environment"]["ML_SERVICE_REDIS_URL"]))
+        assert url.hostname == "redis" and url.port == 6379
+        assert "redis" in replica["depends_on"]
+    assert api2["environment"] == api["environment"] and "ports" not in api2
+    # nginx sends the fleet port to both replicas, on the port the image listens on
+    (conf_host,) = [h for h in bind_mounts(lb) if "nginx" in h]
+    conf = (REPO_ROOT / conf_host).read_text()
+    upstream = set(re.findall(r"^\s*server\s+([\w-]+):(\d+)", conf, re.M))
+    assert upstream == {("api", str(image_port())), ("api-2", str(image_port()))}
+    listen = int(re.search(r"listen\s+(\d+);", conf).group(1))
+    assert listen in published_ports(lb)
+    assert "proxy_buffering off" in conf  # streamed answers go out as they are generated
