@@ -46,6 +46,11 @@ METRICS = {
     "ml_service_num_requests_running",
     "ml_service_num_requests_waiting",
     "ml_service_model_info",
+    "ml_service_version_requests_total",
+    "ml_service_traffic_share",
+    "ml_service_cache_requests_total",
+    "ml_service_redis_up",
+    "ml_service_redis_fallbacks_total",
 }
 
 
@@ -89,12 +94,31 @@ def exported_metrics(metrics_text: str) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def live_metrics(client) -> dict[str, set[str]]:
+def live_metrics(settings, tmp_path_factory) -> dict[str, set[str]]:
     """What GET /metrics of the app exports, once every labelled family has a sample (a
-    labelled metric with no sample yet would show no label names)."""
-    assert client.post("/forward", json={"text": "Привет", "max_new_tokens": 2}).status_code == 200
-    assert client.post("/forward", json={"text": ""}).status_code == 400  # a failure reason
-    r = client.get("/metrics")
+    labelled metric with no sample yet would show no label names): a version in a traffic split,
+    a cacheable request, and a Redis that is not there (its fallbacks are counted)."""
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import CHECKPOINT
+    from tests.test_server import free_port
+
+    versions = tmp_path_factory.mktemp("versions")
+    shutil.copytree(CHECKPOINT, versions / "v1")
+    s = Settings(
+        **{
+            **settings.model_dump(),
+            "models_dir": versions,
+            "traffic": "v1=1",
+            "redis_url": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        }
+    )
+    greedy = {"text": "Привет", "max_new_tokens": 2, "temperature": 0}
+    with TestClient(create_app(s)) as client:
+        for _ in range(2):  # a miss, then a hit
+            assert client.post("/forward", json=greedy).status_code == 200
+        assert client.post("/forward", json={"text": ""}).status_code == 400  # a failure reason
+        r = client.get("/metrics")
     assert r.status_code == 200
     return exported_metrics(r.text)
 
