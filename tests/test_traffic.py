@@ -195,16 +195,20 @@ def test_two_replicas_assign_alike_and_share_a_split_changed_on_one(redis_server
         "ML_SERVICE_REDIS_URL": redis_server.url,
     }
     with running_server([], env=env) as a, running_server([], env=env) as b:
-        users = KEYS[:40]
-        served = {
-            url: [
-                httpx.post(f"{url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
-                for u in users
-            ]
-            for url in (a.url, b.url)
-        }
-        versions = {url: [r.headers["x-model-version"] for r in rs] for url, rs in served.items()}
-        assert versions[a.url] == versions[b.url] and {"v1", "v2"} == set(versions[a.url])
+        # every route that reads the model routes by client: /metadata is the cheapest
+        versions = {}
+        for url in (a.url, b.url):
+            with httpx.Client(base_url=url, timeout=60) as http:
+                versions[url] = [
+                    http.get("/metadata", headers={"X-User-ID": u}).headers["x-model-version"]
+                    for u in KEYS
+                ]
+        assert versions[a.url] == versions[b.url]
+        share = versions[a.url].count("v2") / len(KEYS)
+        assert abs(share - 0.30) < 0.05, share  # 4.9 binomial standard deviations (0.0102)
+        for u in KEYS[:8]:  # and generation follows the same assignment
+            r = httpx.post(f"{b.url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
+            assert r.headers["x-model-version"] == versions[a.url][KEYS.index(u)]
 
         r = httpx.post(
             f"{a.url}/admin/traffic", json={"split": {"v2": 1}}, headers=ADMIN, timeout=60
@@ -216,7 +220,7 @@ def test_two_replicas_assign_alike_and_share_a_split_changed_on_one(redis_server
             return got["split"] == {"v2": 1.0}
 
         wait_for(b_follows, "replica B applies the split published by replica A")
-        for u in users[:5]:
+        for u in KEYS[:5]:
             r = httpx.post(f"{b.url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
             assert r.headers["x-model-version"] == "v2"
         assert metric(scrape(b.url), "ml_service_traffic_share", version="v2") == 1.0
