@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     rate_limit: str | None = Field(
         None,
         description="requests per API key (or client address without keys), e.g. '60/minute' or "
-        "'10/second;200/hour'; unset: no limit",
+        "'10/second;200/hour', counted across the fleet with redis_url (per replica without it, "
+        "or while Redis is down); unset: no limit",
     )
     auth_failure_limit: str | None = Field(
         "20/minute",

@@ -4,6 +4,7 @@ a limit on failed authentications per client address, the request body and heade
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import time
@@ -43,7 +44,12 @@ def _matches(token: str | None, secrets) -> bool:
 
 class Guard:
     """API keys and per-client rate limits for the generation routes, the admin token, and a
-    limit on failed authentications per client address (a brute-force guard)."""
+    limit on failed authentications per client address (a brute-force guard).
+
+    The counters live in the fleet's Redis when there is one (`limits`' moving window through
+    redis-py: a client's requests count on every replica), else in this replica's memory. Any
+    Redis failure or timeout falls back to the memory counters for that hit (the client is then
+    limited per replica), is counted as a `rate_limit` fallback, and never fails the request."""
 
     def __init__(self, settings: Settings, shared: SharedStore | None = None):
         self.settings = settings
@@ -53,33 +59,47 @@ class Guard:
             parse_many(settings.auth_failure_limit) if settings.auth_failure_limit else []
         )
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.fleet_limiter = None
+        if shared is not None and shared.enabled and (self.limits or self.failure_limits):
+            from limits.aio.storage import RedisStorage
+            from limits.aio.strategies import MovingWindowRateLimiter as FleetLimiter
 
-    def check(self, request: Request) -> None:
+            storage = RedisStorage(
+                "async+" + settings.redis_url,
+                implementation="redispy",
+                key_prefix="ml_service:limits",
+                socket_timeout=shared.timeout_s,
+                socket_connect_timeout=shared.timeout_s,
+            )
+            self.fleet_limiter = FleetLimiter(storage)
+
+    async def check(self, request: Request) -> None:
         """The generation routes: a valid API key (when keys are set), then the rate limit."""
-        token = self.authenticate(request)
+        token = await self.authenticate(request)
         if token is not None:
             client = "key:" + hmac.new(b"rate", token.encode(), "sha256").hexdigest()[:16]
         else:
             client = "addr:" + _address(request)
         for limit in self.limits:
-            if not self.limiter.hit(limit, client):
-                raise RateLimited(self._retry_after(limit, client), str(limit))
+            allowed, limiter = await self._count(limit, client, "hit")
+            if not allowed:
+                raise RateLimited(await self._retry_after(limiter, limit, client), str(limit))
 
-    def authenticate(self, request: Request) -> str | None:
+    async def authenticate(self, request: Request) -> str | None:
         """The request's valid API key, or None when keys are off; raises 401 for a missing or
         wrong key, and 429 while the client's address has failed too often."""
         if not self.settings.api_keys:
             return None
-        self._refuse_blocked(request)
+        await self._refuse_blocked(request)
         token = bearer_token(request)
         if token is None:
             raise Unauthorized([{"loc": ["authorization"], "msg": "missing bearer API key"}])
         if not _matches(token, self.settings.api_keys):
-            self._failed(request)
+            await self._failed(request)
             raise Unauthorized([{"loc": ["authorization"], "msg": "invalid API key"}])
         return token
 
-    def check_admin(self, request: Request) -> None:
+    async def check_admin(self, request: Request) -> None:
         if self.settings.admin_token is None:
             raise Unauthorized(
                 [
@@ -89,31 +109,60 @@ class Guard:
                     }
                 ]
             )
-        self._refuse_blocked(request)
+        await self._refuse_blocked(request)
         if not _matches(bearer_token(request), [self.settings.admin_token]):
-            self._failed(request)
+            await self._failed(request)
             raise Unauthorized([{"loc": ["authorization"], "msg": "invalid admin token"}])
 
     # -- failed authentications, per client address ----------------------------------------------
-    def _refuse_blocked(self, request: Request) -> None:
+    async def _refuse_blocked(self, request: Request) -> None:
         """429 while this address is over the failed-authentication limit (whatever it sends)."""
         address = "auth-failures:" + _address(request)
         for limit in self.failure_limits:
-            if not self.limiter.test(limit, address):
+            allowed, limiter = await self._count(limit, address, "test")
+            if not allowed:
                 raise RateLimited(
-                    self._retry_after(limit, address),
+                    await self._retry_after(limiter, limit, address),
                     f"{limit} failed authentications",
                     loc="authorization",
                 )
 
-    def _failed(self, request: Request) -> None:
+    async def _failed(self, request: Request) -> None:
         """Count a wrong key or token presented by this address."""
         address = "auth-failures:" + _address(request)
         for limit in self.failure_limits:
-            self.limiter.hit(limit, address)
+            await self._count(limit, address, "hit")
 
-    def _retry_after(self, limit, key: str) -> int:
-        reset_at = self.limiter.get_window_stats(limit, key).reset_time
+    # -- the counters: the fleet's, else this replica's ------------------------------------------
+    async def _count(self, limit, key: str, op: str):
+        """(allowed, the limiter that answered): `hit` counts a request, `test` only looks."""
+        if self.fleet_limiter is not None:
+            try:
+                call = getattr(self.fleet_limiter, op)(limit, key)
+                allowed = await asyncio.wait_for(call, self.shared.timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down, slow or restarting: this replica's memory
+                self.shared.failed("rate_limit", e)
+            else:
+                self.shared.succeeded()
+                return allowed, self.fleet_limiter
+        return getattr(self.limiter, op)(limit, key), self.limiter
+
+    async def _retry_after(self, limiter, limit, key: str) -> int:
+        if limiter is self.limiter:
+            reset_at = self.limiter.get_window_stats(limit, key).reset_time
+        else:
+            try:
+                stats = await asyncio.wait_for(
+                    limiter.get_window_stats(limit, key), self.shared.timeout_s
+                )
+                reset_at = stats.reset_time
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.shared.failed("rate_limit", e)
+                return max(1, math.ceil(limit.get_expiry()))  # at most one window
         return max(1, math.ceil(reset_at - time.time()))
 
 
@@ -126,11 +175,11 @@ async def _guard(request: Request) -> Guard:
 
 
 async def require_api_key(request: Request, guard: Annotated[Guard, Depends(_guard)]) -> None:
-    guard.check(request)
+    await guard.check(request)
 
 
 async def require_admin(request: Request, guard: Annotated[Guard, Depends(_guard)]) -> None:
-    guard.check_admin(request)
+    await guard.check_admin(request)
 
 
 class BodyLimit:
@@ -198,7 +247,7 @@ class InfoRouteGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and _route_path(scope) in self.paths:
             try:
-                self.guard.authenticate(Request(scope))
+                await self.guard.authenticate(Request(scope))
             except ServiceError as e:
                 return await e.send(scope, receive, send)
         await self.app(scope, receive, send)
