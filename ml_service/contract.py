@@ -140,6 +140,25 @@ class ModelService(ABC):
         /forward_batch and /metadata (default: none; text generation adds the OpenAI routes)."""
         return []
 
+    # -- the response cache (ml_service/cache.py): a service whose outputs are determined by
+    # their input says so here; by default nothing is cached
+    def cache_key(self, item: Any) -> str | None:
+        """A key that names this preprocessed input's output exactly (the model's content
+        included), or None when the output is not fully determined by it (never cached)."""
+        return None
+
+    def cache_encode(self, output: Any) -> dict:
+        """An output as JSON-ready data."""
+        raise NotImplementedError
+
+    def cache_decode(self, data: dict) -> Any:
+        """`cache_encode`'s inverse."""
+        raise NotImplementedError
+
+    def cache_complete(self, output: Any) -> bool:
+        """Whether an output may be stored (e.g. not one that was cut short)."""
+        return True
+
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:
         """The single requests inside a /forward_batch body."""
         items = getattr(batch_request, self.batch_field)

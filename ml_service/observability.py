@@ -202,6 +202,8 @@ class AccessLog:
                 extra = [(b"x-request-id", request_id.encode("latin-1"))]
                 if version := scope["state"].get("model_version"):  # the version that served it
                     extra.append((b"x-model-version", version.encode("utf-8", "replace")))
+                if cache := scope["state"].get("cache"):  # hit | miss | bypass (ml_service/cache)
+                    extra.append((b"x-cache", cache.encode()))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
@@ -231,6 +233,7 @@ class AccessLog:
             "latency_ms": round(seconds * 1000, 2),
             "client": (scope.get("client") or ("", 0))[0],
             "version": state.get("model_version"),
+            "cache": state.get("cache"),
             "prompt_tokens": state.get("prompt_tokens"),
             "completion_tokens": state.get("completion_tokens"),
         }

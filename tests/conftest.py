@@ -33,6 +33,7 @@ def settings() -> Settings:
         max_file_bytes=4096,
         max_text_chars=2000,
         background_load=False,
+        cache_ttl_s=0,  # every request reaches the model (tests/test_cache.py turns it on)
     )
 
 

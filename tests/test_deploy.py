@@ -111,6 +111,7 @@ def live_metrics(settings, tmp_path_factory) -> dict[str, set[str]]:
             "models_dir": versions,
             "traffic": "v1=1",
             "redis_url": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+            "cache_ttl_s": 600,  # the cache tries Redis, falls back (a miss), is counted
         }
     )
     greedy = {"text": "Привет", "max_new_tokens": 2, "temperature": 0}

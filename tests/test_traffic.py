@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import httpx
@@ -224,3 +225,60 @@ def test_two_replicas_assign_alike_and_share_a_split_changed_on_one(redis_server
             r = httpx.post(f"{b.url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
             assert r.headers["x-model-version"] == "v2"
         assert metric(scrape(b.url), "ml_service_traffic_share", version="v2") == 1.0
+
+
+def test_a_version_switch_under_load_fails_nothing_and_never_crosses_caches(settings, tmp_path):
+    """v1 and v2 with different weights, the cache on: greedy requests from 4 threads while the
+    default switches v1 -> v2 -> v1. Every answer is 200 and is exactly what the version named in
+    its X-Model-Version header answers alone (a cached answer of the other version would not be)."""
+    from tests.test_cache import perturbed_copy
+
+    root = tmp_path / "versions"
+    shutil.copytree(CHECKPOINT, root / "v1")
+    shutil.move(perturbed_copy(tmp_path, "v2"), root / "v2")
+    s = with_settings(
+        settings, models_dir=root, model_version="v1", admin_token="adm", cache_ttl_s=600
+    )
+    prompts = ["Москва — столица", "Привет, мир!", "Он открыл дверь и"]
+    body = {"max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}
+    with TestClient(create_app(s)) as c:
+        c.post("/admin/traffic", json={"split": {"v1": 1, "v2": 0.0001}}, headers=ADMIN)
+        alone = {
+            (v, p): c.post(
+                "/forward",
+                json={**body, "text": p, "cache": False},
+                headers={"X-Model-Version": v},
+            ).json()["text"]
+            for v in ("v1", "v2")
+            for p in prompts
+        }
+        assert any(alone[("v1", p)] != alone[("v2", p)] for p in prompts)  # they do differ
+        c.post("/admin/traffic", json={"split": None}, headers=ADMIN)
+        answers, stop = [], threading.Event()
+
+        def load(i: int) -> None:
+            while not stop.is_set():
+                p = prompts[i % len(prompts)]
+                r = c.post("/forward", json={**body, "text": p})
+                answers.append((r.status_code, r.headers.get("x-model-version"), p, r.json()))
+                i += 1
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for version in ("v2", "v1", "v2"):
+                n = len(answers)
+                wait_for(lambda n=n: len(answers) >= n + 6, "requests are answered meanwhile")
+                r = c.post("/admin/reload", json={"version": version}, headers=ADMIN)
+                assert r.status_code == 200, r.text
+            n = len(answers)
+            wait_for(lambda: len(answers) >= n + 6, "requests answered after the last switch")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert all(code == 200 for code, *_ in answers), answers
+        assert {v for _, v, _, _ in answers} == {"v1", "v2"}
+        for _, version, p, out in answers:
+            assert out["text"] == alone[(version, p)], (version, p)

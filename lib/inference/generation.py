@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -121,6 +121,27 @@ class GenerationResult:
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-ready): what a response cache stores."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationResult:
+        logprobs = data.get("logprobs")
+        return cls(
+            text=data["text"],
+            finish_reason=data["finish_reason"],
+            prompt_tokens=data["prompt_tokens"],
+            completion_tokens=data["completion_tokens"],
+            token_ids=list(data["token_ids"]),
+            logprobs=None
+            if logprobs is None
+            else [
+                TokenLogprob(e["token_id"], e["logprob"], [tuple(t) for t in e["top"]])
+                for e in logprobs
+            ],
+        )
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:

@@ -31,6 +31,7 @@ from ml_service.backend.errors import (
 )
 from ml_service.backend.schemas import ErrorResponse
 from ml_service.backend.security import require_api_key
+from ml_service.cache import CachedStream, StoringStream
 from ml_service.contract import InvalidInput, ModelService
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
@@ -87,8 +88,10 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         item = model.service.preprocess(req)
         deps.host.mirror([req], model)  # a copy for the shadow version, if any (never awaited)
         _note_prompt(request, req)
+        opted_in = getattr(req, "cache", True)
         if streams and req.stream:
-            events = model.engine.stream(item)  # queued now: a full queue is still a plain 503
+            # queued now (a full queue is still a plain 503), or the cached answer as a stream
+            (events,) = await stream_items(request, deps, model, [item], opted_in)
             return StreamingResponse(
                 _sse(
                     request,
@@ -101,9 +104,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        work = model.engine.submit(item)
-        output = await unless_disconnected(request, work, deps.settings.request_timeout_s)
-        note_usage(request, [output])
+        (output,) = await run_items(request, deps, model, [item], opted_in)
         return model.service.postprocess(output, req)
 
     @router.post(
@@ -135,9 +136,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
                 loc = model.service.batch_item_loc(i, e.loc)
                 raise BadRequest([{"loc": [str(x) for x in loc], "msg": str(e)}]) from None
         deps.host.mirror(requests, model)
-        work = model.engine.submit_many(items)
-        outputs = await unless_disconnected(request, work, deps.settings.request_timeout_s)
-        note_usage(request, outputs)
+        opted_in = getattr(batch_req, "cache", True)
+        outputs = await run_items(request, deps, model, items, opted_in)
         return model.service.batch_response(
             [model.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
         )
@@ -158,6 +158,37 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         }
 
     return router
+
+
+async def run_items(request: Request, deps, model, items: list, opted_in: bool = True) -> list:
+    """Outputs for preprocessed `items`, in order: those the response cache holds from it, the
+    others from the engine (together, one request to it), which are then stored; cancelled if the
+    client goes away, 504 past the timeout."""
+    plan = await deps.cache.plan(request, model.service, items, opted_in)
+    fresh = []
+    if todo := plan.missing():
+        work = model.engine.submit_many([items[i] for i in todo])
+        fresh = await unless_disconnected(request, work, deps.settings.request_timeout_s)
+        await deps.cache.store(plan, model.service, fresh)
+    outputs = plan.merged(fresh)
+    note_usage(request, outputs)
+    return outputs
+
+
+async def stream_items(request: Request, deps, model, items: list, opted_in: bool = True) -> list:
+    """One stream per item (the engine's `TokenStream` interface): a cached output as one piece,
+    the others queued on the engine now (and stored when they finish)."""
+    plan = await deps.cache.plan(request, model.service, items, opted_in)
+    streams = []
+    for item, key, found in zip(items, plan.keys, plan.found, strict=True):
+        if found is not None:
+            streams.append(CachedStream(found))
+            continue
+        stream = model.engine.stream(item)
+        if key is not None and plan.write:
+            stream = StoringStream(stream, deps.cache, key, model.service)
+        streams.append(stream)
+    return streams
 
 
 def check_room(engine, n: int) -> None:

@@ -22,6 +22,7 @@ from ml_service.backend.security import (
     InfoRouteGuard,
 )
 from ml_service.backend.ui import install_ui
+from ml_service.cache import ResponseCache
 from ml_service.contract import ModelService, load_service_class
 from ml_service.hosting import ModelHost
 from ml_service.observability import AccessLog, ServiceMetrics, access_log
@@ -46,7 +47,8 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     metrics = ServiceMetrics()
     host = ModelHost(settings, service, metrics)
     shared = SharedStore(settings.redis_url, settings.redis_timeout_ms, metrics.registry)
-    deps = AppDependencies(settings=settings, host=host, metrics=metrics, shared=shared)
+    cache = ResponseCache(settings, shared, metrics.registry)
+    deps = AppDependencies(settings, host, metrics, shared, cache)
     split_sync = SplitSync(shared)  # the fleet's A/B split, through Redis when there is one
 
     @asynccontextmanager

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from ml_service.backend.errors import ModelNotFound, ModelNotReady
 from ml_service.backend.security import bearer_token
+from ml_service.cache import ResponseCache
 from ml_service.hosting import Loaded, ModelHost, VersionNotFound
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
@@ -23,6 +24,7 @@ class AppDependencies:
     host: ModelHost
     metrics: ServiceMetrics
     shared: SharedStore  # the fleet's Redis (or none): use its `run` for every call
+    cache: ResponseCache  # answers repeated deterministic requests (in memory or in Redis)
 
 
 class RequestDependencies:

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from lib.inference import GenerationParams
-from ml_service.backend.schemas import MIN_REPETITION_PENALTY, Text
+from ml_service.backend.schemas import CACHE_DOC, MIN_REPETITION_PENALTY, Text
 
 MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI
@@ -75,6 +75,7 @@ class SamplingRequest(BaseModel):
         None, description="token id (as a string) -> bias in [-100, 100], added to its logit"
     )
     user: str | None = Field(None, description="accepted and ignored (logs carry the API key)")
+    cache: bool = Field(True, description=CACHE_DOC)
     # our extras
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 disables")
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from ml_service.backend import openai_serving as serving
-from ml_service.backend.api import _json_body, check_room, read_json_object
+from ml_service.backend.api import _json_body, check_room, read_json_object, stream_items
 from ml_service.backend.dependencies import DepsDep
 from ml_service.backend.errors import BadRequest, pydantic_errors
 from ml_service.backend.openai_protocol import (
@@ -88,10 +88,9 @@ def build_openai_router() -> APIRouter:
             outputs = serving.scored_only(prompts, req.n)
             return await serving.completion_response(request, req, loaded, prompts, outputs)
         items = serving.engine_items(req, prompts, loaded, req.max_tokens, req.logprobs, "prompt")
-        timeout = deps.settings.request_timeout_s
         if req.stream:
-            return _stream_completion(request, deps, req, loaded, prompts, items)
-        outputs = await serving.generate(request, loaded, items, timeout)
+            return await _stream_completion(request, deps, req, loaded, prompts, items)
+        outputs = await serving.generate(request, deps, loaded, items, req.cache)
         return await serving.completion_response(request, req, loaded, prompts, outputs)
 
     @router.post(
@@ -116,18 +115,19 @@ def build_openai_router() -> APIRouter:
         asked = req.asked_tokens()
         items = serving.engine_items(req, [prompt], loaded, asked, top, "messages", extra_stop)
         if req.stream:
-            return _stream_chat(request, deps, req, loaded, prompt, items)
-        outputs = await serving.generate(request, loaded, items, deps.settings.request_timeout_s)
+            return await _stream_chat(request, deps, req, loaded, prompt, items)
+        outputs = await serving.generate(request, deps, loaded, items, req.cache)
         return serving.chat_response(req, loaded, prompt, outputs)
 
     return router
 
 
-def _stream(request, deps, req, loaded, prompts, items, prefix: str, obj: str, choice):
+async def _stream(request, deps, req, loaded, prompts, items, prefix: str, obj: str, choice):
     """The streamed answer: `choice(i, text, finish, first)` shapes one choice of a chunk
     (`first`: the choice's first piece); the chunks share one id and header fields."""
     check_room(loaded.engine, len(items))
-    streams = [loaded.engine.stream(item) for item in items]  # queued now: a full queue is a 503
+    # queued now (a full queue is a 503), or cached answers as streams
+    streams = await stream_items(request, deps, loaded, items, req.cache)
     base = {
         "id": serving.response_id(prefix),
         "object": obj,
@@ -155,19 +155,21 @@ def _stream(request, deps, req, loaded, prompts, items, prefix: str, obj: str, c
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _stream_completion(request, deps, req, loaded, prompts, items) -> StreamingResponse:
+async def _stream_completion(request, deps, req, loaded, prompts, items) -> StreamingResponse:
     def choice(i: int, text: str, finish, first: bool) -> dict:
         if req.echo and first:  # the prompt comes first, with the choice's first piece
             text = prompts[i // req.n].text + text
         return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
 
-    return _stream(request, deps, req, loaded, prompts, items, "cmpl", "text_completion", choice)
+    return await _stream(
+        request, deps, req, loaded, prompts, items, "cmpl", "text_completion", choice
+    )
 
 
-def _stream_chat(request, deps, req, loaded, prompt, items) -> StreamingResponse:
+async def _stream_chat(request, deps, req, loaded, prompt, items) -> StreamingResponse:
     def choice(i: int, text: str, finish, first: bool) -> dict:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     obj = "chat.completion.chunk"
-    return _stream(request, deps, req, loaded, [prompt], items, "chatcmpl", obj, choice)
+    return await _stream(request, deps, req, loaded, [prompt], items, "chatcmpl", obj, choice)

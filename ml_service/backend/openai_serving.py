@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 
 from lib.inference import GenerationResult, InvalidTokens, PromptTooLong, TokenLogprob
-from ml_service.backend.api import check_room, note_usage, unless_disconnected
+from ml_service.backend.api import check_room, note_usage, run_items
 from ml_service.backend.errors import BadRequest, ModelNotFound, as_service_error
 from ml_service.backend.openai_protocol import (
     AssistantMessage,
@@ -204,11 +204,9 @@ def _with_stop(params, extra: tuple[str, ...]):
     return replace(params, stop=params.stop + tuple(s for s in extra if s not in params.stop))
 
 
-async def generate(request: Request, loaded: Loaded, items: list, timeout: float):
+async def generate(request: Request, deps, loaded: Loaded, items: list, opted_in: bool):
     check_room(loaded.engine, len(items))
-    outputs = await unless_disconnected(request, loaded.engine.submit_many(items), timeout)
-    note_usage(request, outputs)
-    return outputs
+    return await run_items(request, deps, loaded, items, opted_in)
 
 
 # -- results into responses ----------------------------------------------------------------------

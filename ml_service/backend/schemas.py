@@ -131,6 +131,12 @@ def _non_blank(v: str) -> str:
     return v
 
 
+CACHE_DOC = (
+    "false: never answer from the response cache, nor store this answer there (only greedy or "
+    "seeded requests are ever cached; the `Cache-Control: no-cache` / `no-store` headers work too)"
+)
+
+
 class ForwardRequest(GenerationOptions):
     text: Text = Field(..., description="the prompt (UTF-8)", examples=["Привет, мир!"])
     stream: bool = Field(
@@ -138,6 +144,7 @@ class ForwardRequest(GenerationOptions):
         description="answer with Server-Sent Events: `token` events with pieces of text as they "
         "are generated, then one `done` event with the whole response",
     )
+    cache: bool = Field(True, description=CACHE_DOC)
 
     _text = field_validator("text")(classmethod(lambda cls, v: _non_blank(v)))
 
@@ -149,6 +156,7 @@ class ForwardBatchRequest(GenerationOptions):
         description="prompts; one result per text, in order",
         examples=[["Привет, мир!", "Москва"]],
     )
+    cache: bool = Field(True, description=CACHE_DOC)
 
     @field_validator("texts")
     @classmethod

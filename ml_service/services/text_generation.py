@@ -5,6 +5,10 @@ steps, each row with its own parameters, and `/forward` can stream (`"stream": t
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
+
 from lib.inference import (
     GenerationEngine,
     GenerationParams,
@@ -74,6 +78,26 @@ class TextGenerationService(CheckpointService):
 
     def postprocess(self, output: GenerationResult, request: ForwardRequest) -> ForwardResponse:
         return ForwardResponse(model=self.model_id, **Completion.from_result(output).model_dump())
+
+    def cache_key(self, item: PreparedPrompt) -> str | None:
+        """Greedy or seeded generations only (an unseeded sample must differ each time): the
+        checkpoint's content hash, the prompt's ids and every parameter after defaults."""
+        p = item.params
+        if p.temperature != 0 and p.seed is None:
+            return None
+        if self.inference.checkpoint_sha256 is None:  # e.g. a random preset: no content to name
+            return None
+        identity = [self.inference.checkpoint_sha256, list(item.ids), asdict(p)]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def cache_encode(self, output: GenerationResult) -> dict:
+        return output.to_dict()
+
+    def cache_decode(self, data: dict) -> GenerationResult:
+        return GenerationResult.from_dict(data)
+
+    def cache_complete(self, output: GenerationResult) -> bool:
+        return output.finish_reason != "cancelled"
 
     def split_batch(self, batch_request: ForwardBatchRequest) -> list[ForwardRequest]:
         """One request per text; with a seed, row i samples with seed + i (rows differ, the batch
