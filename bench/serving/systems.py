@@ -213,6 +213,9 @@ class Ours(System):
         env = {
             "ML_SERVICE_MAX_BATCH_SIZE": str(self.max_batch_size),
             "ML_SERVICE_LOG_LEVEL": "warning",
+            # every request reaches the model: rows repeat (prompt, seed) pairs, and a cache hit
+            # would measure the cache, which the peers do not have
+            "ML_SERVICE_CACHE_TTL_S": "0",
         }
         if (self.device, self.dtype) != ("cpu", "float32"):
             env.update(ML_SERVICE_DEVICE=self.device, ML_SERVICE_DTYPE=self.dtype)
