@@ -171,9 +171,7 @@ class ModelHost:
             self.split = split
             if self.metrics is not None:
                 self.metrics.set_split(split.shares())
-            keep = {*split.versions, *(v.version for v in (self.current, self.shadow) if v)}
-            for name in [n for n in self.loaded if n not in keep]:
-                self._retire(self.loaded.pop(name))
+            self._prune()
             log.info("traffic split now %s", split.text())
 
     async def clear_traffic(self) -> None:
@@ -182,9 +180,7 @@ class ModelHost:
             self.split = None
             if self.metrics is not None:
                 self.metrics.set_split({})
-            keep = {v.version for v in (self.current, self.shadow) if v}
-            for name in [n for n in self.loaded if n not in keep]:
-                self._retire(self.loaded.pop(name))
+            self._prune()
             log.info("traffic split cleared: the default version serves everything")
 
     def choose(self, client: str, pinned: str | None = None) -> Loaded:
@@ -215,11 +211,11 @@ class ModelHost:
                     "the current model keeps serving"
                 ) from e
             old = self.current
-            replaced = self.loaded.get(loaded.version)
+            replaced = self.loaded.get(loaded.version)  # the same version, read again
             self._install(loaded)
-            for previous in {id(v): v for v in (old, replaced) if v is not None}.values():
-                if all(previous is not v for v in self._engines_of()):  # nobody routes to it
-                    self._retire(previous)
+            if replaced is not None and all(replaced is not v for v in self._engines_of()):
+                self._retire(replaced)
+            self._prune()
             log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
             return loaded, old
 
@@ -245,6 +241,14 @@ class ModelHost:
         self._shadowing.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("shadow request failed: %r", task.exception())
+
+    def _prune(self) -> None:
+        """Unload (after their in-flight requests) the versions nobody routes to any more: not
+        the default, not in the split, not the shadow."""
+        keep = {v.version for v in (self.current, self.shadow) if v}
+        keep |= set(self.split.versions if self.split else ())
+        for name in [n for n in self.loaded if n not in keep]:
+            self._retire(self.loaded.pop(name))
 
     def _retire(self, old: Loaded) -> None:
         """Stop an engine once its in-flight requests are done, off the event loop."""

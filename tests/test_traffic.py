@@ -171,6 +171,25 @@ def test_a_shadow_version_gets_a_copy_and_its_answers_are_discarded(settings, mo
         assert requests == 0  # nobody was served by it
 
 
+def test_a_reload_unloads_the_version_nobody_routes_to(settings, models_dir):
+    s = with_settings(settings, models_dir=models_dir, model_version="v1", admin_token="adm")
+    with TestClient(create_app(s)) as c:
+        host = c.app.state.deps.host
+        old = host.current
+        assert c.post("/admin/reload", json={"version": "v2"}, headers=ADMIN).status_code == 200
+        assert c.get("/metadata").json()["loaded_versions"] == ["v2"]
+        wait_for(lambda: old.engine.stopped, "v1 engine stopped")
+        # in a split, the old default stays: clients are still routed to it
+        c.post("/admin/traffic", json={"split": {"v1": 1, "v2": 1}}, headers=ADMIN)
+        assert c.post("/admin/reload", json={"version": "v1"}, headers=ADMIN).status_code == 200
+        assert c.get("/metadata").json()["loaded_versions"] == ["v1", "v2"]
+        # the same version read again: the copy it replaces is stopped
+        again = host.loaded["v1"]
+        assert c.post("/admin/reload", json={}, headers=ADMIN).status_code == 200
+        assert host.loaded["v1"] is not again
+        wait_for(lambda: again.engine.stopped, "the replaced copy stopped")
+
+
 def test_a_split_needs_versions(settings):
     s = with_settings(settings, admin_token="adm")
     with TestClient(create_app(s)) as c:

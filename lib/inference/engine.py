@@ -141,6 +141,11 @@ class GenerationEngine:
             self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
             self._thread.start()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether its decoding thread has ended (after `stop`), or never started."""
+        return self._thread is None
+
     def stop(self, timeout: float = 30.0) -> None:
         """Take no new requests, finish the queued and running ones (up to `timeout`), then end."""
         with self._cond:
