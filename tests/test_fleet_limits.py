@@ -3,14 +3,20 @@ two real service processes, one real redis-server; and Redis taken away under lo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 
 import httpx
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 
 from ml_service.backend.app import create_app
+from ml_service.backend.errors import RateLimited, Unauthorized
+from ml_service.backend.security import Guard
+from ml_service.shared import SharedStore
 from tests.conftest import CHECKPOINT, wait_for
 from tests.test_ops import with_settings
 from tests.test_server import free_port, metric, running_server, scrape
@@ -33,12 +39,61 @@ def test_without_redis_the_limit_holds_per_replica_and_the_fallback_is_counted(s
         assert c.get("/ready").status_code == 200
 
 
+def _request(token: str | None, host: str = "10.0.0.7") -> Request:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    scope = {"type": "http", "method": "POST", "path": "/forward", "headers": headers}
+    return Request({**scope, "query_string": b"", "client": (host, 40000)})
+
+
+def test_guard_falls_back_to_memory_when_redis_does_not_answer(settings):
+    """Guard alone (no app, no model): a SharedStore on a port where nothing listens. The rate
+    limit and the failed-authentication limit still hold, in memory, with a Retry-After, and
+    every hit that could not reach Redis is counted as a fallback."""
+    registry = CollectorRegistry()
+    shared = SharedStore(f"redis://127.0.0.1:{free_port()}/0", 50, registry)
+    s = with_settings(settings, rate_limit="2/minute", api_keys="k1", auth_failure_limit="2/minute")
+    guard = Guard(s, shared)
+    assert guard.fleet_limiter is not None
+
+    def fallbacks() -> float:
+        return (
+            registry.get_sample_value("ml_service_redis_fallbacks_total", {"use": "rate_limit"})
+            or 0
+        )
+
+    async def scenario() -> None:
+        await guard.check(_request("k1"))
+        await guard.check(_request("k1"))
+        with pytest.raises(RateLimited) as over:
+            await guard.check(_request("k1"))
+        assert 1 <= over.value.retry_after_s <= 60
+        seen = fallbacks()
+        assert seen >= 3  # one per hit at least (the auth-failure test counts too)
+        with pytest.raises(RateLimited):  # counted per key, not per address
+            await guard.check(_request("k1", host="10.0.0.8"))
+        # wrong keys from one address: 2 failures, then 429 even with the right key
+        for _ in range(2):
+            with pytest.raises(Unauthorized):
+                await guard.check(_request("nope"))
+        with pytest.raises(RateLimited) as blocked:
+            await guard.check(_request("k1"))
+        assert blocked.value.errors[0]["loc"] == ["authorization"]
+        assert 1 <= blocked.value.retry_after_s <= 60
+        assert fallbacks() > seen
+        await shared.close()
+
+    asyncio.run(scenario())
+    assert registry.get_sample_value("ml_service_redis_up") == 0
+    assert not shared.healthy
+
+
 @pytest.mark.slow
 def test_two_replicas_share_one_clients_limit(redis_server):
     env = {
         "ML_SERVICE_REDIS_URL": redis_server.url,
         "ML_SERVICE_RATE_LIMIT": "6/minute",
         "ML_SERVICE_API_KEYS": "k1,k2",
+        "ML_SERVICE_AUTH_FAILURE_LIMIT": "3/hour",
     }
     args = ["--checkpoint", str(CHECKPOINT)]
     with running_server(args, env=env) as a, running_server(args, env=env) as b:
@@ -57,33 +112,57 @@ def test_two_replicas_share_one_clients_limit(redis_server):
         assert other.status_code == 200
         assert redis_server.client().keys("ml_service:limits*")
         assert metric(scrape(a.url), "ml_service_redis_fallbacks_total") == 0
+        # wrong keys spread over both replicas: 3 failures in all, then this address is blocked on
+        # both (last: the block refuses even a correct key from this address)
+        bad = {"Authorization": "Bearer nope"}
+        codes = [
+            httpx.post(f"{next(replicas)}/forward", json=TINY, headers=bad, timeout=60).status_code
+            for _ in range(5)
+        ]
+        assert codes == [401] * 3 + [429] * 2, codes
+        for url in (a.url, b.url):
+            r = httpx.post(f"{url}/forward", json=TINY, headers=bad, timeout=60)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        for url in (a.url, b.url):
+            assert metric(scrape(url), "ml_service_redis_fallbacks_total") == 0
 
 
 @pytest.mark.slow
 def test_redis_killed_under_load_fails_no_request_and_sharing_resumes(redis_server):
-    env = {"ML_SERVICE_REDIS_URL": redis_server.url, "ML_SERVICE_RATE_LIMIT": "100000/minute"}
+    """8 clients (one key each, 25 requests each: under their 30/hour even when each replica
+    counts them alone) over two replicas; Redis killed after 50 answers. Every request is
+    answered, both replicas count rate-limit fallbacks, and once Redis is back a new key is
+    limited to 30 in all across both replicas again."""
+    keys = [f"k{i}" for i in range(9)] + ["probe"]
+    env = {
+        "ML_SERVICE_REDIS_URL": redis_server.url,
+        "ML_SERVICE_RATE_LIMIT": "30/hour",
+        "ML_SERVICE_API_KEYS": ",".join(keys),
+    }
     args = ["--checkpoint", str(CHECKPOINT)]
     with running_server(args, env=env) as a, running_server(args, env=env) as b:
         statuses: list[int] = []
         errors: list[str] = []
         lock = threading.Lock()
-        jobs = iter(range(200))
 
-        def client(url: str) -> None:
-            with httpx.Client(base_url=url, timeout=60) as http:
-                while True:
-                    with lock:
-                        if next(jobs, None) is None:
-                            return
+        def client(url: str, key: str) -> None:
+            headers = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+                for _ in range(25):
                     try:
                         code = http.post("/forward", json=TINY).status_code
                     except httpx.HTTPError as e:  # counted as a failure below
-                        code, reason = 0, repr(e)
-                        errors.append(reason)
+                        code = 0
+                        with lock:
+                            errors.append(repr(e))
                     with lock:
                         statuses.append(code)
 
-        threads = [threading.Thread(target=client, args=(u,)) for u in [a.url, b.url] * 4]
+        urls = [a.url, b.url] * 4
+        threads = [
+            threading.Thread(target=client, args=(u, k))
+            for u, k in zip(urls, keys[:8], strict=True)
+        ]
         for t in threads:
             t.start()
         wait_for(lambda: len(statuses) >= 50, "a quarter of the load is answered")
@@ -96,14 +175,25 @@ def test_redis_killed_under_load_fails_no_request_and_sharing_resumes(redis_serv
             text = scrape(url)
             assert metric(text, "ml_service_redis_fallbacks_total", use="rate_limit") > 0, url
             assert metric(text, "ml_service_redis_up") == 0
-            assert "Redis unavailable" in (a.log.read_text() + b.log.read_text())
+        assert "Redis unavailable" in a.log.read_text() + b.log.read_text()
 
-        redis_server.start()  # the same port: the replicas reconnect on their next call
+        redis_server.start()  # the same port, empty: the replicas reconnect on their next call
+        probe = {"Authorization": "Bearer probe"}
 
         def shared_again() -> bool:
-            for url in (a.url, b.url):
-                assert httpx.post(f"{url}/forward", json=TINY, timeout=60).status_code == 200
+            for url in (a.url, b.url):  # answered, or limited once past its own 30: never failed
+                r = httpx.post(f"{url}/forward", json=TINY, headers=probe, timeout=60)
+                assert r.status_code in (200, 429), r.text
             return all(metric(scrape(u), "ml_service_redis_up") == 1 for u in (a.url, b.url))
 
         wait_for(shared_again, "both replicas use Redis again")
+        # a new client (k8): 30 answers in all across both replicas, then 429 on both
+        fresh = {"Authorization": "Bearer k8"}
+        replicas = itertools.cycle([a.url, b.url])
+        codes = [
+            httpx.post(f"{next(replicas)}/forward", json=TINY, headers=fresh, timeout=60)
+            for _ in range(32)
+        ]
+        assert [r.status_code for r in codes] == [200] * 30 + [429] * 2
+        assert all(int(r.headers["retry-after"]) >= 1 for r in codes[30:])
         assert redis_server.client().keys("ml_service:limits*")  # counted there again

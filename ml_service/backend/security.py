@@ -64,12 +64,13 @@ class Guard:
             from limits.aio.storage import RedisStorage
             from limits.aio.strategies import MovingWindowRateLimiter as FleetLimiter
 
+            # the shared store's redis-py pool: the same short timeouts, any URL redis-py takes
+            # (redis://, rediss://, unix://), one set of connections, closed with the store
             storage = RedisStorage(
-                "async+" + settings.redis_url,
+                "async+redis://",
                 implementation="redispy",
                 key_prefix="ml_service:limits",
-                socket_timeout=shared.timeout_s,
-                socket_connect_timeout=shared.timeout_s,
+                connection_pool=shared.pool,
             )
             self.fleet_limiter = FleetLimiter(storage)
 
