@@ -90,34 +90,48 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self.ttl_s > 0
 
-    # -- raw storage: JSON text by key ------------------------------------------------------------
-    async def get(self, key: str) -> str | None:
+    # -- storage: JSON objects by key -------------------------------------------------------------
+    async def get(self, key: str) -> dict | None:
+        """The value stored under `key`, or None: absent, expired, unreadable, or Redis failed."""
         if self.shared.enabled:
             raw = await self.shared.run(
                 "cache", lambda: self.shared.client.get(KEY_PREFIX + key), None
             )
-            return raw.decode() if isinstance(raw, bytes) else raw
-        entry = self._memory.get(key)
-        if entry is None:
+        else:
+            raw = self._memory_get(key)
+        if raw is None:
             return None
-        expiry, value = entry
-        if self.clock() >= expiry:
-            del self._memory[key]
+        try:
+            value = json.loads(raw)
+        except ValueError:  # not JSON (another writer): a miss
             return None
-        self._memory.move_to_end(key)
-        return value
+        return value if isinstance(value, dict) else None
 
-    async def put(self, key: str, value: str) -> None:
+    async def put(self, key: str, value: dict) -> None:
+        """Store `value` (JSON-ready) for `cache_ttl_s`; a Redis that fails stores nothing."""
+        text = json.dumps(value, ensure_ascii=False)
         if self.shared.enabled:
             ttl_ms = max(1, int(self.ttl_s * 1000))
             await self.shared.run(
-                "cache", lambda: self.shared.client.set(KEY_PREFIX + key, value, px=ttl_ms), None
+                "cache", lambda: self.shared.client.set(KEY_PREFIX + key, text, px=ttl_ms), None
             )
             return
-        self._memory[key] = (self.clock() + self.ttl_s, value)
+        # kept as text: a caller that changes what `get` returned cannot change the entry
+        self._memory[key] = (self.clock() + self.ttl_s, text)
         self._memory.move_to_end(key)
         while len(self._memory) > self.max_entries:
             self._memory.popitem(last=False)
+
+    def _memory_get(self, key: str) -> str | None:
+        entry = self._memory.get(key)
+        if entry is None:
+            return None
+        expiry, text = entry
+        if self.clock() >= expiry:
+            del self._memory[key]
+            return None
+        self._memory.move_to_end(key)  # the most recently used goes last (evicted last)
+        return text
 
     # -- a request's items ------------------------------------------------------------------------
     async def plan(
@@ -127,12 +141,12 @@ class ResponseCache:
         `X-Cache` header and counts each item's result."""
         read, write = self._policy(request, opted_in)
         keys = [service.cache_key(it) if (read or write) else None for it in items]
-        raws = await asyncio.gather(
+        values = await asyncio.gather(
             *(self.get(k) if (k is not None and read) else _none() for k in keys)
         )
         found, results = [], []
-        for key, raw in zip(keys, raws, strict=True):
-            output = _decode(service, raw)
+        for key, data in zip(keys, values, strict=True):
+            output = _decode(service, data)
             found.append(output)
             results.append(
                 "bypass" if key is None or not read else "hit" if output is not None else "miss"
@@ -148,7 +162,7 @@ class ResponseCache:
         if not plan.write:
             return
         puts = [
-            self.put(key, json.dumps(service.cache_encode(out), ensure_ascii=False))
+            self.put(key, service.cache_encode(out))
             for key, out in zip((plan.keys[i] for i in plan.missing()), fresh, strict=True)
             if key is not None and service.cache_complete(out)
         ]
@@ -158,8 +172,7 @@ class ResponseCache:
         """`store` for one streamed output, from inside the stream (never delays its end)."""
         if key is None or not service.cache_complete(output):
             return
-        value = json.dumps(service.cache_encode(output), ensure_ascii=False)
-        task = asyncio.ensure_future(self.put(key, value))
+        task = asyncio.ensure_future(self.put(key, service.cache_encode(output)))
         self._storing.add(task)
         task.add_done_callback(self._storing.discard)
 
@@ -179,11 +192,11 @@ async def _none() -> None:
     return None
 
 
-def _decode(service, raw: str | None):
-    if raw is None:
+def _decode(service, data: dict | None):
+    if data is None:
         return None
     try:
-        return service.cache_decode(json.loads(raw))
+        return service.cache_decode(data)
     except (ValueError, TypeError, KeyError):  # an entry from another release: a miss
         return None
 

@@ -3,6 +3,7 @@ route, TTL and LRU in memory, and a fleet sharing it through a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
@@ -14,7 +15,9 @@ from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
 
 from ml_service.backend.app import create_app
+from ml_service.backend.schemas import ForwardRequest
 from ml_service.cache import ResponseCache
+from ml_service.services.text_generation import TextGenerationService
 from ml_service.shared import SharedStore
 from tests.conftest import CHECKPOINT
 from tests.test_ops import with_settings
@@ -22,6 +25,7 @@ from tests.test_server import metric, running_server, scrape
 
 GREEDY = {"text": "Москва — столица", "max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0}
 SEEDED = {"text": "Привет", "max_new_tokens": 6, "min_new_tokens": 6, "seed": 7}
+NO_STORE = {"Cache-Control": "no-store"}
 SAMPLED = {"text": "Привет", "max_new_tokens": 6, "temperature": 0.9}
 
 
@@ -85,6 +89,10 @@ def test_a_batch_is_cached_per_item(client):
     again = client.post("/forward_batch", json=body)
     assert again.headers["x-cache"] == "hit" and again.content == first.content
     assert tokens_generated(client) == before
+    r = client.post("/forward_batch", json={**body, "cache": False})
+    assert r.headers["x-cache"] == "bypass"
+    sampled = {**body, "temperature": 0.9}  # unseeded: every item bypasses
+    assert client.post("/forward_batch", json=sampled).headers["x-cache"] == "bypass"
 
 
 def test_a_streamed_hit_streams_the_cached_text(client):
@@ -110,6 +118,11 @@ def test_the_openai_routes_are_cached_too(client):
     assert (first.headers["x-cache"], again.headers["x-cache"]) == ("miss", "hit")
     strip = lambda r: {k: v for k, v in r.json().items() if k not in ("id", "created")}  # noqa: E731
     assert strip(first) == strip(again)  # logprobs included
+    assert "logprobs" in first.text and first.json()["choices"][0]["logprobs"]
+    other = client.post("/v1/completions", json={**body, "logprobs": 1})  # another answer
+    assert other.headers["x-cache"] == "miss"
+    for opt_out in ({"json": {**body, "cache": False}}, {"json": body, "headers": NO_STORE}):
+        assert client.post("/v1/completions", **opt_out).headers["x-cache"] == "bypass"
     chat = {"messages": [{"role": "user", "content": "Привет"}], "max_tokens": 4, "seed": 3}
     first = client.post("/v1/chat/completions", json=chat)
     with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
@@ -129,21 +142,47 @@ def test_memory_cache_expires_and_keeps_the_most_recently_used(settings):
     )
 
     async def run():
-        await cache.put("a", "1")
-        await cache.put("b", "2")
-        assert await cache.get("a") == "1"  # a is now the most recently used
-        await cache.put("c", "3")  # over the bound: b goes
+        await cache.put("a", {"v": 1})
+        await cache.put("b", {"v": 2})
+        got = await cache.get("a")  # a is now the most recently used
+        assert got == {"v": 1}
+        got["v"] = 9  # the caller's copy: the entry stays as stored
+        await cache.put("c", {"v": 3})  # over the bound: b goes
         assert (await cache.get("b"), await cache.get("a"), await cache.get("c")) == (
             None,
-            "1",
-            "3",
+            {"v": 1},
+            {"v": 3},
         )
+        now[0] = 9.999
+        assert await cache.get("a") == {"v": 1}
         now[0] = 10.0  # the TTL has passed
         assert await cache.get("a") is None and await cache.get("c") is None
 
-    import asyncio
-
     asyncio.run(run())
+
+
+def test_the_key_names_the_content_the_numerics_the_prompt_and_every_parameter(settings):
+    f32 = TextGenerationService(with_settings(settings, dtype="float32"))
+    bf16 = TextGenerationService(with_settings(settings, dtype="bfloat16"))
+    f32.load()
+    bf16.load()
+
+    def key(service, **changes):
+        return service.cache_key(service.preprocess(ForwardRequest(**{**GREEDY, **changes})))
+
+    assert key(f32) == key(f32) and len(key(f32)) == 64
+    assert key(bf16) != key(f32)  # the same files, other rounding: another answer
+    for change in (
+        {"text": GREEDY["text"] + " "},
+        {"max_new_tokens": 7},
+        {"repetition_penalty": 1.2},
+        {"stop": ["."]},
+        {"top_k": 3},
+        {"seed": 1},
+    ):
+        assert key(f32, **change) not in (None, key(f32)), change
+    assert key(f32, temperature=0.9) is None  # unseeded sampling: never cached
+    assert key(f32, temperature=0.9, seed=1) != key(f32, temperature=0.9, seed=2)
 
 
 def test_a_zero_ttl_turns_the_cache_off(settings):

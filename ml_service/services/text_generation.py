@@ -81,13 +81,18 @@ class TextGenerationService(CheckpointService):
 
     def cache_key(self, item: PreparedPrompt) -> str | None:
         """Greedy or seeded generations only (an unseeded sample must differ each time): the
-        checkpoint's content hash, the prompt's ids and every parameter after defaults."""
+        checkpoint's content hash, the numerics that run it (dtype and device kind: bfloat16 or a
+        GPU round differently, so their greedy answers may differ), the prompt's ids and every
+        parameter after defaults."""
         p = item.params
         if p.temperature != 0 and p.seed is None:
             return None
-        if self.inference.checkpoint_sha256 is None:  # e.g. a random preset: no content to name
+        inference = self.inference
+        if inference.checkpoint_sha256 is None:  # e.g. a random preset: no content to name
             return None
-        identity = [self.inference.checkpoint_sha256, list(item.ids), asdict(p)]
+        weight = next(inference.model.parameters())
+        numerics = f"{weight.dtype}@{weight.device.type}"
+        identity = [inference.checkpoint_sha256, numerics, list(item.ids), asdict(p)]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def cache_encode(self, output: GenerationResult) -> dict:
