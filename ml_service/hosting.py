@@ -94,7 +94,15 @@ class ModelHost:
             metrics.track_engine(
                 lambda: sum(v.engine.running for v in self._engines_of()),
                 lambda: sum(v.engine.waiting for v in self._engines_of()),
+                lambda: float(self.engines_alive()),
             )
+
+    def engines_alive(self) -> bool:
+        """Whether every loaded version's engine takes requests (an engine in its own process
+        is not while that process restarts after a crash)."""
+        return bool(self.current) and all(
+            getattr(v.engine, "alive", True) for v in self._engines_of()
+        )
 
     def _engines_of(self) -> list[Loaded]:
         """Every loaded version (the default, the split's, the shadow), once each."""

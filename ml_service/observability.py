@@ -98,6 +98,18 @@ class ServiceMetrics:
         self.waiting = Gauge(
             f"{PREFIX}_num_requests_waiting", "requests waiting for a batch row", registry=r
         )
+        self.engine_up = Gauge(
+            f"{PREFIX}_engine_up",
+            "1 while every loaded version's engine takes requests; 0 while an engine process "
+            "is restarting (or failed)",
+            registry=r,
+        )
+        self.engine_restarts = Counter(
+            f"{PREFIX}_engine_restarts",
+            "engine processes that died and were replaced (their in-flight requests failed)",
+            v,
+            registry=r,
+        )
         self.version_requests = Counter(
             f"{PREFIX}_version_requests",
             "model requests (POST) routed to each version (the split's choice, a pin, or the "
@@ -123,10 +135,16 @@ class ServiceMetrics:
         for version, share in shares.items():
             self.traffic_share.labels(version=version).set(share)
 
-    def track_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+    def track_engine(
+        self,
+        running: Callable[[], float],
+        waiting: Callable[[], float],
+        up: Callable[[], float] = lambda: 1.0,
+    ) -> None:
         """Read the engine's state at scrape time (the functions follow a reloaded engine)."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+        self.engine_up.set_function(up)
 
     def set_model(self, meta: dict, version: str | None) -> None:
         self.model_info.clear()
@@ -157,6 +175,7 @@ class VersionObserver(EngineObserver):
         self.generation_tokens = m.generation_tokens.labels(version=version)
         self.itl = m.itl.labels(version=version)
         self.ttft = m.ttft.labels(version=version)
+        self.restarts = m.engine_restarts.labels(version=version)
 
     def on_admitted(self, request) -> None:
         self.queue_time.observe(time.monotonic() - request.arrived_at)
@@ -173,6 +192,9 @@ class VersionObserver(EngineObserver):
     def on_finished(self, request) -> None:
         if request.first_token_at is not None:
             self.ttft.observe(request.first_token_at - request.arrived_at)
+
+    def on_restart(self) -> None:
+        self.restarts.inc()
 
 
 class AccessLog:

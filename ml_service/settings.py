@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    engine: Literal["process", "thread"] = Field(
+        "process",
+        description="where the text-generation engine runs: `process` (its own process: the "
+        "HTTP side and the decode loop share no GIL; a crashed engine is restarted) or `thread` "
+        "(a thread of the server process: one process, one copy of everything)",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -73,6 +73,9 @@ class EngineObserver:
 
     def on_finished(self, request: GenerationRequest) -> None: ...
 
+    def on_restart(self) -> None:
+        """The engine's process died and a new one took over (engine_process.py)."""
+
 
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
@@ -102,6 +105,7 @@ class GenerationEngine:
         lock: threading.Lock | None = None,
         observer: EngineObserver | None = None,
         threads: int | None = None,
+        outbox: _Outbox | None = None,
     ):
         self.threads = threads or default_math_threads()  # the model's math, on the engine thread
         self.max_batch_size = max_batch_size
@@ -114,7 +118,9 @@ class GenerationEngine:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._outbox = _Outbox()
+        # where a step's pieces and results go (once per step): event loops in this process,
+        # or the channel to the front process (engine_process.py)
+        self._outbox = outbox or _Outbox()
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -271,8 +277,8 @@ class GenerationEngine:
                 except Exception as e:
                     log.exception("admitting %d new requests failed", len(admitted))
                     batch.fail_requests(admitted, GenerationFailed(str(e)))
-        self._outbox.flush()
         self.observer.on_step(size, time.monotonic() - t0)
+        self._outbox.flush()
 
     def _drop_cancelled(self) -> None:
         """Finish the waiting requests that were cancelled (call holding the condition)."""

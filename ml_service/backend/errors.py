@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.inference import EngineStopped, GenerationFailed, PromptTooLong, QueueFull
+from lib.inference.engine_process import EngineDied, EngineRestarting
 from ml_service.batching import PredictionFailed
 from ml_service.contract import InvalidInput
 
@@ -183,6 +184,14 @@ class ShuttingDown(Overloaded):
     reason = "shutdown"
 
 
+class EngineUnavailable(Overloaded):
+    """The engine's process died (its requests could not finish) and a new one is loading."""
+
+    detail = "the generation engine restarted after a crash; retry the request"
+    reason = "engine_restarting"
+    retry_after_s = 5
+
+
 class ModelNotReady(ServiceError):
     """503 while there is no model to serve: still loading (`Retry-After`), or its load failed
     (until an admin reload succeeds). No path or exception text: the server log has those."""
@@ -244,6 +253,7 @@ EXPECTED = (
     InvalidInput,
     PromptTooLong,
     EngineStopped,
+    EngineDied,
     QueueFull,
     GenerationFailed,
     PredictionFailed,
@@ -264,6 +274,8 @@ def as_service_error(exc: BaseException) -> ServiceError:
             return BadRequest(exc.errors)
         case PromptTooLong():
             return BadRequest([{"loc": ["text"], "msg": str(exc)}])
+        case EngineDied() | EngineRestarting():
+            return EngineUnavailable([{"loc": ["engine"], "msg": str(exc)}])
         case EngineStopped():
             return ShuttingDown([{"loc": ["queue"], "msg": str(exc)}])
         case QueueFull():

@@ -18,7 +18,11 @@ from ml_service.traffic import BadSplit, TrafficSplit
 
 
 class ReadyResponse(BaseModel):
-    status: str = Field(..., description="`ready`, `loading` or `failed`")
+    status: str = Field(
+        ...,
+        description="`ready`, `loading`, `failed`, or `restarting` (the engine's process "
+        "crashed and a new one is loading the model)",
+    )
     model: str | None = None
     version: str | None = None
     error: str | None = None
@@ -99,13 +103,27 @@ def build_ops_router() -> APIRouter:
     @router.get(
         "/ready",
         response_model=ReadyResponse,
-        responses={503: {"model": ReadyResponse, "description": "loading, or the load failed"}},
+        responses={
+            503: {
+                "model": ReadyResponse,
+                "description": "loading, the load failed, or the engine is restarting",
+            }
+        },
         summary="readiness",
     )
     async def ready(request: Request):
-        """200 once the model is loaded and warmed up; 503 before (or if loading failed)."""
+        """200 once the model is loaded and warmed up; 503 before (or if loading failed), and
+        while a crashed engine process is replaced."""
         host = request.app.state.deps.host
         current = host.current
+        if current is not None and not host.engines_alive():
+            body = ReadyResponse(
+                status="restarting",
+                model=current.service.model_id,
+                version=current.version,
+                error="the generation engine's process is restarting after a crash",
+            )
+            return JSONResponse(body.model_dump(), status_code=503)
         if current is not None:
             return ReadyResponse(
                 status="ready", model=current.service.model_id, version=current.version

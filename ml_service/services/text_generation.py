@@ -1,7 +1,10 @@
 """The text-generation service: continue a text with a GPT-2-family checkpoint.
 
 Its engine is `lib`'s continuous-batching `GenerationEngine`: concurrent requests share decoding
-steps, each row with its own parameters, and `/forward` can stream (`"stream": true`)."""
+steps, each row with its own parameters, and `/forward` can stream (`"stream": true`). By default
+(`ML_SERVICE_ENGINE=process`) the engine runs in a process of its own (`EngineProcess`) and this
+process keeps only the tokenizer and the model's shape (`FrontendInference`); with `thread`, or
+with an `InferenceService` handed in (the tests), it runs in a thread of this process."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from lib.inference import (
     PreparedPrompt,
     PromptTooLong,
 )
+from lib.inference.engine_process import EngineProcess, EngineSpec, FrontendInference
 from ml_service.backend.schemas import (
     Completion,
     ForwardBatchRequest,
@@ -59,11 +63,34 @@ class TextGenerationService(CheckpointService):
 
         return [build_openai_router()]
 
+    def engine_spec(self) -> EngineSpec:
+        s = self.settings
+        return EngineSpec(
+            checkpoint=str(s.checkpoint),
+            random_preset=s.random_preset,
+            device=s.device,
+            dtype=s.dtype,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.batch_wait_ms / 1000,
+            threads=s.torch_threads,
+        )
+
+    def load(self) -> None:
+        if self.inference is None and self.settings.engine == "process":
+            self.inference = FrontendInference.load(self.engine_spec())
+        super().load()
+
     def warmup(self) -> None:
+        if isinstance(self.inference, FrontendInference):
+            return  # the engine process warms up before it says it is ready
         self.inference.generate("Привет", GenerationParams(max_new_tokens=2, temperature=0))
 
-    def create_engine(self, observer=None) -> GenerationEngine:
+    def create_engine(self, observer=None) -> GenerationEngine | EngineProcess:
         s = self.settings
+        if isinstance(self.inference, FrontendInference):
+            engine = EngineProcess(self.inference.spec, max_queue=s.max_queue, observer=observer)
+            self.inference.engine = engine
+            return engine
         return self.inference.create_engine(
             max_batch_size=s.max_batch_size,
             max_wait_s=s.batch_wait_ms / 1000,
@@ -91,7 +118,7 @@ class TextGenerationService(CheckpointService):
         if inference.checkpoint_sha256 is None:  # e.g. a random preset: no content to name
             return None
         weight = next(inference.model.parameters())
-        numerics = f"{weight.dtype}@{weight.device.type}"
+        numerics = f"{weight.dtype}@{inference.device.type}"
         identity = [inference.checkpoint_sha256, numerics, list(item.ids), asdict(p)]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
