@@ -45,6 +45,8 @@ METRICS = {
     "ml_service_batch_size",
     "ml_service_num_requests_running",
     "ml_service_num_requests_waiting",
+    "ml_service_engine_up",
+    "ml_service_engine_restarts_total",
     "ml_service_model_info",
     "ml_service_version_requests_total",
     "ml_service_traffic_share",

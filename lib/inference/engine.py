@@ -280,6 +280,11 @@ class GenerationEngine:
         self.observer.on_step(size, time.monotonic() - t0)
         self._outbox.flush()
 
+    def discard_cancelled(self) -> None:
+        """Finish now the waiting requests that were cancelled (they give their places up)."""
+        with self._cond:
+            self._drop_cancelled()
+
     def _drop_cancelled(self) -> None:
         """Finish the waiting requests that were cancelled (call holding the condition)."""
         gone = [r for r in self._queue if r.cancelled]

@@ -223,6 +223,7 @@ def _engine_main(inbox: Connection, outbox: Connection) -> None:
             for rid in message[1]:
                 if (r := requests.get(rid)) is not None:
                     r.cancel()
+            engine.discard_cancelled()  # queued ones answer now: the front frees their places
         elif kind == "call":
             _, rid, name, args = message
             try:

@@ -1,0 +1,244 @@
+"""The engine in its own process (`lib/inference/engine_process.py`, ML_SERVICE_ENGINE=process):
+the same answers as the engine in a thread, backpressure decided in the front, cancellation,
+stop and abort, and an engine process that dies (killed with SIGKILL): its requests end with a
+clear error, never a hang, /ready and /metrics say so, and a new process takes over."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lib.inference import EngineStopped, GenerationParams, GenerationResult, QueueFull
+from lib.inference.engine_process import EngineDied, EngineProcess, EngineSpec, FrontendInference
+from ml_service.backend.app import create_app
+from tests.conftest import CHECKPOINT, wait_for
+from tests.test_server import metric
+
+LONG = GenerationParams(max_new_tokens=200, min_new_tokens=200, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def process_settings(settings):
+    return settings.model_copy(update={"engine": "process"})
+
+
+@pytest.fixture(scope="module")
+def process_client(process_settings):
+    with TestClient(create_app(process_settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_the_front_holds_no_weights_and_the_engine_runs_elsewhere(process_client):
+    host = process_client.app.state.deps.host
+    loaded = host.current
+    assert isinstance(loaded.service.inference, FrontendInference)
+    assert isinstance(loaded.engine, EngineProcess)
+    assert loaded.engine.pid != os.getpid() and loaded.engine.alive
+    weight = next(loaded.service.inference.model.parameters())
+    assert weight.device.type == "meta"  # no memory in the front
+    meta = process_client.get("/metadata").json()
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert (
+        meta["parameters"]
+        == process_client.app.state.deps.host.current.service.metadata()["parameters"]
+    )
+
+
+BODIES = [
+    {"text": "Привет, мир!", "temperature": 0, "max_new_tokens": 24},
+    {"text": "Москва", "temperature": 0.9, "seed": 7, "max_new_tokens": 24},
+    {"text": "Он сказал", "temperature": 0.8, "seed": 3, "stop": ["."], "max_new_tokens": 40},
+]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=["greedy", "seeded", "stop"])
+def test_answers_equal_the_engine_in_a_thread(process_client, client, body):
+    here, there = client.post("/forward", json=body), process_client.post("/forward", json=body)
+    assert here.status_code == there.status_code == 200
+    assert there.json() == here.json()
+    streamed = process_client.post("/forward", json={**body, "stream": True})
+    assert streamed.status_code == 200
+    assert "event: error" not in streamed.text
+
+
+def test_openai_echo_logprobs_are_scored_by_the_engine_process(process_client, client):
+    body = {"prompt": "Привет, мир", "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
+    here = client.post("/v1/completions", json=body).json()
+    there = process_client.post("/v1/completions", json=body).json()
+    assert there["choices"][0]["text"] == here["choices"][0]["text"]
+    mine, theirs = there["choices"][0]["logprobs"], here["choices"][0]["logprobs"]
+    assert mine["tokens"] == theirs["tokens"]
+    assert mine["token_logprobs"][0] is None  # the first prompt token has no context
+    assert mine["token_logprobs"][1:] == pytest.approx(theirs["token_logprobs"][1:], abs=1e-5)
+
+
+def test_batches_and_streams_over_the_pipe(process_client, client):
+    body = {"texts": ["Привет", "Москва", "Сегодня"], "temperature": 0, "max_new_tokens": 12}
+    assert (
+        process_client.post("/forward_batch", json=body).json()["results"]
+        == (client.post("/forward_batch", json=body).json()["results"])
+    )
+    chat = {
+        "messages": [{"role": "user", "content": "Привет"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
+    streamed = process_client.post("/v1/chat/completions", json=chat)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+
+
+# -- EngineProcess on its own ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def front():
+    return FrontendInference.load(EngineSpec(checkpoint=str(CHECKPOINT), max_batch_size=1))
+
+
+@pytest.fixture
+def engine(front):
+    engine = EngineProcess(front.spec, max_queue=1)
+    front.engine = engine
+    engine.start()
+    yield engine
+    engine.stop(5)
+
+
+def test_a_full_queue_is_refused_in_the_front_and_a_cancelled_waiter_frees_its_place(engine, front):
+    async def body():
+        first = asyncio.ensure_future(engine.submit(front.prepare("Москва", LONG)))
+        await asyncio.to_thread(wait_for, lambda: engine.running == 1, "the first one runs")
+        second = asyncio.ensure_future(engine.submit(front.prepare("Он", LONG)))
+        await asyncio.sleep(0)  # queued
+        assert engine.waiting == 1 and not engine.has_room()
+        with pytest.raises(QueueFull):
+            await engine.submit(front.prepare("Она", LONG))
+        second.cancel()  # its client went away while it waited
+        await asyncio.to_thread(wait_for, engine.has_room, "the cancelled one gave its place up")
+        third = await engine.submit(front.prepare("Она", LONG))
+        return await first, third
+
+    first, third = asyncio.run(body())
+    assert first.completion_tokens == third.completion_tokens == 200
+
+
+def test_a_closed_stream_cancels_its_row(engine, front):
+    async def body():
+        stream = engine.stream(front.prepare("Москва", LONG))
+        pieces = []
+        async for piece in stream:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                break
+        await stream._iterate().aclose()
+        return pieces
+
+    pieces = asyncio.run(body())
+    assert len(pieces) == 3 and all(isinstance(p, str) for p in pieces)
+    wait_for(lambda: engine.running == 0 and not engine._pending, "the row left the batch")
+
+
+def test_stop_finishes_what_runs_then_refuses(front):
+    engine = EngineProcess(front.spec, max_queue=4)
+    engine.start()
+    front.engine = engine
+    params = GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=0)
+
+    async def body():
+        task = asyncio.ensure_future(engine.submit(front.prepare("Москва", params)))
+        await asyncio.to_thread(wait_for, lambda: engine.running == 1, "it runs")
+        await asyncio.to_thread(engine.stop, 30)
+        return await task
+
+    result = asyncio.run(body())
+    assert isinstance(result, GenerationResult) and result.completion_tokens == 30
+    assert engine.stopped
+
+    async def late():
+        return await engine.submit(front.prepare("Москва", params))
+
+    with pytest.raises(EngineStopped):
+        asyncio.run(late())
+
+
+def test_abort_ends_every_request_at_once(front):
+    engine = EngineProcess(front.spec, max_queue=4)
+    engine.start()
+
+    async def body():
+        tasks = [
+            asyncio.ensure_future(engine.submit(front.prepare(t, LONG))) for t in ("Москва", "Он")
+        ]
+        await asyncio.to_thread(wait_for, lambda: engine.running == 1, "one runs")
+        await asyncio.to_thread(engine.abort, EngineStopped("shutting down"))
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(body())
+    finally:
+        engine.stop(5)
+    assert all(isinstance(o, EngineStopped) for o in outcomes), outcomes
+
+
+def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
+    engine = EngineProcess(front.spec, max_queue=4)
+    engine.start()
+    first_pid = engine.pid
+    try:
+
+        async def body():
+            task = asyncio.ensure_future(engine.submit(front.prepare("Москва", LONG)))
+            await asyncio.to_thread(wait_for, lambda: engine.running == 1, "it runs")
+            os.kill(first_pid, signal.SIGKILL)
+            with pytest.raises(EngineDied, match="retry"):
+                await task
+
+        asyncio.run(body())
+        wait_for(lambda: engine.alive, "a new engine process took over", timeout=120)
+        assert engine.pid != first_pid and engine.restarts == 1
+
+        async def again():
+            return await engine.submit(front.prepare("Москва", GenerationParams(temperature=0)))
+
+        assert asyncio.run(again()).completion_tokens > 0
+    finally:
+        engine.stop(5)
+
+
+def test_over_http_a_dead_engine_is_a_503_then_ready_again(process_settings):
+    settings = process_settings.model_copy(update={"max_batch_size": 1})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        engine = c.app.state.deps.host.current.engine
+        answers = {}
+
+        def send():
+            answers["long"] = c.post(
+                "/forward", json={"text": "Москва", "max_new_tokens": 250, "temperature": 0}
+            )
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        wait_for(lambda: engine.running == 1, "the long request runs")
+        os.kill(engine.pid, signal.SIGKILL)
+        sender.join(60)
+        long = answers["long"]
+        assert long.status_code == 503 and long.headers["Retry-After"] == "5"
+        assert long.json()["errors"][0]["loc"] == ["engine"]
+        assert "retry" in long.json()["detail"]
+
+        def restarting() -> bool:
+            r = c.get("/ready")
+            return r.status_code == 503 and r.json()["status"] == "restarting"
+
+        if not engine.alive:  # a new process takes seconds to import torch: seen almost always
+            wait_for(lambda: restarting() or engine.alive, "/ready says restarting")
+        wait_for(lambda: c.get("/ready").status_code == 200, "ready again", timeout=120)
+        text = c.get("/metrics").text
+        assert metric(text, "ml_service_engine_up") == 1
+        assert metric(text, "ml_service_engine_restarts_total", version="default") == 1
+        ok = c.post("/forward", json={"text": "Москва", "max_new_tokens": 5, "temperature": 0})
+        assert ok.status_code == 200
