@@ -86,6 +86,7 @@ class ModelHost:
         self.split: TrafficSplit | None = None
         self.shadow: Loaded | None = None  # receives a copy of the traffic (answers discarded)
         self.error: str | None = None  # why the first load failed
+        self.started = False  # the first load, the split and the shadow are all in place
         self._reloading = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._retiring_engines: set[Engine] = set()  # old versions finishing their requests
@@ -152,6 +153,7 @@ class ModelHost:
                 log.info("shadow version %s receives a copy of the traffic", self.shadow.version)
             except (VersionNotFound, ReloadFailed) as e:
                 log.error("ML_SERVICE_SHADOW_VERSION not loaded: %s", e)
+        self.started = True
 
     async def _version(self, name: str) -> Loaded:
         """A loaded version by name, loading it (in a thread) when it is not held yet."""

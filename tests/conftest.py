@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +36,10 @@ def settings() -> Settings:
         max_text_chars=2000,
         background_load=False,
         cache_ttl_s=0,  # every request reaches the model (tests/test_cache.py turns it on)
+        # apps built from these settings load versions in this process, where tests can reach
+        # the decoder (monkeypatched failures, gates); tests/test_engine_process.py and the
+        # subprocess servers (tests/test_server.py) run the default, the engine's own process
+        engine="thread",
     )
 
 
@@ -46,6 +52,19 @@ def textgen(service, settings) -> TextGenerationService:
 def client(textgen, settings):
     with TestClient(create_app(settings, service=textgen), raise_server_exceptions=False) as c:
         yield c
+
+
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    """v1 and v2 (the same weights, told apart by model id), and v3, a broken checkpoint."""
+    for name in ("v1", "v2"):
+        shutil.copytree(CHECKPOINT, tmp_path / name)
+        card_path = tmp_path / name / "training_card.json"
+        card = json.loads(card_path.read_text())
+        card_path.write_text(json.dumps({**card, "model_id": f"ru-gpt-tiny-{name}"}))
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "config.json").write_text("{not json")
+    return tmp_path
 
 
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:

@@ -17,6 +17,7 @@ from lib.inference import EngineStopped, GenerationParams, GenerationResult, Que
 from lib.inference.engine_process import EngineDied, EngineProcess, EngineSpec, FrontendInference
 from ml_service.backend.app import create_app
 from tests.conftest import CHECKPOINT, wait_for
+from tests.test_ops import with_settings
 from tests.test_server import metric
 
 LONG = GenerationParams(max_new_tokens=200, min_new_tokens=200, temperature=0)
@@ -242,3 +243,22 @@ def test_over_http_a_dead_engine_is_a_503_then_ready_again(process_settings):
         assert metric(text, "ml_service_engine_restarts_total", version="default") == 1
         ok = c.post("/forward", json={"text": "Москва", "max_new_tokens": 5, "temperature": 0})
         assert ok.status_code == 200
+
+
+def test_a_reload_starts_a_new_engine_process_and_ends_the_old_one(process_settings, models_dir):
+    settings = with_settings(
+        process_settings, models_dir=models_dir, model_version="v2", admin_token="adm"
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        old = c.app.state.deps.host.current.engine
+        r = c.post("/admin/reload", json={"version": "v1"}, headers={"Authorization": "Bearer adm"})
+        assert r.status_code == 200 and r.json()["previous_version"] == "v2"
+        new = c.app.state.deps.host.current.engine
+        assert new is not old and new.pid != old.pid and new.alive
+        wait_for(lambda: old.stopped, "the old engine process ended")
+        body = {"text": "Москва", "max_new_tokens": 5, "temperature": 0}
+        assert c.post("/forward", json=body).json()["model"] == "ru-gpt-tiny-v1"
+        broken = c.post(
+            "/admin/reload", json={"version": "v3"}, headers={"Authorization": "Bearer adm"}
+        )
+        assert broken.status_code == 400 and c.app.state.deps.host.current.engine is new

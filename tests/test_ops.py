@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 
 import pytest
@@ -15,7 +14,7 @@ from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.observability import access_log
 from ml_service.services.text_generation import TextGenerationService
-from tests.conftest import CHECKPOINT, wait_for
+from tests.conftest import wait_for
 
 SHORT = {"text": "Привет", "max_new_tokens": 4}
 HANG_S = 60  # only a test that hangs waits this long
@@ -262,19 +261,6 @@ def test_a_slow_generation_times_out_with_504_and_frees_the_model(service, setti
 
 
 # -- model versions -------------------------------------------------------------------------------
-@pytest.fixture
-def models_dir(tmp_path):
-    """v1 and v2 (the same weights, told apart by model id), and v3, a broken checkpoint."""
-    for name in ("v1", "v2"):
-        shutil.copytree(CHECKPOINT, tmp_path / name)
-        card_path = tmp_path / name / "training_card.json"
-        card = json.loads(card_path.read_text())
-        card_path.write_text(json.dumps({**card, "model_id": f"ru-gpt-tiny-{name}"}))
-    (tmp_path / "v3").mkdir()
-    (tmp_path / "v3" / "config.json").write_text("{not json")
-    return tmp_path
-
-
 def test_reload_switches_versions_and_a_broken_one_leaves_the_old_serving(settings, models_dir):
     s = with_settings(settings, models_dir=models_dir, model_version="v2", admin_token="adm")
     admin = {"Authorization": "Bearer adm"}

