@@ -50,11 +50,17 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
-    engine: Literal["process", "thread"] = Field(
+    engine: Literal["process", "thread", "vllm"] = Field(
         "process",
-        description="where the text-generation engine runs: `process` (its own process: the "
-        "HTTP side and the decode loop share no GIL; a crashed engine is restarted) or `thread` "
-        "(a thread of the server process: one process, one copy of everything)",
+        description="what generates text: our engine in its own process (`process`: the HTTP "
+        "side and the decode loop share no GIL; a crashed engine is restarted), our engine in a "
+        "thread of the server process (`thread`), or vLLM's async engine (`vllm`: needs vLLM "
+        "installed; GPU fleets, tensor parallelism)",
+    )
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="GPUs one model is split across (vLLM's tensor_parallel_size; vllm only)",
     )
     torch_threads: int | None = Field(
         None,

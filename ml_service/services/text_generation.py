@@ -76,9 +76,17 @@ class TextGenerationService(CheckpointService):
         )
 
     def load(self) -> None:
-        if self.inference is None and self.settings.engine == "process":
+        if self.inference is None and self.settings.engine in ("process", "vllm"):
+            # the weights live in the engine (its process, or vLLM): here only the tokenizer
             self.inference = FrontendInference.load(self.engine_spec())
         super().load()
+
+    @property
+    def engine_kind(self) -> str:
+        """`process`, `vllm`, or `thread` (also whenever a loaded model was handed in)."""
+        if isinstance(self.inference, FrontendInference):
+            return self.settings.engine
+        return "thread"
 
     def warmup(self) -> None:
         if isinstance(self.inference, FrontendInference):
@@ -87,7 +95,21 @@ class TextGenerationService(CheckpointService):
 
     def create_engine(self, observer=None) -> GenerationEngine | EngineProcess:
         s = self.settings
-        if isinstance(self.inference, FrontendInference):
+        if self.engine_kind == "vllm":
+            from lib.inference.vllm_engine import VLLMEngine  # vLLM is optional
+
+            engine = VLLMEngine(
+                s.checkpoint,
+                max_batch_size=s.max_batch_size,
+                max_queue=s.max_queue,
+                dtype=s.dtype,
+                device=s.device,
+                tensor_parallel=s.tensor_parallel,
+                observer=observer,
+            )
+            self.inference.engine = engine
+            return engine
+        if self.engine_kind == "process":
             engine = EngineProcess(self.inference.spec, max_queue=s.max_queue, observer=observer)
             self.inference.engine = engine
             return engine
@@ -149,8 +171,13 @@ class TextGenerationService(CheckpointService):
         )
 
     def metadata(self) -> dict:
-        """Adds `sampling`: each generation parameter's default and range."""
-        return {**super().metadata(), "sampling": parameter_ranges(GenerationOptions)}
+        """Adds `engine` (what generates: `process`, `thread` or `vllm`) and `sampling`: each
+        generation parameter's default and range."""
+        return {
+            **super().metadata(),
+            "engine": self.engine_kind,
+            "sampling": parameter_ranges(GenerationOptions),
+        }
 
     def limits(self) -> dict:
         ctx = self.inference.context_length
