@@ -35,7 +35,15 @@ TEMPERATURE = 0.8
 TOP_P = 0.95
 TOP_K = 50
 REPETITION_PENALTY = 1.1
-SYSTEM_NAMES = ("ours", "ours-thread", "ours-nobatch", "tf-serve", "tf-serve-cb", "vllm-cpu")
+SYSTEM_NAMES = (
+    "ours",
+    "ours-thread",
+    "ours-vllm",
+    "ours-nobatch",
+    "tf-serve",
+    "tf-serve-cb",
+    "vllm-cpu",
+)
 VLLM_VENV = ROOT / ".venv-vllm"
 
 
@@ -420,6 +428,44 @@ class VllmCpu(System):
         return {"VLLM_CPU_OMP_THREADS_BIND": cpu_list(threads)}
 
 
+class OursVllm(Ours):
+    """Our server (API, limits, metrics, logs) with vLLM's engine (`ML_SERVICE_ENGINE=vllm`), run by
+    the vLLM venv's Python, where `make test-vllm` installs our package."""
+
+    ready_timeout = 600.0  # vLLM compiles the model at its first start
+
+    def __init__(self, name: str, device: str = "cpu", dtype: str = "float32", venv=VLLM_VENV):
+        super().__init__(name, 64, device, dtype, engine="vllm")
+        self.venv = venv
+        self.description = "our service with vLLM's engine (`ML_SERVICE_ENGINE=vllm`)"
+
+    def unavailable(self) -> str | None:
+        python = self.venv / "bin" / "python"
+        if not python.exists():
+            return f"no {self.venv} (make test-vllm)"
+        check = subprocess.run(
+            [str(python), "-c", "import ml_service, vllm"], capture_output=True, cwd=ROOT
+        )
+        if check.returncode != 0:
+            return f"our package or vllm does not import in {self.venv} (make test-vllm)"
+        return None
+
+    def command(self, checkpoint: Path, port: int) -> list[str]:
+        return [str(self.venv / "bin" / "python"), *super().command(checkpoint, port)[1:]]
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), **VllmCpu("vllm-cpu", Path("."), venv=self.venv).env()}
+
+    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
+        """Without `seed`, as for vLLM's own server (its CPU build's seeded-request crash)."""
+        body = super().payload(prompt, seed, max_new, stream)
+        body.pop("seed", None)
+        return body
+
+    def thread_env(self, threads: int) -> dict[str, str]:
+        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_list(threads)}
+
+
 def make_systems(
     names: list[str],
     checkpoint: Path,
@@ -430,6 +476,7 @@ def make_systems(
     factories = {
         "ours": lambda: Ours("ours", 64, device, dtype),
         "ours-thread": lambda: Ours("ours-thread", 64, device, dtype, engine="thread"),
+        "ours-vllm": lambda: OursVllm("ours-vllm", device, dtype, vllm_venv),
         "ours-nobatch": lambda: Ours("ours-nobatch", 1, device, dtype),
         "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint, device, dtype),
         "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint, device, dtype),
