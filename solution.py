@@ -15,6 +15,7 @@ import sys
 
 from lib.config import DEFAULT_CHECKPOINT, PRESETS, TrainingConfig
 from lib.inference import GenerationEngine, GenerationParams, InferenceService
+from lib.inference.engine_process import EngineProcess, EngineSpec
 from lib.training import train
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings, get_settings
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "PRESETS",
+    "EngineProcess",
+    "EngineSpec",
     "GenerationEngine",
     "GenerationParams",
     "InferenceService",
