@@ -140,6 +140,13 @@ bench-serve-gpt: $(STAMP) $(VLLM_STAMP) ## the same on a random gpt2-124m-sized 
 	test -f $(GPT2_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --out $(GPT2_CHECKPOINT)
 	$(BIN)/python bench/serve_bench.py --checkpoint $(GPT2_CHECKPOINT) $(BENCH_SERVE_ARGS) --plot bench/serve_bench_gpt2-124m.png $(BENCH_GPT_ARGS)
 
+# the decode step of the random gpt2-124m against this machine's measured memory bandwidth and
+# fp32 matmul peak, at 1/16/64 rows and 1/2 threads (a few minutes); rewrites its own section
+.PHONY: bench-hardware
+bench-hardware: $(STAMP) ## decode step vs memory bandwidth and matmul peak (gpt2-124m; its BENCHMARKS.md section)
+	test -f $(GPT2_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --out $(GPT2_CHECKPOINT)
+	$(BIN)/python bench/hardware_bench.py --checkpoint $(GPT2_CHECKPOINT) --write BENCHMARKS.md
+
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }
 	rm -rf models/default.new && cp -r runs/baseline/final models/default.new

@@ -23,18 +23,27 @@ import torch
 from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import GenerationParams, InferenceService
 from lib.inference import decoder as decoder_module
+from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.generation import DecodeBatch, GenerationRequest, encode_prompts
 
 PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
 
 
 def step_ms(
-    service: InferenceService, rows: int, onednn: bool, new_tokens: int, top_k_off: int = 0
+    service: InferenceService,
+    rows: int,
+    onednn: bool,
+    new_tokens: int,
+    top_k_off: int = 0,
+    prepack: bool = True,
 ) -> float:
     """Mean milliseconds per decode step of `rows` rows generating `new_tokens` tokens each, the
-    first `top_k_off` of them with top-k off (top-p 0.95 alone: the whole vocabulary sorted)."""
+    first `top_k_off` of them with top-k off (top-p 0.95 alone: the whole vocabulary sorted).
+    `prepack=False`: oneDNN reads the plain weights (no reordered copies; decoder.py)."""
     ids = encode_prompts(service.tokenizer, [PROMPT])[0]
     batch = DecodeBatch(service.model, service.tokenizer, max_rows=rows)
+    if not prepack:
+        batch.decoder = GPT2SlotDecoder(service.model, prepack=False)
     if not onednn:
         batch.decoder._onednn = None
     params = [

@@ -20,17 +20,19 @@ from ml_service.settings import Settings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 CHECKPOINT = Path(os.environ.get("TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
+DEVICE = os.environ.get("TEST_DEVICE", "cpu")  # e.g. cuda: bench/gpu_check.sh
 
 
 @pytest.fixture(scope="session")
 def service() -> InferenceService:
-    return InferenceService.from_checkpoint(CHECKPOINT)
+    return InferenceService.from_checkpoint(CHECKPOINT, device=DEVICE)
 
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings(
         checkpoint=CHECKPOINT,
+        device=DEVICE,
         max_texts=8,
         max_file_bytes=4096,
         max_text_chars=2000,

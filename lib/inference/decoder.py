@@ -21,12 +21,20 @@ where it is missing or disagrees. Both compute in fp32; only the order of additi
 Where oneDNN takes the MLP's first product (fp32, from `ONEDNN_MIN_ROWS` rows on), its GELU runs
 inside that product (a oneDNN post-op, checked like the product): one pass over the
 activations fewer (BENCHMARKS.md has both measurements).
+
+For those products oneDNN reads its own copy of each fp32 weight, reordered once, when the decoder
+is built, into the blocked layout its GEMM wants for `PACK_ROWS` rows
+(`torch.ops.mkldnn._reorder_linear_weight`, checked like the product): a plain weight is re-laid
+out by oneDNN at every call, which on a gpt2-124m-sized model cost a third of a 16-row step
+(BENCHMARKS.md, "The decode step against the hardware"). The copies take as much memory as the
+matrices themselves (0.5 GB for gpt2-124m); `GPT2SlotDecoder(model, prepack=False)` goes without.
+The numbers are the same fp32 products, summed in another order.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, partial
 
 import torch
@@ -35,6 +43,7 @@ from transformers.activations import ACT2FN
 
 CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
 ONEDNN_MIN_ROWS = 8  # from this many rows on, the block matrices go to oneDNN (see the docstring)
+PACK_ROWS = 64  # the row count oneDNN's reordered weights are laid out for (any count works)
 
 
 @cache
@@ -63,6 +72,28 @@ def onednn_linear():
             if torch.allclose(op(x, w, b, "gelu", [], form), want, atol=1e-5):
                 fused[name] = form
     return partial(_call_onednn, op), fused
+
+
+@cache
+def onednn_reorder():
+    """oneDNN's weight reorder for `linear` (w (out, in) -> its own layout for N rows), or None
+    where this torch lacks it or a product with the reordered weight differs from `F.linear`."""
+    if onednn_linear()[0] is None:
+        return None
+    op = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if op is None:
+        return None
+    try:
+        g = torch.Generator().manual_seed(1)
+        x, w, b = (torch.randn(shape, generator=g) for shape in ((5, 24), (40, 24), (40,)))
+        linear = torch.ops.mkldnn._linear_pointwise
+        packed = op(w, PACK_ROWS)
+        ok = torch.allclose(linear(x, packed, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        want = F.gelu(F.linear(x, w, b), approximate="tanh")
+        ok = ok and torch.allclose(linear(x, packed, b, "gelu", [], "tanh"), want, atol=1e-5)
+    except Exception:  # another torch's signature, a build without it: plain weights
+        return None
+    return op if ok else None
 
 
 def _call_onednn(
@@ -109,6 +140,11 @@ class _BlockWeights:
     out_w: torch.Tensor
     out_b: torch.Tensor
     scaling: float
+    # oneDNN's reordered copies of the four matrices, (out, in) (None: oneDNN reads the above)
+    attn_p: torch.Tensor | None = None
+    proj_p: torch.Tensor | None = None
+    fc_p: torch.Tensor | None = None
+    out_p: torch.Tensor | None = None
 
     @classmethod
     def of(cls, block) -> _BlockWeights:
@@ -127,9 +163,19 @@ class _BlockWeights:
             a.scaling,
         )
 
+    def packed(self, reorder) -> _BlockWeights:
+        """The same block with oneDNN's reordered copies of its matrices (Conv1D (in, out) ->
+        (out, in) -> oneDNN's layout)."""
+        p = [reorder(w.detach().t().contiguous(), PACK_ROWS) for w in self.matrices]
+        return replace(self, attn_p=p[0], proj_p=p[1], fc_p=p[2], out_p=p[3])
+
+    @property
+    def matrices(self) -> tuple:
+        return self.attn_w, self.proj_w, self.fc_w, self.out_w
+
 
 class GPT2SlotDecoder:
-    def __init__(self, model):
+    def __init__(self, model, prepack: bool = True):
         cfg = model.config
         if getattr(cfg, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
             raise UnsupportedModel(
@@ -155,6 +201,13 @@ class GPT2SlotDecoder:
         # separate). Not in bf16: oneDNN would apply it before rounding the product to bf16.
         fp32 = cpu and self.dtype == torch.float32
         self._fused_gelu = fusable.get(cfg.activation_function) if fp32 else None
+        # oneDNN's own layout of the fp32 matrices, for the products it takes (module docstring)
+        reorder = onednn_reorder() if fp32 and linear is not None and prepack else None
+        self.lm_head_p = None
+        if reorder is not None:
+            with torch.no_grad():
+                self.weights = [w.packed(reorder) for w in self.weights]
+                self.lm_head_p = reorder(self.lm_head.detach().contiguous(), PACK_ROWS)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.slots = 0  # allocated slots
@@ -183,32 +236,38 @@ class GPT2SlotDecoder:
         for slots in self.k + self.v:
             slots[dst] = slots[src]
 
-    def _conv1d(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """x @ w + b for a Conv1D weight w (in, out), by the faster library for x's row count."""
+    def _conv1d(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x @ w + b for a Conv1D weight w (in, out), by the faster library for x's row count
+        (oneDNN reads `packed`, its own copy of w, where there is one)."""
         if self._onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
-            return self._onednn(x, w.t(), b)  # a view: oneDNN reads the transposed layout as is
+            # else a view: oneDNN reads the transposed layout as is
+            return self._onednn(x, w.t() if packed is None else packed, b)
         return torch.addmm(b, x, w)
 
     def _attention_inputs(self, w: _BlockWeights, h: torch.Tensor):
         """q, k, v of the block for hidden states h (N, C): each (N, H, hd)."""
         N = h.shape[0]
-        qkv = self._conv1d(_layer_norm(h, w.ln_1), w.attn_w, w.attn_b)  # (N, 3C)
+        qkv = self._conv1d(_layer_norm(h, w.ln_1), w.attn_w, w.attn_b, w.attn_p)  # (N, 3C)
         return qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)
 
     def _block_rest(self, w: _BlockWeights, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The attention output projection and the MLP, with their residuals; (N, C)."""
-        h = h + self._conv1d(a, w.proj_w, w.proj_b)
+        h = h + self._conv1d(a, w.proj_w, w.proj_b, w.proj_p)
         x = _layer_norm(h, w.ln_2)
         if self._onednn is not None and self._fused_gelu and x.shape[0] >= ONEDNN_MIN_ROWS:
-            m = self._onednn(x, w.fc_w.t(), w.fc_b, gelu=self._fused_gelu)
+            fc = w.fc_w.t() if w.fc_p is None else w.fc_p
+            m = self._onednn(x, fc, w.fc_b, gelu=self._fused_gelu)
         else:
-            m = self.act(self._conv1d(x, w.fc_w, w.fc_b))
-        return h + self._conv1d(m, w.out_w, w.out_b)
+            m = self.act(self._conv1d(x, w.fc_w, w.fc_b, w.fc_p))
+        return h + self._conv1d(m, w.out_w, w.out_b, w.out_p)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32
         x = _layer_norm(h, self.ln_f)
         if self._onednn is not None:
-            return self._onednn(x, self.lm_head, None).float()
+            packed = self.lm_head_p is not None and x.shape[0] >= ONEDNN_MIN_ROWS
+            return self._onednn(x, self.lm_head_p if packed else self.lm_head, None).float()
         return F.linear(x, self.lm_head).float()
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

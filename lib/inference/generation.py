@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.sampling import SamplingTensors, sample_next
 
@@ -255,7 +256,9 @@ class DecodeBatch:
     """The running batch: up to `max_rows` sequences, each in its own KV-cache slot."""
 
     def __init__(self, model, tokenizer, max_rows: int, observer=None):
-        self.decoder = GPT2SlotDecoder(model)
+        # oneDNN's reordered weight copies (decoder.py) serve batches of ONEDNN_MIN_ROWS rows or
+        # more only; a smaller batch (a few prompts run to the end) skips the reorder's cost
+        self.decoder = GPT2SlotDecoder(model, prepack=max_rows >= decoder_module.ONEDNN_MIN_ROWS)
         self.raw = tokenizer.backend_tokenizer  # the Rust tokenizer: batch decoding in one call
         self.eos = tokenizer.eos_token_id
         self.vocab = model.config.vocab_size
