@@ -3,6 +3,7 @@
 #
 #   docker build -t ru-gpt-service:gpu .                           # CUDA runtime base, CUDA torch
 #   docker build --build-arg FLAVOR=cpu -t ru-gpt-service:cpu .    # slim Python base, CPU torch
+#   docker build --build-arg VLLM=1 -t ru-gpt-service:gpu-vllm .   # + vLLM (ML_SERVICE_ENGINE=vllm)
 #   docker run --gpus all -p 8000:8000 ru-gpt-service:gpu
 #
 # Stages: base-gpu | base-cpu (OS + Python, picked by FLAVOR) -> builder (a venv with torch and
@@ -48,6 +49,18 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+# VLLM=1 (GPU flavor only): vLLM's async engine too, for ML_SERVICE_ENGINE=vllm (paged attention,
+# tensor parallelism, CUDA graphs; HOW_TO_USE.md, "Engines: ours or vLLM"). It brings the torch
+# build it pins, which replaces the one above; VLLM_VERSION pins vLLM itself. Run the image with
+# -e ML_SERVICE_ENGINE=vllm (the default engine stays ours). CPU hosts: `make vllm-venv`.
+ARG VLLM=0
+ARG VLLM_VERSION=
+RUN set -eu; \
+    if [ "$VLLM" = 1 ]; then \
+        if [ "$FLAVOR" != gpu ]; then echo "VLLM=1 needs FLAVOR=gpu (CPU: make vllm-venv)" >&2; exit 1; fi; \
+        pip install --no-cache-dir "vllm${VLLM_VERSION:+==$VLLM_VERSION}"; \
+        python -c "import vllm; print('vllm', vllm.__version__)"; \
+    fi
 COPY lib ./lib
 COPY ml_service ./ml_service
 RUN pip install --no-cache-dir --no-deps . && python -c "import ml_service.backend.ui, lib.inference"

