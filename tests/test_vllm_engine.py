@@ -340,5 +340,6 @@ def test_a_dead_vllm_engine_fails_its_requests_and_the_server_says_so(app_client
     r = answer["r"]
     assert r.status_code == 403 and r.json() == {"detail": MODEL_FAILED}, r.text  # as ours
     assert not engine.alive
-    assert app_client.get("/ready").status_code == 503
+    ready = app_client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"  # not restarted
     assert app_client.post("/forward", json=body).status_code == 503  # refused before any work

@@ -119,11 +119,15 @@ def build_ops_router() -> APIRouter:
         # clients would all reach the default version)
         current = host.current if host.started else None
         if current is not None and not host.engines_alive():
+            # our engine process is replaced after a crash; a dead vLLM engine is not
+            restarts = all(hasattr(v.engine, "restarts") for v in host.loaded.values())
             body = ReadyResponse(
-                status="restarting",
+                status="restarting" if restarts else "failed",
                 model=current.service.model_id,
                 version=current.version,
-                error="the generation engine's process is restarting after a crash",
+                error="the generation engine's process is restarting after a crash"
+                if restarts
+                else "the generation engine died; restart the server",
             )
             return JSONResponse(body.model_dump(), status_code=503)
         if current is not None:

@@ -131,8 +131,8 @@ class TextGenerationService(CheckpointService):
     def cache_key(self, item: PreparedPrompt) -> str | None:
         """Greedy or seeded generations only (an unseeded sample must differ each time): the
         checkpoint's content hash, the numerics that run it (dtype and device kind: bfloat16 or a
-        GPU round differently, so their greedy answers may differ), the prompt's ids and every
-        parameter after defaults."""
+        GPU round differently, so their greedy answers may differ), the engine (vLLM's kernels and
+        sampler differ from ours), the prompt's ids and every parameter after defaults."""
         p = item.params
         if p.temperature != 0 and p.seed is None:
             return None
@@ -141,7 +141,9 @@ class TextGenerationService(CheckpointService):
             return None
         weight = next(inference.model.parameters())
         numerics = f"{weight.dtype}@{inference.device.type}"
-        identity = [inference.checkpoint_sha256, numerics, list(item.ids), asdict(p)]
+        # our engine (in a process or a thread: the same code) and vLLM sample differently
+        engine = "vllm" if self.engine_kind == "vllm" else "ours"
+        identity = [inference.checkpoint_sha256, numerics, engine, list(item.ids), asdict(p)]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def cache_encode(self, output: GenerationResult) -> dict:
