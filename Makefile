@@ -141,20 +141,20 @@ $(VLLM_OURS_STAMP): $(VLLM_STAMP) pyproject.toml
 test-vllm: $(VLLM_OURS_STAMP) ## the vLLM engine's tests (ML_SERVICE_ENGINE=vllm) in .venv-vllm (~2 min + its install)
 	ML_SERVICE_TEST_VLLM=1 VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
 
-# the full serving benchmark through /v1/completions at 1, 16 and 64 clients: ours, ours with
+# the full serving benchmark through /v1/completions at 1, 16 and 64 clients: ours, ours on vLLM's engine, ours with
 # batching disabled, `transformers serve --continuous-batching` and vLLM's CPU build. About 6
 # minutes for the default model and 45 for gpt2-124m on 2 CPU cores (longer if it must wait for an
 # idle machine; BENCH_GPT_ARGS="--requests-per-client 2 --min-requests 16" makes the latter about
 # 20); each rewrites its own serving section of BENCHMARKS.md.
-BENCH_SYSTEMS ?= ours ours-nobatch tf-serve-cb vllm-cpu
+BENCH_SYSTEMS ?= ours ours-vllm ours-nobatch tf-serve-cb vllm-cpu
 BENCH_SERVE_ARGS ?= --systems $(BENCH_SYSTEMS) --concurrency 1 16 64 --stream --write BENCHMARKS.md
 GPT2_CHECKPOINT ?= runs/bench/random-gpt2-124m
 BENCH_GPT_ARGS ?=
-bench-serve: $(STAMP) $(VLLM_STAMP) ## serving benchmark, default model (rewrites its BENCHMARKS.md section)
+bench-serve: $(STAMP) $(VLLM_OURS_STAMP) ## serving benchmark, default model (rewrites its BENCHMARKS.md section)
 	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[bench]"
 	$(BIN)/python bench/serve_bench.py $(BENCH_SERVE_ARGS) --plot bench/serve_bench.png
 
-bench-serve-gpt: $(STAMP) $(VLLM_STAMP) ## the same on a random gpt2-124m-sized checkpoint (its own section)
+bench-serve-gpt: $(STAMP) $(VLLM_OURS_STAMP) ## the same on a random gpt2-124m-sized checkpoint (its own section)
 	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[bench]"
 	test -f $(GPT2_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --out $(GPT2_CHECKPOINT)
 	$(BIN)/python bench/serve_bench.py --checkpoint $(GPT2_CHECKPOINT) $(BENCH_SERVE_ARGS) --plot bench/serve_bench_gpt2-124m.png $(BENCH_GPT_ARGS)
