@@ -592,7 +592,7 @@ class FrontendInference(InferenceService):
     def __init__(self, *args, spec: EngineSpec, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = spec
-        self.engine: EngineProcess | None = None
+        self.engine = None  # an EngineProcess, or a VLLMEngine (the same surface)
 
     @classmethod
     def load(cls, spec: EngineSpec) -> FrontendInference:
