@@ -11,9 +11,12 @@ CONSTRAINTS ?= constraints.txt
 TRAIN_ARGS ?=
 DEEPSPEED_VERSION ?= 0.19.8
 STAMP := $(VENV)/.installed
+ONNX_VENV ?= .venv-onnx
+ONNX_STAMP := $(ONNX_VENV)/.installed
+OPTIMUM_ONNX_VERSION ?= 0.1.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm clean
+.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format train-baseline train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm onnx-venv export-onnx clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -61,6 +64,22 @@ redis-server: ## install Debian's redis-server for the fleet tests when none is 
 		echo "no redis-server and no apt-get: install redis-server for the fleet tests"; \
 	fi
 
+# ONNX export (lib/export_onnx.py): Hugging Face's exporter, optimum-onnx, pins transformers<4.58
+# while the product runs transformers 5, so it gets its own small venv (~1 min; CPU torch from the
+# constraints). The exported model is served from .venv by ONNX Runtime (ML_SERVICE_BACKEND).
+$(ONNX_STAMP): $(wildcard $(CONSTRAINTS))
+	$(PYTHON) -m venv $(ONNX_VENV)
+	$(ONNX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(ONNX_VENV)/bin/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "optimum-onnx==$(OPTIMUM_ONNX_VERSION)" onnxruntime accelerate
+	$(ONNX_VENV)/bin/python -c "import optimum.exporters.onnx, transformers; print('optimum-onnx $(OPTIMUM_ONNX_VERSION), transformers', transformers.__version__)"
+	@touch $@
+
+onnx-venv: $(ONNX_STAMP) ## the ONNX exporter (optimum-onnx) in .venv-onnx
+
+INT8 ?=
+export-onnx: $(STAMP) $(ONNX_STAMP) ## export CHECKPOINT=path to CHECKPOINT/onnx, checked against PyTorch (INT8=1: + int8)
+	$(BIN)/python -m lib.export_onnx $(CHECKPOINT) $(if $(INT8),--int8)
+
 serve: $(STAMP) ## serve the embedded default model on HOST:PORT
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT)
 
@@ -70,7 +89,7 @@ serve-dev: $(STAMP) ## serve with auto-reload on code changes
 serve-trained: $(STAMP) ## serve CHECKPOINT=path (default runs/baseline/final)
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT) --checkpoint $(CHECKPOINT)
 
-test: $(STAMP) browser redis-server ## run the whole test suite (installs chromium and redis-server)
+test: $(STAMP) $(ONNX_STAMP) browser redis-server ## run the whole test suite (installs chromium, redis-server, .venv-onnx)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## tests without the slow ones (training, subprocess servers)
@@ -172,4 +191,4 @@ promote-default: ## replace the embedded default (models/default) with runs/base
 	rm -rf models/default && mv models/default.new models/default
 
 clean: ## remove the venv, caches and run directories
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs wandb
+	rm -rf $(VENV) $(ONNX_VENV) .pytest_cache .ruff_cache runs wandb

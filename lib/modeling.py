@@ -59,6 +59,8 @@ def build_model(
 
 def count_parameters(model: torch.nn.Module) -> int:
     """Unique parameters (the tied input/output embedding counted once)."""
+    if not isinstance(model, torch.nn.Module):  # e.g. an ONNX model: it knows its own count
+        return model.num_parameters()
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lib.config import DEFAULT_CHECKPOINT
@@ -56,6 +56,17 @@ class Settings(BaseSettings):
         "side and the decode loop share no GIL; a crashed engine is restarted), our engine in a "
         "thread of the server process (`thread`), or vLLM's async engine (`vllm`: needs vLLM "
         "installed; GPU fleets, tensor parallelism)",
+    )
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="what runs the model under our engine: torch, or ONNX Runtime over the "
+        "checkpoint's ONNX export (`make export-onnx`; CPU, fp32 or int8); auto: torch, except for "
+        "a directory that only has an ONNX model",
+    )
+    onnx_precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="which ONNX file the onnxruntime backend serves: model.onnx (fp32) or "
+        "model.int8.onnx (dynamic int8, `make export-onnx INT8=1`)",
     )
     tensor_parallel: int = Field(
         1,
@@ -160,6 +171,15 @@ class Settings(BaseSettings):
     )
     log_prompts: bool = Field(False, description="write prompt texts into the access log")
     log_level: str = Field("info", description="log level of the service")
+
+    @model_validator(mode="after")
+    def _backend_fits_engine(self):
+        if self.backend == "onnxruntime" and self.engine == "vllm":
+            raise ValueError(
+                "ML_SERVICE_BACKEND=onnxruntime runs under our engine (ML_SERVICE_ENGINE=process "
+                "or thread); vLLM runs its own model"
+            )
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -174,7 +174,47 @@ class _BlockWeights:
         return self.attn_w, self.proj_w, self.fc_w, self.out_w
 
 
-class GPT2SlotDecoder:
+class SlotCache:
+    """The KV cache every decoder here keeps: per layer, keys and values of shape
+    (slots, heads, length, head_dim), row i of the running batch in slot i (module docstring).
+    Subclasses set `device` and `dtype` before the first `reserve`."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def __init__(self, layers: int, n_head: int, head_dim: int, context: int):
+        self.layers, self.n_head, self.head_dim, self.context = layers, n_head, head_dim, context
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.slots = 0  # allocated slots
+        self.length = 0  # allocated positions per slot
+
+    def reserve(self, slots: int, length: int) -> None:
+        """Make room for `slots` rows of up to `length` positions, keeping what is cached."""
+        length = min(self.context, -(-length // CACHE_STEP) * CACHE_STEP)
+        if slots <= self.slots and length <= self.length:
+            return
+        slots, length = max(slots, self.slots), max(length, self.length)
+        shape = (slots, self.n_head, length, self.head_dim)
+        old_k, old_v = self.k, self.v
+        new = partial(torch.zeros, shape, device=self.device, dtype=self.dtype)
+        self.k = [new() for _ in range(self.layers)]
+        self.v = [new() for _ in range(self.layers)]
+        # (old_k is empty on the first call: nothing to keep)
+        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
+            new[: self.slots, :, : self.length] = old
+        self.slots, self.length = slots, length
+
+    def release(self) -> None:
+        self.k, self.v, self.slots, self.length = [], [], 0, 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst` (a finished row's place)."""
+        for slots in self.k + self.v:
+            slots[dst] = slots[src]
+
+
+class GPT2SlotDecoder(SlotCache):
     def __init__(self, model, prepack: bool = True):
         cfg = model.config
         if getattr(cfg, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
@@ -189,9 +229,7 @@ class GPT2SlotDecoder:
         self.ln_f = _norm(tr.ln_f)
         self.lm_head = model.lm_head.weight
         self.act = _activation(cfg.activation_function)
-        self.n_head = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.context = cfg.n_positions
+        super().__init__(len(tr.h), cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions)
         weight = model.transformer.wte.weight
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
@@ -208,33 +246,6 @@ class GPT2SlotDecoder:
             with torch.no_grad():
                 self.weights = [w.packed(reorder) for w in self.weights]
                 self.lm_head_p = reorder(self.lm_head.detach().contiguous(), PACK_ROWS)
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.slots = 0  # allocated slots
-        self.length = 0  # allocated positions per slot
-
-    def reserve(self, slots: int, length: int) -> None:
-        """Make room for `slots` rows of up to `length` positions, keeping what is cached."""
-        length = min(self.context, -(-length // CACHE_STEP) * CACHE_STEP)
-        if slots <= self.slots and length <= self.length:
-            return
-        slots, length = max(slots, self.slots), max(length, self.length)
-        shape = (slots, self.n_head, length, self.head_dim)
-        old_k, old_v = self.k, self.v
-        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.weights]
-        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.weights]
-        # (old_k is empty on the first call: nothing to keep)
-        for new, old in zip(self.k + self.v, old_k + old_v, strict=False):
-            new[: self.slots, :, : self.length] = old
-        self.slots, self.length = slots, length
-
-    def release(self) -> None:
-        self.k, self.v, self.slots, self.length = [], [], 0, 0
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot `src` into slot `dst` (a finished row's place)."""
-        for slots in self.k + self.v:
-            slots[dst] = slots[src]
 
     def _conv1d(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: torch.Tensor | None

@@ -53,7 +53,8 @@ from lib.inference.engine import (
     _settle,
 )
 from lib.inference.generation import GenerationParams, GenerationRequest, GenerationResult
-from lib.inference.service import InferenceService
+from lib.inference.onnx_model import onnx_model_file, resolve_backend
+from lib.inference.service import InferenceService, checkpoint_sha256, served_directory
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class EngineSpec:
     random_preset: str | None = None  # a randomly initialised preset (baseline only)
     device: str = "cpu"
     dtype: str = "float32"
+    backend: str = "auto"  # torch or onnxruntime (lib/inference/onnx_model.py)
+    precision: str = "fp32"  # the ONNX file the onnxruntime backend serves
     max_batch_size: int = 64
     max_wait_s: float = 0.0
     threads: int | None = None  # the engine's math threads (default: all cores but one)
@@ -112,7 +115,12 @@ def load_engine_service(spec: EngineSpec) -> InferenceService:
     if spec.random_preset:
         return InferenceService.random_baseline(spec.random_preset)
     return InferenceService.from_checkpoint(
-        spec.checkpoint, device=spec.device, dtype=getattr(torch, spec.dtype)
+        spec.checkpoint,
+        device=spec.device,
+        dtype=getattr(torch, spec.dtype),
+        backend=spec.backend,
+        precision=spec.precision,
+        threads=spec.threads,
     )
 
 
@@ -599,7 +607,6 @@ class FrontendInference(InferenceService):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from lib.config import DEFAULT_CHECKPOINT, get_preset
-        from lib.inference.service import checkpoint_sha256
         from lib.modeling import build_model, read_card
         from lib.tokenizer import load_tokenizer
 
@@ -623,23 +630,29 @@ class FrontendInference(InferenceService):
                 spec=spec,
             )
         path = Path(spec.checkpoint)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"no checkpoint at {path} (expected config.json, model.safetensors, tokenizer files)"
-            )
-        config = AutoConfig.from_pretrained(str(path))
+        served = served_directory(path, spec.backend, spec.device, dtype)
+        if resolve_backend(path, spec.backend) == "onnxruntime":
+            onnx_model_file(path, spec.precision)  # missing: the error here, before a process
+        config = AutoConfig.from_pretrained(str(served))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        card = read_card(path)
+        card = read_card(served) or read_card(path)
         return cls(
             model.to(dtype),
-            load_tokenizer(path),
+            load_tokenizer(served),
             model_id=card.get("model_id") or path.name,
             source=str(path),
             card=card,
-            checkpoint_sha256=checkpoint_sha256(path),
+            checkpoint_sha256=checkpoint_sha256(served),
             spec=spec,
         )
+
+    def runtime(self) -> dict:
+        spec = self.spec
+        if spec.random_preset or resolve_backend(spec.checkpoint, spec.backend) == "torch":
+            return super().runtime()
+        file = onnx_model_file(spec.checkpoint, spec.precision).name
+        return {"backend": "onnxruntime", "precision": spec.precision, "model_file": file}
 
     @property
     def device(self) -> torch.device:

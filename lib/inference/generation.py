@@ -256,9 +256,13 @@ class DecodeBatch:
     """The running batch: up to `max_rows` sequences, each in its own KV-cache slot."""
 
     def __init__(self, model, tokenizer, max_rows: int, observer=None):
-        # oneDNN's reordered weight copies (decoder.py) serve batches of ONEDNN_MIN_ROWS rows or
-        # more only; a smaller batch (a few prompts run to the end) skips the reorder's cost
-        self.decoder = GPT2SlotDecoder(model, prepack=max_rows >= decoder_module.ONEDNN_MIN_ROWS)
+        if hasattr(model, "slot_decoder"):  # a model run by another runtime (onnx_model.py)
+            self.decoder = model.slot_decoder()
+        else:
+            # oneDNN's reordered weight copies (decoder.py) serve batches of ONEDNN_MIN_ROWS rows
+            # or more only; a smaller batch (a few prompts run to the end) skips the reorder's cost
+            prepack = max_rows >= decoder_module.ONEDNN_MIN_ROWS
+            self.decoder = GPT2SlotDecoder(model, prepack=prepack)
         self.raw = tokenizer.backend_tokenizer  # the Rust tokenizer: batch decoding in one call
         self.eos = tokenizer.eos_token_id
         self.vocab = model.config.vocab_size

@@ -51,7 +51,7 @@ def _logprobs(model, ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tens
     """One forward pass over rows of token ids (each behind its leading EOS, which also pads them
     on the right): the log-softmax at every position (B, T, vocab) on the CPU, the input ids
     (B, T), and each token's log-probability given those before it (B, T-1)."""
-    device = next(model.parameters()).device
+    device = model.device
     B, T = len(ids), max(len(r) for r in ids)
     input_ids = torch.full((B, T), ids[0][0], dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)

@@ -36,6 +36,7 @@ from lib.inference.generation import (
     generate,
     run_to_end,
 )
+from lib.inference.onnx_model import OnnxCausalLM, onnx_dir, resolve_backend
 from lib.inference.scoring import (
     TextScore,
     check_scorable,
@@ -60,6 +61,7 @@ CHECKPOINT_FILE_PATTERNS = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "*.onnx",  # an ONNX export (lib/export_onnx.py) served by ONNX Runtime
 )
 
 
@@ -80,6 +82,27 @@ def checkpoint_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
             while chunk := stream.read(chunk_bytes):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def served_directory(
+    path: str | Path, backend: str = "auto", device: str = "cpu", dtype: torch.dtype | None = None
+) -> Path:
+    """The directory whose files serve the checkpoint at `path` with `backend`: `path` for torch,
+    its ONNX export's directory for ONNX Runtime. FileNotFoundError / ValueError say what is
+    missing or not supported, before anything loads."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path} (expected config.json, model.safetensors, tokenizer files)"
+        )
+    if resolve_backend(path, backend) == "torch":
+        return path
+    if str(device) != "cpu" or dtype not in (None, torch.float32):
+        raise ValueError(
+            "the onnxruntime backend runs fp32 (or its int8 file) on the CPU here; on a GPU or in "
+            "bfloat16 serve with the torch or vllm engine (HOW_TO_USE.md, ONNX)"
+        )
+    return onnx_dir(path) or path / "onnx"
 
 
 class InferenceService:
@@ -110,18 +133,24 @@ class InferenceService:
         path: str | Path = DEFAULT_CHECKPOINT,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
     ) -> InferenceService:
+        """The checkpoint at `path`, run by torch or by ONNX Runtime (`backend`: `auto` serves
+        an ONNX-only directory with ONNX Runtime); `precision` picks the ONNX file (fp32, int8)
+        and `threads` ONNX Runtime's math threads (torch's are the engine's to set)."""
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"no checkpoint at {path} (expected config.json, model.safetensors, tokenizer files)"
-            )
+        served = served_directory(path, backend, device, dtype)
         t0 = time.perf_counter()
-        model = load_model(path, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        card = read_card(path)
-        sha256 = checkpoint_sha256(path)  # once per load
-        log.info("loaded %s (sha256 %s) in %.2fs", path, sha256, time.perf_counter() - t0)
+        if resolve_backend(path, backend) == "onnxruntime":
+            model = OnnxCausalLM(served, precision, threads=threads)
+        else:
+            model = load_model(path, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(served)
+        card = read_card(served) or read_card(path)
+        sha256 = checkpoint_sha256(served)  # once per load
+        log.info("loaded %s (sha256 %s) in %.2fs", served, sha256, time.perf_counter() - t0)
         return cls(
             model,
             tokenizer,
@@ -164,7 +193,7 @@ class InferenceService:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) - 1 for ids in encode_prompts(self.tokenizer, texts)]
@@ -284,6 +313,20 @@ class InferenceService:
             return None
         return {"name": Path(self.source).name, "sha256": self.checkpoint_sha256}
 
+    def runtime(self) -> dict:
+        """What runs the model: `backend` (torch or onnxruntime), `precision` (the weights' dtype,
+        or the ONNX file's fp32/int8) and `model_file` (its name, never a path)."""
+        model = self.model
+        if getattr(model, "backend", "torch") == "onnxruntime":
+            return {
+                "backend": "onnxruntime",
+                "precision": model.precision,
+                "model_file": model.file.name,
+            }
+        weights = "model.safetensors" if not self.random_baseline else None
+        precision = str(model.dtype).removeprefix("torch.")
+        return {"backend": "torch", "precision": precision, "model_file": weights}
+
     def metadata(self) -> dict:
         """What /metadata shows about the model. `source` is the checkpoint's directory name (or
         `random:<preset>`), not the server path it was loaded from."""
@@ -310,8 +353,9 @@ class InferenceService:
             "n_embd": cfg.n_embd,
             "context_length": self.context_length,
             "vocab_size": cfg.vocab_size,
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "device": str(self.device),
+            **self.runtime(),
             "training": {
                 k: card[k]
                 for k in (

@@ -18,7 +18,12 @@ def load_inference(settings) -> InferenceService:
     if settings.random_preset:
         return InferenceService.random_baseline(settings.random_preset)
     return InferenceService.from_checkpoint(
-        settings.checkpoint, device=settings.device, dtype=getattr(torch, settings.dtype)
+        settings.checkpoint,
+        device=settings.device,
+        dtype=getattr(torch, settings.dtype),
+        backend=settings.backend,
+        precision=settings.onnx_precision,
+        threads=settings.torch_threads,
     )
 
 

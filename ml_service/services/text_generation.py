@@ -70,6 +70,8 @@ class TextGenerationService(CheckpointService):
             random_preset=s.random_preset,
             device=s.device,
             dtype=s.dtype,
+            backend=s.backend,
+            precision=s.onnx_precision,
             max_batch_size=s.max_batch_size,
             max_wait_s=s.batch_wait_ms / 1000,
             threads=s.torch_threads,
@@ -130,8 +132,9 @@ class TextGenerationService(CheckpointService):
 
     def cache_key(self, item: PreparedPrompt) -> str | None:
         """Greedy or seeded generations only (an unseeded sample must differ each time): the
-        checkpoint's content hash, the numerics that run it (dtype and device kind: bfloat16 or a
-        GPU round differently, so their greedy answers may differ), the engine (vLLM's kernels and
+        checkpoint's content hash, the numerics that run it (backend, precision and device kind:
+        bfloat16, int8, ONNX Runtime or a GPU round differently, so their greedy answers may
+        differ), the engine (vLLM's kernels and
         sampler differ from ours), the prompt's ids and every parameter after defaults."""
         p = item.params
         if p.temperature != 0 and p.seed is None:
@@ -139,8 +142,8 @@ class TextGenerationService(CheckpointService):
         inference = self.inference
         if inference.checkpoint_sha256 is None:  # e.g. a random preset: no content to name
             return None
-        weight = next(inference.model.parameters())
-        numerics = f"{weight.dtype}@{inference.device.type}"
+        runtime = inference.runtime()  # torch or ONNX Runtime, and the precision it runs in
+        numerics = f"{runtime['backend']}:{runtime['precision']}@{inference.device.type}"
         # our engine (in a process or a thread: the same code) and vLLM sample differently
         engine = "vllm" if self.engine_kind == "vllm" else "ours"
         identity = [inference.checkpoint_sha256, numerics, engine, list(item.ids), asdict(p)]

@@ -1,0 +1,391 @@
+"""Export a checkpoint to ONNX, check it against PyTorch, and optionally quantize it to int8.
+
+    python -m lib.export_onnx CHECKPOINT [--int8] [--out DIR]      (make export-onnx CHECKPOINT=…)
+
+The graph comes from Hugging Face's maintained exporter (`optimum-onnx`, task
+`text-generation-with-past`: the GPT-2 decoder with its KV cache as inputs and outputs). That
+exporter pins `transformers<4.58` while the product runs transformers 5, so it runs in its own
+environment (`make onnx-venv` builds `.venv-onnx`; `ML_ONNX_EXPORTER_PYTHON` names another
+interpreter), as a subprocess reading the checkpoint directory. Everything after it runs here:
+
+1. **Parity** with PyTorch, on a batch of prompts of different lengths, right-padded: the largest
+   absolute logit difference over the real positions must be within `--tolerance`, and greedy
+   continuations (our engine over each runtime) must be identical. A failed check installs nothing.
+2. **int8** (`--int8`): ONNX Runtime's dynamic quantization of the matrices (int8 weights,
+   activations quantized per call), written beside the fp32 file; its greedy agreement with fp32
+   is measured, not required.
+3. **Quality**: bits per UTF-8 byte of PyTorch fp32, ONNX fp32 and ONNX int8 on held-out text (the
+   checkpoint's own validation documents, each scored alone behind its end-of-text token; or
+   `--eval-text FILE`).
+
+The result is a directory (default CHECKPOINT/onnx) with `model.onnx` (and `model.int8.onnx`),
+the config, the tokenizer, the training card and `onnx_card.json` (opset, the exporter's
+versions, the source checkpoint's content hash, the parity and quality figures). It is written
+to a temporary directory and renamed into place: a failed export never leaves half a model.
+`ML_SERVICE_BACKEND=onnxruntime` serves it (HOW_TO_USE.md, "ONNX").
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPORTER_VENV = REPO_ROOT / ".venv-onnx"  # `make onnx-venv`
+EXPORTER_PACKAGES = ("optimum-onnx", "optimum", "transformers", "torch", "onnx")
+CARD_FILE = "onnx_card.json"
+TOLERANCE = 1e-4  # the largest absolute logit difference fp32 ONNX may show against PyTorch
+PARITY_PROMPTS = (
+    "Привет, мир!",
+    "Старый учитель открыл книгу и",
+    "Москва",
+    "В лесу родилась ёлочка, в лесу она росла. Зимой и летом стройная",
+    "Когда мы вышли из дома, на улице уже",
+    "Он сказал, что",
+    "Весной в городе открылся новый музей, и первые посетители",
+    "Я",
+)
+GREEDY_TOKENS = 32
+EVAL_DOCUMENTS = 400  # held-out documents scored for bits/byte (the first N, in a fixed order)
+COPIED_FILES = (  # what serving needs beside the graph (the tokenizer, the card)
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "training_card.json",
+)
+
+
+class ExportError(RuntimeError):
+    """The exporter is missing or failed, or the exported model does not match PyTorch."""
+
+
+def exporter_python() -> str:
+    """The interpreter that runs optimum-onnx: $ML_ONNX_EXPORTER_PYTHON, else `.venv-onnx`, else
+    this one if it has the exporter."""
+    named = os.environ.get("ML_ONNX_EXPORTER_PYTHON")
+    if named:
+        return named
+    venv = EXPORTER_VENV / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.exporters.onnx"):
+        return sys.executable
+    raise ExportError(
+        "the ONNX exporter (optimum-onnx) is not installed: `make onnx-venv` builds .venv-onnx "
+        "with it (it pins transformers<4.58, so it lives apart from the product's environment)"
+    )
+
+
+def exporter_versions(python: str) -> dict:
+    code = (
+        "import json, importlib.metadata as m\n"
+        f"names = {list(EXPORTER_PACKAGES)!r}\n"
+        "out = {}\n"
+        "for n in names:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def run_exporter(checkpoint: Path, out: Path, python: str, opset: int | None = None) -> None:
+    """optimum-onnx's `export onnx` for text generation with the KV cache, into `out`."""
+    cmd = [python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
+    cmd += ["--model", str(checkpoint), "--task", "text-generation-with-past"]
+    if opset is not None:
+        cmd += ["--opset", str(opset)]
+    cmd.append(str(out))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        raise ExportError(f"optimum-onnx failed to export {checkpoint.name}:\n{tail}")
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def _padded(tokenizer, prompts: Sequence[str]):
+    import torch
+
+    from lib.inference.generation import encode_prompts
+
+    ids = encode_prompts(tokenizer, prompts)
+    width = max(map(len, ids))
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, input_ids, mask
+
+
+def logit_difference(reference, candidate, tokenizer, prompts: Sequence[str]) -> float:
+    """The largest absolute difference of the two models' logits over the real (unpadded)
+    positions of `prompts`, run as one right-padded batch."""
+    import torch
+
+    _, input_ids, mask = _padded(tokenizer, prompts)
+    with torch.inference_mode():
+        want = reference(input_ids=input_ids, attention_mask=mask).logits.float()
+        got = candidate(input_ids=input_ids, attention_mask=mask).logits.float()
+    real = mask.bool()
+    return float((want[real] - got[real]).abs().max())
+
+
+def greedy_texts(model, tokenizer, prompts: Sequence[str], tokens: int = GREEDY_TOKENS) -> list:
+    """Greedy continuations by our engine's batch decoder over `model` (torch or ONNX)."""
+    from lib.inference.generation import GenerationParams, generate
+
+    params = [GenerationParams(max_new_tokens=tokens, temperature=0)] * len(prompts)
+    return [r.text for r in generate(model, tokenizer, list(prompts), params)]
+
+
+def bits_per_byte(model, tokenizer, texts: Sequence[str], batch: int = 16) -> float:
+    """Bits per UTF-8 byte of `texts`, each scored alone behind its end-of-text token."""
+    from lib.inference.scoring import score_texts
+
+    nll = total = 0.0
+    for i in range(0, len(texts), batch):
+        for s in score_texts(model, tokenizer, texts[i : i + batch]):
+            nll -= s.log_likelihood
+            total += s.num_bytes
+    return nll / math.log(2) / total
+
+
+def held_out_texts(checkpoint: Path, card: dict, tokenizer, limit: int = EVAL_DOCUMENTS) -> tuple:
+    """The checkpoint's own validation documents (from its training card's data and split),
+    those that fit the context, the first `limit`; and a description of them."""
+    from lib.data import load_documents, split_documents
+
+    config = card.get("config", {})
+    data, fraction = config.get("data", "bundled"), config.get("val_fraction", 0.05)
+    try:
+        _, val = split_documents(load_documents(data), fraction)
+    except Exception as e:  # the run's data is not on this machine: the bundled corpus's split
+        log.warning("validation data %r unavailable (%s); using the bundled corpus", data, e)
+        data, fraction = "bundled", 0.05
+        _, val = split_documents(load_documents(data), fraction)
+    return _fitting(val, tokenizer, card, limit), f"validation split of {data!r} ({fraction})"
+
+
+def _fitting(texts: Sequence[str], tokenizer, card: dict, limit: int) -> list[str]:
+    context = int(card.get("block_size") or 256)
+    fit = [t for t in texts if len(tokenizer(t)["input_ids"]) + 1 <= context]
+    return fit[:limit]
+
+
+def read_eval_file(path: Path, tokenizer, card: dict, limit: int = EVAL_DOCUMENTS) -> list[str]:
+    from lib.data import load_documents
+
+    return _fitting(load_documents(str(path)), tokenizer, card, limit)
+
+
+# -- the export -----------------------------------------------------------------------------------
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    *,
+    int8: bool = False,
+    tolerance: float = TOLERANCE,
+    eval_text: str | Path | None = None,
+    eval_documents: int = EVAL_DOCUMENTS,
+    opset: int | None = None,
+) -> dict:
+    """Export the checkpoint at `checkpoint` to `out` (default CHECKPOINT/onnx), check it, and
+    return its card (also written as onnx_card.json). ExportError when a check fails."""
+    import onnx
+    import onnxruntime
+
+    from lib.inference.onnx_model import ONNX_FILES, OnnxCausalLM
+    from lib.inference.service import checkpoint_sha256
+    from lib.modeling import load_model, read_card
+    from lib.tokenizer import load_tokenizer
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint} (expected config.json)")
+    out = Path(out) if out is not None else checkpoint / "onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    python = exporter_python()
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        run_exporter(checkpoint, tmp, python, opset)
+        for name in COPIED_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)
+        exported_s = time.perf_counter() - t0
+
+        tokenizer = load_tokenizer(checkpoint)
+        card = read_card(checkpoint)
+        torch_model = load_model(checkpoint)
+        onnx_fp32 = OnnxCausalLM(tmp, "fp32")
+        diff = logit_difference(torch_model, onnx_fp32, tokenizer, PARITY_PROMPTS)
+        want = greedy_texts(torch_model, tokenizer, PARITY_PROMPTS)
+        got = greedy_texts(onnx_fp32, tokenizer, PARITY_PROMPTS)
+        same = sum(a == b for a, b in zip(want, got, strict=True))
+        if not diff <= tolerance or same != len(want):  # `not <=`: a NaN fails too
+            raise ExportError(
+                f"the ONNX model does not match PyTorch: largest logit difference {diff:.3g} "
+                f"(tolerance {tolerance:g}), {same}/{len(want)} greedy continuations identical"
+            )
+        if eval_text is not None:
+            texts = read_eval_file(Path(eval_text), tokenizer, card, eval_documents)
+            described = Path(eval_text).name
+        else:
+            texts, described = held_out_texts(checkpoint, card, tokenizer, eval_documents)
+        quality = {
+            "texts": described,
+            "documents": len(texts),
+            "bytes": sum(len(t.encode()) for t in texts),
+            "torch_fp32": round(bits_per_byte(torch_model, tokenizer, texts), 4),
+            "onnx_fp32": round(bits_per_byte(onnx_fp32, tokenizer, texts), 4),
+        }
+        files = {"fp32": ONNX_FILES["fp32"]}
+        quantized = None
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(
+                tmp / ONNX_FILES["fp32"],
+                tmp / ONNX_FILES["int8"],
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
+            onnx_int8 = OnnxCausalLM(tmp, "int8")
+            got8 = greedy_texts(onnx_int8, tokenizer, PARITY_PROMPTS)
+            quality["onnx_int8"] = round(bits_per_byte(onnx_int8, tokenizer, texts), 4)
+            files["int8"] = ONNX_FILES["int8"]
+            quantized = {
+                "method": "onnxruntime dynamic quantization: int8 weights per output channel, "
+                "activations quantized per call",
+                "greedy_identical_to_fp32": f"{sum(a == b for a, b in zip(want, got8, strict=True))}"
+                f"/{len(want)}",
+                "bits_per_byte_cost": round(quality["onnx_int8"] - quality["onnx_fp32"], 4),
+            }
+        graph = onnx.load(str(tmp / ONNX_FILES["fp32"]), load_external_data=False)
+        result = {
+            "format": "onnx",
+            "task": "text-generation-with-past",
+            "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "exporter": exporter_versions(python),
+            "onnxruntime": onnxruntime.__version__,
+            "exported_by": f"lib.export_onnx (ru-gpt-service {_our_version()})",
+            "source": {"name": checkpoint.name, "sha256": checkpoint_sha256(checkpoint)},
+            "files": files,
+            "parity": {
+                "prompts": len(PARITY_PROMPTS),
+                "max_abs_logit_difference": float(f"{diff:.3g}"),
+                "tolerance": tolerance,
+                "greedy_tokens": GREEDY_TOKENS,
+                "greedy_identical": f"{same}/{len(want)}",
+            },
+            "int8": quantized,
+            "bits_per_byte": quality,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "export_seconds": round(exported_s, 1),
+        }
+        (tmp / CARD_FILE).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s to %s in %.1fs", checkpoint.name, out, result["seconds"])
+    return result
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished export into place (the old one, if any, goes only after)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from a serving user
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _our_version() -> str:
+    try:
+        return importlib.metadata.version("ru-gpt-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lib.export_onnx",
+        description="Export a checkpoint to ONNX (with its KV cache), check it against PyTorch, "
+        "and optionally quantize it to int8.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (config.json, …)")
+    parser.add_argument("--out", type=Path, help="where to write (default CHECKPOINT/onnx)")
+    parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help=f"largest allowed |logit difference| against PyTorch (default {TOLERANCE:g})",
+    )
+    parser.add_argument(
+        "--eval-text",
+        type=Path,
+        help="held-out .txt/.jsonl for bits/byte (default: the checkpoint's validation split)",
+    )
+    parser.add_argument(
+        "--eval-documents",
+        type=int,
+        default=EVAL_DOCUMENTS,
+        help=f"held-out documents scored (default {EVAL_DOCUMENTS})",
+    )
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    args = parser.parse_args(argv)
+    # (onnxruntime's quantizer logs every tensor at INFO on the root logger)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        card = export_onnx(
+            args.checkpoint,
+            args.out,
+            int8=args.int8,
+            tolerance=args.tolerance,
+            eval_text=args.eval_text,
+            eval_documents=args.eval_documents,
+            opset=args.opset,
+        )
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = args.out or args.checkpoint / "onnx"
+    p, q = card["parity"], card["bits_per_byte"]
+    print(f"wrote {out} ({', '.join(card['files'].values())}), opset {card['opset']}")
+    print(
+        f"parity: max |logit diff| {p['max_abs_logit_difference']:.3g} (tolerance "
+        f"{p['tolerance']:g}), greedy identical {p['greedy_identical']}"
+    )
+    bpb = ", ".join(f"{k} {q[k]}" for k in ("torch_fp32", "onnx_fp32", "onnx_int8") if k in q)
+    print(f"bits/byte on {q['documents']} held-out documents: {bpb}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
