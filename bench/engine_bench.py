@@ -6,6 +6,7 @@ It shows what the engine itself gives on this machine, so the serving benchmark'
 
     python bench/engine_bench.py                       # prints a markdown table
     python bench/engine_bench.py --concurrency 1 16 64 --requests-per-caller 8
+    python bench/engine_bench.py --backend onnxruntime --precision int8 --batching-only
 """
 
 from __future__ import annotations
@@ -65,11 +66,29 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--requests-per-caller", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="ONNX file")
+    p.add_argument("--batching-only", action="store_true", help="skip the batch-size-1 runs")
     args = p.parse_args()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # load in this thread with one: the engine's thread does the math
-    service = InferenceService.from_checkpoint(args.checkpoint)
-    print(f"{platform.machine()}, {threads} threads, torch {torch.__version__}")
+    service = InferenceService.from_checkpoint(
+        args.checkpoint, backend=args.backend, precision=args.precision, threads=threads
+    )
+    runtime = service.runtime()
+    print(
+        f"{platform.machine()}, {threads} threads, torch {torch.__version__}, "
+        f"{runtime['backend']} {runtime['precision']}"
+    )
+    if args.batching_only:
+        print("| callers | tok/s, batching (64 rows) | median latency (s) |")
+        print("| --- | --- | --- |")
+        for n in args.concurrency:
+            tps, lat = asyncio.run(
+                run(service, n, 64, args.requests_per_caller, args.max_new_tokens, threads)
+            )
+            print(f"| {n} | {tps:,.0f} | {lat:.3f} |")
+        return
     print(
         "| callers | tok/s, batching (64 rows) | tok/s, batch size 1 | ratio | median latency (s), batching / size 1 |"
     )

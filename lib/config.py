@@ -288,6 +288,15 @@ class TrainingConfig:
     sample_every: int = setting(
         0, "log sample continuations every N steps (0: only in the training card)"
     )
+    export_onnx: str | None = setting(
+        None,
+        "after the run, export OUTPUT_DIR/final to ONNX in OUTPUT_DIR/final/onnx, checked "
+        "against PyTorch (int8: also model.int8.onnx; the exporter lives in .venv-onnx: "
+        "`make onnx-venv`)",
+        flag="--onnx",
+        choices=("fp32", "int8"),
+        aliases={"--export-onnx": ("fp32", "same as --onnx fp32")},
+    )
     report_to: str = setting("none", "metrics sink (wandb: see --wandb-mode)", choices=REPORT_TO)
     wandb_project: str = setting("ru-gpt", "W&B project (the CLI takes $WANDB_PROJECT when set)")
     wandb_mode: str = setting(
@@ -450,6 +459,11 @@ class TrainingConfig:
             "use adamw with fsdp/deepspeed",
         )
         need(
+            self.export_onnx is None or _onnx_exporter_found(),
+            "--export-onnx needs the ONNX exporter (optimum-onnx): `make onnx-venv` builds "
+            ".venv-onnx, or set ML_ONNX_EXPORTER_PYTHON",
+        )
+        need(
             self.report_to != "tensorboard" or _installed("tensorboard"),
             "--report-to tensorboard needs the tensorboard package (pip install tensorboard)",
         )
@@ -504,6 +518,15 @@ class TrainingConfig:
 
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+def _onnx_exporter_found() -> bool:
+    from lib.export_onnx import ExportError, exporter_python
+
+    try:
+        return Path(exporter_python()).exists()
+    except ExportError:
+        return False
 
 
 def _cuda_device(device: str | None) -> bool:

@@ -79,6 +79,8 @@ def exporter_python() -> str:
     this one if it has the exporter."""
     named = os.environ.get("ML_ONNX_EXPORTER_PYTHON")
     if named:
+        if not Path(named).exists():
+            raise ExportError(f"ML_ONNX_EXPORTER_PYTHON={named} does not exist")
         return named
     venv = EXPORTER_VENV / "bin" / "python"
     if venv.exists():
@@ -105,12 +107,17 @@ def exporter_versions(python: str) -> dict:
     return json.loads(done.stdout)
 
 
-def run_exporter(checkpoint: Path, out: Path, python: str, opset: int | None = None) -> None:
-    """optimum-onnx's `export onnx` for text generation with the KV cache, into `out`."""
+def run_exporter(
+    checkpoint: Path, out: Path, python: str, opset: int | None = None, optimize: str | None = None
+) -> None:
+    """optimum-onnx's `export onnx` for text generation with the KV cache, into `out`
+    (`optimize`: its ONNX Runtime graph optimization level, O1-O3)."""
     cmd = [python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
     cmd += ["--model", str(checkpoint), "--task", "text-generation-with-past"]
     if opset is not None:
         cmd += ["--opset", str(opset)]
+    if optimize is not None:
+        cmd += ["--optimize", optimize]
     cmd.append(str(out))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -206,6 +213,7 @@ def export_onnx(
     eval_text: str | Path | None = None,
     eval_documents: int = EVAL_DOCUMENTS,
     opset: int | None = None,
+    optimize: str | None = None,
 ) -> dict:
     """Export the checkpoint at `checkpoint` to `out` (default CHECKPOINT/onnx), check it, and
     return its card (also written as onnx_card.json). ExportError when a check fails."""
@@ -226,7 +234,7 @@ def export_onnx(
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        run_exporter(checkpoint, tmp, python, opset)
+        run_exporter(checkpoint, tmp, python, opset, optimize)
         for name in COPIED_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, tmp / name)
@@ -284,6 +292,7 @@ def export_onnx(
             "format": "onnx",
             "task": "text-generation-with-past",
             "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "optimize": optimize,
             "exporter": exporter_versions(python),
             "onnxruntime": onnxruntime.__version__,
             "exported_by": f"lib.export_onnx (ru-gpt-service {_our_version()})",
@@ -358,6 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"held-out documents scored (default {EVAL_DOCUMENTS})",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument(
+        "--optimize",
+        choices=("O1", "O2", "O3"),
+        help="optimum's ONNX Runtime graph fusions, stored in the file (default: none; ONNX "
+        "Runtime optimizes the graph when it loads it anyway, and O1-O2 measured no faster here)",
+    )
     args = parser.parse_args(argv)
     # (onnxruntime's quantizer logs every tensor at INFO on the root logger)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -371,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_text=args.eval_text,
             eval_documents=args.eval_documents,
             opset=args.opset,
+            optimize=args.optimize,
         )
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,16 +4,18 @@ The exported graph is Hugging Face's "with past" GPT-2 decoder: it takes `input_
 `attention_mask`, `position_ids` and every layer's past keys and values, and returns the logits and
 the *present* keys and values, which are the past with the new positions appended. Our engine keeps
 its KV cache in slots (`decoder.SlotCache`: row i of the running batch in slot i, each row at its
-own position), so `OrtSlotDecoder` feeds the graph the slots as they lie, `(rows, heads, length,
-head_dim)` with `length` the cache's allocated width, and lets the attention mask say which columns
-each row may see (those before its own position, and the new one). The new token's keys and values
-come out as the last column of `present`; they are written back into each row's slot at its own
-position. So continuous batching, per-row sampling, seeds, cancellation and streaming are the
-engine's own (`generation.DecodeBatch`), whatever runs the model.
+own position), so `OrtSlotDecoder` hands the graph the slots' first P columns as the past, P being
+the furthest row's position, and lets the attention mask say which columns each row may see
+(those before its own position, and the new one). The new token's keys and values come out as the
+last column of `present`; they are written back into each row's slot at its own position. So
+continuous batching, per-row sampling, seeds, cancellation and streaming are the engine's own
+(`generation.DecodeBatch`), whatever runs the model.
 
-What this layout costs: the graph copies the whole past into `present` at every step (the
-exporter's graph concatenates), so a step moves the cache twice where our torch decoder reads it
-once. BENCHMARKS.md ("ONNX Runtime") measures it.
+What this layout costs: the exporter's graph concatenates, so every step copies the whole past
+into `present` (and the past's P columns are first copied out of the slots, since ONNX Runtime
+reads contiguous arrays only): the cache moves three times where our torch decoder reads it once.
+Binding pre-allocated output buffers (IO binding) measured no faster here (ONNX Runtime's CPU arena
+already reuses them). BENCHMARKS.md ("ONNX Runtime") has the numbers.
 
 ONNX Runtime runs here on the CPU only: our cache lives in torch CPU tensors handed to the session
 as NumPy views (no copy). On a GPU, serve the checkpoint with the torch or vLLM engine, or give the
@@ -97,7 +99,8 @@ def session_options(threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # no busy-waiting between steps: the HTTP side and the tokenizer share these cores
+    # no busy-waiting between steps: the engine's own Python work shares these cores (spinning
+    # measured 16-rows throughput halved on 2 cores)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
@@ -225,12 +228,16 @@ class OrtSlotDecoder(SlotCache):
         self.device, self.dtype = torch.device("cpu"), torch.float32
         super().__init__(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions)
 
-    def _cache(self, rows) -> list[np.ndarray]:
-        """Keys then values of each layer for `rows` (a slice: views, no copy), as the graph's
-        past."""
+    def _cache(self, rows, width: int) -> list[np.ndarray]:
+        """Keys then values of each layer's first `width` positions for `rows`, as the graph's
+        past: the slots in place (no copy) when `rows` is a slice and `width` the whole cache,
+        else a contiguous copy of just those columns (ONNX Runtime reads contiguous arrays only;
+        copying the columns in use measured faster than handing over the whole cache, whose
+        every column the graph then copies into `present`)."""
         out = []
-        for k, v in zip(self.k, self.v, strict=True):
-            out += [k[rows].numpy(), v[rows].numpy()]
+        for cache in (t for pair in zip(self.k, self.v, strict=True) for t in pair):
+            part = cache[rows] if width == self.length else cache[rows, :, :width]
+            out.append(part.contiguous().numpy())
         return out
 
     @torch.inference_mode()
@@ -258,10 +265,10 @@ class OrtSlotDecoder(SlotCache):
     ) -> torch.Tensor:
         """One new token for each of the first B slots (or of `slots`), at its own position;
         logits (B, vocab)."""
-        B, L = len(positions), self.length
+        B = len(positions)
         pos = np.asarray(positions, dtype=np.int64)
-        # the first B slots are contiguous: the graph reads them in place
-        past = self._cache(slice(0, B) if slots is None else torch.tensor(slots))
+        L = int(pos.max())  # the widest row's cached positions: columns past it hold nothing
+        past = self._cache(slice(0, B) if slots is None else torch.tensor(slots), L)
         mask = np.zeros((B, L + 1), np.int64)
         mask[:, :L] = np.arange(L)[None, :] < pos[:, None]  # what each row has cached
         mask[:, L] = 1  # and the new token, which the graph appends as column L

@@ -537,6 +537,15 @@ def train(config: TrainingConfig) -> TrainResult:
         if ctx.is_main:
             save_checkpoint(plain, a.tokenizer, out, training_card(a, plain, final, wall))
             say(f"checkpoint written to {out}")
+            if cfg.export_onnx:
+                from lib.export_onnx import export_onnx
+
+                card = export_onnx(out, int8=cfg.export_onnx == "int8")
+                p = card["parity"]
+                say(
+                    f"ONNX export written to {out / 'onnx'} (max |logit diff| "
+                    f"{p['max_abs_logit_difference']:.3g}, greedy identical {p['greedy_identical']})"
+                )
         ctx.barrier()
     finally:
         for cb in a.callbacks:
