@@ -175,7 +175,9 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch: int = 16) -> fl
     return nll / math.log(2) / total
 
 
-def held_out_texts(checkpoint: Path, card: dict, tokenizer, limit: int = EVAL_DOCUMENTS) -> tuple:
+def held_out_texts(
+    checkpoint: Path, card: dict, tokenizer, context: int, limit: int = EVAL_DOCUMENTS
+) -> tuple:
     """The checkpoint's own validation documents (from its training card's data and split),
     those that fit the context, the first `limit`; and a description of them."""
     from lib.data import load_documents, split_documents
@@ -188,19 +190,29 @@ def held_out_texts(checkpoint: Path, card: dict, tokenizer, limit: int = EVAL_DO
         log.warning("validation data %r unavailable (%s); using the bundled corpus", data, e)
         data, fraction = "bundled", 0.05
         _, val = split_documents(load_documents(data), fraction)
-    return _fitting(val, tokenizer, card, limit), f"validation split of {data!r} ({fraction})"
+    described = f"validation split of {data!r} ({fraction})"
+    return _fitting(val, tokenizer, context, limit), described
 
 
-def _fitting(texts: Sequence[str], tokenizer, card: dict, limit: int) -> list[str]:
-    context = int(card.get("block_size") or 256)
-    fit = [t for t in texts if len(tokenizer(t)["input_ids"]) + 1 <= context]
-    return fit[:limit]
+def _fitting(texts: Sequence[str], tokenizer, context: int, limit: int) -> list[str]:
+    """The first `limit` non-empty texts, each cut (at a token boundary) to what the model's
+    context scores: its tokens behind the end-of-text token."""
+    out = []
+    for text in texts[: limit * 2]:
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        if len(enc["input_ids"]) >= context:
+            text = text[: enc["offset_mapping"][max(context - 3, 0)][1]]  # a token of slack
+        if text.strip():
+            out.append(text)
+        if len(out) == limit:
+            break
+    return out
 
 
-def read_eval_file(path: Path, tokenizer, card: dict, limit: int = EVAL_DOCUMENTS) -> list[str]:
+def read_eval_file(path: Path, tokenizer, context: int, limit: int = EVAL_DOCUMENTS) -> list[str]:
     from lib.data import load_documents
 
-    return _fitting(load_documents(str(path)), tokenizer, card, limit)
+    return _fitting(load_documents(str(path)), tokenizer, context, limit)
 
 
 # -- the export -----------------------------------------------------------------------------------
@@ -243,6 +255,7 @@ def export_onnx(
         tokenizer = load_tokenizer(checkpoint)
         card = read_card(checkpoint)
         torch_model = load_model(checkpoint)
+        context = int(torch_model.config.n_positions)
         onnx_fp32 = OnnxCausalLM(tmp, "fp32")
         diff = logit_difference(torch_model, onnx_fp32, tokenizer, PARITY_PROMPTS)
         want = greedy_texts(torch_model, tokenizer, PARITY_PROMPTS)
@@ -254,10 +267,12 @@ def export_onnx(
                 f"(tolerance {tolerance:g}), {same}/{len(want)} greedy continuations identical"
             )
         if eval_text is not None:
-            texts = read_eval_file(Path(eval_text), tokenizer, card, eval_documents)
+            texts = read_eval_file(Path(eval_text), tokenizer, context, eval_documents)
             described = Path(eval_text).name
         else:
-            texts, described = held_out_texts(checkpoint, card, tokenizer, eval_documents)
+            texts, described = held_out_texts(checkpoint, card, tokenizer, context, eval_documents)
+        if not texts:
+            raise ExportError(f"no held-out text to measure bits/byte on ({described})")
         quality = {
             "texts": described,
             "documents": len(texts),
