@@ -178,6 +178,13 @@ bench-serve-gpt: $(STAMP) $(VLLM_OURS_STAMP) ## the same on a random gpt2-124m-s
 	test -f $(GPT2_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --out $(GPT2_CHECKPOINT)
 	$(BIN)/python bench/serve_bench.py --checkpoint $(GPT2_CHECKPOINT) $(BENCH_SERVE_ARGS) --plot bench/serve_bench_gpt2-124m.png $(BENCH_GPT_ARGS)
 
+# PyTorch vs ONNX Runtime fp32/int8: engine alone and through HTTP at 1/16/64 clients, default model
+# and the random gpt2-124m (exported into runs/bench/onnx-*); rewrites its BENCHMARKS.md section
+.PHONY: bench-onnx
+bench-onnx: $(STAMP) $(ONNX_STAMP) ## PyTorch vs ONNX Runtime fp32/int8 (engine and HTTP; its BENCHMARKS.md section)
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[bench]"
+	$(BIN)/python bench/onnx_bench.py --write BENCHMARKS.md
+
 # the decode step of the random gpt2-124m against this machine's measured memory bandwidth and
 # fp32 matmul peak, at 1/16/64 rows and 1/2 threads (a few minutes); rewrites its own section
 .PHONY: bench-hardware

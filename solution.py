@@ -14,8 +14,10 @@ import argparse
 import sys
 
 from lib.config import DEFAULT_CHECKPOINT, PRESETS, TrainingConfig
+from lib.export_onnx import export_onnx
 from lib.inference import GenerationEngine, GenerationParams, InferenceService
 from lib.inference.engine_process import EngineProcess, EngineSpec
+from lib.inference.onnx_model import OnnxCausalLM
 from lib.training import train
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings, get_settings
@@ -56,9 +58,11 @@ __all__ = [
     "GenerationEngine",
     "GenerationParams",
     "InferenceService",
+    "OnnxCausalLM",
     "Settings",
     "TrainingConfig",
     "create_app",
+    "export_onnx",
     "get_settings",
     "main",
     "train",

@@ -234,7 +234,7 @@ def export_onnx(
 
     from lib.inference.onnx_model import ONNX_FILES, OnnxCausalLM
     from lib.inference.service import checkpoint_sha256
-    from lib.modeling import load_model, read_card
+    from lib.modeling import install_directory, load_model, read_card
     from lib.tokenizer import load_tokenizer
 
     checkpoint = Path(checkpoint)
@@ -326,26 +326,12 @@ def export_onnx(
             "export_seconds": round(exported_s, 1),
         }
         (tmp / CARD_FILE).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
-        _install(tmp, out)
+        install_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s to %s in %.1fs", checkpoint.name, out, result["seconds"])
     return result
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished export into place (the old one, if any, goes only after)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from a serving user
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _our_version() -> str:

@@ -103,18 +103,29 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, out_dir: str | Path, card
             json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
         (tmp / "README.md").write_text(render_model_card(card), encoding="utf-8")
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        install_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def install_directory(tmp: Path, out_dir: Path) -> None:
+    """Put the finished directory `tmp` (a sibling of `out_dir`) in place of `out_dir`: its files
+    synced, its mode the umask's (mkdtemp makes it 0700), then renamed; an old `out_dir` is
+    renamed away first and removed only after. A reader sees the old directory or the new one,
+    never a mixture."""
+    _fsync_dir(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -305,7 +305,9 @@ def test_stream_never_shows_text_past_a_stop_string(service):
 
 
 # -- cancellation, limits, failures ---------------------------------------------------------------
-def test_a_cancelled_caller_frees_its_row(service):
+def check_a_cancelled_caller_frees_its_row(service) -> None:
+    """A running request whose caller is cancelled leaves the batch (any `service`'s model:
+    tests/test_onnx.py runs it over ONNX Runtime)."""
     params = GenerationParams(max_new_tokens=250, min_new_tokens=250, temperature=0.8, seed=3)
     rec = Recorder()
 
@@ -315,7 +317,7 @@ def test_a_cancelled_caller_frees_its_row(service):
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.05)
         task.cancel()  # what the HTTP layer does when the client disconnects
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # only a hang gets near this
         while engine.running and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         return engine.running
@@ -324,6 +326,10 @@ def test_a_cancelled_caller_frees_its_row(service):
     (req,) = rec.finished
     assert req.result.finish_reason == "cancelled"
     assert 0 < req.result.completion_tokens < 250
+
+
+def test_a_cancelled_caller_frees_its_row(service):
+    check_a_cancelled_caller_frees_its_row(service)
 
 
 QUEUED = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)

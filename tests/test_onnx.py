@@ -8,13 +8,11 @@ except under CI=true, where they fail."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from lib.inference.service import checkpoint_sha256
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings
 from tests.conftest import CHECKPOINT, is_russian, wait_for
-from tests.test_engine import Recorder, run, with_engine
+from tests.test_engine import check_a_cancelled_caller_frees_its_row
 from tests.test_ops import with_settings
 
 pytestmark = pytest.mark.slow
@@ -82,7 +80,7 @@ def test_the_card_records_parity_quality_and_provenance(exported, card):
     q = card["bits_per_byte"]
     assert q["documents"] == 120 and q["bytes"] > 10_000
     assert abs(q["onnx_fp32"] - q["torch_fp32"]) < 1e-3  # the same model
-    assert 0.5 < q["torch_fp32"] < 3  # a trained model, not noise (random: ~13)
+    assert 0.5 < q["torch_fp32"] < 2  # trained: ~1.36 (a random gpt2-124m: 2.42, near uniform)
     assert card["int8"]["bits_per_byte_cost"] == pytest.approx(q["onnx_int8"] - q["onnx_fp32"])
     assert abs(card["int8"]["bits_per_byte_cost"]) < 0.1
     assert not list(exported.glob(".onnx.tmp-*"))  # the temporary directory is gone
@@ -236,23 +234,9 @@ def test_an_onnx_only_directory_is_served_by_onnxruntime_in_the_engine_process(e
 
 
 def test_a_cancelled_onnx_request_frees_its_row(exported):
-    onnx = InferenceService.from_checkpoint(exported, backend="onnxruntime")
-    params = GenerationParams(max_new_tokens=250, min_new_tokens=250, temperature=0.8, seed=3)
-    rec = Recorder()
-
-    async def body(engine):
-        task = asyncio.ensure_future(engine.submit(onnx.prepare("Москва", params)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
-        task.cancel()
-        deadline = time.monotonic() + 30
-        while engine.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return engine.running
-
-    assert run(with_engine(onnx, body, observer=rec)) == 0
-    (req,) = rec.finished
-    assert req.result.finish_reason == "cancelled" and req.result.completion_tokens < 250
+    check_a_cancelled_caller_frees_its_row(
+        InferenceService.from_checkpoint(exported, backend="onnxruntime")
+    )
 
 
 def test_scores_and_echo_logprobs_match_torch(service, exported):

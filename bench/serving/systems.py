@@ -39,6 +39,8 @@ SYSTEM_NAMES = (
     "ours",
     "ours-thread",
     "ours-vllm",
+    "ours-onnx",
+    "ours-onnx-int8",
     "ours-nobatch",
     "tf-serve",
     "tf-serve-cb",
@@ -210,12 +212,15 @@ class Ours(System):
         device: str = "cpu",
         dtype: str = "float32",
         engine: str = "process",
+        onnx: str | None = None,
+        checkpoint: Path | None = None,
     ):
         super().__init__()
         self.name = name
         self.max_batch_size = max_batch_size
         self.device, self.dtype = device, dtype
         self.engine = engine
+        self.onnx, self.checkpoint = onnx, checkpoint  # onnx: fp32 or int8 (ONNX Runtime)
         self.description = (
             "our service, continuous batching (up to 64 rows)"
             if max_batch_size > 1
@@ -223,6 +228,18 @@ class Ours(System):
         )
         if engine != "process":
             self.description += f", the engine in a {engine} of the server process"
+        if onnx:
+            self.description += f", the model run by ONNX Runtime ({onnx})"
+
+    def unavailable(self) -> str | None:
+        if self.onnx and self.checkpoint is not None:
+            from lib.inference.onnx_model import onnx_model_file
+
+            try:
+                onnx_model_file(self.checkpoint, self.onnx)
+            except FileNotFoundError as e:
+                return str(e)
+        return None
 
     def command(self, checkpoint: Path, port: int) -> list[str]:
         return [sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--port", str(port)]
@@ -236,6 +253,8 @@ class Ours(System):
             "ML_SERVICE_CACHE_TTL_S": "0",
             "ML_SERVICE_ENGINE": self.engine,
         }
+        if self.onnx:
+            env.update(ML_SERVICE_BACKEND="onnxruntime", ML_SERVICE_ONNX_PRECISION=self.onnx)
         if (self.device, self.dtype) != ("cpu", "float32"):
             env.update(ML_SERVICE_DEVICE=self.device, ML_SERVICE_DTYPE=self.dtype)
         return env
@@ -477,6 +496,8 @@ def make_systems(
         "ours": lambda: Ours("ours", 64, device, dtype),
         "ours-thread": lambda: Ours("ours-thread", 64, device, dtype, engine="thread"),
         "ours-vllm": lambda: OursVllm("ours-vllm", device, dtype, vllm_venv),
+        "ours-onnx": lambda: Ours("ours-onnx", 64, onnx="fp32", checkpoint=checkpoint),
+        "ours-onnx-int8": lambda: Ours("ours-onnx-int8", 64, onnx="int8", checkpoint=checkpoint),
         "ours-nobatch": lambda: Ours("ours-nobatch", 1, device, dtype),
         "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint, device, dtype),
         "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint, device, dtype),

@@ -260,11 +260,8 @@ class OrtSlotDecoder(SlotCache):
         return torch.from_numpy(logits[np.arange(n), lens - 1])
 
     @torch.inference_mode()
-    def decode(
-        self, ids: torch.Tensor, positions: list[int], slots: list[int] | None = None
-    ) -> torch.Tensor:
-        """One new token for each of the first B slots (or of `slots`), at its own position;
-        logits (B, vocab)."""
+    def decode(self, ids: torch.Tensor, positions: list[int], slots=None) -> torch.Tensor:
+        """`GPT2SlotDecoder.decode`: logits (B, vocab) of one new token per row."""
         B = len(positions)
         pos = np.asarray(positions, dtype=np.int64)
         L = int(pos.max())  # the widest row's cached positions: columns past it hold nothing

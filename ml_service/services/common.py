@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import torch
-
 from lib.inference import InferenceService
+from lib.inference.engine_process import EngineSpec, load_engine_service
 from ml_service.contract import InvalidInput, ModelService
 
 
-def load_inference(settings) -> InferenceService:
-    """The checkpoint the settings name, or (only when asked) a randomly initialised preset.
-
-    The calling thread loads (and then warms up) with one CPU thread: the engine's thread does
-    the serving math with `settings.torch_threads`, and a second OpenMP pool left by this thread
-    would slow every decode step down (see `lib/inference/engine.py`)."""
-    torch.set_num_threads(1)
-    if settings.random_preset:
-        return InferenceService.random_baseline(settings.random_preset)
-    return InferenceService.from_checkpoint(
-        settings.checkpoint,
+def engine_spec(settings) -> EngineSpec:
+    """What the settings ask to load and how to batch it (the engine process's spec)."""
+    return EngineSpec(
+        checkpoint=str(settings.checkpoint),
+        random_preset=settings.random_preset,
         device=settings.device,
-        dtype=getattr(torch, settings.dtype),
+        dtype=settings.dtype,
         backend=settings.backend,
         precision=settings.onnx_precision,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000,
         threads=settings.torch_threads,
     )
+
+
+def load_inference(settings) -> InferenceService:
+    """The checkpoint the settings name, or (only when asked) a randomly initialised preset,
+    loaded here as the engine process loads it (with one CPU thread in the calling thread: the
+    engine's thread does the serving math, and a second OpenMP pool left by this thread would
+    slow every decode step down; see `lib/inference/engine.py`)."""
+    return load_engine_service(engine_spec(settings))
 
 
 def check_text_length(text: str, limit: int, loc: str = "text") -> None:

@@ -30,7 +30,7 @@ from ml_service.backend.schemas import (
     parameter_ranges,
 )
 from ml_service.contract import InvalidInput
-from ml_service.services.common import CheckpointService, check_text_length
+from ml_service.services.common import CheckpointService, check_text_length, engine_spec
 
 
 class TextGenerationService(CheckpointService):
@@ -64,18 +64,7 @@ class TextGenerationService(CheckpointService):
         return [build_openai_router()]
 
     def engine_spec(self) -> EngineSpec:
-        s = self.settings
-        return EngineSpec(
-            checkpoint=str(s.checkpoint),
-            random_preset=s.random_preset,
-            device=s.device,
-            dtype=s.dtype,
-            backend=s.backend,
-            precision=s.onnx_precision,
-            max_batch_size=s.max_batch_size,
-            max_wait_s=s.batch_wait_ms / 1000,
-            threads=s.torch_threads,
-        )
+        return engine_spec(self.settings)
 
     def load(self) -> None:
         if self.inference is None and self.settings.engine in ("process", "vllm"):
