@@ -199,6 +199,27 @@ class TrainingConfig:
         "bundled",
         "'bundled' (Russian corpus), a .txt/.jsonl file or directory, or a `datasets` name",
     )
+    train_extra: tuple[str, ...] = setting(
+        (),
+        "more training text, added to the training split only (a .txt/.jsonl file or "
+        "directory; `make corpus` writes the Wesnoth one): the validation split stays --data's, "
+        "so its figure stays comparable; repeat for more",
+        metavar="SOURCE",
+    )
+    join_documents: int = setting(
+        0,
+        "join consecutive training documents (in corpus order) into passages of up to this many "
+        "characters, separated by a space instead of the end-of-text token, so that a short "
+        "sentence is not always followed by the end of a text (0: each document alone; the "
+        "validation split stays as it is)",
+        metavar="CHARS",
+    )
+    eval_data: tuple[str, ...] = setting(
+        (),
+        "a named held-out set, NAME=PATH (.txt/.jsonl file or directory), evaluated with the "
+        "validation split (bits/byte in the log and the training card); repeat for more",
+        metavar="NAME=PATH",
+    )
     streaming: bool = setting(
         False,
         "stream --data (a local .txt/.jsonl or a `datasets` name) in one pass instead of "
@@ -345,6 +366,8 @@ class TrainingConfig:
         for f in dataclasses.fields(cls):
             if hasattr(args, f.name):
                 value = getattr(args, f.name)
+                if value is None and f.default == ():  # a repeatable option never given
+                    continue
                 values[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
@@ -445,6 +468,26 @@ class TrainingConfig:
             self.zero_stage is None or self.mode == "deepspeed",
             "--zero-stage needs --mode deepspeed",
         )
+        for source in self.train_extra:
+            need(Path(source).exists(), f"--train-extra: no {source}")
+        need(
+            not (self.train_extra and self.streaming),
+            "--train-extra adds to a loaded corpus, not a streamed one",
+        )
+        need(self.join_documents >= 0, "--join-documents must be >= 0")
+        need(
+            not (self.join_documents and self.streaming),
+            "--join-documents joins a loaded corpus, not a streamed one",
+        )
+        names = [spec.partition("=")[0] for spec in self.eval_data]
+        for spec in self.eval_data:
+            name, sep, path = spec.partition("=")
+            need(
+                bool(sep and name and path) and re.fullmatch(r"[\w.-]+", name) is not None,
+                f"--eval-data {spec!r}: expected NAME=PATH (NAME of letters, digits, . _ -)",
+            )
+            need(not sep or not path or Path(path).exists(), f"--eval-data {name}: no {path}")
+        need(len(set(names)) == len(names), "--eval-data names must differ")
         need(
             self.mode != "deepspeed" or _installed("deepspeed"),
             "--mode deepspeed needs the deepspeed package (see HOW_TO_USE.md, 'Modes')",
@@ -544,11 +587,12 @@ def cli_flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _value_type(hint) -> tuple[type, int | None]:
-    """(element type, nargs) of a field's annotation: `int | None` -> (int, None)."""
+def _value_type(hint) -> tuple[type, int | str | None]:
+    """(element type, nargs) of a field's annotation: `int | None` -> (int, None); a
+    `tuple[str, ...]` is a repeatable option (nargs "append")."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is tuple:
-        return args[0], len(args)
+        return args[0], "append" if args[-1] is Ellipsis else len(args)
     return (args[0] if len(args) == 1 else hint), None
 
 
@@ -585,7 +629,9 @@ def add_config_arguments(
         else:
             parse = m.get("parse")
             kw["type"] = _command_line_parser(parse) if parse else value_type
-            if nargs:
+            if nargs == "append":
+                kw["action"], kw["default"] = "append", None  # from_args: None -> the default
+            elif nargs:
                 kw["nargs"] = nargs
             if m.get("choices"):
                 kw["choices"] = m["choices"]

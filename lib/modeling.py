@@ -177,12 +177,16 @@ def render_model_card(card: dict) -> str:
         "wall_clock_s",
         "val_loss",
         "val_bits_per_byte",
+        "heldout_bits_per_byte",
         "device",
         "torch_version",
         "transformers_version",
     ):
-        if key in card:
-            lines.append(f"| {key} | {card[key]} |")
+        if key in card and card[key] not in ({}, None):
+            value = card[key]
+            if isinstance(value, dict):  # {held-out set: bits/byte}
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            lines.append(f"| {key} | {value} |")
     samples = card.get("samples") or []
     if samples:
         lines += ["", "## Samples (temperature 0.8, top-p 0.95, seed 0)", ""]

@@ -228,3 +228,24 @@ def test_the_cli_parses_and_checks_without_importing_torch():
     )
     assert run_python(code).splitlines()[-1] == "2 False False"
     assert run_python("import lib.training, sys; print('torch' in sys.modules)") == "False"
+
+
+def test_named_held_out_sets_and_joined_documents(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("Тише едешь — дальше будешь.\n", encoding="utf-8")
+    cfg = TrainingConfig.from_args(parse("--eval-data", f"a={f}", "--eval-data", f"b={tmp_path}"))
+    assert cfg.eval_data == (f"a={f}", f"b={tmp_path}") and cfg.problems() == []
+    assert TrainingConfig.from_args(parse()).eval_data == ()
+    bad = TrainingConfig(eval_data=("nopath", f"a={tmp_path / 'missing'}", f"c={f}", f"c={f}"))
+    found = bad.problems()
+    assert any("expected NAME=PATH" in p for p in found)
+    assert any("--eval-data a: no" in p for p in found)
+    assert any("names must differ" in p for p in found)
+    assert TrainingConfig(join_documents=-1).problems() == ["--join-documents must be >= 0"]
+
+    from lib.data import join_documents
+
+    docs = ["аб", "вг", "д" * 10, "е"]
+    assert join_documents(docs, 6) == ["аб вг", "д" * 10, "е"]
+    assert join_documents(docs, 0) == docs
+    assert " ".join(join_documents(docs, 3)) == " ".join(docs)  # nothing lost, order kept

@@ -213,3 +213,26 @@ def test_mfu_formula_and_peaks():
     )
     assert peak_flops(torch.device("cpu")) is None
     assert peak_flops(torch.device("cpu"), override_tflops=2.0) == 2e12
+
+
+def test_named_held_out_sets_are_evaluated_and_recorded(corpus, tmp_path):
+    """--eval-data NAME=PATH: each set's bits/byte in the evaluation log, the result and the card;
+    --join-documents leaves the validation split (and so its figure's meaning) as it is."""
+    other = tmp_path / "proverbs.txt"
+    other.write_text(
+        "\n".join(["Без труда не выловишь и рыбку из пруда.", "Тише едешь — дальше будешь."] * 40),
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    cfg = small_config(
+        corpus, out, eval_data=(f"proverbs={other}", f"again={other}"), join_documents=800
+    )
+    result = train(cfg)
+    card = json.loads((out / "final" / "training_card.json").read_text())
+    held = card["heldout_bits_per_byte"]
+    assert set(held) == {"proverbs", "again"} and held["proverbs"] == held["again"]
+    assert 0 < held["proverbs"] < 20 and held["proverbs"] != card["val_bits_per_byte"]
+    assert card["train_documents"] < 300 // 2  # the sentences were joined into passages
+    assert card["val_documents"] > 0
+    assert result.val_bits_per_byte == pytest.approx(card["val_bits_per_byte"], abs=1e-4)
+    assert "heldout_bits_per_byte" in (out / "final" / "README.md").read_text()

@@ -365,6 +365,7 @@ class InferenceService:
                     "wall_clock_s",
                     "val_loss",
                     "val_bits_per_byte",
+                    "heldout_bits_per_byte",
                     "train_documents",
                     "val_documents",
                 )

@@ -26,6 +26,8 @@ from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, get_preset
 from lib.data import (
     DataSplits,
     bits_per_byte,
+    heldout_sets,
+    join_documents,
     load_documents,
     prepare_data,
     prepare_streaming_data,
@@ -143,21 +145,40 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll, total_tokens, total_bytes = 0.0, 0, 0.0
-    for i, start in enumerate(range(0, len(data.val), batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = data.val.slice(start, start + batch_size).to(device)
-        with autocast():
-            nll, _ = token_loss_sum(model, batch)
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-        total_bytes += data.target_bytes[batch[:, 1:].cpu()].sum().item()
+
+    def over(blocks) -> tuple[float, int, float]:  # summed NLL, tokens, bytes of the targets
+        total_nll, total_tokens, total_bytes = 0.0, 0, 0.0
+        for i, start in enumerate(range(0, len(blocks), batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = blocks.slice(start, start + batch_size).to(device)
+            with autocast():
+                nll, _ = token_loss_sum(model, batch)
+            total_nll += nll.item()
+            total_tokens += batch[:, 1:].numel()
+            total_bytes += data.target_bytes[batch[:, 1:].cpu()].sum().item()
+        return total_nll, total_tokens, total_bytes
+
+    nll, tokens, nbytes = over(data.val)
+    out = {
+        "val_loss": nll / max(tokens, 1),
+        "val_bits_per_byte": bits_per_byte(nll, nbytes),
+        "val_tokens": tokens,
+    }
+    for name, blocks in data.heldout.items():  # --eval-data: bits/byte of each named set
+        nll, _, nbytes = over(blocks)
+        out[f"heldout/{name}_bits_per_byte"] = bits_per_byte(nll, nbytes)
     model.train(was_training)
+    return out
+
+
+def heldout_figures(metrics: dict) -> dict[str, float]:
+    """{name: bits/byte} of the named held-out sets in an `evaluate` result."""
+    prefix, suffix = "heldout/", "_bits_per_byte"
     return {
-        "val_loss": total_nll / max(total_tokens, 1),
-        "val_bits_per_byte": bits_per_byte(total_nll, total_bytes),
-        "val_tokens": total_tokens,
+        k[len(prefix) : -len(suffix)]: v
+        for k, v in metrics.items()
+        if k.startswith(prefix) and k.endswith(suffix)
     }
 
 
@@ -214,6 +235,8 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         )
     else:
         train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
+        train_docs += [d for source in config.train_extra for d in load_documents(source)]
+        train_docs = join_documents(train_docs, config.join_documents)
         tokenizer = tokenizer or train_tokenizer(train_docs, vocab_size)
         data = prepare_data(
             config.data,
@@ -223,6 +246,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
             cache_dir=config.cache_dir,
         )
         doc_counts = (len(train_docs), len(val_docs))
+    data.heldout = heldout_sets(config.eval_data, tokenizer, block_size, config.cache_dir)
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}"
@@ -487,6 +511,7 @@ def train(config: TrainingConfig) -> TrainResult:
                     bar.write(
                         f"step {st.step}: train loss {st.loss:.4f}, val loss {st.metrics['val_loss']:.4f}, "
                         f"val bits/byte {st.metrics['val_bits_per_byte']:.4f}"
+                        + "".join(f", {k} {v:.4f}" for k, v in heldout_figures(st.metrics).items())
                     )
             if (
                 cfg.sample_every
@@ -523,12 +548,14 @@ def train(config: TrainingConfig) -> TrainResult:
         wall = time.perf_counter() - a.t0
         say(
             f"final: val loss {final['val_loss']:.4f}, val bits/byte {final['val_bits_per_byte']:.4f}, "
-            f"{st.step} steps, {st.tokens_seen:,} tokens, {wall:.0f}s"
+            + "".join(f"{k} bits/byte {v:.4f}, " for k, v in heldout_figures(final).items())
+            + f"{st.step} steps, {st.tokens_seen:,} tokens, {wall:.0f}s"
         )
         a.reporter.log(
             {
                 "final/val_loss": final["val_loss"],
                 "final/val_bits_per_byte": final["val_bits_per_byte"],
+                **{f"final/{k}": v for k, v in final.items() if k.startswith("heldout/")},
             },
             st.step,
         )
@@ -583,6 +610,8 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
         "wall_clock_s": round(wall, 1),
         "val_loss": round(final["val_loss"], 4),
         "val_bits_per_byte": round(final["val_bits_per_byte"], 4),
+        # --eval-data: bits/byte of each named held-out set (out-of-domain text)
+        "heldout_bits_per_byte": {k: round(v, 4) for k, v in heldout_figures(final).items()},
         "stop_reason": st.stop_reason or "max_steps",
         "resumed_from": str(a.resumed_from) if a.resumed_from else None,
         "config": cfg.to_dict(),

@@ -24,6 +24,8 @@ const MODEL_FIELDS = [
   ["trained on", (m) => m.training && m.training.data],
   ["training steps", (m) => m.training && m.training.steps],
   ["val. bits/byte", (m) => m.training && m.training.val_bits_per_byte],
+  ["held-out bits/byte", (m) => m.training && m.training.heldout_bits_per_byte &&
+    Object.entries(m.training.heldout_bits_per_byte).map(([k, v]) => `${k} ${v}`).join(", ")],
   ["service version", (m) => m.service_version],
 ];
 

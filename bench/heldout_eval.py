@@ -1,0 +1,59 @@
+"""Bits per byte of a checkpoint on its own validation split and on named held-out sets, measured
+as training measures them (`lib.training.loop.evaluate`: packed blocks of the model's context,
+documents joined by the end-of-text token).
+
+    python bench/heldout_eval.py models/default --eval-data ru-proverbs=.cache/heldout/ru-proverbs.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib.data import DataSplits, heldout_sets, load_documents, split_documents, tokenize_and_pack  # noqa: E402
+from lib.modeling import load_model, read_card  # noqa: E402
+from lib.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
+from lib.training.loop import evaluate, heldout_figures  # noqa: E402
+
+
+def measure(checkpoint: Path, eval_data: list[str]) -> dict:
+    card = read_card(checkpoint)
+    config = card.get("config", {})
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint)
+    block = int(card.get("block_size") or model.config.n_positions)
+    _, val = split_documents(
+        load_documents(config.get("data", "bundled")), config.get("val_fraction", 0.05)
+    )
+    data = DataSplits(
+        train=tokenize_and_pack(val, tokenizer, block),  # unused by evaluate
+        val=tokenize_and_pack(val, tokenizer, block),
+        target_bytes=torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float64),
+        heldout=heldout_sets(tuple(eval_data), tokenizer, block),
+    )
+    out = evaluate(model, data)
+    return {
+        "val_bits_per_byte": round(out["val_bits_per_byte"], 4),
+        **{k: round(v, 4) for k, v in heldout_figures(out).items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH")
+    args = p.parse_args()
+    for c in args.checkpoints:
+        print(c, json.dumps(measure(c, args.eval_data)))
+
+
+if __name__ == "__main__":
+    main()

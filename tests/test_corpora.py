@@ -1,0 +1,45 @@
+"""The extra training text (lib/corpora.py) and the out-of-domain evaluation set (lib/data.py):
+what is kept of a translated message, and real downloads from the package registries."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lib.corpora import clean_message, fetch_wesnoth
+from lib.data import fetch_ru_proverbs, load_documents
+
+
+def test_only_prose_is_kept_of_a_message():
+    line = "Мы должны найти путь под землю прежде, чем нас настигнут."
+    assert clean_message(line) == line
+    assert clean_message("<b>Конрад:</b>   Мы  идём\n на бойню, но другого пути нет!") == (
+        "Конрад: Мы идём на бойню, но другого пути нет!"
+    )
+    for rejected in (
+        "Ке Он",  # a name
+        "$unit.name получает $amount золота за эту победу в бою.",  # placeholders
+        "&icons/unit.png=Описание отряда, который стоит в резерве",  # an image reference
+        "Press the button to continue with the next scenario now",  # not Russian
+    ):
+        assert clean_message(rejected) is None, rejected
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
+def test_a_wesnoth_campaign_becomes_russian_documents(tmp_path):
+    out = fetch_wesnoth(tmp_path / "dw.txt", campaigns=("dw",))  # ~5 MB package
+    docs = load_documents(str(out))
+    assert len(docs) > 100 and len(set(docs)) == len(docs)
+    assert all(clean_message(d) == d for d in docs)
+    assert not list(tmp_path.glob("tmp*"))  # the packages and the extracted tree are gone
+    assert fetch_wesnoth(out, campaigns=("dw",)) == out  # present: nothing is fetched again
+
+
+def test_the_out_of_domain_set_is_the_proverbs(tmp_path):
+    out = fetch_ru_proverbs(tmp_path / "ru-proverbs.txt")
+    docs = load_documents(str(out))
+    assert len(docs) > 6000 and "Сказка — ложь, а песня — правда." in docs
+    from lib.data import bundled_documents
+
+    assert not set(docs) & set(bundled_documents())  # never in the training corpus
