@@ -1,5 +1,9 @@
 """Extra Russian training text from what the package registries ship (nothing from the web).
 
+`fetch_manpages(dest)`: Debian's Russian manual pages (`manpages-ru`, `manpages-ru-dev`, GPL-3+):
+technical prose, rendered from roff to paragraphs by `roff_paragraphs` (requests dropped, font
+and character escapes resolved, lines rejoined), Russian paragraphs of 80 characters or more kept.
+
 `fetch_wesnoth(dest)`: the Russian translations of The Battle for Wesnoth's campaigns (Debian
 `wesnoth-1.16-*`, GPL-2+): story narration and dialogue, about 1 M characters in 16 campaigns.
 Only the packages' files are downloaded (`apt-get download`, no installation, no root), their
@@ -37,12 +41,7 @@ def clean_message(text: str) -> str | None:
     if any(c in text for c in "${}&=@|[]#"):
         return None
     text = _SPACE.sub(" ", _MARKUP.sub("", text)).strip()
-    letters = _LETTER.findall(text)
-    if len(text) < MIN_CHARS or not letters:
-        return None
-    if len(_CYRILLIC.findall(text)) < 0.8 * len(letters):
-        return None
-    return text
+    return text if _russian_prose(text, MIN_CHARS, 0.8) else None
 
 
 def catalog_messages(mo_file: Path) -> list[str]:
@@ -52,15 +51,90 @@ def catalog_messages(mo_file: Path) -> list[str]:
     return [v for k, v in sorted(catalog.items(), key=lambda kv: str(kv[0])) if k and v]
 
 
-def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIGNS) -> Path:
-    """Write the Wesnoth campaigns' Russian text to `dest` (nothing is done when it exists)."""
+MANPAGES = ("manpages-ru", "manpages-ru-dev")
+_ESCAPES = (
+    (r"\(em", "—"), (r"\(en", "–"), (r"\(aq", "'"), (r"\(dq", '"'), (r"\(lq", "«"),
+    (r"\(rq", "»"), (r"\(bu", "•"), (r"\-", "-"), (r"\e", "\\"), (r"\&", ""), (r"\ ", " "),
+    (r"\~", " "), (r"\|", ""), (r"\^", ""), (r"\%", ""), (r"\c", ""),
+)  # fmt: skip
+_FONT = re.compile(r"\\f(\[[^\]]*\]|\(..|.)")
+_OTHER_ESCAPE = re.compile(r"\\(\(..|\*\(..|\*.|[a-zA-Z]\[[^\]]*\]|.)")
+_TEXT_MACROS = {"B", "I", "BR", "IR", "RB", "RI", "BI", "IB", "SM", "SB"}
+_BREAK_MACROS = {
+    "SH",
+    "SS",
+    "PP",
+    "LP",
+    "P",
+    "TP",
+    "IP",
+    "HP",
+    "RS",
+    "RE",
+    "TH",
+    "EX",
+    "EE",
+    "nf",
+    "fi",
+    "sp",
+    "br",
+    "in",
+    "ti",
+}
+
+
+def roff_text(line: str) -> str:
+    for escape, char in _ESCAPES:
+        line = line.replace(escape, char)
+    return _OTHER_ESCAPE.sub("", _FONT.sub("", line))
+
+
+def roff_paragraphs(source: str) -> list[str]:
+    """The paragraphs of a man page's roff source as plain text (one line each)."""
+    paragraphs, current = [], []
+
+    def flush() -> None:
+        if current:
+            paragraphs.append(_SPACE.sub(" ", " ".join(current)).strip())
+            current.clear()
+
+    for raw in source.splitlines():
+        if raw.startswith(('.\\"', "'\\\"")) or raw.startswith('.\\"'):
+            continue  # a comment
+        if raw.startswith((".", "'")):
+            name, _, args = raw[1:].strip().partition(" ")
+            if name in _TEXT_MACROS:
+                current.append(roff_text(args.replace('"', "")))
+            elif name in _BREAK_MACROS or name:
+                flush()
+            continue
+        if not raw.strip():
+            flush()
+            continue
+        current.append(roff_text(raw))
+    flush()
+    return [p for p in paragraphs if p]
+
+
+def _russian_prose(text: str, min_chars: int, share: float) -> bool:
+    letters = _LETTER.findall(text)
+    return (
+        len(text) >= min_chars
+        and bool(letters)
+        and len(_CYRILLIC.findall(text)) >= share * len(letters)
+    )
+
+
+def _fetch_debian(dest: str | Path, packages, members: str, documents) -> Path:
+    """Download the Debian `packages` (`apt-get download`: no installation, no root), extract
+    their files matching `members` (a tar wildcard), and write `documents(tree)`'s texts,
+    deduplicated, one per line, to `dest` atomically. Nothing is done when `dest` exists."""
     dest = Path(dest)
     if dest.exists():
         return dest
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise RuntimeError("the Wesnoth corpus needs apt-get and dpkg-deb (Debian or Ubuntu)")
+        raise RuntimeError(f"{dest.name} needs apt-get and dpkg-deb (Debian or Ubuntu)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    packages = [f"wesnoth-{WESNOTH_VERSION}-{c}" for c in campaigns]
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         work = Path(tmp)
         subprocess.run(["apt-get", "download", "-q", *packages], cwd=work, check=True)
@@ -71,17 +145,10 @@ def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIG
             with subprocess.Popen(
                 ["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE
             ) as p:
-                subprocess.run(
-                    ["tar", "-x", "-C", str(tree), "--wildcards", "*/locale/ru/LC_MESSAGES/*.mo"],
-                    stdin=p.stdout,
-                    check=True,
-                )
-            deb.unlink()  # the packages hold images and maps too: keep only the text
-            for mo in sorted(tree.rglob("*.mo")):
-                for message in catalog_messages(mo):
-                    text = clean_message(message)
-                    if text:
-                        docs.setdefault(text)
+                tar = ["tar", "-x", "-C", str(tree), "--wildcards", members]
+                subprocess.run(tar, stdin=p.stdout, check=True)
+            deb.unlink()  # the packages hold images, maps and more: only the text is kept
+            docs.update(dict.fromkeys(documents(tree)))
             shutil.rmtree(tree)
         part = work / dest.name
         part.write_text("\n".join(docs) + "\n", encoding="utf-8")
@@ -89,9 +156,39 @@ def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIG
     return dest
 
 
+def _manpage_documents(tree: Path):
+    import gzip
+
+    for page in sorted(tree.rglob("*.gz")):
+        source = gzip.decompress(page.read_bytes()).decode("utf-8", errors="replace")
+        for paragraph in roff_paragraphs(source):
+            if _russian_prose(paragraph, 80, 0.6):
+                yield paragraph
+
+
+def _wesnoth_documents(tree: Path):
+    for mo in sorted(tree.rglob("*.mo")):
+        for message in catalog_messages(mo):
+            text = clean_message(message)
+            if text:
+                yield text
+
+
+def fetch_manpages(dest: str | Path, packages: tuple[str, ...] = MANPAGES) -> Path:
+    """Write the Russian manual pages' prose to `dest` (nothing is done when it exists)."""
+    return _fetch_debian(dest, packages, "*/man/ru/*", _manpage_documents)
+
+
+def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIGNS) -> Path:
+    """Write the Wesnoth campaigns' Russian text to `dest` (nothing is done when it exists)."""
+    packages = [f"wesnoth-{WESNOTH_VERSION}-{c}" for c in campaigns]
+    return _fetch_debian(dest, packages, "*/locale/ru/LC_MESSAGES/*.mo", _wesnoth_documents)
+
+
 if __name__ == "__main__":
     import sys
 
-    out = fetch_wesnoth(sys.argv[1] if len(sys.argv) > 1 else ".cache/corpus/wesnoth-ru.txt")
+    name = sys.argv[1] if len(sys.argv) > 1 else ".cache/corpus/wesnoth-ru.txt"
+    out = (fetch_manpages if "manpages" in Path(name).name else fetch_wesnoth)(name)
     lines = out.read_text(encoding="utf-8").splitlines()
     print(f"{out}: {len(lines)} documents, {sum(map(len, lines)):,} characters")

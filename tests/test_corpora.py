@@ -43,3 +43,24 @@ def test_the_out_of_domain_set_is_the_proverbs(tmp_path):
     from lib.data import bundled_documents
 
     assert not set(docs) & set(bundled_documents())  # never in the training corpus
+
+
+def test_a_man_page_becomes_paragraphs_of_plain_text():
+    from lib.corpora import roff_paragraphs
+
+    source = "\n".join(
+        [
+            '.\\" Copyright line',
+            ".TH CAT 1 2023",
+            ".SH ОПИСАНИЕ",
+            "Команда \\fBcat\\fP выводит содержимое файлов",
+            "на стандартный вывод \\(em одну за другой.",
+            ".PP",
+            ".B \\-n",
+            "нумерует все строки\\&.",
+        ]
+    )
+    assert roff_paragraphs(source) == [  # section titles and requests are not prose
+        "Команда cat выводит содержимое файлов на стандартный вывод — одну за другой.",
+        "-n нумерует все строки.",
+    ]

@@ -118,10 +118,14 @@ def test_per_row_parameters(service):
 
 
 def test_min_new_tokens_holds_off_the_end_of_document(service):
-    free = service.generate("Он сказал", GenerationParams(max_new_tokens=20, temperature=0))
-    assert free.finish_reason == "eos" and free.completion_tokens < 20  # this model ends early here
+    eos = {service.tokenizer.eos_token_id: 6.0}  # the end of document made likely
+    free = service.generate(
+        "Он сказал", GenerationParams(max_new_tokens=20, temperature=0, logit_bias=eos)
+    )
+    assert free.finish_reason == "eos" and free.completion_tokens < 20
     held = service.generate(
-        "Он сказал", GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0)
+        "Он сказал",
+        GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0, logit_bias=eos),
     )
     assert held.finish_reason == "length" and held.completion_tokens == 20
     assert held.token_ids[: free.completion_tokens] == free.token_ids
@@ -167,3 +171,37 @@ def test_random_baseline_metadata_is_loud(service):
 @torch.inference_mode()
 def test_service_metadata_counts_parameters(service):
     assert service.metadata()["parameters"] == sum(p.numel() for p in service.model.parameters())
+
+
+# five ordinary prompts, most of them stopped mid-sentence (HOW_TO_USE.md, section 9, shows the
+# default model's greedy continuations of them)
+ORDINARY = [
+    "Старый учитель открыл книгу и",
+    "Когда мы вышли из дома, на улице",
+    "Он сказал, что",
+    "В лесу было тихо, и только",
+    "Моя мама работает",
+]
+
+
+@pytest.mark.parametrize("prompt", ORDINARY)
+def test_ordinary_prompts_get_ten_tokens_of_russian(service, plain, prompt):
+    """Greedy, by the service and by plain transformers without the leading end-of-text token
+    (what a user of the checkpoint alone writes): Russian text of at least ten tokens, not an
+    end of text at once."""
+    r = service.generate(prompt, GenerationParams(max_new_tokens=24, temperature=0))
+    assert r.completion_tokens >= 10 and is_russian(r.text), r
+    tok, model = plain
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
+    assert new[0] != tok.eos_token_id, tok.decode(new)  # the issue's report: an end of text at once
+
+
+def test_a_mid_sentence_prompt_does_not_end_at_once_under_the_defaults(client):
+    """`/forward` with nothing but the text (sampled, seeded for a fixed test): every answer to a
+    prompt cut mid-sentence has more than one token."""
+    for prompt in ORDINARY:
+        for seed in range(4):
+            r = client.post("/forward", json={"text": prompt, "seed": seed})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 1, r.text

@@ -220,10 +220,14 @@ def test_logit_bias_bans_and_forces_tokens_under_greedy(service):
 
 
 def test_ignore_eos_generates_max_new_tokens(service):
-    free = service.generate("Он сказал", GenerationParams(max_new_tokens=20, temperature=0))
-    assert free.finish_reason == "eos" and free.completion_tokens < 20  # this model ends early
+    eos = {service.tokenizer.eos_token_id: 6.0}  # the end of document made likely
+    free = service.generate(
+        "Он сказал", GenerationParams(max_new_tokens=20, temperature=0, logit_bias=eos)
+    )
+    assert free.finish_reason == "eos" and free.completion_tokens < 20
     held = service.generate(
-        "Он сказал", GenerationParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+        "Он сказал",
+        GenerationParams(max_new_tokens=20, temperature=0, ignore_eos=True, logit_bias=eos),
     )
     assert held.finish_reason == "length" and held.completion_tokens == 20
     assert len(held.token_ids) == 20 and service.tokenizer.eos_token_id not in held.token_ids
