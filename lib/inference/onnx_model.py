@@ -26,6 +26,7 @@ execution provider: HOW_TO_USE.md).
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,7 +180,12 @@ class OnnxCausalLM:
         return self
 
     def num_parameters(self) -> int:
-        """The source model's parameter count (from its config: int8 stores the same ones)."""
+        """The source model's parameter count (from its config: int8 stores the same ones),
+        counted once: /metadata asks for it on every request."""
+        return self._parameters
+
+    @cached_property
+    def _parameters(self) -> int:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
