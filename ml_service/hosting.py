@@ -32,12 +32,26 @@ from ml_service.traffic import BadSplit, TrafficSplit
 log = logging.getLogger("ml_service")
 
 
-class VersionNotFound(LookupError):
-    pass
+class VersionError(Exception):
+    """A version that cannot serve what was asked of it. `loc` names where the request named it
+    (`version`, `split`, the `X-Model-Version` header, the OpenAI `model`): backend/errors.py
+    maps each class to its status and puts `loc` in the answer."""
+
+    def __init__(self, message: str, loc: str = "version"):
+        super().__init__(message)
+        self.loc = loc
 
 
-class ReloadFailed(RuntimeError):
-    pass
+class VersionNotFound(VersionError, LookupError):
+    """No such version (or no versions at all)."""
+
+
+class VersionNotLoaded(VersionNotFound):
+    """A request pinned a version that this replica does not hold."""
+
+
+class ReloadFailed(VersionError, RuntimeError):
+    """The version exists but failed to load (the log has why); what served keeps serving."""
 
 
 LOAD_FAILED = "the model failed to load; the server log has the details"
@@ -143,7 +157,7 @@ class ModelHost:
         if self.settings.traffic:
             try:
                 await self.set_traffic(TrafficSplit.parse(self.settings.traffic))
-            except (BadSplit, VersionNotFound, ReloadFailed) as e:
+            except (BadSplit, VersionError) as e:
                 log.error(
                     "ML_SERVICE_TRAFFIC not applied (%s): serving %s alone", e, loaded.version
                 )
@@ -151,24 +165,28 @@ class ModelHost:
             try:
                 self.shadow = await self._version(self.settings.shadow_version)
                 log.info("shadow version %s receives a copy of the traffic", self.shadow.version)
-            except (VersionNotFound, ReloadFailed) as e:
+            except VersionError as e:
                 log.error("ML_SERVICE_SHADOW_VERSION not loaded: %s", e)
         self.started = True
 
+    async def _load(self, version: str | None, then: str = "") -> Loaded:
+        """Load `version` (None: the configured one) in a thread: VersionNotFound before any
+        loading, ReloadFailed if it fails to load (`then`: what happens instead, for the
+        message)."""
+        _, name = resolve_version(self.settings, version)
+        then = f"; {then}" if then else ""
+        try:
+            return await asyncio.to_thread(self._build, version)
+        except Exception as e:
+            log.exception("version %s failed to load%s", name, then)
+            details = "(the server log has the details)"
+            raise ReloadFailed(f"version {name!r} failed to load {details}{then}") from e
+
     async def _version(self, name: str) -> Loaded:
         """A loaded version by name, loading it (in a thread) when it is not held yet."""
-        if name in self.loaded:
-            return self.loaded[name]
-        _, name = resolve_version(self.settings, name)  # VersionNotFound before loading
-        try:
-            loaded = await asyncio.to_thread(self._build, name)
-        except Exception as e:
-            log.exception("version %s failed to load", name)
-            raise ReloadFailed(
-                f"version {name!r} failed to load (the server log has the details)"
-            ) from e
-        self.loaded[name] = loaded
-        return loaded
+        if name not in self.loaded:
+            self.loaded[name] = await self._load(name)
+        return self.loaded[name]
 
     async def set_traffic(self, split: TrafficSplit) -> None:
         """Load the split's versions that are not held yet, then route by the split. A version
@@ -176,8 +194,11 @@ class ModelHost:
         leave the split (and are neither the default nor the shadow) are unloaded after their
         in-flight requests."""
         async with self._reloading:
-            for name in split.versions:
-                await self._version(name)
+            try:
+                for name in split.versions:
+                    await self._version(name)
+            except VersionError as e:
+                raise type(e)(f"{e}; the split in force stays", loc="split") from e
             self.split = split
             if self.metrics is not None:
                 self.metrics.set_split(split.shares())
@@ -193,15 +214,19 @@ class ModelHost:
             self._prune()
             log.info("traffic split cleared: the default version serves everything")
 
-    def choose(self, client: str, pinned: str | None = None) -> Loaded:
-        """The version for one request: the pinned one (VersionNotFound unless it is loaded),
-        else the split's choice for this client, else the default."""
+    def choose(
+        self, client: str, pinned: str | None = None, pinned_by: str = "x-model-version"
+    ) -> Loaded:
+        """The version for one request: the pinned one (VersionNotLoaded, at `pinned_by`, unless
+        it is loaded), else the split's choice for this client, else the default."""
         if pinned is not None:
             if pinned in self.loaded:
                 chosen = self.loaded[pinned]
             else:
                 held = ", ".join(sorted(self.loaded))
-                raise VersionNotFound(f"version {pinned!r} is not loaded here (loaded: {held})")
+                raise VersionNotLoaded(
+                    f"version {pinned!r} is not loaded here (loaded: {held})", loc=pinned_by
+                )
         elif self.split is not None:
             chosen = self.loaded[self.split.assign(client)]
         else:
@@ -211,15 +236,7 @@ class ModelHost:
     async def reload(self, version: str | None) -> tuple[Loaded, Loaded | None]:
         """Load `version` and swap it in; returns (new, old). The old one serves until the swap."""
         async with self._reloading:
-            _, name = resolve_version(self.settings, version)  # VersionNotFound before loading
-            try:
-                loaded = await asyncio.to_thread(self._build, version)
-            except Exception as e:
-                log.exception("reload of version %s failed; the current model keeps serving", name)
-                raise ReloadFailed(
-                    f"version {name!r} failed to load (the server log has the details); "
-                    "the current model keeps serving"
-                ) from e
+            loaded = await self._load(version, then="the current model keeps serving")
             old = self.current
             replaced = self.loaded.get(loaded.version)  # the same version, read again
             self._install(loaded)

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from ml_service import __version__
 from ml_service.backend.api import build_router
 from ml_service.backend.dependencies import AppDependencies
-from ml_service.backend.errors import install_error_handlers
+from ml_service.backend.errors import MODEL_ROUTE_ERRORS, describe_errors, install_error_handlers
 from ml_service.backend.ops import build_ops_router
 from ml_service.backend.security import (
     INFO_ROUTES,
@@ -72,10 +72,8 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     app = FastAPI(
         title=f"ml_service: {service.name}",
         version=__version__,
-        description=f"{service.description}.\n\nErrors: 400 bad request (with `errors`), "
-        "401 missing or wrong API key, 403 the model failed on valid input, 413 body too large, "
-        "431 headers too large, 429 rate limited or too many failed authentications and 503 "
-        "queue full (both with `Retry-After`), 504 timed out.",
+        description=f"{service.description}.\n\nErrors of the model routes (`detail`, "
+        "`errors`; OpenAI's shape on /v1):\n\n" + describe_errors(*MODEL_ROUTE_ERRORS),
         lifespan=lifespan,
         docs_url=None,  # install_ui serves /docs and /redoc from local assets
         redoc_url=None,

@@ -8,10 +8,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ml_service.backend.errors import ModelNotFound, ModelNotReady
+from ml_service.backend.errors import ModelNotReady
 from ml_service.backend.security import bearer_token
 from ml_service.cache import ResponseCache
-from ml_service.hosting import Loaded, ModelHost, VersionNotFound
+from ml_service.hosting import Loaded, ModelHost
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
 from ml_service.shared import SharedStore
@@ -43,12 +43,9 @@ class RequestDependencies:
         return getattr(self.app, name)
 
     def pin(self, version: str) -> Loaded:
-        """The request asked for `version` by name (the OpenAI routes' `model`); ModelNotFound
-        unless it is loaded here."""
-        try:
-            self.model = self.app.host.choose("", pinned=version)
-        except VersionNotFound as e:
-            raise ModelNotFound([{"loc": ["model"], "msg": str(e)}]) from None
+        """The request asked for `version` by name (the OpenAI routes' `model`); a 404 naming
+        `model` unless it is loaded here (VersionNotLoaded: errors.py)."""
+        self.model = self.app.host.choose("", pinned=version, pinned_by="model")
         self.request.state.model_version = self.model.version
         return self.model
 
@@ -60,10 +57,8 @@ async def get_dependencies(request: Request) -> RequestDependencies:
         raise ModelNotReady(failed=host.error is not None)
     pinned = request.headers.get("x-model-version", "").strip() or None
     api_key = bearer_token(request) if deps.settings.api_keys else None
-    try:
-        chosen = host.choose(client_key(request, api_key), pinned)
-    except VersionNotFound as e:
-        raise ModelNotFound([{"loc": ["x-model-version"], "msg": str(e)}]) from None
+    # a pin this replica does not hold: 404 naming x-model-version (VersionNotLoaded: errors.py)
+    chosen = host.choose(client_key(request, api_key), pinned, pinned_by="x-model-version")
     return RequestDependencies(deps, request, chosen)
 
 

@@ -6,11 +6,16 @@ Any bad request -> 400 {"detail": "bad request", "errors": [{"loc": [...], "msg"
 inside the model on valid input -> 403 {"detail": "модель не смогла обработать данные"}; a full
 queue, a shutdown, or a model not loaded -> 503 with `Retry-After`; anything unexpected -> 500 with
 no traceback (the log has it). FastAPI's 422 never reaches a client.
+
+The routes' OpenAPI `responses` and the app's description are generated from these classes
+(`openapi_responses`, `describe_errors`, and the groups `MODEL_ROUTE_ERRORS` etc.), so the docs
+list what the code answers.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,8 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.inference import EngineStopped, GenerationFailed, PromptTooLong, QueueFull
 from lib.inference.engine_process import EngineDied, EngineRestarting
+from ml_service.backend.openai_protocol import OpenAIErrorResponse
+from ml_service.backend.schemas import ErrorResponse
 from ml_service.batching import PredictionFailed
 from ml_service.contract import InvalidInput
+from ml_service.hosting import VersionError, VersionNotLoaded
+from ml_service.traffic import BadSplit
 
 log = logging.getLogger("ml_service")
 OPENAI_PREFIX = "/v1/"
@@ -35,7 +44,8 @@ class ServiceError(Exception):
 
     status_code = 500
     detail = "internal server error"
-    reason = "internal"  # the `reason` label of ml_service_request_failures_total
+    when = "a bug in the service (the answer has no details, the log has them)"  # for the docs
+    reason: str | None = "internal"  # the `reason` label of ml_service_request_failures_total
     openai_type = "server_error"
     openai_code: str | None = None
     openai_status: int | None = None  # where /v1 answers another status (the ecosystem's)
@@ -85,6 +95,7 @@ class ServiceError(Exception):
 class BadRequest(ServiceError):
     status_code = 400
     detail = "bad request"
+    when = "bad request: `errors` says what is wrong and where (on /v1: `param`)"
     reason = "bad_request"
     openai_type = "invalid_request_error"
 
@@ -96,6 +107,7 @@ class BadRequest(ServiceError):
 class Unauthorized(ServiceError):
     status_code = 401
     detail = "unauthorized"
+    when = "missing or wrong API key or admin token (with `WWW-Authenticate: Bearer`)"
     reason = "unauthorized"
     openai_type = "authentication_error"
     openai_code = "invalid_api_key"
@@ -107,6 +119,7 @@ class Unauthorized(ServiceError):
 class ModelFailed(ServiceError):
     status_code = 403  # the seed contract's; /v1 follows the ecosystem: a 500 server_error
     detail = MODEL_FAILED
+    when = "the model failed on valid input (on /v1: 500)"
     reason = "model_error"
     openai_status = 500
     openai_code = "model_error"
@@ -122,6 +135,7 @@ class ModelNotFound(ServiceError):
 
     status_code = 404
     detail = "model not found"
+    when = "`X-Model-Version` (on /v1: `model`) names a version not loaded here"
     reason = "bad_request"
     openai_type = "invalid_request_error"
     openai_code = "model_not_found"
@@ -130,6 +144,7 @@ class ModelNotFound(ServiceError):
 class BodyTooLarge(ServiceError):
     status_code = 413
     detail = "request body too large"
+    when = "the body is larger than ML_SERVICE_MAX_BODY_BYTES"
     reason = "bad_request"
     openai_type = "invalid_request_error"
 
@@ -137,6 +152,7 @@ class BodyTooLarge(ServiceError):
 class RateLimited(ServiceError):
     status_code = 429
     detail = "rate limit exceeded"
+    when = "rate limited, or too many failed authentications from this address (`Retry-After`)"
     reason = "rate_limited"
     openai_type = "rate_limit_error"
     openai_code = "rate_limit_exceeded"
@@ -152,6 +168,7 @@ class RateLimited(ServiceError):
 class HeadersTooLarge(ServiceError):
     status_code = 431
     detail = "request header fields too large"
+    when = "the header fields total more than ML_SERVICE_MAX_HEADER_BYTES"
     reason = "bad_request"
     openai_type = "invalid_request_error"
 
@@ -162,6 +179,7 @@ class ClientDisconnected(ServiceError):
 
     status_code = 499
     detail = "client closed request"
+    when = "the client went away (nobody reads this answer)"
     reason = "cancelled"
 
 
@@ -170,6 +188,7 @@ class Overloaded(ServiceError):
 
     status_code = 503
     detail = "the service is at capacity; retry later"
+    when = "the queue is full (`Retry-After`)"
     reason = "queue_full"
     retry_after_s = 1
 
@@ -181,6 +200,7 @@ class ShuttingDown(Overloaded):
     """The engine stopped (a shutdown): another replica, or this one restarted, will answer."""
 
     detail = SHUTTING_DOWN
+    when = "the service is shutting down (`Retry-After`)"
     reason = "shutdown"
 
 
@@ -188,6 +208,7 @@ class EngineUnavailable(Overloaded):
     """The engine's process died (its requests could not finish) and a new one is loading."""
 
     detail = "the generation engine restarted after a crash; retry the request"
+    when = "the engine's process is restarting after a crash (`Retry-After`)"
     reason = "engine_restarting"
     retry_after_s = 5
 
@@ -198,6 +219,7 @@ class ModelNotReady(ServiceError):
 
     status_code = 503
     detail = "model is not loaded yet"
+    when = "the model is still loading (`Retry-After`) or failed to load"
     reason = "not_ready"
 
     def __init__(self, failed: bool = False):
@@ -218,8 +240,26 @@ class GenerationTimeout(ServiceError):
 
     status_code = 504
     detail = "generation timed out"
+    when = "the generation ran past ML_SERVICE_REQUEST_TIMEOUT_S (it was cancelled)"
     reason = "timeout"
     openai_type = "timeout"
+
+
+class Unready(ServiceError):
+    """/ready before the model serves: the probe's own body (ops.py's `ReadyResponse`: `status`,
+    `error`, ...), not an error body. A probe's answer, not a failed request (no reason)."""
+
+    status_code = 503
+    detail = "not ready"
+    when = "loading, the load failed, or the engine is restarting"
+    reason = None
+
+    def __init__(self, body: dict):
+        super().__init__()
+        self._body = body
+
+    def body(self) -> dict:
+        return self._body
 
 
 class HTTPError(ServiceError):
@@ -259,6 +299,8 @@ EXPECTED = (
     PredictionFailed,
     TimeoutError,
     StarletteHTTPException,
+    VersionError,
+    BadSplit,
 )
 
 
@@ -272,6 +314,12 @@ def as_service_error(exc: BaseException) -> ServiceError:
             return BadRequest(pydantic_errors(exc))
         case InvalidInput():
             return BadRequest(exc.errors)
+        case VersionNotLoaded():  # a request pinned a version this replica does not hold
+            return ModelNotFound([{"loc": [exc.loc], "msg": str(exc)}])
+        case VersionError():  # an admin route: unknown version, or it failed to load
+            return BadRequest([{"loc": [exc.loc], "msg": str(exc)}])
+        case BadSplit():  # POST /admin/traffic
+            return BadRequest.one("split", f"{exc}; the split in force stays")
         case PromptTooLong():
             return BadRequest([{"loc": ["text"], "msg": str(exc)}])
         case EngineDied() | EngineRestarting():
@@ -288,6 +336,50 @@ def as_service_error(exc: BaseException) -> ServiceError:
             return HTTPError(exc.status_code, exc.detail, exc.headers)
         case _:
             return ServiceError()
+
+
+# What each kind of route can answer, for its OpenAPI `responses` (tests/test_errors.py checks
+# them against the classes): the edge's limits come before any route (security.py's middlewares),
+# the guard's on the routes that need a key or the admin token.
+EDGE_ERRORS = (BodyTooLarge, HeadersTooLarge, ServiceError)
+GUARD_ERRORS = (Unauthorized, RateLimited)
+MODEL_ROUTE_ERRORS = (
+    BadRequest,
+    ModelNotFound,
+    ModelFailed,
+    Overloaded,
+    ShuttingDown,
+    EngineUnavailable,
+    ModelNotReady,
+    GenerationTimeout,
+    *GUARD_ERRORS,
+    *EDGE_ERRORS,
+)
+INFO_ROUTE_ERRORS = (ModelNotFound, ModelNotReady, *GUARD_ERRORS, *EDGE_ERRORS)  # /metadata
+ADMIN_ROUTE_ERRORS = (BadRequest, *GUARD_ERRORS, *EDGE_ERRORS)
+
+
+def openapi_responses(
+    *errors: type[ServiceError], openai: bool = False, model: type | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can answer with `errors`: one entry per status,
+    described by its classes' `when`, with our error body (OpenAI's and its statuses on /v1, or
+    `model`)."""
+    model = model or (OpenAIErrorResponse if openai else ErrorResponse)
+    found: dict[int, list[str]] = {}
+    for error in errors:
+        status = (error.openai_status or error.status_code) if openai else error.status_code
+        found.setdefault(status, []).append(error.when)
+    return {
+        status: {"model": model, "description": "; ".join(whens)}
+        for status, whens in sorted(found.items())
+    }
+
+
+def describe_errors(*errors: type[ServiceError]) -> str:
+    """A Markdown list for the app's description: each status and when it is answered."""
+    responses = openapi_responses(*errors)
+    return "\n".join(f"- {status}: {r['description']}" for status, r in responses.items())
 
 
 def install_error_handlers(app: FastAPI) -> None:

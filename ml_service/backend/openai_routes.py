@@ -18,31 +18,23 @@ from pydantic import BaseModel, ValidationError
 from ml_service.backend import openai_serving as serving
 from ml_service.backend.api import _json_body, check_room, read_json_object, stream_items
 from ml_service.backend.dependencies import DepsDep
-from ml_service.backend.errors import BadRequest, pydantic_errors
+from ml_service.backend.errors import (
+    MODEL_ROUTE_ERRORS,
+    BadRequest,
+    openapi_responses,
+    pydantic_errors,
+)
 from ml_service.backend.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ModelList,
-    OpenAIErrorResponse,
 )
 from ml_service.backend.security import require_api_key
 
 log = logging.getLogger("ml_service")
-ERRORS = {
-    status: {"model": OpenAIErrorResponse, "description": what}
-    for status, what in {
-        400: "invalid request (`param` names the field)",
-        401: "missing or wrong API key",
-        404: "unknown model",
-        413: "body too large",
-        429: "rate limited (`Retry-After`)",
-        500: "the model failed",
-        503: "queue full or shutting down (`Retry-After`)",
-        504: "timed out",
-    }.items()
-}
+ERRORS = openapi_responses(*MODEL_ROUTE_ERRORS, openai=True)  # OpenAI's bodies and statuses
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

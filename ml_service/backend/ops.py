@@ -5,16 +5,21 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ml_service.backend.api import read_json_object, validate_model
-from ml_service.backend.errors import BadRequest
-from ml_service.backend.schemas import ErrorResponse, HealthResponse
+from ml_service.backend.errors import (
+    ADMIN_ROUTE_ERRORS,
+    BadRequest,
+    Unready,
+    openapi_responses,
+)
+from ml_service.backend.schemas import HealthResponse
 from ml_service.backend.security import require_admin
-from ml_service.hosting import ReloadFailed, VersionNotFound, list_versions
+from ml_service.hosting import list_versions
 from ml_service.observability import METRICS_CONTENT_TYPE
-from ml_service.traffic import BadSplit, TrafficSplit
+from ml_service.traffic import TrafficSplit
 
 
 class ReadyResponse(BaseModel):
@@ -82,14 +87,9 @@ class TrafficResponse(BaseModel):
     )
 
 
-ADMIN_ERRORS = {
-    400: {"model": ErrorResponse, "description": "unknown version, or it failed to load"},
-    401: {"model": ErrorResponse, "description": "missing or wrong admin token"},
-    429: {
-        "model": ErrorResponse,
-        "description": "too many wrong keys or tokens from this address (with `Retry-After`)",
-    },
-}
+# an unknown version, one that fails to load, or a bad split: a 400 (errors.py maps hosting's
+# VersionError and traffic's BadSplit)
+ADMIN_ERRORS = openapi_responses(*ADMIN_ROUTE_ERRORS)
 
 
 def build_ops_router() -> APIRouter:
@@ -103,12 +103,7 @@ def build_ops_router() -> APIRouter:
     @router.get(
         "/ready",
         response_model=ReadyResponse,
-        responses={
-            503: {
-                "model": ReadyResponse,
-                "description": "loading, the load failed, or the engine is restarting",
-            }
-        },
+        responses=openapi_responses(Unready, model=ReadyResponse),
         summary="readiness",
     )
     async def ready(request: Request):
@@ -129,13 +124,13 @@ def build_ops_router() -> APIRouter:
                 if restarts
                 else "the generation engine died; restart the server",
             )
-            return JSONResponse(body.model_dump(), status_code=503)
+            raise Unready(body.model_dump())
         if current is not None:
             return ReadyResponse(
                 status="ready", model=current.service.model_id, version=current.version
             )
         body = ReadyResponse(status="failed" if host.error else "loading", error=host.error)
-        return JSONResponse(body.model_dump(), status_code=503)
+        raise Unready(body.model_dump())
 
     @router.get(
         "/metrics",
@@ -159,10 +154,7 @@ def build_ops_router() -> APIRouter:
         """The versions in the models directory, and the one serving now."""
         deps = request.app.state.deps
         current = deps.host.current
-        try:
-            found = list_versions(deps.settings.models_dir) if deps.settings.models_dir else []
-        except VersionNotFound as e:
-            raise BadRequest.one("version", str(e)) from None
+        found = list_versions(deps.settings.models_dir) if deps.settings.models_dir else []
         return VersionsResponse(current=current.version if current else None, versions=found)
 
     @router.post(
@@ -175,11 +167,7 @@ def build_ops_router() -> APIRouter:
     async def reload(request: Request, body: Annotated[ReloadRequest, Depends(_reload_body)]):
         """Load a version and swap it in. In-flight requests finish on the old one; if the new
         one fails to load, the old one keeps serving and the answer says why."""
-        host = request.app.state.deps.host
-        try:
-            new, old = await host.reload(body.version)
-        except (VersionNotFound, ReloadFailed) as e:
-            raise BadRequest.one("version", str(e)) from None
+        new, old = await request.app.state.deps.host.reload(body.version)
         return ReloadResponse(
             version=new.version,
             model=new.service.model_id,
@@ -213,19 +201,16 @@ def build_ops_router() -> APIRouter:
         host = request.app.state.deps.host
         if request.app.state.deps.settings.models_dir is None:
             raise BadRequest.one("split", "a traffic split needs ML_SERVICE_MODELS_DIR (versions)")
-        try:
-            if body.split is None:
-                split = None
-                await host.clear_traffic()
-            else:
-                split = (
-                    TrafficSplit.parse(body.split)
-                    if isinstance(body.split, str)
-                    else TrafficSplit.of(body.split)
-                )
-                await host.set_traffic(split)
-        except (BadSplit, VersionNotFound, ReloadFailed) as e:
-            raise BadRequest.one("split", f"{e}; the split in force stays") from None
+        if body.split is None:
+            split = None
+            await host.clear_traffic()
+        else:
+            split = (
+                TrafficSplit.parse(body.split)
+                if isinstance(body.split, str)
+                else TrafficSplit.of(body.split)
+            )
+            await host.set_traffic(split)
         published = await request.app.state.split_sync.publish(split)
         return _traffic(request, shared=published)
 

@@ -1,0 +1,123 @@
+"""The error map (ml_service/backend/errors.py): every exception the routes meet becomes one
+status there, the classes carry their statuses, and the docs that list them (the routes'
+OpenAPI `responses`, HOW_TO_USE's error table) are generated from or checked against them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ml_service.backend import errors
+from ml_service.backend.app import create_app
+from ml_service.hosting import ReloadFailed, VersionNotFound, VersionNotLoaded
+from ml_service.traffic import BadSplit
+
+HOW_TO_USE = Path(__file__).resolve().parent.parent / "HOW_TO_USE.md"
+# answers nobody reads (the client is gone), and Starlette's own 404/405 (any status)
+UNDOCUMENTED = {errors.ClientDisconnected, errors.HTTPError}
+
+
+def all_error_classes() -> set[type[errors.ServiceError]]:
+    found, todo = set(), [errors.ServiceError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+@pytest.fixture(scope="module")
+def openapi(settings) -> dict:
+    return create_app(settings).openapi()  # no lifespan: nothing is loaded
+
+
+def statuses(openapi: dict, path: str, method: str) -> set[int]:
+    return {int(s) for s in openapi["paths"][path][method]["responses"] if s != "200"}
+
+
+def expected(group, openai: bool = False) -> set[int]:
+    return {(c.openai_status or c.status_code) if openai else c.status_code for c in group}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "group", "openai"),
+    [
+        ("/forward", "post", errors.MODEL_ROUTE_ERRORS, False),
+        ("/forward_batch", "post", errors.MODEL_ROUTE_ERRORS, False),
+        ("/metadata", "get", errors.INFO_ROUTE_ERRORS, False),
+        ("/v1/completions", "post", errors.MODEL_ROUTE_ERRORS, True),
+        ("/v1/chat/completions", "post", errors.MODEL_ROUTE_ERRORS, True),
+        ("/v1/models", "get", errors.MODEL_ROUTE_ERRORS, True),
+        ("/admin/reload", "post", errors.ADMIN_ROUTE_ERRORS, False),
+        ("/admin/versions", "get", errors.ADMIN_ROUTE_ERRORS, False),
+        ("/admin/traffic", "post", errors.ADMIN_ROUTE_ERRORS, False),
+        ("/ready", "get", (errors.Unready,), False),
+    ],
+)
+def test_each_route_documents_the_statuses_of_the_errors_it_can_raise(
+    openapi, path, method, group, openai
+):
+    assert statuses(openapi, path, method) == expected(group, openai)
+
+
+def test_the_404_for_a_version_pin_and_the_431_are_documented(openapi):
+    """The hand-written tables had drifted: neither was listed for /forward."""
+    forward = openapi["paths"]["/forward"]["post"]["responses"]
+    assert "X-Model-Version" in forward["404"]["description"]
+    assert "HEADER_BYTES" in forward["431"]["description"]
+    assert "(`Retry-After`)" in forward["503"]["description"]
+    v1 = openapi["paths"]["/v1/completions"]["post"]["responses"]
+    assert v1["500"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/OpenAIErrorResponse"
+    )
+    assert "403" not in v1  # the model's failure is a 500 on /v1
+
+
+def test_every_error_class_belongs_to_a_documented_group():
+    grouped = {
+        *errors.MODEL_ROUTE_ERRORS,
+        *errors.INFO_ROUTE_ERRORS,
+        *errors.ADMIN_ROUTE_ERRORS,
+        errors.Unready,
+    }
+    assert all_error_classes() - UNDOCUMENTED <= grouped
+    assert all(c.when for c in all_error_classes())
+
+
+def test_the_error_table_of_how_to_use_lists_every_status():
+    text = HOW_TO_USE.read_text(encoding="utf-8")
+    table = text[text.index("## 6. Errors") :].split("\n## ")[0]
+    listed = {int(s) for s in re.findall(r"^\| \**(\d{3})", table, flags=re.M)}
+    documented = all_error_classes() - UNDOCUMENTED
+    assert {c.status_code for c in documented} | {
+        c.openai_status for c in documented if c.openai_status
+    } <= listed
+
+
+def test_the_app_description_lists_the_statuses(settings):
+    description = create_app(settings).description
+    for status in expected(errors.MODEL_ROUTE_ERRORS):
+        assert f"- {status}: " in description
+
+
+@pytest.mark.parametrize(
+    ("exc", "answer", "status", "loc", "says"),
+    [
+        (VersionNotLoaded("version 'v9' is not loaded here", loc="model"), errors.ModelNotFound, 404, "model", "'v9'"),
+        (VersionNotFound("unknown version 'v9'"), errors.BadRequest, 400, "version", "unknown"),
+        (ReloadFailed("version 'v3' failed to load", loc="split"), errors.BadRequest, 400, "split", "'v3'"),
+        (BadSplit("'v1' is not version=weight"), errors.BadRequest, 400, "split", "in force stays"),
+    ],
+)  # fmt: skip
+def test_hosting_and_traffic_errors_are_mapped_in_one_place(exc, answer, status, loc, says):
+    error = errors.as_service_error(exc)
+    assert type(error) is answer and error.status_code == status
+    assert error.errors[0]["loc"] == [loc] and says in error.errors[0]["msg"]
+
+
+def test_the_readiness_probe_answers_its_own_body():
+    error = errors.Unready({"status": "loading", "model": None, "version": None, "error": None})
+    response = error.response("/ready")
+    assert response.status_code == 503 and b'"status":"loading"' in response.body
