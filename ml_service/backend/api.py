@@ -21,36 +21,24 @@ from starlette.datastructures import UploadFile
 from ml_service import __version__
 from ml_service.backend.dependencies import DepsDep
 from ml_service.backend.errors import (
+    INFO_ROUTE_ERRORS,
+    MODEL_ROUTE_ERRORS,
     BadRequest,
     ClientDisconnected,
     GenerationTimeout,
     Overloaded,
     ServiceError,
     as_service_error,
+    openapi_responses,
     pydantic_errors,
 )
-from ml_service.backend.schemas import ErrorResponse
 from ml_service.backend.security import require_api_key
 from ml_service.cache import CachedStream, StoringStream
 from ml_service.contract import InvalidInput, ModelService
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {
-        "model": ErrorResponse,
-        "description": "bad request: the `errors` list says what is wrong",
-    },
-    401: {"model": ErrorResponse, "description": "missing or wrong API key (when keys are set)"},
-    403: {"model": ErrorResponse, "description": "the model failed to process valid input"},
-    413: {"model": ErrorResponse, "description": "the request body is too large"},
-    429: {"model": ErrorResponse, "description": "rate limited: retry after `Retry-After` s"},
-    503: {
-        "model": ErrorResponse,
-        "description": "the queue is full or the model is loading: retry after `Retry-After` s",
-    },
-    504: {"model": ErrorResponse, "description": "the generation took longer than the timeout"},
-}
+ERRORS = openapi_responses(*MODEL_ROUTE_ERRORS)  # generated from the error classes
 log = logging.getLogger("ml_service")
 STREAM_DOC = (
     '\n\nWith `"stream": true` the answer is `text/event-stream`: `token` events '
@@ -142,7 +130,11 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
             [model.service.postprocess(o, r) for o, r in zip(outputs, requests, strict=True)]
         )
 
-    @router.get("/metadata", summary="the loaded model, its limits and the service version")
+    @router.get(
+        "/metadata",
+        responses=openapi_responses(*INFO_ROUTE_ERRORS),
+        summary="the loaded model, its limits and the service version",
+    )
     async def metadata(deps: DepsDep) -> dict:
         """The service (name, description), the model (id, version, preset, parameters, context,
         vocabulary, dtype, device, training card), the request limits and the service version."""
