@@ -236,7 +236,12 @@ class ModelHost:
     async def reload(self, version: str | None) -> tuple[Loaded, Loaded | None]:
         """Load `version` and swap it in; returns (new, old). The old one serves until the swap."""
         async with self._reloading:
-            loaded = await self._load(version, then="the current model keeps serving")
+            then = (  # after a failed first load there is none to keep serving
+                "the current model keeps serving"
+                if self.current is not None
+                else "no model is loaded: requests get 503 until a reload succeeds"
+            )
+            loaded = await self._load(version, then=then)
             old = self.current
             replaced = self.loaded.get(loaded.version)  # the same version, read again
             self._install(loaded)

@@ -216,3 +216,22 @@ def test_reload_refuses_an_empty_version_or_a_path(service, settings, versions, 
         assert r.status_code == 400, r.text
         assert r.json()["errors"][0]["loc"] == ["version"]
         assert c.get("/admin/versions", headers=ADMIN).json()["current"] == "v1"
+
+
+def test_a_failed_reload_says_what_serves_now(service, settings, versions):
+    """With a model serving, a reload that fails says it keeps serving; after a failed first
+    load there is none, and the answer says so (it said "the current model keeps serving")."""
+    with TestClient(versions_app(service, settings, versions)) as c:
+        r = c.post("/admin/reload", json={"version": "v3"}, headers=ADMIN)
+        assert r.status_code == 400 and "the current model keeps serving" in r.text, r.text
+    s = with_settings(
+        settings, models_dir=versions, model_version="v3", admin_token="adm", background_load=False
+    )
+    with TestClient(create_app(s, service=TextGenerationService(s))) as c:
+        assert c.post("/forward", json=SHORT).json()["detail"] == "the model failed to load"
+        r = c.post("/admin/reload", json={"version": "v3"}, headers=ADMIN)
+        assert r.status_code == 400 and r.json()["errors"][0]["loc"] == ["version"], r.text
+        msg = r.json()["errors"][0]["msg"]
+        assert "keeps serving" not in msg and "no model is loaded" in msg, msg
+        for leak in ("secret-models-root", "JSONDecodeError", "Expecting property name"):
+            assert leak not in r.text, leak
