@@ -161,23 +161,19 @@ class ModelService(ABC):
 
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:
         """The single requests inside a /forward_batch body."""
+        from ml_service.backend.errors import pydantic_errors  # (it imports this module)
+
         items = getattr(batch_request, self.batch_field)
         self.check_batch_size(len(items))
         out = []
         for i, item in enumerate(items):
             try:
                 out.append(self.request_model.model_validate(item))
-            except ValidationError as e:
-                raise InvalidItems(
-                    [
-                        {
-                            "loc": [str(x) for x in self.batch_item_loc(i, list(err["loc"]))],
-                            "msg": err["msg"],
-                            "type": err["type"],
-                        }
-                        for err in e.errors()
-                    ]
-                ) from None
+            except ValidationError as e:  # the same wording and paths as a single request's
+                errors = pydantic_errors(e)
+                for err in errors:
+                    err["loc"] = [str(x) for x in self.batch_item_loc(i, err["loc"])]
+                raise InvalidItems(errors) from None
         return out
 
     def batch_response(self, responses: list[BaseModel]) -> BaseModel:

@@ -167,3 +167,155 @@ def test_metadata_states_the_parameter_ranges(client):
     assert params["temperature"]["maximum"] == 5.0 and params["top_p"]["exclusiveMinimum"] == 0
     r = client.post("/forward", json={"text": "a", "repetition_penalty": 0.0099})
     assert_400(r, ["repetition_penalty"])
+
+
+def test_an_empty_text_in_a_batch_names_its_index(client):
+    r = client.post("/forward_batch", json={"texts": ["a", "b", "  "], "max_new_tokens": 1})
+    assert_400(r, ["texts", "2"])
+    assert r.json()["errors"][0]["msg"] == "text must not be empty"
+
+
+def test_the_new_token_limit_in_messages_is_the_one_in_metadata(client):
+    """max_new_tokens over the limit names /metadata's limits.max_new_tokens (context - 1 for a
+    one-token prompt), on /forward and on /v1, not the configured 256."""
+    limit = client.get("/metadata").json()["limits"]["max_new_tokens"]
+    for asked in (limit + 1, 300):
+        r = client.post("/forward", json={"text": "а", "max_new_tokens": asked})
+        assert_400(r, ["max_new_tokens"])
+        assert r.json()["errors"][0]["msg"] == f"max_new_tokens must be <= {limit}"
+        r = client.post("/v1/completions", json={"prompt": "а", "max_tokens": asked})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert r.json()["error"]["message"].endswith(f"must be <= {limit}")
+
+
+def test_score_item_errors_read_as_a_single_requests(score_client):
+    """An item's errors name it and use the same words as /forward's (no pydantic "Value error, "
+    prefix: the items are converted by the shared pydantic error conversion)."""
+    r = score_client.post("/forward_batch", json={"items": [{"text": "a"}, {"text": " "}]})
+    assert_400(r, ["items", "1", "text"])
+    assert r.json()["errors"][0]["msg"] == "text must not be empty"
+    single = score_client.post("/forward", json={"text": " "}).json()["errors"][0]["msg"]
+    assert single == "text must not be empty"
+    r = score_client.post("/forward_batch", json={"items": [{"text": "a"}, {"text": "b", "x": 1}]})
+    assert_400(r, ["items", "1", "x"])
+    assert "Value error" not in r.text
+
+
+# -- /v1: the same checks, OpenAI's error shape ----------------------------------------------------
+def v1_400(r, param: str, says: str) -> None:
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    assert says in err["message"], err
+    for internal in ("function-after", "list[", "Value error", "Traceback", "_encodable"):
+        assert internal not in r.text, r.text
+
+
+def raw_json(c, path: str, body) -> object:
+    """Posted as JSON text (lone surrogates as escapes: httpx's json= cannot encode them)."""
+    return c.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def test_v1_errors_name_plain_field_paths(client):
+    """`param` is the field's path (`messages.0.content`), never pydantic's union tags
+    (`messages.0.content.function-after[_encodable(), str]`)."""
+    chat = "/v1/chat/completions"
+
+    def msg(content) -> dict:
+        return {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+
+    v1_400(raw_json(client, chat, msg("\ud800")), "messages.0.content", "lone surrogate")
+    parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": "a\udfffb"}]
+    v1_400(raw_json(client, chat, msg(parts)), "messages.0.content.1.text", "lone surrogate")
+    v1_400(raw_json(client, chat, msg(5)), "messages.0.content", "a valid string or a valid list")
+    bad_part = [{"type": "text", "text": 5}]
+    v1_400(raw_json(client, chat, msg(bad_part)), "messages.0.content.0.text", "valid string")
+    completions = "/v1/completions"
+    v1_400(raw_json(client, completions, {"prompt": "\ud800"}), "prompt", "lone surrogate")
+    v1_400(raw_json(client, completions, {"prompt": ["a", "\ud800"]}), "prompt", "lone surrogate")
+    stop = {"prompt": "a", "max_tokens": 1, "stop": ["x", "\ud800"]}
+    v1_400(raw_json(client, completions, stop), "stop.1", "lone surrogate")
+    v1_400(raw_json(client, completions, {"prompt": "a", "stop": 5}), "stop", "a valid string")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "body,says", [(DEEP, "nested more than"), (BIG_INT, "too many digits"), (b"\xff{}", "UTF-8")]
+)
+def test_v1_unparsable_bodies_are_400(client, path, body, says):
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    v1_400(r, "body", says)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "field", ["max_tokens", "temperature", "top_p", "n", "seed", "top_k", "repetition_penalty"]
+)
+def test_v1_numbers_are_not_booleans_and_are_finite(client, path, field):
+    body = (
+        {"prompt": "a"}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "a"}]}
+    )
+    v1_400(raw_json(client, path, {**body, field: True}), field, "not a boolean")
+    if field in ("temperature", "top_p", "repetition_penalty"):
+        for value in (b"NaN", b"Infinity", b"-Infinity"):
+            text = json.dumps(body)[:-1].encode() + b', "' + field.encode() + b'": ' + value + b"}"
+            r = client.post(path, content=text, headers={"content-type": "application/json"})
+            v1_400(r, field, "finite")
+
+
+def test_reload_refuses_a_lone_surrogate_by_name(admin_client):
+    r = raw_json(admin_client, "/admin/reload", {"version": "\ud800"})
+    assert_400(r, ["version"])
+
+
+# -- one set of limits for both dialects -----------------------------------------------------------
+def test_forward_and_v1_share_their_ranges_and_stop_limits(client):
+    """The bounds are written once (ml_service/backend/schemas.py) and both dialects keep them:
+    accepted at the edge, refused just past it."""
+    from ml_service.backend import schemas
+
+    edges = {
+        "temperature": (schemas.MAX_TEMPERATURE, schemas.MAX_TEMPERATURE + 0.01),
+        "repetition_penalty": (
+            schemas.MAX_REPETITION_PENALTY,
+            schemas.MAX_REPETITION_PENALTY + 0.01,
+        ),
+        "seed": (schemas.MAX_SEED, schemas.MAX_SEED + 1),
+    }
+    low = {
+        "repetition_penalty": (schemas.MIN_REPETITION_PENALTY, schemas.MIN_REPETITION_PENALTY / 2)
+    }
+    n, chars = schemas.MAX_STOP_STRINGS, schemas.MAX_STOP_CHARS
+    stops = {
+        "stop": (
+            [f"{i}" + "я" * (chars - 1) for i in range(n)],  # n strings of the longest length
+            [f"{i}" for i in range(n + 1)],
+        )
+    }
+    too_long = ["я" * (chars + 1)]
+    for field, (ok, bad) in {**edges, **low, **stops}.items():
+        forward = {"text": "а", "max_new_tokens": 1, field: ok}
+        assert client.post("/forward", json=forward).status_code == 200, (field, ok)
+        assert_400(client.post("/forward", json={**forward, field: bad}), [field])
+        v1 = {"prompt": "а", "max_tokens": 1, field: ok}
+        assert client.post("/v1/completions", json=v1).status_code == 200, (field, ok)
+        v1_400(client.post("/v1/completions", json={**v1, field: bad}), field, "")
+    for c, path, body in (
+        (client, "/forward", {"text": "а"}),
+        (client, "/v1/completions", {"prompt": "а"}),
+    ):
+        r = c.post(path, json={**body, "stop": too_long})
+        assert r.status_code == 400 and f"1 to {chars} characters" in r.text, r.text
+        r = c.post(path, json={**body, "stop": [str(i) for i in range(n + 1)]})
+        assert r.status_code == 400 and f"at most {n} stop strings" in r.text, r.text
+    # and the documents say the same
+    sampling = client.get("/metadata").json()["sampling"]
+    assert sampling["temperature"]["maximum"] == schemas.MAX_TEMPERATURE
+    assert sampling["repetition_penalty"]["maximum"] == schemas.MAX_REPETITION_PENALTY
+    doc = client.get("/openapi.json").json()
+    forward_stop = doc["paths"]["/forward"]["post"]["requestBody"]["content"]["application/json"]
+    forward_stop = forward_stop["schema"]["properties"]["stop"]["anyOf"][0]
+    assert forward_stop["maxItems"] == n and forward_stop["items"]["maxLength"] == chars
+    assert f"up to {n} strings of 1-{chars} characters" in json.dumps(doc)  # /v1's `stop`

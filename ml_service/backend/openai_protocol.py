@@ -23,10 +23,22 @@ from pydantic import (
 )
 
 from lib.inference import GenerationParams
-from ml_service.backend.schemas import CACHE_DOC, MIN_REPETITION_PENALTY, Text
+from lib.inference.generation import MAX_LOGPROBS as MAX_TOP_LOGPROBS  # chat's, as OpenAI: 20
+from ml_service.backend.schemas import (
+    CACHE_DOC,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    Text,
+    check_stop_strings,
+    not_a_boolean,
+    stop_schema,
+)
 
 MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI
-MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI
 MAX_N = 16
 SHARED_NUMBERS = (
     "temperature",
@@ -39,12 +51,6 @@ SHARED_NUMBERS = (
     "repetition_penalty",
     "min_tokens",
 )
-
-
-def _not_a_boolean(v):
-    if isinstance(v, bool):  # JSON's true/false would otherwise pass as 1/0
-        raise ValueError("must be a number, not a boolean")
-    return v
 
 
 class StreamOptions(BaseModel):
@@ -60,14 +66,18 @@ class SamplingRequest(BaseModel):
     model: str | None = Field(
         None, description="a model id from /v1/models; omitted: the served one"
     )
-    temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 is greedy")
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt, sampled as separate rows")
-    stop: Text | list[Text] | None = Field(None, description="up to 8 strings of 1-64 characters")
+    stop: Text | list[Text] | None = Field(
+        None,
+        description=f"up to {MAX_STOP_STRINGS} strings of 1-{MAX_STOP_CHARS} characters",
+        json_schema_extra=stop_schema,
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="choice i samples with seed + i (reproducible)"
+        None, ge=0, le=MAX_SEED, description="choice i samples with seed + i (reproducible)"
     )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -78,20 +88,18 @@ class SamplingRequest(BaseModel):
     cache: bool = Field(True, description=CACHE_DOC)
     # our extras
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 disables")
-    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
 
     _numbers = field_validator(*SHARED_NUMBERS, mode="before")(
-        classmethod(lambda cls, v: _not_a_boolean(v))
+        classmethod(lambda cls, v: not_a_boolean(v))
     )
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None and (len(stops) > 8 or any(not s or len(s) > 64 for s in stops)):
-            raise ValueError("at most 8 stop strings of 1 to 64 characters")
+        check_stop_strings([v] if isinstance(v, str) else v)
         return v
 
     @field_validator("logit_bias")
@@ -148,7 +156,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
 
     _own_numbers = field_validator("max_tokens", "logprobs", mode="before")(
-        classmethod(lambda cls, v: _not_a_boolean(v))
+        classmethod(lambda cls, v: not_a_boolean(v))
     )
 
     @field_validator("prompt", mode="wrap")
@@ -235,7 +243,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     _own_numbers = field_validator(
         "max_tokens", "max_completion_tokens", "top_logprobs", mode="before"
-    )(classmethod(lambda cls, v: _not_a_boolean(v)))
+    )(classmethod(lambda cls, v: not_a_boolean(v)))
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

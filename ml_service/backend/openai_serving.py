@@ -128,7 +128,7 @@ def _refuse(param: str, msg: str) -> BadRequest:
 
 def _tokens_asked(req: SamplingRequest, asked: int | None, loaded: Loaded, prompt_len: int) -> int:
     """max_tokens as asked (checked against the limit), or what fits when it is not given."""
-    limit = loaded.service.settings.max_new_tokens_limit
+    limit = loaded.service.max_new_tokens()  # /metadata's limits.max_new_tokens
     if asked is None:  # chat without a limit: the service's default, within the context
         room = loaded.service.inference.context_length - prompt_len
         return max(1, min(64, limit, room))

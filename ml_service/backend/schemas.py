@@ -9,7 +9,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from lib.inference import GenerationParams, GenerationResult
 
 DEFAULTS = GenerationParams()  # the defaults live in lib, once
+# The ranges both dialects (/forward and /v1) accept, written once: where the sampling arithmetic
+# stays finite in float32 (the issue-19 probe: a repetition penalty of 1e-39 overflowed a batch)
+MAX_TEMPERATURE = 5.0
 MIN_REPETITION_PENALTY = 0.01  # below it, dividing a logit by the penalty can overflow float32
+MAX_REPETITION_PENALTY = 10.0
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64  # each stop string has 1 to this many characters
 
 
 def _encodable(v: str) -> str:
@@ -24,8 +31,45 @@ def _encodable(v: str) -> str:
     return v
 
 
+def _non_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("text must not be empty")
+    return v
+
+
+def not_a_boolean(v):
+    """A `mode="before"` check for every number field: JSON's true/false would otherwise pass
+    as 1/0."""
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not a boolean")
+    return v
+
+
+def check_stop_strings(stops: list[str] | None) -> None:
+    """At most MAX_STOP_STRINGS stop strings of 1 to MAX_STOP_CHARS characters (both dialects)."""
+    if stops is None:
+        return
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+
+
+def stop_schema(schema: dict) -> None:
+    """`json_schema_extra` of a `stop` field: its limits in the OpenAPI document too (on each
+    string and list member of the union)."""
+    for option in schema.get("anyOf", [schema]):
+        strings = option.get("items", option)
+        if strings.get("type") == "string":
+            strings.update(minLength=1, maxLength=MAX_STOP_CHARS)
+        if option.get("type") == "array":
+            option["maxItems"] = MAX_STOP_STRINGS
+
+
 # every text a request carries (prompts, stop strings, names) is this type
 Text = Annotated[str, AfterValidator(_encodable)]
+# a prompt: also not empty (in a list, its error names its index: ["texts", 3])
+NonBlankText = Annotated[Text, AfterValidator(_non_blank)]
 NUMBER_FIELDS = (
     "max_new_tokens",
     "min_new_tokens",
@@ -53,7 +97,7 @@ class GenerationOptions(BaseModel):
     temperature: float = Field(
         DEFAULTS.temperature,
         ge=0.0,
-        le=5.0,
+        le=MAX_TEMPERATURE,
         description="sampling temperature; 0 means greedy (a positive value below 1e-5 samples "
         "as 1e-5)",
     )
@@ -69,28 +113,27 @@ class GenerationOptions(BaseModel):
     repetition_penalty: float = Field(
         DEFAULTS.repetition_penalty,
         ge=MIN_REPETITION_PENALTY,
-        le=10.0,
+        le=MAX_REPETITION_PENALTY,
         description="> 1 discourages repeating tokens already seen, < 1 encourages it",
     )
     seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="same seed and input, same output"
+        None, ge=0, le=MAX_SEED, description="same seed and input, same output"
     )
     stop: list[Text] | None = Field(
-        None, max_length=8, description="stop before the first of these strings"
+        None,
+        description=f"stop before the first of these strings (at most {MAX_STOP_STRINGS}, each "
+        f"of 1 to {MAX_STOP_CHARS} characters)",
+        json_schema_extra=stop_schema,
     )
 
-    @field_validator(*NUMBER_FIELDS, mode="before")
-    @classmethod
-    def _not_a_boolean(cls, v):
-        if isinstance(v, bool):  # JSON's true/false would otherwise pass as 1/0
-            raise ValueError("must be a number, not a boolean")
-        return v
+    _numbers = field_validator(*NUMBER_FIELDS, mode="before")(
+        classmethod(lambda cls, v: not_a_boolean(v))
+    )
 
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and any(not s or len(s) > 64 for s in v):
-            raise ValueError("each stop string must have 1 to 64 characters")
+        check_stop_strings(v)
         return v
 
     @model_validator(mode="after")
@@ -125,12 +168,6 @@ def parameter_ranges(model: type[BaseModel]) -> dict[str, dict]:
     return out
 
 
-def _non_blank(v: str) -> str:
-    if not v.strip():
-        raise ValueError("text must not be empty")
-    return v
-
-
 CACHE_DOC = (
     "false: never answer from the response cache, nor store this answer there (only greedy or "
     "seeded requests are ever cached; the `Cache-Control: no-cache` / `no-store` headers work too)"
@@ -138,7 +175,7 @@ CACHE_DOC = (
 
 
 class ForwardRequest(GenerationOptions):
-    text: Text = Field(..., description="the prompt (UTF-8)", examples=["Привет, мир!"])
+    text: NonBlankText = Field(..., description="the prompt (UTF-8)", examples=["Привет, мир!"])
     stream: bool = Field(
         False,
         description="answer with Server-Sent Events: `token` events with pieces of text as they "
@@ -146,25 +183,15 @@ class ForwardRequest(GenerationOptions):
     )
     cache: bool = Field(True, description=CACHE_DOC)
 
-    _text = field_validator("text")(classmethod(lambda cls, v: _non_blank(v)))
-
 
 class ForwardBatchRequest(GenerationOptions):
-    texts: list[Text] = Field(
+    texts: list[NonBlankText] = Field(
         ...,
         min_length=1,
         description="prompts; one result per text, in order",
         examples=[["Привет, мир!", "Москва"]],
     )
     cache: bool = Field(True, description=CACHE_DOC)
-
-    @field_validator("texts")
-    @classmethod
-    def _texts(cls, v: list[str]) -> list[str]:
-        for i, t in enumerate(v):
-            if not t.strip():
-                raise ValueError(f"text {i} is empty")
-        return v
 
 
 class Usage(BaseModel):

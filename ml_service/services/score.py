@@ -6,25 +6,18 @@ makes it a way to evaluate a checkpoint over HTTP.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from lib.inference import PromptTooLong
 from lib.inference.scoring import TextScore
-from ml_service.backend.schemas import Text
+from ml_service.backend.schemas import NonBlankText
 from ml_service.contract import InvalidInput
 from ml_service.services.common import CheckpointService, check_text_length
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: Text = Field(..., description="the text to score", examples=["Привет, мир!"])
-
-    @field_validator("text")
-    @classmethod
-    def _non_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("text must not be empty")
-        return v
+    text: NonBlankText = Field(..., description="the text to score", examples=["Привет, мир!"])
 
 
 class TokenLogprob(BaseModel):

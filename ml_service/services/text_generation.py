@@ -43,8 +43,13 @@ class TextGenerationService(CheckpointService):
     batch_response_model = ForwardBatchResponse
     batch_field = "texts"
 
+    def max_new_tokens(self) -> int:
+        """The most new tokens a request may ask for: ML_SERVICE_MAX_NEW_TOKENS_LIMIT, and what a
+        one-token prompt leaves of the context (`/metadata`'s `limits.max_new_tokens`)."""
+        return min(self.settings.max_new_tokens_limit, self.inference.context_length - 1)
+
     def preprocess(self, request: ForwardRequest) -> PreparedPrompt:
-        limit = self.settings.max_new_tokens_limit
+        limit = self.max_new_tokens()
         if request.max_new_tokens > limit:
             raise InvalidInput(f"max_new_tokens must be <= {limit}", loc="max_new_tokens")
         check_text_length(request.text, self.settings.max_text_chars)
@@ -174,8 +179,4 @@ class TextGenerationService(CheckpointService):
         }
 
     def limits(self) -> dict:
-        ctx = self.inference.context_length
-        return {
-            **super().limits(),
-            "max_new_tokens": min(self.settings.max_new_tokens_limit, ctx - 1),
-        }
+        return {**super().limits(), "max_new_tokens": self.max_new_tokens()}
