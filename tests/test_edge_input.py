@@ -319,3 +319,151 @@ def test_forward_and_v1_share_their_ranges_and_stop_limits(client):
     forward_stop = forward_stop["schema"]["properties"]["stop"]["anyOf"][0]
     assert forward_stop["maxItems"] == n and forward_stop["items"]["maxLength"] == chars
     assert f"up to {n} strings of 1-{chars} characters" in json.dumps(doc)  # /v1's `stop`
+
+
+def test_the_batch_body_of_the_score_service_is_documented_as_its_items(score_client):
+    """/openapi.json describes each item of the score service's /forward_batch as the request it
+    is (it was `{"type": "object", "additionalProperties": true}`)."""
+    doc = score_client.get("/openapi.json").json()
+    body = doc["paths"]["/forward_batch"]["post"]["requestBody"]["content"]["application/json"]
+    item = body["schema"]["properties"]["items"]["items"]
+    assert item["properties"]["text"]["type"] == "string" and item["required"] == ["text"]
+    assert item["additionalProperties"] is False
+    assert body["schema"]["required"] == ["items"]
+
+
+# -- forms: our own parser, our own words, UTF-8 only ----------------------------------------------
+def multipart(*parts: tuple[bytes, bytes], boundary: bytes = b"xyz") -> dict:
+    """A request body of raw parts: (Content-Disposition parameters, bytes)."""
+    body = b"".join(
+        b"--"
+        + boundary
+        + b"\r\nContent-Disposition: form-data; "
+        + disposition
+        + b"\r\n\r\n"
+        + data
+        + b"\r\n"
+        for disposition, data in parts
+    )
+    return {
+        "content": body + b"--" + boundary + b"--\r\n",
+        "headers": {"content-type": "multipart/form-data; boundary=" + boundary.decode()},
+    }
+
+
+def urlencoded(body: bytes) -> dict:
+    return {"content": body, "headers": {"content-type": "application/x-www-form-urlencoded"}}
+
+
+STARLETTE_WORDS = ("400:", "Too many", "Maximum number", "Invalid multipart", "Missing boundary")
+
+
+@pytest.mark.parametrize("which", ["text-generation", "score"])
+def test_malformed_forms_are_400_in_our_words(client, score_client, which):
+    c = score_client if which == "score" else client
+    two_files = multipart(
+        (b'name="file"; filename="a.txt"', b"a"), (b'name="other"; filename="b.txt"', b"b")
+    )
+    cases = [
+        (two_files, ["other"], "at most one file"),
+        (urlencoded(b"&".join(b"f%d=1" % i for i in range(40))), ["body"], "at most 32 form"),
+        (multipart(*[(b'name="f%d"' % i, b"1") for i in range(40)]), ["body"], "at most 32 form"),
+        (
+            {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
+            ["content-type"],
+            "needs a boundary",
+        ),
+        (
+            {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+            ["body"],
+            "malformed multipart body",
+        ),
+        (
+            {
+                **multipart((b'name="text"', b"a")),
+                "content": multipart((b'name="text"', b"a"))["content"][:-9],
+            },
+            ["body"],
+            "ends before its last boundary",
+        ),
+        (multipart((b'filename="a.txt"', b"a")), ["body"], "has no field name"),
+        (multipart((b'name="text"', b"a"), (b'name="file"', b"b")), ["file"], "uploaded file"),
+    ]
+    for request, loc, says in cases:
+        r = c.post("/forward", **request)
+        assert_400(r, loc, says)
+        assert not any(word in r.text for word in STARLETTE_WORDS), r.text
+    # a form that is fine still works: 32 fields are allowed (unknown ones are then refused)
+    r = c.post("/forward", **urlencoded(b"&".join(b"f%d=1" % i for i in range(32))))
+    assert_400(r)
+    assert "form fields" not in r.text
+
+
+NOT_UTF8 = {
+    "latin-1 bytes": b"\xff\xfe",
+    "cp1251": "Москва".encode("cp1251"),
+    "a surrogate, CESU-style": b"\xed\xa0\x80",
+    "cut mid-character": "Мо".encode()[:3],
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_UTF8))
+def test_form_fields_must_be_utf8(client, score_client, case):
+    """Starlette read such bytes as latin-1 (or U+FFFD) and answered 200 with mojibake; now the
+    field is refused by name, in multipart and url-encoded forms alike, on both services."""
+    raw = NOT_UTF8[case]
+    escaped = "".join(f"%{b:02X}" for b in raw).encode()
+    for c in (client, score_client):
+        assert_400(c.post("/forward", **multipart((b'name="text"', raw))), ["text"], "UTF-8")
+        assert_400(c.post("/forward", **urlencoded(b"text=" + raw)), ["text"], "UTF-8")
+        assert_400(c.post("/forward", **urlencoded(b"text=" + escaped)), ["text"], "UTF-8")
+    stop = multipart((b'name="text"', "Москва".encode()), (b'name="stop"', raw))
+    assert_400(client.post("/forward", **stop), ["stop"], "not valid UTF-8")
+    name = urlencoded(b"text=a&" + escaped + b"=1")
+    assert_400(client.post("/forward", **name), ["body"], "name is not valid UTF-8")
+
+
+def test_utf8_form_fields_arrive_as_sent(score_client):
+    """The same text, sent as JSON, url-encoded (escaped or raw bytes) and multipart, is scored
+    alike: the form parser hands over exactly the characters sent."""
+    text = "Москва, «ёлка» + 1 & 2 = 3"
+    expected = score_client.post("/forward", json={"text": text}).json()
+    assert expected["num_bytes"] == len(text.encode())
+    from urllib.parse import quote_plus
+
+    forms = [
+        urlencoded(b"text=" + quote_plus(text).encode()),
+        urlencoded(
+            b"text=" + text.replace("&", "%26").replace("+", "%2B").replace(" ", "+").encode()
+        ),
+        multipart((b'name="text"', text.encode())),
+        multipart((b'name="file"; filename="t.txt"', text.encode())),
+    ]
+    for form in forms:
+        r = score_client.post("/forward", **form)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == expected["tokens"]
+
+
+MALFORMED_JSON = {
+    b'{"text": }': "column 10: a value was expected",
+    b'{"text" "a"}': "a ':' was expected",
+    b'{"text": "a" "b"}': "a ',' was expected",
+    b"{text: 1}": "a key in double quotes was expected",
+    b'{"text": "a': "a string that is never closed starts here",
+    b'{"text": "\x01"}': "a control character inside a string must be escaped",
+    b'{"text": "\\q"}': "invalid backslash escape",
+    b'{"text": "\\u12"}': "invalid \\u escape",
+    b'{"text": "a"} x': "more text after the JSON value",
+    b"": "line 1, column 1: a value was expected",
+}
+
+
+def test_malformed_json_is_described_in_our_words(client):
+    """The position, and the problem in our words (not Python's "Expecting value")."""
+    for body, says in MALFORMED_JSON.items():
+        headers = {"content-type": "application/json"}
+        assert_400(client.post("/forward", content=body, headers=headers), ["body"], says)
+        v1_400(client.post("/v1/completions", content=body, headers=headers), "body", says)
+        for python_words in ("Expecting", "Unterminated", "Invalid", "Extra data", "delimiter"):
+            assert python_words not in client.post("/forward", content=body, headers=headers).text

@@ -11,12 +11,19 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+
+try:  # python-multipart's import name since 0.0.13; before, `multipart`
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+except ModuleNotFoundError:  # pragma: no cover
+    from multipart.exceptions import FormParserError
+    from multipart.multipart import MultipartParser, parse_options_header
 
 from ml_service import __version__
 from ml_service.backend.dependencies import DepsDep
@@ -34,7 +41,7 @@ from ml_service.backend.errors import (
 )
 from ml_service.backend.security import require_api_key
 from ml_service.cache import CachedStream, StoringStream
-from ml_service.contract import InvalidInput, ModelService
+from ml_service.contract import BatchRequest, InvalidInput, ModelService
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
 
@@ -100,7 +107,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         response_model=service_cls.batch_response_model,
         responses=ERRORS,
         dependencies=guarded,
-        openapi_extra=_json_body(batch_model),
+        openapi_extra=_batch_body(service_cls),
         summary=f"{service_cls.name}: several inputs",
         description="One result per input, in order (JSON only). The inputs share model batches; "
         "the batch size limit is in /metadata.",
@@ -327,6 +334,20 @@ def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return bool(steps.cumsum().max(initial=0) > limit)
 
 
+# what Python's JSON parser reports (its whole, fixed set of messages), in our words
+JSON_PROBLEMS = {
+    "Expecting value": "a value was expected",
+    "Expecting ':' delimiter": "a ':' was expected",
+    "Expecting ',' delimiter": "a ',' was expected",
+    "Expecting property name enclosed in double quotes": "a key in double quotes was expected",
+    "Unterminated string starting at": "a string that is never closed starts here",
+    "Invalid control character at": "a control character inside a string must be escaped",
+    "Invalid \\escape": "a string has an invalid backslash escape",
+    "Invalid \\uXXXX escape": "a string has an invalid \\u escape",
+    "Extra data": "more text after the JSON value",
+}
+
+
 def parse_json(body: bytes) -> Any:
     """The JSON value of a request body, or BadRequest that says, in our words, what is wrong."""
     if json_depth_exceeds(body):
@@ -338,8 +359,9 @@ def parse_json(body: bytes) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
+        problem = JSON_PROBLEMS.get(e.msg, "invalid JSON syntax")
         raise BadRequest.one(
-            "body", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg.lower()}"
+            "body", f"malformed JSON at line {e.lineno}, column {e.colno}: {problem}"
         ) from None
     except ValueError:  # the only other one: an integer longer than Python converts (4,300 digits)
         raise BadRequest.one("body", "malformed JSON: a number has too many digits") from None
@@ -352,40 +374,140 @@ async def read_json_object(request: Request) -> dict:
     return payload
 
 
+MAX_FORM_FIELDS = 32  # form fields in one request (files not counted: at most one)
+
+
 async def read_form(
     request: Request, settings: Settings, array_fields: set[str], takes_text: bool
 ) -> dict:
-    try:
-        form = await request.form(max_files=1, max_fields=32)
-    except ServiceError:  # e.g. the body grew past the size limit while being read (413)
-        raise
-    except Exception as e:  # malformed multipart bodies raise several starlette/multipart errors
-        raise BadRequest.one("body", f"malformed form data: {e}") from None
-    payload: dict[str, Any] = {}
-    for key in form.keys():
-        values = form.getlist(key)
-        if key == "file" and takes_text:
+    """The fields of a multipart or url-encoded form. Every field, and an uploaded `file`, must be
+    UTF-8 text: we parse the body ourselves, keeping each field's bytes, because Starlette's
+    parser turns bytes that are not UTF-8 into other characters (latin-1) without a word."""
+    body = await request.body()  # bounded by ML_SERVICE_MAX_BODY_BYTES (413 past it)
+    if _content_type(request) == "multipart/form-data":
+        parts = _multipart_parts(body, request.headers.get("content-type", ""))
+    else:
+        parts = _urlencoded_parts(body)
+    files = [name for name, is_file, _ in parts if is_file]
+    if len(files) > 1:
+        raise BadRequest.one(files[1], "at most one file may be sent")
+    if len(parts) - len(files) > MAX_FORM_FIELDS:
+        raise BadRequest.one("body", f"at most {MAX_FORM_FIELDS} form fields may be sent")
+    fields: dict[str, list[str]] = {}
+    upload: bytes | None = None
+    for name, is_file, data in parts:
+        if is_file:
+            if name != "file" or not takes_text:
+                raise BadRequest.one(
+                    name,
+                    "only the field 'file' may be a file"
+                    if takes_text
+                    else "files are not accepted",
+                )
+            upload = data
             continue
-        if any(isinstance(v, UploadFile) for v in values):
-            raise BadRequest.one(
-                key,
-                "only the field 'file' may be a file" if takes_text else "files are not accepted",
-            )
-        payload[key] = list(values) if key in array_fields else values[-1]
-    upload = form.get("file") if takes_text else None
-    if upload is not None:
-        if not isinstance(upload, UploadFile):
+        if name == "file" and takes_text:
             raise BadRequest.one("file", "'file' must be an uploaded file")
+        try:
+            fields.setdefault(name, []).append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadRequest.one(
+                name, f"{name!r} is not valid UTF-8 text (byte {e.start} of its value)"
+            ) from None
+    payload: dict[str, Any] = {
+        name: values if name in array_fields else values[-1] for name, values in fields.items()
+    }
+    if upload is not None:
         if "text" in payload:
             raise BadRequest.one("file", "send either 'text' or 'file', not both")
-        data = await upload.read(settings.max_file_bytes + 1)
-        if len(data) > settings.max_file_bytes:
+        if len(upload) > settings.max_file_bytes:
             raise BadRequest.one("file", f"file is larger than {settings.max_file_bytes} bytes")
         try:
-            payload["text"] = data.decode("utf-8")
+            payload["text"] = upload.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest.one("file", "file is not valid UTF-8 text") from None
     return payload
+
+
+def _field_name(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest.one("body", "a form field's name is not valid UTF-8 text") from None
+
+
+def _urlencoded_parts(body: bytes) -> list[tuple[str, bool, bytes]]:
+    """(name, is a file, value bytes) for each field of an url-encoded form, %-escapes and `+`
+    decoded to bytes (not yet to text)."""
+    parts = []
+    for pair in body.split(b"&"):
+        if not pair:
+            continue
+        if len(parts) > MAX_FORM_FIELDS:  # the count is refused by the caller
+            break
+        name, _, value = pair.partition(b"=")
+        name, value = (unquote_to_bytes(x.replace(b"+", b" ")) for x in (name, value))
+        parts.append((_field_name(name), False, value))
+    return parts
+
+
+def _multipart_parts(body: bytes, content_type: str) -> list[tuple[str, bool, bytes]]:
+    """(name, is a file, bytes) for each part of a multipart/form-data body, or BadRequest that
+    says in our words what is wrong with it."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadRequest.one("content-type", "multipart/form-data needs a boundary parameter")
+    parts: list[tuple[str, bool, bytes]] = []
+    state: dict[str, Any] = {"ended": False}
+    header = [bytearray(), bytearray()]  # the part header being read: name, value
+
+    def part_begin() -> None:
+        if len(parts) > MAX_FORM_FIELDS + 1:  # more than any request may send: stop reading
+            raise BadRequest.one("body", f"at most {MAX_FORM_FIELDS} form fields may be sent")
+        state.update(disposition=None, data=bytearray())
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def header_end() -> None:
+        if bytes(header[0]).strip().lower() == b"content-disposition":
+            state["disposition"] = bytes(header[1])
+        header[0], header[1] = bytearray(), bytearray()
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        state["data"] += data[start:end]
+
+    def part_end() -> None:
+        _, options = parse_options_header(state["disposition"] or b"")
+        if b"name" not in options:
+            raise BadRequest.one("body", "a part of the multipart body has no field name")
+        parts.append((_field_name(options[b"name"]), b"filename" in options, bytes(state["data"])))
+
+    def end() -> None:
+        state["ended"] = True
+
+    callbacks = {
+        "on_part_begin": part_begin,
+        "on_header_field": header_field,
+        "on_header_value": header_value,
+        "on_header_end": header_end,
+        "on_part_data": part_data,
+        "on_part_end": part_end,
+        "on_end": end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except FormParserError:
+        raise BadRequest.one("body", "malformed multipart body") from None
+    if not state["ended"]:
+        raise BadRequest.one("body", "malformed multipart body: it ends before its last boundary")
+    return parts
 
 
 def _array_fields(model: type[BaseModel]) -> set[str]:
@@ -426,6 +548,18 @@ def _json_body(model: type[BaseModel]) -> dict:
     """The OpenAPI request body of a route that reads its JSON itself."""
     schema = _inline_refs(model.model_json_schema())
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _batch_body(service_cls: type[ModelService]) -> dict:
+    """The /forward_batch body. The default one (`BatchRequest`) takes its items as plain objects
+    and validates each as a single request, so that an error names its item (`["items", 3,
+    "text"]`); the document describes each item as that request."""
+    body = _json_body(service_cls.batch_request_model)
+    if service_cls.batch_request_model is BatchRequest:
+        schema = body["requestBody"]["content"]["application/json"]["schema"]
+        item = _inline_refs(service_cls.request_model.model_json_schema())
+        schema["properties"]["items"]["items"] = item
+    return body
 
 
 def _forward_body(model: type[BaseModel], takes_text: bool) -> dict:
