@@ -76,17 +76,44 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def default_generation_config(eos_token_id: int) -> GenerationConfig:
+    """`generate()`'s defaults in the checkpoint: the serving defaults (`GenerationParams`)."""
+    from lib.inference.generation import GenerationParams  # lib.inference imports this module
+
+    p = GenerationParams()
     return GenerationConfig(
-        do_sample=True,
-        temperature=0.8,
-        top_p=0.95,
-        top_k=50,
-        max_new_tokens=64,
-        repetition_penalty=1.1,
+        do_sample=p.temperature > 0,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        max_new_tokens=p.max_new_tokens,
+        repetition_penalty=p.repetition_penalty,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,
     )
+
+
+SAMPLE_TOKENS, SAMPLE_SEED = 40, 0  # a training card's sample continuations
+# A run's figures in its training card, as /metadata's `training` and the model card show them:
+# what it was trained on, and what it reached
+TRAINING_DATA = ("data", "train_documents", "val_documents")
+TRAINING_RESULTS = (
+    "steps",
+    "tokens_seen",
+    "wall_clock_s",
+    "val_loss",
+    "val_bits_per_byte",
+    "heldout_bits_per_byte",
+)
+TRAINING_FIGURES = (*TRAINING_DATA, *TRAINING_RESULTS)
+
+
+def sample_params(seed: int = SAMPLE_SEED):
+    """How a training card's sample continuations are decoded (lib/training/loop.py): the serving
+    defaults (`GenerationParams`), SAMPLE_TOKENS new tokens, a fixed seed."""
+    from lib.inference.generation import GenerationParams
+
+    return GenerationParams(max_new_tokens=SAMPLE_TOKENS, seed=seed)
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, out_dir: str | Path, card: dict) -> Path:
@@ -164,24 +191,8 @@ def render_model_card(card: dict) -> str:
         "| field | value |",
         "| --- | --- |",
     ]
-    for key in (
-        "preset",
-        "parameters",
-        "data",
-        "train_documents",
-        "val_documents",
-        "vocab_size",
-        "block_size",
-        "steps",
-        "tokens_seen",
-        "wall_clock_s",
-        "val_loss",
-        "val_bits_per_byte",
-        "heldout_bits_per_byte",
-        "device",
-        "torch_version",
-        "transformers_version",
-    ):
+    model = ("preset", "parameters", *TRAINING_DATA, "vocab_size", "block_size")
+    for key in (*model, *TRAINING_RESULTS, "device", "torch_version", "transformers_version"):
         if key in card and card[key] not in ({}, None):
             value = card[key]
             if isinstance(value, dict):  # {held-out set: bits/byte}
@@ -189,6 +200,8 @@ def render_model_card(card: dict) -> str:
             lines.append(f"| {key} | {value} |")
     samples = card.get("samples") or []
     if samples:
-        lines += ["", "## Samples (temperature 0.8, top-p 0.95, seed 0)", ""]
+        p = sample_params()
+        heading = f"## Samples (temperature {p.temperature}, top-p {p.top_p}, seed {p.seed})"
+        lines += ["", heading, ""]
         lines += [f"- **{s['prompt']}** → {s['completion']}" for s in samples]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,12 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lib.config import DEFAULT_CHECKPOINT
+from lib.config import (
+    DEFAULT_CHECKPOINT,
+    ENGINE_MAX_BATCH_SIZE,
+    ENGINE_MAX_QUEUE,
+    ENGINE_MAX_WAIT_S,
+)
 
 
 class Settings(BaseSettings):
@@ -85,13 +90,15 @@ class Settings(BaseSettings):
         "one, which is left to the HTTP side",
     )
     max_batch_size: int = Field(
-        64,
+        ENGINE_MAX_BATCH_SIZE,
         ge=1,
         le=1024,
         description="most sequences the engine runs in one batch (1 disables batching)",
     )
     max_queue: int = Field(
-        256, ge=1, description="most requests waiting for a batch row; more get 503 at once"
+        ENGINE_MAX_QUEUE,
+        ge=1,
+        description="most requests waiting for a batch row; more get 503 at once",
     )
     max_texts: int = Field(64, ge=1, le=4096, description="most texts in one /forward_batch")
     max_new_tokens_limit: int = Field(
@@ -100,7 +107,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(8000, ge=1, description="longest text (characters) in one request")
     max_file_bytes: int = Field(256 * 1024, ge=1, description="largest uploaded text file (bytes)")
     batch_wait_ms: float = Field(
-        0.0,
+        ENGINE_MAX_WAIT_S * 1000,
         ge=0,
         le=1000,
         description="how long the first request to an idle engine waits for company (ms); "
@@ -171,6 +178,11 @@ class Settings(BaseSettings):
     )
     log_prompts: bool = Field(False, description="write prompt texts into the access log")
     log_level: str = Field("info", description="log level of the service")
+
+    @property
+    def batch_wait_s(self) -> float:
+        """`batch_wait_ms` in seconds, as the engines take it."""
+        return self.batch_wait_ms / 1000
 
     @model_validator(mode="after")
     def _backend_fits_engine(self):

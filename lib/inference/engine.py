@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lib.config import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.generation import (
     DecodeBatch,
     GenerationFailed,
@@ -99,9 +100,9 @@ class GenerationEngine:
         model,
         tokenizer,
         *,
-        max_batch_size: int = 64,
-        max_wait_s: float = 0.0,
-        max_queue: int = 256,
+        max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+        max_wait_s: float = ENGINE_MAX_WAIT_S,
+        max_queue: int = ENGINE_MAX_QUEUE,
         lock: threading.Lock | None = None,
         observer: EngineObserver | None = None,
         threads: int | None = None,

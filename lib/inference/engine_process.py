@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from lib.config import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.engine import (
     EngineObserver,
     EngineStopped,
@@ -86,8 +87,8 @@ class EngineSpec:
     dtype: str = "float32"
     backend: str = "auto"  # torch or onnxruntime (lib/inference/onnx_model.py)
     precision: str = "fp32"  # the ONNX file the onnxruntime backend serves
-    max_batch_size: int = 64
-    max_wait_s: float = 0.0
+    max_batch_size: int = ENGINE_MAX_BATCH_SIZE
+    max_wait_s: float = ENGINE_MAX_WAIT_S
     threads: int | None = None  # the engine's math threads (default: all cores but one)
     warmup: bool = True
 
@@ -256,7 +257,7 @@ class EngineProcess:
         self,
         spec: EngineSpec,
         *,
-        max_queue: int = 256,
+        max_queue: int = ENGINE_MAX_QUEUE,
         observer: EngineObserver | None = None,
         restart: bool = True,
         start_timeout_s: float = START_TIMEOUT_S,

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from lib import __version__
-from lib.config import DEFAULT_CHECKPOINT, get_preset
+from lib.config import (
+    DEFAULT_CHECKPOINT,
+    ENGINE_MAX_BATCH_SIZE,
+    ENGINE_MAX_QUEUE,
+    ENGINE_MAX_WAIT_S,
+    get_preset,
+)
 from lib.inference.engine import EngineObserver, GenerationEngine, PreparedPrompt
 from lib.inference.generation import (
     GenerationFailed,
@@ -44,7 +50,7 @@ from lib.inference.scoring import (
     score_texts,
     token_logprobs,
 )
-from lib.modeling import build_model, count_parameters, load_model, read_card
+from lib.modeling import TRAINING_FIGURES, build_model, count_parameters, load_model, read_card
 from lib.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -240,9 +246,9 @@ class InferenceService:
 
     def create_engine(
         self,
-        max_batch_size: int = 64,
-        max_wait_s: float = 0.0,
-        max_queue: int = 256,
+        max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+        max_wait_s: float = ENGINE_MAX_WAIT_S,
+        max_queue: int = ENGINE_MAX_QUEUE,
         observer: EngineObserver | None = None,
         threads: int | None = None,
     ) -> GenerationEngine:
@@ -356,20 +362,6 @@ class InferenceService:
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "device": str(self.device),
             **self.runtime(),
-            "training": {
-                k: card[k]
-                for k in (
-                    "data",
-                    "steps",
-                    "tokens_seen",
-                    "wall_clock_s",
-                    "val_loss",
-                    "val_bits_per_byte",
-                    "heldout_bits_per_byte",
-                    "train_documents",
-                    "val_documents",
-                )
-                if k in card
-            },
+            "training": {k: card[k] for k in TRAINING_FIGURES if k in card},
             "lib_version": __version__,
         }

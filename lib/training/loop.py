@@ -33,7 +33,14 @@ from lib.data import (
     prepare_streaming_data,
     split_documents,
 )
-from lib.modeling import build_model, count_parameters, save_checkpoint, unwrap_model
+from lib.modeling import (
+    SAMPLE_SEED,
+    build_model,
+    count_parameters,
+    sample_params,
+    save_checkpoint,
+    unwrap_model,
+)
 from lib.tokenizer import load_tokenizer, train_tokenizer
 from lib.training.callbacks import (
     Callback,
@@ -630,10 +637,10 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
 
 
 def sample_continuations(
-    model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, seed: int = 0
+    model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, seed: int = SAMPLE_SEED
 ) -> list[dict]:
-    from lib.inference.generation import GenerationParams, generate
+    from lib.inference.generation import generate
 
-    params = GenerationParams(max_new_tokens=40, temperature=0.8, top_p=0.95, seed=seed)
+    params = sample_params(seed)  # the serving defaults (the model card names them)
     results = generate(model, tokenizer, prompts, [params] * len(prompts))
     return [{"prompt": p, "completion": r.text} for p, r in zip(prompts, results, strict=True)]

@@ -17,7 +17,7 @@ def engine_spec(settings) -> EngineSpec:
         backend=settings.backend,
         precision=settings.onnx_precision,
         max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.batch_wait_ms / 1000,
+        max_wait_s=settings.batch_wait_s,
         threads=settings.torch_threads,
     )
 

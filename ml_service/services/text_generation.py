@@ -111,7 +111,7 @@ class TextGenerationService(CheckpointService):
             return engine
         return self.inference.create_engine(
             max_batch_size=s.max_batch_size,
-            max_wait_s=s.batch_wait_ms / 1000,
+            max_wait_s=s.batch_wait_s,
             max_queue=s.max_queue,
             observer=observer,
             threads=s.torch_threads,

@@ -11,6 +11,10 @@ const state = {
 
 // ---- model metadata -------------------------------------------------------------------------
 
+// the generation parameters of the form: their defaults come from /metadata's `sampling` (the
+// server's own), and one still unset (metadata not loaded yet) is left out of the request
+const SAMPLING_FIELDS = ["max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"];
+
 const MODEL_FIELDS = [
   ["model", (m) => m.model_id],
   ["service", (m) => m.service],
@@ -62,21 +66,35 @@ async function loadMetadata() {
     $("max_new_tokens").max = limit;
     $("min_new_tokens").max = limit;
   }
+  showDefaults(meta.sampling || {});
+}
+
+// each parameter the user has not set yet takes the server's default
+function showDefaults(sampling) {
+  for (const id of SAMPLING_FIELDS) {
+    const spec = sampling[id];
+    if (spec && spec.default != null && !$(id).dataset.set) {
+      $(id).value = spec.default;
+      $(id).dataset.set = "default";
+    }
+  }
+  showRanges();
+}
+
+function showRanges() {
+  for (const id of ["temperature", "top_p"]) {
+    $(`${id}-value`).textContent = $(id).dataset.set ? $(id).value : "";
+  }
 }
 
 // ---- the request ----------------------------------------------------------------------------
 
 function requestBody() {
   const num = (id) => Number($(id).value);
-  const body = {
-    text: $("prompt").value,
-    max_new_tokens: num("max_new_tokens"),
-    min_new_tokens: num("min_new_tokens"),
-    temperature: num("temperature"),
-    top_p: num("top_p"),
-    top_k: num("top_k"),
-    repetition_penalty: num("repetition_penalty"),
-  };
+  const body = { text: $("prompt").value };
+  for (const id of SAMPLING_FIELDS) {
+    if ($(id).dataset.set && $(id).value.trim() !== "") body[id] = num(id);
+  }
   if ($("seed").value.trim() !== "") body.seed = num("seed");
   const stop = $("stop").value.split("\n").filter((s) => s !== "");
   if (stop.length) body.stop = stop;
@@ -256,10 +274,11 @@ function init() {
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e);
   });
-  for (const id of ["temperature", "top_p"]) {
-    const show = () => ($(`${id}-value`).textContent = $(id).value);
-    $(id).addEventListener("input", show);
-    show();
+  for (const id of SAMPLING_FIELDS) {
+    $(id).addEventListener("input", () => {
+      $(id).dataset.set = "user";
+      showRanges();
+    });
   }
   loadMetadata();
 }
