@@ -8,7 +8,8 @@ The checkpoint lands in OUTPUT_DIR/final; serve it with `make serve-trained CHEC
 Resumable training state is kept in OUTPUT_DIR/checkpoints/step-NNNNNNN.
 Every option is a field of lib.config.TrainingConfig (same defaults and checks from Python);
 --warmup-steps and --eval-every follow --max-steps unless given. W&B reads WANDB_PROJECT and
-WANDB_MODE here (online when WANDB_API_KEY is set, else offline); flags override them.
+WANDB_MODE here (online when WANDB_API_KEY is set, else offline), and --onnx-exporter-python
+ML_ONNX_EXPORTER_PYTHON; flags override them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lib.config import (
     ConfigError,
     TrainingConfig,
     add_config_arguments,
+    launched_world_size,
     parse_count,
     parse_duration,
 )
@@ -32,7 +34,8 @@ __all__ = ["build_parser", "config_from_args", "main", "parse_count", "parse_dur
 
 def environment_defaults(environ: Mapping[str, str]) -> dict:
     """The settings the CLI takes from the environment (its flags override them): W&B's
-    project and mode (online with an API key, else offline, so a run never prompts)."""
+    project and mode (online with an API key, else offline, so a run never prompts), and the
+    ONNX exporter's interpreter."""
     found = {}
     if environ.get("WANDB_PROJECT"):
         found["wandb_project"] = environ["WANDB_PROJECT"]
@@ -40,12 +43,9 @@ def environment_defaults(environ: Mapping[str, str]) -> dict:
         found["wandb_mode"] = environ["WANDB_MODE"]
     elif environ.get("WANDB_API_KEY"):
         found["wandb_mode"] = "online"
+    if environ.get("ML_ONNX_EXPORTER_PYTHON"):
+        found["onnx_exporter_python"] = environ["ML_ONNX_EXPORTER_PYTHON"]
     return found
-
-
-def launched_world_size(environ: Mapping[str, str]) -> int:
-    """Processes of the run (torchrun's WORLD_SIZE): they share a --max-tokens budget."""
-    return int(environ.get("WORLD_SIZE", "1"))
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:

@@ -6,10 +6,12 @@ its command line from the fields (`add_config_arguments`), and `lib.training.tra
 resolves the same object (`TrainingConfig.resolved`) before any work.
 
 The environment is read at the edge: the CLI turns W&B's variables (WANDB_PROJECT, WANDB_MODE,
-WANDB_API_KEY) into settings. Below it, only `lib/training/distributed.py` reads the environment:
+WANDB_API_KEY) and ML_ONNX_EXPORTER_PYTHON into settings, and passes its mapping to
+`launched_world_size`. Below it, only `lib/training/distributed.py` reads the environment:
 torchrun's process-group variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT), which it also
 fills in for a single process that needs a process group. (Libraries such as wandb, torch and
-transformers read their own variables.)
+transformers read their own variables, and child processes, the engine's and the ONNX
+exporter's, inherit the environment as it is.)
 
 This module imports no torch: the CLI parses and checks its arguments before the heavy imports.
 """
@@ -21,7 +23,7 @@ import dataclasses
 import importlib.util
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,12 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     ]
 }
+
+
+def launched_world_size(environ: Mapping[str, str]) -> int:
+    """Processes of the run, from the launcher's environment (torchrun's WORLD_SIZE; 1 without
+    torchrun): they share a `max_tokens` budget."""
+    return int(environ.get("WORLD_SIZE", "1"))
 
 
 def get_preset(name: str) -> ModelPreset:
@@ -325,6 +333,13 @@ class TrainingConfig:
         choices=("fp32", "int8"),
         aliases={"--export-onnx": ("fp32", "same as --onnx fp32")},
     )
+    onnx_exporter_python: str | None = setting(
+        None,
+        "the Python interpreter that has the ONNX exporter (optimum-onnx) for --export-onnx "
+        "(default: .venv-onnx's, else this one if it has the exporter; the CLI takes "
+        "$ML_ONNX_EXPORTER_PYTHON when set)",
+        metavar="PYTHON",
+    )
     report_to: str = setting("none", "metrics sink (wandb: see --wandb-mode)", choices=REPORT_TO)
     wandb_project: str = setting("ru-gpt", "W&B project (the CLI takes $WANDB_PROJECT when set)")
     wandb_mode: str = setting(
@@ -509,9 +524,10 @@ class TrainingConfig:
             "use adamw with fsdp/deepspeed",
         )
         need(
-            self.export_onnx is None or _onnx_exporter_found(),
+            self.export_onnx is None or _onnx_exporter_found(self.onnx_exporter_python),
             "--export-onnx needs the ONNX exporter (optimum-onnx): `make onnx-venv` builds "
-            ".venv-onnx, or set ML_ONNX_EXPORTER_PYTHON",
+            ".venv-onnx, or name an interpreter that has it with --onnx-exporter-python "
+            "(ML_ONNX_EXPORTER_PYTHON)",
         )
         need(
             self.report_to != "tensorboard" or _installed("tensorboard"),
@@ -570,11 +586,11 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def _onnx_exporter_found() -> bool:
+def _onnx_exporter_found(named: str | None) -> bool:
     from lib.export_onnx import ExportError, exporter_python
 
     try:
-        return Path(exporter_python()).exists()
+        return Path(exporter_python(named)).exists()
     except ExportError:
         return False
 

@@ -5,8 +5,9 @@
 The graph comes from Hugging Face's maintained exporter (`optimum-onnx`, task
 `text-generation-with-past`: the GPT-2 decoder with its KV cache as inputs and outputs). That
 exporter pins `transformers<4.58` while the product runs transformers 5, so it runs in its own
-environment (`make onnx-venv` builds `.venv-onnx`; `ML_ONNX_EXPORTER_PYTHON` names another
-interpreter), as a subprocess reading the checkpoint directory. Everything after it runs here:
+environment (`make onnx-venv` builds `.venv-onnx`; `--exporter-python`, by default
+$ML_ONNX_EXPORTER_PYTHON, names another interpreter), as a subprocess reading the checkpoint
+directory. Everything after it runs here:
 
 1. **Parity** with PyTorch, on a batch of prompts of different lengths, right-padded: the largest
    absolute logit difference over the real positions must be within `--tolerance`, and greedy
@@ -74,13 +75,16 @@ class ExportError(RuntimeError):
     """The exporter is missing or failed, or the exported model does not match PyTorch."""
 
 
-def exporter_python() -> str:
-    """The interpreter that runs optimum-onnx: $ML_ONNX_EXPORTER_PYTHON, else `.venv-onnx`, else
-    this one if it has the exporter."""
-    named = os.environ.get("ML_ONNX_EXPORTER_PYTHON")
+def exporter_python(named: str | None = None) -> str:
+    """The interpreter that runs optimum-onnx: the one the caller `named` (the command lines'
+    --exporter-python / --onnx-exporter-python, which default to $ML_ONNX_EXPORTER_PYTHON), else
+    `.venv-onnx`'s, else this one if it has the exporter."""
     if named:
         if not Path(named).exists():
-            raise ExportError(f"ML_ONNX_EXPORTER_PYTHON={named} does not exist")
+            raise ExportError(
+                f"the ONNX exporter's interpreter {named} does not exist (named by "
+                "--exporter-python or ML_ONNX_EXPORTER_PYTHON)"
+            )
         return named
     venv = EXPORTER_VENV / "bin" / "python"
     if venv.exists():
@@ -226,9 +230,11 @@ def export_onnx(
     eval_documents: int = EVAL_DOCUMENTS,
     opset: int | None = None,
     optimize: str | None = None,
+    python: str | None = None,
 ) -> dict:
     """Export the checkpoint at `checkpoint` to `out` (default CHECKPOINT/onnx), check it, and
-    return its card (also written as onnx_card.json). ExportError when a check fails."""
+    return its card (also written as onnx_card.json). ExportError when a check fails. `python`:
+    the interpreter that has optimum-onnx (default: see `exporter_python`)."""
     import onnx
     import onnxruntime
 
@@ -242,7 +248,7 @@ def export_onnx(
         raise FileNotFoundError(f"no checkpoint at {checkpoint} (expected config.json)")
     out = Path(out) if out is not None else checkpoint / "onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    python = exporter_python()
+    python = exporter_python(python)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -369,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument(
+        "--exporter-python",
+        default=os.environ.get("ML_ONNX_EXPORTER_PYTHON"),  # the environment, read at the edge
+        metavar="PYTHON",
+        help="the interpreter that has optimum-onnx (default: $ML_ONNX_EXPORTER_PYTHON, else "
+        ".venv-onnx's, else this one if it has the exporter)",
+    )
+    parser.add_argument(
         "--optimize",
         choices=("O1", "O2", "O3"),
         help="optimum's ONNX Runtime graph fusions, stored in the file (default: none; ONNX "
@@ -388,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_documents=args.eval_documents,
             opset=args.opset,
             optimize=args.optimize,
+            python=args.exporter_python,
         )
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

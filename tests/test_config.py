@@ -15,6 +15,7 @@ from lib.config import (
     ConfigError,
     TrainingConfig,
     cli_flag,
+    launched_world_size,
     parse_count,
     parse_duration,
 )
@@ -201,6 +202,31 @@ def test_the_environment_is_read_at_the_edge():
     assert "secret-key-123" not in str(
         TrainingConfig.from_args(parse(environ=env)).to_dict()
     )  # no secrets
+    # the ONNX exporter's interpreter: the CLI reads the variable, the flag wins, lib never reads it
+    named = {"ML_ONNX_EXPORTER_PYTHON": "/opt/onnx/bin/python"}
+    assert (
+        TrainingConfig.from_args(parse(environ=named)).onnx_exporter_python
+        == named["ML_ONNX_EXPORTER_PYTHON"]
+    )
+    flag = parse("--onnx-exporter-python", "/x/python", environ=named)
+    assert TrainingConfig.from_args(flag).onnx_exporter_python == "/x/python"
+    assert TrainingConfig.from_args(parse()).onnx_exporter_python is None
+    assert launched_world_size({"WORLD_SIZE": "4"}) == 4 and launched_world_size({}) == 1
+
+
+def test_library_code_never_reads_the_onnx_exporters_variable(monkeypatch, tmp_path):
+    from lib.export_onnx import ExportError, exporter_python
+
+    missing = str(tmp_path / "python")
+    monkeypatch.setenv("ML_ONNX_EXPORTER_PYTHON", missing)
+    try:
+        assert exporter_python() != missing  # .venv-onnx's, or this one with the exporter
+    except ExportError as e:  # no exporter installed at all
+        assert missing not in str(e)
+    with pytest.raises(ExportError, match="does not exist"):
+        exporter_python(missing)  # named by the caller (a command line's flag)
+    bad = TrainingConfig(export_onnx="fp32", onnx_exporter_python=missing).problems()
+    assert any("--onnx-exporter-python" in p for p in bad)
 
 
 def run_python(code: str) -> str:

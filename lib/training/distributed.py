@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lib.config import MODES as MODES  # the choices live with the settings
+from lib.config import launched_world_size
 
 
 @dataclass
@@ -60,14 +61,14 @@ class DistContext:
         return bool(t.item())
 
 
-def launched_world_size() -> int:
-    """Processes torchrun launched (WORLD_SIZE; 1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def launched_processes() -> int:
+    """Processes torchrun launched, from this process's environment (1 without torchrun)."""
+    return launched_world_size(os.environ)
 
 
 def init_distributed(mode: str, device_type: str) -> DistContext:
     """Join the process group torchrun describes (FSDP also needs one for a single process)."""
-    world = launched_world_size()
+    world = launched_processes()
     if (world > 1 or mode in ("fsdp", "deepspeed")) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")

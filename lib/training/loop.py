@@ -58,7 +58,7 @@ from lib.training.distributed import (
     full_model_state,
     full_optimizer_state,
     init_distributed,
-    launched_world_size,
+    launched_processes,
     load_optimizer_state,
     wrap_model,
 )
@@ -209,7 +209,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
 
     The settings are validated and resolved first (`TrainingConfig.resolved`; `ConfigError`)."""
     t0 = time.perf_counter()
-    config = config.resolved(launched_world_size())
+    config = config.resolved(launched_processes())
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
@@ -458,7 +458,7 @@ def train(config: TrainingConfig) -> TrainResult:
 
     Checks every setting before any work (`TrainingConfig.validate`: a `ConfigError` lists every
     problem) and fills in the defaults that follow others (`TrainingConfig.resolved`)."""
-    a = build_training_artifacts(config.resolved(launched_world_size()))
+    a = build_training_artifacts(config.resolved(launched_processes()))
     cfg, st, ctx = a.config, a.state, a.ctx
     say = print if ctx.is_main else (lambda *_, **__: None)
     if a.resumed_from:
@@ -574,7 +574,8 @@ def train(config: TrainingConfig) -> TrainResult:
             if cfg.export_onnx:
                 from lib.export_onnx import export_onnx
 
-                card = export_onnx(out, int8=cfg.export_onnx == "int8")
+                int8 = cfg.export_onnx == "int8"
+                card = export_onnx(out, int8=int8, python=cfg.onnx_exporter_python)
                 p = card["parity"]
                 say(
                     f"ONNX export written to {out / 'onnx'} (max |logit diff| "
