@@ -94,6 +94,29 @@ def default_math_threads() -> int:
     return max(1, available_cores() - 1)
 
 
+class TrackedQueue:
+    """`running`, `waiting` and `has_room` for an engine in front of another (its own process,
+    vLLM's loop) that tracks each request until it ends (`_tracked()` of them) and counts those
+    that have started (`_running`): the others are waiting, and at most `max_queue` may wait."""
+
+    max_queue: int
+    _running: int
+
+    def _tracked(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self._tracked() - self._running)
+
+    def has_room(self, n: int = 1) -> bool:
+        return self.waiting + n <= self.max_queue
+
+
 class GenerationEngine:
     def __init__(
         self,

@@ -50,6 +50,7 @@ from lib.inference.engine import (
     PreparedPrompt,
     QueueFull,
     TokenStream,
+    TrackedQueue,
     _deliver,
     _settle,
 )
@@ -250,7 +251,7 @@ def _engine_main(inbox: Connection, outbox: Connection) -> None:
 
 
 # -- the front side -------------------------------------------------------------------------------
-class EngineProcess:
+class EngineProcess(TrackedQueue):
     """`GenerationEngine`'s surface, with the engine in a child process (see the module doc)."""
 
     def __init__(
@@ -293,16 +294,8 @@ class EngineProcess:
     def stopped(self) -> bool:
         return self._state in ("stopped", "failed")
 
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return max(0, len(self._pending) - self._running)
-
-    def has_room(self, n: int = 1) -> bool:
-        return self.waiting + n <= self.max_queue
+    def _tracked(self) -> int:
+        return len(self._pending)
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:

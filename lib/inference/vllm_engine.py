@@ -70,6 +70,7 @@ from lib.inference.engine import (
     PreparedPrompt,
     QueueFull,
     TokenStream,
+    TrackedQueue,
     _deliver,
     _settle,
 )
@@ -139,7 +140,7 @@ class _Request:
             self.engine._cancel(self)
 
 
-class VLLMEngine:
+class VLLMEngine(TrackedQueue):
     """`GenerationEngine`'s surface over vLLM's `AsyncLLM` (see the module docstring)."""
 
     def __init__(
@@ -201,16 +202,8 @@ class VLLMEngine:
         """Up and taking requests (False once vLLM's engine core has died)."""
         return self._state == "up" and not getattr(self._llm, "errored", False)
 
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return max(0, len(self._live) - self._running)
-
-    def has_room(self, n: int = 1) -> bool:
-        return self.waiting + n <= self.max_queue
+    def _tracked(self) -> int:
+        return len(self._live)
 
     # -- life cycle -----------------------------------------------------------------------------
     def engine_args(self):

@@ -9,7 +9,6 @@ ignored and logged at debug level, so newer clients keep working.
 from __future__ import annotations
 
 import logging
-import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -120,13 +119,7 @@ async def _stream(request, deps, req, loaded, prompts, items, prefix: str, obj: 
     check_room(loaded.engine, len(items))
     # queued now (a full queue is a 503), or cached answers as streams
     streams = await stream_items(request, deps, loaded, items, req.cache)
-    base = {
-        "id": serving.response_id(prefix),
-        "object": obj,
-        "created": int(time.time()),
-        "model": serving.served_name(loaded),
-        "system_fingerprint": serving.fingerprint(loaded),
-    }
+    base = {**serving.response_header(loaded, prefix), "object": obj}
     started: set[int] = set()
     include_usage = req.stream_options is not None and req.stream_options.include_usage
 

@@ -214,6 +214,17 @@ def response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def response_header(loaded: Loaded, prefix: str) -> dict:
+    """The fields every response (and every chunk of one stream) starts with: a new id with
+    `prefix`, the time, the served model and its fingerprint."""
+    return {
+        "id": response_id(prefix),
+        "created": int(time.time()),
+        "model": served_name(loaded),
+        "system_fingerprint": fingerprint(loaded),
+    }
+
+
 def usage(prompts: Sequence[Prompt], outputs: Sequence[GenerationResult]) -> UsageInfo:
     prompt_tokens = sum(len(p.ids) for p in prompts)  # once per prompt, whatever n is
     completion = sum(o.completion_tokens for o in outputs)
@@ -322,12 +333,7 @@ async def completion_response(
             )
         )
     return CompletionResponse(
-        id=response_id("cmpl"),
-        created=int(time.time()),
-        model=served_name(loaded),
-        system_fingerprint=fingerprint(loaded),
-        choices=choices,
-        usage=usage(prompts, outputs),
+        **response_header(loaded, "cmpl"), choices=choices, usage=usage(prompts, outputs)
     )
 
 
@@ -350,12 +356,7 @@ def chat_response(
         for i, out in enumerate(outputs)
     ]
     return ChatCompletionResponse(
-        id=response_id("chatcmpl"),
-        created=int(time.time()),
-        model=served_name(loaded),
-        system_fingerprint=fingerprint(loaded),
-        choices=choices,
-        usage=usage([prompt], outputs),
+        **response_header(loaded, "chatcmpl"), choices=choices, usage=usage([prompt], outputs)
     )
 
 
