@@ -134,6 +134,19 @@ def test_playground_loads_metadata_and_generates_russian(page, server_url):
     assert not page.errors, page.errors
 
 
+def test_the_form_shows_the_servers_defaults_from_metadata(page, server_url):
+    """The page writes no defaults of its own: /metadata's `sampling` fills the form."""
+    from lib.inference import GenerationParams
+
+    p = GenerationParams()
+    page.goto(server_url + "/")
+    page.wait_for_selector("#model-info[data-state='loaded']")
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+        assert float(page.input_value(f"#{name}")) == getattr(p, name), name
+    assert page.text_content("#temperature-value") == str(p.temperature)
+    assert not page.errors, page.errors
+
+
 def sse(*events: tuple[str, dict], newline: str = "\n") -> str:
     return "".join(
         f"event: {name}{newline}data: {json.dumps(data, ensure_ascii=False)}{newline}{newline}"
