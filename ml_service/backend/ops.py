@@ -94,6 +94,7 @@ ADMIN_ERRORS = openapi_responses(*ADMIN_ROUTE_ERRORS)
 
 def build_ops_router() -> APIRouter:
     router = APIRouter()
+    admin = APIRouter(dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
 
     @router.get("/health", response_model=HealthResponse, summary="liveness")
     async def health() -> HealthResponse:
@@ -143,11 +144,9 @@ def build_ops_router() -> APIRouter:
         format (HOW_TO_USE.md lists them)."""
         return Response(request.app.state.deps.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @router.get(
+    @admin.get(
         "/admin/versions",
         response_model=VersionsResponse,
-        responses=ADMIN_ERRORS,
-        dependencies=[Depends(require_admin)],
         summary="model versions (admin)",
     )
     async def versions(request: Request) -> VersionsResponse:
@@ -157,11 +156,9 @@ def build_ops_router() -> APIRouter:
         found = list_versions(deps.settings.models_dir) if deps.settings.models_dir else []
         return VersionsResponse(current=current.version if current else None, versions=found)
 
-    @router.post(
+    @admin.post(
         "/admin/reload",
         response_model=ReloadResponse,
-        responses=ADMIN_ERRORS,
-        dependencies=[Depends(require_admin)],
         summary="switch model version (admin)",
     )
     async def reload(request: Request, body: Annotated[ReloadRequest, Depends(_reload_body)]):
@@ -175,22 +172,18 @@ def build_ops_router() -> APIRouter:
             previous_model=old.service.model_id if old else None,
         )
 
-    @router.get(
+    @admin.get(
         "/admin/traffic",
         response_model=TrafficResponse,
-        responses=ADMIN_ERRORS,
-        dependencies=[Depends(require_admin)],
         summary="A/B traffic split (admin)",
     )
     async def get_traffic(request: Request) -> TrafficResponse:
         """The split in force on this replica, the versions it holds and its request counts."""
         return _traffic(request, shared=False)
 
-    @router.post(
+    @admin.post(
         "/admin/traffic",
         response_model=TrafficResponse,
-        responses=ADMIN_ERRORS,
-        dependencies=[Depends(require_admin)],
         summary="change the A/B traffic split (admin)",
     )
     async def set_traffic(request: Request) -> TrafficResponse:
@@ -214,6 +207,7 @@ def build_ops_router() -> APIRouter:
         published = await request.app.state.split_sync.publish(split)
         return _traffic(request, shared=published)
 
+    router.include_router(admin)
     return router
 
 
