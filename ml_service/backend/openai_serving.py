@@ -23,7 +23,13 @@ from dataclasses import dataclass, replace
 
 from fastapi import Request
 
-from lib.inference import GenerationResult, InvalidTokens, PromptTooLong, TokenLogprob
+from lib.inference import (
+    GenerationParams,
+    GenerationResult,
+    InvalidTokens,
+    PromptTooLong,
+    TokenLogprob,
+)
 from ml_service.backend.api import check_room, note_usage, run_items
 from ml_service.backend.errors import BadRequest, ModelNotFound, as_service_error
 from ml_service.backend.openai_protocol import (
@@ -131,7 +137,7 @@ def _tokens_asked(req: SamplingRequest, asked: int | None, loaded: Loaded, promp
     limit = loaded.service.max_new_tokens()  # /metadata's limits.max_new_tokens
     if asked is None:  # chat without a limit: the service's default, within the context
         room = loaded.service.inference.context_length - prompt_len
-        return max(1, min(64, limit, room))
+        return max(1, min(GenerationParams().max_new_tokens, limit, room))
     if asked > limit:
         raise _refuse("max_tokens", f"must be <= {limit}")
     return asked
