@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
@@ -21,7 +20,13 @@ from lib.inference.engine import available_cores
 from lib.inference.generation import GenerationResult, encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
 from ml_service.settings import Settings
-from tests.conftest import CHECKPOINT, is_russian
+from tests.helpers import (
+    CHECKPOINT,
+    Recorder,
+    check_a_cancelled_caller_frees_its_row,
+    is_russian,
+    with_engine,
+)
 
 PROMPTS = [
     "Привет, мир!",
@@ -35,29 +40,8 @@ PROMPTS = [
 ]
 
 
-class Recorder(EngineObserver):
-    def __init__(self):
-        self.finished = []
-        self.batch_sizes = []
-
-    def on_step(self, batch_size, seconds):
-        self.batch_sizes.append(batch_size)
-
-    def on_finished(self, request):
-        self.finished.append(request)
-
-
 def run(coro):
     return asyncio.run(coro)
-
-
-async def with_engine(service: InferenceService, body, **kwargs):
-    engine = service.create_engine(**kwargs)
-    engine.start()
-    try:
-        return await body(engine)
-    finally:
-        engine.stop()
 
 
 # -- the decoder ----------------------------------------------------------------------------------
@@ -305,29 +289,6 @@ def test_stream_never_shows_text_past_a_stop_string(service):
 
 
 # -- cancellation, limits, failures ---------------------------------------------------------------
-def check_a_cancelled_caller_frees_its_row(service) -> None:
-    """A running request whose caller is cancelled leaves the batch (any `service`'s model:
-    tests/test_onnx.py runs it over ONNX Runtime)."""
-    params = GenerationParams(max_new_tokens=250, min_new_tokens=250, temperature=0.8, seed=3)
-    rec = Recorder()
-
-    async def body(engine):
-        task = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.05)
-        task.cancel()  # what the HTTP layer does when the client disconnects
-        deadline = time.monotonic() + 30  # only a hang gets near this
-        while engine.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return engine.running
-
-    assert run(with_engine(service, body, observer=rec)) == 0
-    (req,) = rec.finished
-    assert req.result.finish_reason == "cancelled"
-    assert 0 < req.result.completion_tokens < 250
-
-
 def test_a_cancelled_caller_frees_its_row(service):
     check_a_cancelled_caller_frees_its_row(service)
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from lib.config import REPO_ROOT
-from tests.conftest import CHECKPOINT
-from tests.test_server import running_server
+from tests.helpers import CHECKPOINT, running_server
 
 pytestmark = pytest.mark.slow
 
