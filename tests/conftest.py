@@ -36,10 +36,12 @@ def settings() -> Settings:
         max_file_bytes=4096,
         max_text_chars=2000,
         background_load=False,
-        cache_ttl_s=0,  # every request reaches the model (tests/test_cache.py turns it on)
+        # every request reaches the model (tests/ml_service/test_cache.py turns the cache on)
+        cache_ttl_s=0,
         # apps built from these settings load versions in this process, where tests can reach
-        # the decoder (monkeypatched failures, gates); tests/test_engine_process.py and the
-        # subprocess servers (tests/test_server.py) run the default, the engine's own process
+        # the decoder (monkeypatched failures, gates); tests/lib/inference/test_engine_process.py
+        # and the subprocess servers (tests/system/test_server.py) run the default, the engine's
+        # own process
         engine="thread",
     )
 
