@@ -193,13 +193,10 @@ def check_a_cancelled_caller_frees_its_row(service) -> None:
 
     async def body(engine):
         task = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.05)
+        # running, and past its first decode step (the engine's second step: the first admitted it)
+        await until(lambda: engine.running and len(rec.batch_sizes) >= 2, "the request decodes")
         task.cancel()  # what the HTTP layer does when the client disconnects
-        deadline = time.monotonic() + 30  # only a hang gets near this
-        while engine.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        await until(lambda: engine.running == 0, "the cancelled request left the batch")
         return engine.running
 
     assert asyncio.run(with_engine(service, body, observer=rec)) == 0

@@ -25,6 +25,7 @@ from tests.helpers import (
     Recorder,
     check_a_cancelled_caller_frees_its_row,
     is_russian,
+    until,
     with_engine,
 )
 
@@ -205,8 +206,7 @@ def test_a_waiting_request_joins_the_running_batch(service):
 
     async def body(engine):
         long_task = asyncio.ensure_future(engine.submit(service.prepare("Он открыл", long_p)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
+        await until(lambda: engine.running > 0, "the long request runs")
         short = await engine.submit(service.prepare("Москва", short_p))
         assert not long_task.done(), "the short request waited for the long one"
         assert engine.running == 1  # the short row left at once; the long one goes on
@@ -261,8 +261,10 @@ def test_a_reader_that_fell_behind_gets_the_backlog_as_one_piece(service):
         stream = engine.stream(service.prepare("Москва", params))
         # the whole generation is delivered (its result is queued last) before the first read
         queued = stream._events._queue
-        while not (queued and isinstance(queued[-1], GenerationResult)):
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: queued and isinstance(queued[-1], GenerationResult),
+            "the whole generation is delivered",
+        )
         return [event async for event in stream]
 
     events = run(with_engine(service, body))
@@ -299,10 +301,9 @@ QUEUED = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
 async def one_running_one_waiting(engine, service):
     """With one row and one queue place: a running request, then a waiting one (both tasks)."""
     first = asyncio.ensure_future(engine.submit(service.prepare("Москва", QUEUED)))
-    while engine.running == 0:
-        await asyncio.sleep(0.001)
+    await until(lambda: engine.running > 0, "the first request runs")
     second = asyncio.ensure_future(engine.submit(service.prepare("Он", QUEUED)))
-    await asyncio.sleep(0.01)
+    await until(lambda: engine.waiting == 1, "the second request waits")
     return first, second
 
 
@@ -322,8 +323,8 @@ def test_a_request_cancelled_while_waiting_gives_its_queue_place_up(service):
     async def body(engine):
         first, waiting = await one_running_one_waiting(engine, service)
         waiting.cancel()  # its client timed out or went away while it waited
-        await asyncio.sleep(0.01)
-        assert engine.has_room()  # the cancelled one no longer holds the only place
+        # the cancelled one no longer holds the only place
+        await until(engine.has_room, "the cancelled request gave its place up")
         third = await engine.submit(service.prepare("Она", QUEUED))
         return await first, third
 
