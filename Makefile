@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml examples/text-stats/pyproject.toml $(wildcard $(CONSTRA
 
 install: $(STAMP) ## create .venv and install what is missing (quick when nothing changed)
 
-# tests/test_browser.py drives a system chromium (Playwright never downloads a browser here).
+# tests/system/test_browser.py drives a system chromium (Playwright never downloads a browser here).
 # Debian/Ubuntu: installed with apt when missing (sudo unless root). Elsewhere: set CHROMIUM=path;
 # without a browser that test skips, except under CI=true, where it fails.
 browser: ## install Debian's chromium for the browser test when no chromium is found
@@ -44,15 +44,16 @@ browser: ## install Debian's chromium for the browser test when no chromium is f
 		|| { [ -n "$$CHROMIUM" ] && [ -x "$$CHROMIUM" ]; }; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
-		echo "installing chromium with apt-get (for tests/test_browser.py)"; \
+		echo "installing chromium with apt-get (for tests/system/test_browser.py)"; \
 		$$SUDO apt-get update -qq && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	else \
 		echo "no chromium and no apt-get: install chromium or set CHROMIUM=/path/to/chromium"; \
 	fi
 
-# The fleet tests (tests/test_fleet*.py) start their own redis-server: Debian's, installed the same
-# way when missing; without it they skip, except under CI=true, where they fail.
+# The fleet tests (tests/ml_service/: backend/test_fleet_limits.py, and those of test_cache.py and
+# test_traffic.py) start their own redis-server: Debian's, installed the same way when missing;
+# without it they skip, except under CI=true, where they fail.
 redis-server: ## install Debian's redis-server for the fleet tests when none is found
 	@if command -v redis-server >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
@@ -175,9 +176,11 @@ $(VLLM_OURS_STAMP): $(VLLM_STAMP) pyproject.toml
 	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, ml_service.backend.app; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, '+ ours')"
 	@touch $@
 
-# ML_SERVICE_TEST_VLLM=1: tests/test_vllm_engine.py fails (never skips) if vLLM does not import
+# ML_SERVICE_TEST_VLLM=1: tests/lib/inference/test_vllm_engine.py fails (never skips) if vLLM
+# does not import
 test-vllm: $(VLLM_OURS_STAMP) ## the vLLM engine's tests (ML_SERVICE_ENGINE=vllm) in .venv-vllm (~2 min + its install)
-	ML_SERVICE_TEST_VLLM=1 VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
+	ML_SERVICE_TEST_VLLM=1 VLLM_NO_USAGE_STATS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/lib/inference/test_vllm_engine.py
 
 # the full serving benchmark through /v1/completions at 1, 16 and 64 clients: ours, ours on vLLM's engine, ours with
 # batching disabled, `transformers serve --continuous-batching` and vLLM's CPU build. About 6

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first-GPU check (issue 16): one script, under 8 minutes on an H100/H200, that
-#   1. runs the inference, engine and API tests on CUDA (TEST_DEVICE=cuda, tests/conftest.py),
+#   1. runs the inference, engine and API tests on CUDA (TEST_DEVICE=cuda, tests/helpers.py),
 #   2. serves a random gpt2-124m and gpt2-350m in bf16 with our engine, and with vLLM's engine
 #      (our server, ML_SERVICE_ENGINE=vllm) where vllm imports or a carried wheel installs,
 #      and runs the serving benchmark (bench/serve_bench.py) at 1/16/64 clients,
@@ -127,7 +127,8 @@ if [ -n "$MISSING" ]; then
   note "- tests: skipped, missing $MISSING (bench/gpu_check.sh --fetch-wheels, then carry .whl)"
 else
   run tests "$T_TESTS" env TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
-    --junitxml="$OUTDIR/tests.xml" tests/test_inference.py tests/test_engine.py tests/test_api.py \
+    --junitxml="$OUTDIR/tests.xml" tests/lib/inference/test_inference.py \
+    tests/lib/inference/test_engine.py tests/ml_service/backend/test_api.py \
     "${TEST_ARGS[@]}"
   grep -E "passed|failed|error" "$OUTDIR/tests.log" | tail -1 | sed 's/^/  /' >>"$SUMMARY"
 fi

@@ -20,7 +20,7 @@ from ml_service.contract import UnknownService, discover_services, load_service_
 OPTIONS = ("checkpoint", "random_preset", "host", "port", "device", "log_level")
 # after the shutdown grace, the time left to answer the requests the app ended (503, a stream's
 # `error` event) before uvicorn cancels what remains: orchestrators must wait longer than
-# ML_SERVICE_SHUTDOWN_GRACE_S + this before they kill the process (tests/test_deploy.py)
+# ML_SERVICE_SHUTDOWN_GRACE_S + this before they kill the process (tests/system/test_deploy.py)
 SHUTDOWN_MARGIN_S = 2.0
 
 

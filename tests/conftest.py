@@ -1,26 +1,25 @@
-"""Shared fixtures: the real committed default model, loaded once, and apps built around it."""
+"""Shared fixtures: the real committed default model, loaded once, and apps built around it
+(plain helpers are in tests/helpers.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import InferenceService
 from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
+from tests.helpers import CHECKPOINT, DEVICE, free_port
+from tests.redis_server import RedisServer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-CHECKPOINT = Path(os.environ.get("TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
-DEVICE = os.environ.get("TEST_DEVICE", "cpu")  # e.g. cuda: bench/gpu_check.sh
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +36,12 @@ def settings() -> Settings:
         max_file_bytes=4096,
         max_text_chars=2000,
         background_load=False,
-        cache_ttl_s=0,  # every request reaches the model (tests/test_cache.py turns it on)
+        # every request reaches the model (tests/ml_service/test_cache.py turns the cache on)
+        cache_ttl_s=0,
         # apps built from these settings load versions in this process, where tests can reach
-        # the decoder (monkeypatched failures, gates); tests/test_engine_process.py and the
-        # subprocess servers (tests/test_server.py) run the default, the engine's own process
+        # the decoder (monkeypatched failures, gates); tests/lib/inference/test_engine_process.py
+        # and the subprocess servers (tests/system/test_server.py) run the default, the engine's
+        # own process
         engine="thread",
     )
 
@@ -69,23 +70,6 @@ def models_dir(tmp_path) -> Path:
     return tmp_path
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    """Poll `condition` until it holds; the deadline only fails a test that hangs (nothing here
-    asserts how fast anything is: bench/ measures that)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.01)
-
-
-def is_russian(text: str) -> bool:
-    letters = [c for c in text if c.isalpha()]
-    return (
-        bool(letters)
-        and sum("а" <= c.lower() <= "я" or c in "ёЁ" for c in letters) / len(letters) > 0.6
-    )
-
-
 @pytest.fixture
 def model_failure(monkeypatch) -> dict:
     """While `switch["on"]`, every forward pass of the model raises inside generation, as a broken
@@ -106,9 +90,6 @@ def model_failure(monkeypatch) -> dict:
 @pytest.fixture
 def redis_server():
     """A real redis-server on a free port (tests/redis_server.py), stopped after the test."""
-    from tests.redis_server import RedisServer
-    from tests.test_server import free_port
-
     server = RedisServer(free_port()).start()
     try:
         yield server

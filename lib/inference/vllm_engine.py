@@ -39,7 +39,8 @@ engine (`generation.py`):
 - Sampling draws other random numbers (vLLM samples with exponential noise, ours by inverse CDF
   with a per-row generator): a seeded request is reproducible on each engine, but the two engines
   give different texts for the same seed. Greedy decoding is the same up to floating-point
-  rounding (vLLM's kernels differ from `transformers`'; see tests/test_vllm_engine.py).
+  rounding (vLLM's kernels differ from `transformers`'; see
+  tests/lib/inference/test_vllm_engine.py).
 - `logprobs`: both from the model's raw logits (before penalties, bias and temperature); the top
   alternatives are vLLM's by rank.
 - The context edge: vLLM ends a request when prompt + output reach `max_model_len` (the context),

@@ -13,9 +13,15 @@ from fastapi.testclient import TestClient
 
 from ml_service.backend.app import create_app
 from ml_service.traffic import BadSplit, TrafficSplit
-from tests.conftest import CHECKPOINT, wait_for
-from tests.test_ops import with_settings
-from tests.test_server import metric, running_server, scrape
+from tests.helpers import (
+    CHECKPOINT,
+    metric,
+    perturbed_copy,
+    running_server,
+    scrape,
+    wait_for,
+    with_settings,
+)
 
 KEYS = [f"user-{i}" for i in range(2000)]
 ADMIN = {"Authorization": "Bearer adm"}
@@ -235,8 +241,6 @@ def test_a_version_switch_under_load_fails_nothing_and_never_crosses_caches(sett
     """v1 and v2 with different weights, the cache on: greedy requests from 4 threads while the
     default switches v1 -> v2 -> v1. Every answer is 200 and is exactly what the version named in
     its X-Model-Version header answers alone (a cached answer of the other version would not be)."""
-    from tests.test_cache import perturbed_copy
-
     root = tmp_path / "versions"
     shutil.copytree(CHECKPOINT, root / "v1")
     shutil.move(perturbed_copy(tmp_path, "v2"), root / "v2")

@@ -17,9 +17,15 @@ from ml_service.backend.app import create_app
 from ml_service.backend.errors import RateLimited, Unauthorized
 from ml_service.backend.security import Guard
 from ml_service.shared import SharedStore
-from tests.conftest import CHECKPOINT, wait_for
-from tests.test_ops import with_settings
-from tests.test_server import free_port, metric, running_server, scrape
+from tests.helpers import (
+    CHECKPOINT,
+    free_port,
+    metric,
+    running_server,
+    scrape,
+    wait_for,
+    with_settings,
+)
 
 TINY = {"text": "a", "max_new_tokens": 1}
 

@@ -5,110 +5,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from lib.config import REPO_ROOT
-from tests.conftest import CHECKPOINT, is_russian, wait_for
+from tests.helpers import (
+    CHECKPOINT,
+    HANG_S,
+    is_russian,
+    metric,
+    running_server,
+    scrape,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-# Nothing here asserts how fast the server is (bench/ measures that): the tests wait for events
-# (a metric, a refused connection, a thread's end) and check their order. This deadline only
-# fails a test that hangs.
-HANG_S = 60
-
 # the long batch: 16,000 tokens, which hold the model for seconds on any hardware this runs on
 LONG_BATCH = {"texts": ["Москва"] * 64, "max_new_tokens": 250, "min_new_tokens": 250}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(args: list[str], runner: bool = False, env: dict[str, str] | None = None):
-    """A real server process (serve.py, or `python -m ml_service.runner`); yields it, with its
-    URL as `.url` and its output (log and JSON access lines) in the file `.log`."""
-    port = free_port()
-    env = {**os.environ, "ML_SERVICE_LOG_LEVEL": "warning", **(env or {})}
-    cmd = [sys.executable, "-m", "ml_service.runner"] if runner else [sys.executable, "serve.py"]
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # a pipe could fill up
-    proc = subprocess.Popen(
-        [*cmd, *args, "--port", str(port)],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    proc.log = Path(log.name)
-    keep_log = False
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{proc.log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail("server did not start within 90 s")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-                time.sleep(0.1)
-            except httpx.TransportError:
-                time.sleep(0.2)
-        proc.url = url
-        try:
-            yield proc
-        except BaseException:
-            # the server's side of a failure, in the test's output: its log, and its last access
-            # lines (one JSON line per request)
-            lines = proc.log.read_text().splitlines()
-            access = [line for line in lines if line.startswith('{"request_id"')]
-            other = [line for line in lines if not line.startswith('{"request_id"')]
-            print("---- server log ----", *other[-400:], "---- last access lines ----", sep="\n")
-            print(*access[-40:], sep="\n")
-            print(f"---- kept: {proc.log} ----")
-            keep_log = True
-            raise
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
-        if not keep_log:
-            proc.log.unlink(missing_ok=True)
-
-
-def scrape(url: str) -> str:
-    return httpx.get(f"{url}/metrics", timeout=HANG_S).text
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` (in Prometheus text `text`) that carry `labels`."""
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 def in_thread(target, *args) -> tuple[threading.Thread, dict]:

@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from lib.config import REPO_ROOT
-from tests.conftest import CHECKPOINT, is_russian
-from tests.test_server import running_server
+from tests.helpers import CHECKPOINT, is_russian, running_server
 
 pytestmark = pytest.mark.slow
 PROMPT = "Москва — столица"

@@ -12,6 +12,7 @@ import pytest
 
 from lib.inference import EngineStopped, QueueFull
 from ml_service.batching import MicroBatcher, PredictionFailed
+from tests.helpers import until
 
 HANG = 60.0  # seconds: only a hang gets near this
 
@@ -66,15 +67,6 @@ def started():
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, HANG))
-
-
-async def until(condition, what: str) -> None:
-    """Poll `condition` on the event loop until it holds (a hang fails after HANG seconds)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + HANG
-    while not condition():
-        assert loop.time() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.001)
 
 
 async def blocked(batcher: MicroBatcher, model: Model) -> asyncio.Task:

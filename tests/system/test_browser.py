@@ -15,8 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import CHECKPOINT, is_russian
-from tests.test_server import running_server
+from tests.helpers import CHECKPOINT, is_russian, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -15,19 +15,9 @@ from lib.inference.service import checkpoint_sha256
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
-from tests.conftest import CHECKPOINT
-from tests.test_server import running_server
+from tests.helpers import CHECKPOINT, app_with, running_server, with_settings
 
 SHORT = {"text": "Привет", "max_new_tokens": 4}
-
-
-def with_settings(settings: Settings, **changes) -> Settings:
-    return Settings(**{**settings.model_dump(), **changes})
-
-
-def app_with(service, settings, **changes):
-    s = with_settings(settings, **changes)
-    return create_app(s, service=TextGenerationService(s, inference=service))
 
 
 class AddressFromHeader:

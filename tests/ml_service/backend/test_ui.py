@@ -1,5 +1,5 @@
 """The playground page and the offline API docs, over the app's HTTP interface (no browser: that is
-tests/test_browser.py). Everything a page loads must come from the service itself."""
+tests/system/test_browser.py). Everything a page loads must come from the service itself."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from lib.config import REPO_ROOT
-from tests.conftest import CHECKPOINT
-from tests.test_server import running_server
+from tests.helpers import CHECKPOINT, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +59,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation():
             text=True,
             timeout=900,
             cwd=REPO_ROOT,
-            # also bodies nested too deep and texts with lone surrogates (tests/schemathesis_hooks)
-            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"},
+            # also bodies nested too deep and texts with lone surrogates (schemathesis_hooks.py)
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.system.schemathesis_hooks"},
         )
         log = proc.log.read_text()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

@@ -1,8 +1,9 @@
-"""Schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by tests/test_fuzz.py): besides the cases
-it draws from our schema, send JSON bodies whose fields are nested hundreds of levels deep or whose
-texts carry lone surrogates. Both once passed JSON parsing and schema validation and reached a 500
-(a RecursionError in the JSON decoder, a TypeError in the tokenizer); schemathesis does not draw
-them by itself. (Forms cannot carry either: UTF-8 has no surrogates, and a form field no nesting.)"""
+"""Schemathesis hooks (loaded through SCHEMATHESIS_HOOKS by tests/system/test_fuzz.py): besides the
+cases it draws from our schema, send JSON bodies whose fields are nested hundreds of levels deep or
+whose texts carry lone surrogates. Both once passed JSON parsing and schema validation and reached a
+500 (a RecursionError in the JSON decoder, a TypeError in the tokenizer); schemathesis does not draw
+them by itself. (Forms cannot carry either: UTF-8 has no surrogates, and a form field no
+nesting.)"""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
@@ -21,7 +20,14 @@ from lib.inference.engine import available_cores
 from lib.inference.generation import GenerationResult, encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
 from ml_service.settings import Settings
-from tests.conftest import CHECKPOINT, is_russian
+from tests.helpers import (
+    CHECKPOINT,
+    Recorder,
+    check_a_cancelled_caller_frees_its_row,
+    is_russian,
+    until,
+    with_engine,
+)
 
 PROMPTS = [
     "Привет, мир!",
@@ -35,29 +41,8 @@ PROMPTS = [
 ]
 
 
-class Recorder(EngineObserver):
-    def __init__(self):
-        self.finished = []
-        self.batch_sizes = []
-
-    def on_step(self, batch_size, seconds):
-        self.batch_sizes.append(batch_size)
-
-    def on_finished(self, request):
-        self.finished.append(request)
-
-
 def run(coro):
     return asyncio.run(coro)
-
-
-async def with_engine(service: InferenceService, body, **kwargs):
-    engine = service.create_engine(**kwargs)
-    engine.start()
-    try:
-        return await body(engine)
-    finally:
-        engine.stop()
 
 
 # -- the decoder ----------------------------------------------------------------------------------
@@ -221,8 +206,7 @@ def test_a_waiting_request_joins_the_running_batch(service):
 
     async def body(engine):
         long_task = asyncio.ensure_future(engine.submit(service.prepare("Он открыл", long_p)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
+        await until(lambda: engine.running > 0, "the long request runs")
         short = await engine.submit(service.prepare("Москва", short_p))
         assert not long_task.done(), "the short request waited for the long one"
         assert engine.running == 1  # the short row left at once; the long one goes on
@@ -277,8 +261,10 @@ def test_a_reader_that_fell_behind_gets_the_backlog_as_one_piece(service):
         stream = engine.stream(service.prepare("Москва", params))
         # the whole generation is delivered (its result is queued last) before the first read
         queued = stream._events._queue
-        while not (queued and isinstance(queued[-1], GenerationResult)):
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: queued and isinstance(queued[-1], GenerationResult),
+            "the whole generation is delivered",
+        )
         return [event async for event in stream]
 
     events = run(with_engine(service, body))
@@ -305,29 +291,6 @@ def test_stream_never_shows_text_past_a_stop_string(service):
 
 
 # -- cancellation, limits, failures ---------------------------------------------------------------
-def check_a_cancelled_caller_frees_its_row(service) -> None:
-    """A running request whose caller is cancelled leaves the batch (any `service`'s model:
-    tests/test_onnx.py runs it over ONNX Runtime)."""
-    params = GenerationParams(max_new_tokens=250, min_new_tokens=250, temperature=0.8, seed=3)
-    rec = Recorder()
-
-    async def body(engine):
-        task = asyncio.ensure_future(engine.submit(service.prepare("Москва", params)))
-        while engine.running == 0:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.05)
-        task.cancel()  # what the HTTP layer does when the client disconnects
-        deadline = time.monotonic() + 30  # only a hang gets near this
-        while engine.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return engine.running
-
-    assert run(with_engine(service, body, observer=rec)) == 0
-    (req,) = rec.finished
-    assert req.result.finish_reason == "cancelled"
-    assert 0 < req.result.completion_tokens < 250
-
-
 def test_a_cancelled_caller_frees_its_row(service):
     check_a_cancelled_caller_frees_its_row(service)
 
@@ -338,10 +301,9 @@ QUEUED = GenerationParams(max_new_tokens=100, min_new_tokens=100, temperature=0)
 async def one_running_one_waiting(engine, service):
     """With one row and one queue place: a running request, then a waiting one (both tasks)."""
     first = asyncio.ensure_future(engine.submit(service.prepare("Москва", QUEUED)))
-    while engine.running == 0:
-        await asyncio.sleep(0.001)
+    await until(lambda: engine.running > 0, "the first request runs")
     second = asyncio.ensure_future(engine.submit(service.prepare("Он", QUEUED)))
-    await asyncio.sleep(0.01)
+    await until(lambda: engine.waiting == 1, "the second request waits")
     return first, second
 
 
@@ -361,8 +323,8 @@ def test_a_request_cancelled_while_waiting_gives_its_queue_place_up(service):
     async def body(engine):
         first, waiting = await one_running_one_waiting(engine, service)
         waiting.cancel()  # its client timed out or went away while it waited
-        await asyncio.sleep(0.01)
-        assert engine.has_room()  # the cancelled one no longer holds the only place
+        # the cancelled one no longer holds the only place
+        await until(engine.has_room, "the cancelled request gave its place up")
         third = await engine.submit(service.prepare("Она", QUEUED))
         return await first, third
 

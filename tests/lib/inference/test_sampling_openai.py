@@ -22,7 +22,7 @@ from lib.inference import sampling as sampling_module
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.generation import DecodeBatch, GenerationRequest
 from lib.inference.sampling import SamplingTensors, generated_counts, sample_next
-from tests.conftest import CHECKPOINT
+from tests.helpers import CHECKPOINT
 
 GREEDY = dict(temperature=0, repetition_penalty=1.0)
 

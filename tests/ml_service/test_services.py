@@ -25,8 +25,7 @@ from ml_service.contract import (
     load_service_class,
 )
 from ml_service.services.score import ScoreService
-from tests.conftest import CHECKPOINT
-from tests.test_server import running_server
+from tests.helpers import CHECKPOINT, running_server
 
 RUNNER = [sys.executable, "-m", "ml_service.runner"]
 

@@ -12,7 +12,7 @@ from bench import hardware_bench as hb
 from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.generation import encode_prompts
-from tests.conftest import CHECKPOINT
+from tests.helpers import CHECKPOINT
 
 
 def test_machine_measurements_are_positive():

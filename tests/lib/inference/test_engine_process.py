@@ -16,9 +16,7 @@ from fastapi.testclient import TestClient
 from lib.inference import EngineStopped, GenerationParams, GenerationResult, QueueFull
 from lib.inference.engine_process import EngineDied, EngineProcess, EngineSpec, FrontendInference
 from ml_service.backend.app import create_app
-from tests.conftest import CHECKPOINT, wait_for
-from tests.test_ops import with_settings
-from tests.test_server import metric
+from tests.helpers import CHECKPOINT, metric, wait_for, with_settings
 
 LONG = GenerationParams(max_new_tokens=200, min_new_tokens=200, temperature=0)
 

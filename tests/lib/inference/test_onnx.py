@@ -26,9 +26,13 @@ from lib.inference.onnx_model import OnnxCausalLM, OnnxModelError
 from lib.inference.service import checkpoint_sha256
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings
-from tests.conftest import CHECKPOINT, is_russian, wait_for
-from tests.test_engine import check_a_cancelled_caller_frees_its_row
-from tests.test_ops import with_settings
+from tests.helpers import (
+    CHECKPOINT,
+    check_a_cancelled_caller_frees_its_row,
+    is_russian,
+    wait_for,
+    with_settings,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -17,19 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lib.inference import EngineStopped
-from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
 from ml_service.batching import MicroBatcher
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.shutdown import SHUTTING_DOWN, ShutdownGrace
-from tests.conftest import wait_for
+from tests.helpers import app_with, read_sse, wait_for
 
 LONG = {"text": "Москва", "max_new_tokens": 250, "min_new_tokens": 250}
-
-
-def app_with(service, settings, **changes):
-    s = type(settings)(**{**settings.model_dump(), **changes})  # validated, unlike model_copy
-    return create_app(s, service=TextGenerationService(s, inference=service))
 
 
 def failures(app) -> dict[str, float]:
@@ -41,15 +35,6 @@ def failures(app) -> dict[str, float]:
         for s in family.samples
         if s.name.endswith("_total")
     }
-
-
-def read_sse(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in text.split("\n\n"):
-        if block.strip():
-            fields = dict(line.split(": ", 1) for line in block.splitlines())
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
 
 
 async def leave_mid_stream(app, body: dict) -> list[dict]:

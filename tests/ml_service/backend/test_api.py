@@ -12,7 +12,7 @@ from lib.inference import InferenceService
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
 from ml_service.services.text_generation import TextGenerationService
-from tests.conftest import is_russian
+from tests.helpers import is_russian, read_sse
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16}
 
@@ -224,17 +224,6 @@ def test_random_baseline_is_flagged_loudly(settings, service):
 
 
 # -- streaming (Server-Sent Events) ---------------------------------------------------------------
-def read_sse(response) -> list[tuple[str, dict]]:
-    """(event name, data) pairs of a text/event-stream body."""
-    events = []
-    for block in response.text.split("\n\n"):
-        if not block.strip():
-            continue
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
 def test_stream_sends_pieces_then_the_whole_response(client):
     req = {"text": "Привет, мир!", "max_new_tokens": 32, "min_new_tokens": 32, "seed": 9}
     plain = client.post("/forward", json=req).json()
@@ -242,7 +231,7 @@ def test_stream_sends_pieces_then_the_whole_response(client):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         r.read()
-    events = read_sse(r)
+    events = read_sse(r.text)
     names = [name for name, _ in events]
     assert names[-1] == "done" and set(names[:-1]) == {"token"} and len(names) > 5
     done = events[-1][1]
@@ -255,7 +244,7 @@ def test_stream_works_from_a_form_too(client):
     form = {"text": "Москва", "temperature": "0", "max_new_tokens": "8", "stream": "true"}
     r = client.post("/forward", data=form)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    assert read_sse(r)[-1][0] == "done"
+    assert read_sse(r.text)[-1][0] == "done"
 
 
 def test_stream_with_bad_input_is_a_plain_400(client):
@@ -267,7 +256,7 @@ def test_stream_reports_a_model_failure_as_an_error_event(service, settings, mod
     with broken_model_client(service, settings, model_failure) as c:
         r = c.post("/forward", json={"text": "Привет", "stream": True})
     assert r.status_code == 200
-    assert read_sse(r) == [("error", {"detail": MODEL_FAILED})]
+    assert read_sse(r.text) == [("error", {"detail": MODEL_FAILED})]
     assert "Traceback" not in r.text and "CUDA" not in r.text
 
 

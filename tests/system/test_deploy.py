@@ -102,8 +102,7 @@ def live_metrics(settings, tmp_path_factory) -> dict[str, set[str]]:
     a cacheable request, and a Redis that is not there (its fallbacks are counted)."""
     from fastapi.testclient import TestClient
 
-    from tests.conftest import CHECKPOINT
-    from tests.test_server import free_port
+    from tests.helpers import CHECKPOINT, free_port
 
     versions = tmp_path_factory.mktemp("versions")
     shutil.copytree(CHECKPOINT, versions / "v1")
@@ -340,7 +339,7 @@ def test_dockerignore_keeps_the_context_small():
 def test_image_command_and_health_check_work_with_the_image_settings(monkeypatch):
     """`python serve.py` with the image's ENV (/app mapped to this checkout) serves, and the
     HEALTHCHECK command passes against it and fails once it is gone."""
-    from tests.test_server import running_server
+    from tests.helpers import running_server
 
     env = env_of(stages()["runtime"])
     for key, value in env.items():

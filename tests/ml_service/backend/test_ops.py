@@ -14,20 +14,9 @@ from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.observability import access_log
 from ml_service.services.text_generation import TextGenerationService
-from tests.conftest import wait_for
+from tests.helpers import HANG_S, app_with, wait_for, with_settings
 
 SHORT = {"text": "Привет", "max_new_tokens": 4}
-HANG_S = 60  # only a test that hangs waits this long
-
-
-def with_settings(settings, **changes):
-    """A validated copy (model_copy would skip validation)."""
-    return type(settings)(**{**settings.model_dump(), **changes})
-
-
-def app_with(service, settings, **changes):
-    s = with_settings(settings, **changes)
-    return create_app(s, service=TextGenerationService(s, inference=service))
 
 
 class Lines(logging.Handler):

@@ -33,9 +33,7 @@ from lib.inference.vllm_engine import MISSING_VLLM, VLLMEngine, vllm_available
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
 from ml_service.services.text_generation import TextGenerationService
-from tests.conftest import CHECKPOINT, wait_for
-from tests.test_api import read_sse
-from tests.test_server import metric
+from tests.helpers import CHECKPOINT, metric, read_sse, wait_for
 
 HAVE_VLLM = vllm_available()
 WHY = "vLLM is not installed here (make test-vllm runs these tests in .venv-vllm)"
@@ -286,7 +284,7 @@ def test_the_app_generates_with_vllm(app_client, front, hf):
     expected = hf_greedy(hf, front.prepare(body["text"], GREEDY).ids, GREEDY)
     assert answer["text"] == front.tokenizer.decode(expected, skip_special_tokens=True)
     assert answer["usage"]["completion_tokens"] == len(expected)
-    events = read_sse(app_client.post("/forward", json={**body, "stream": True}))
+    events = read_sse(app_client.post("/forward", json={**body, "stream": True}).text)
     assert events[-1] == ("done", answer)
     assert "".join(data["text"] for name, data in events[:-1]) == answer["text"]
     texts = {"texts": ["Москва", "Он сказал"], "temperature": 0, "max_new_tokens": 8}

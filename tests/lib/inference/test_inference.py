@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import GenerationParams, InferenceService, PromptTooLong
 from lib.modeling import read_card
-from tests.conftest import CHECKPOINT, is_russian
+from tests.helpers import CHECKPOINT, is_russian
 
 GREEDY = GenerationParams(max_new_tokens=20, temperature=0)
 

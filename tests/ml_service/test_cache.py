@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
-from safetensors.torch import load_file, save_file
 
 from ml_service.backend.app import create_app
 from ml_service.backend.schemas import ForwardRequest
 from ml_service.cache import ResponseCache
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.shared import SharedStore
-from tests.conftest import CHECKPOINT
-from tests.test_ops import with_settings
-from tests.test_server import metric, running_server, scrape
+from tests.helpers import (
+    CHECKPOINT,
+    metric,
+    perturbed_copy,
+    running_server,
+    scrape,
+    with_settings,
+)
 
 GREEDY = {"text": "Москва — столица", "max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0}
 SEEDED = {"text": "Привет", "max_new_tokens": 6, "min_new_tokens": 6, "seed": 7}
@@ -192,20 +194,6 @@ def test_a_zero_ttl_turns_the_cache_off(settings):
 
 
 # -- the fleet: one Redis -------------------------------------------------------------------------
-def perturbed_copy(tmp_path, name: str):
-    """A copy of the default checkpoint under directory `name`, every weight nudged by seeded
-    noise (another model: greedy continuations differ)."""
-    path = tmp_path / "other" / name
-    shutil.copytree(CHECKPOINT, path)
-    weights = path / "model.safetensors"
-    tensors = load_file(weights)
-    g = torch.Generator().manual_seed(0)
-    for k, t in tensors.items():
-        tensors[k] = t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    return path
-
-
 @pytest.mark.slow
 def test_two_replicas_share_the_cache_and_a_changed_checkpoint_misses(redis_server, tmp_path):
     env = {"ML_SERVICE_REDIS_URL": redis_server.url}
