@@ -240,8 +240,12 @@ class AccessLog:
         self.metrics.requests.labels(route=label, status=str(status)).inc()
         self.metrics.e2e.labels(route=label).observe(seconds)
         state = scope.get("state", {})
-        # every error answer notes its reason (backend/errors.py); a 5xx that did not is a crash
-        reason = state.get("failure_reason") or ("internal" if status >= 500 else None)
+        # every error answer notes its reason (backend/errors.py), None where it is not a failure
+        # (a probe's 503, a wrong path); a 5xx that noted nothing is a crash
+        if "failure_reason" in state:
+            reason = state["failure_reason"]
+        else:
+            reason = "internal" if status >= 500 else None
         if scope["method"] == "POST" and state.get("model_version"):  # a model request
             self.metrics.version_requests.labels(version=state["model_version"]).inc()
         if reason is not None:

@@ -263,13 +263,17 @@ class Unready(ServiceError):
 
 
 class HTTPError(ServiceError):
-    """Starlette's own answers (404 unknown path, 405 wrong method), in our body shape."""
+    """Starlette's own answers (404 unknown path, 405 wrong method), in our body shape. A wrong
+    path or method is not a failed request (no metrics reason); anything else Starlette raises
+    is a bad request."""
 
     reason = "bad_request"
     openai_type = "invalid_request_error"
 
     def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None):
         self.status_code, self.detail, self._headers = status_code, detail, headers or {}
+        if status_code in (404, 405):
+            self.reason = None
         super().__init__()
 
     def headers(self) -> dict[str, str]:

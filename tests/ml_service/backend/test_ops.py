@@ -169,6 +169,31 @@ def test_a_model_that_fails_to_load_is_never_ready(settings, tmp_path):
         assert c.get("/health").status_code == 200
 
 
+def failures(c: TestClient) -> dict[str, float]:
+    prefix = "ml_service_request_failures_total{reason="
+    return {
+        line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
+        for line in c.get("/metrics").text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_probes_wrong_paths_and_methods_are_not_counted_as_failures(settings, tmp_path):
+    """HOW_TO_USE's metrics table: /ready's 503, a 404 and a 405 are answers, not failed
+    requests; a model request refused while no model is loaded is `not_ready`."""
+    s = with_settings(settings, checkpoint=tmp_path, background_load=True)
+    with TestClient(create_app(s)) as c:
+        wait_for(lambda: c.get("/ready").json()["status"] != "loading", "the load ended")
+        before = failures(c)
+        assert c.get("/ready").status_code == 503
+        assert c.get("/no-such-route").status_code == 404
+        assert c.get("/forward").status_code == 405
+        assert failures(c) == before
+        assert c.post("/forward", json=SHORT).status_code == 503
+        after = failures(c)
+        assert after.pop("not_ready") == before.pop("not_ready", 0) + 1 and after == before
+
+
 # -- keys, limits, timeouts -----------------------------------------------------------------------
 def test_api_keys_guard_generation_but_not_probes(service, settings):
     with TestClient(app_with(service, settings, api_keys="k1,k2")) as c:
