@@ -116,7 +116,7 @@ class ModelService(ABC):
         return MicroBatcher(
             self.predict,
             max_batch_size=s.max_batch_size,
-            max_wait_s=s.batch_wait_ms / 1000,
+            max_wait_s=s.batch_wait_s,
             max_queue=s.max_queue,
             observer=observer,
         )
