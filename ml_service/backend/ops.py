@@ -15,7 +15,7 @@ from ml_service.backend.errors import (
     Unready,
     openapi_responses,
 )
-from ml_service.backend.schemas import HealthResponse
+from ml_service.backend.schemas import HealthResponse, Text
 from ml_service.backend.security import require_admin
 from ml_service.hosting import list_versions
 from ml_service.observability import METRICS_CONTENT_TYPE
@@ -35,7 +35,7 @@ class ReadyResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: str | None = Field(
+    version: Text | None = Field(
         None,
         min_length=1,
         max_length=255,

@@ -268,6 +268,7 @@ def test_v1_numbers_are_not_booleans_and_are_finite(client, path, field):
 def test_reload_refuses_a_lone_surrogate_by_name(admin_client):
     r = raw_json(admin_client, "/admin/reload", {"version": "\ud800"})
     assert_400(r, ["version"])
+    assert "lone surrogate" in r.json()["errors"][0]["msg"]  # our words, not the parser's
 
 
 # -- one set of limits for both dialects -----------------------------------------------------------
