@@ -1,6 +1,9 @@
 """Bits per byte of a checkpoint on its own validation split and on named held-out sets, measured
 as training measures them (`lib.training.loop.evaluate`: packed blocks of the model's context,
-documents joined by the end-of-text token).
+documents joined by the end-of-text token). Each held-out figure is followed by the part of it
+spent predicting the end-of-text token after each document: on a set of short texts (proverbs)
+that part depends on how the training documents were joined (`--join-documents`), the rest on
+how well the model knows the language.
 
     python bench/heldout_eval.py models/default --eval-data ru-proverbs=.cache/heldout/ru-proverbs.txt
 """
@@ -41,6 +44,11 @@ def measure(checkpoint: Path, eval_data: list[str]) -> dict:
     return {
         "val_bits_per_byte": round(out["val_bits_per_byte"], 4),
         **{k: round(v, 4) for k, v in heldout_figures(out).items()},
+        # of each set's figure, the bits/byte spent on predicting the end of each text
+        **{
+            f"{name} end-of-text": round(out[f"heldout_end_of_text/{name}"], 4)
+            for name in heldout_figures(out)
+        },
     }
 
 

@@ -9,14 +9,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lib.config import PRESETS, REPO_ROOT
-from lib.data import bundled_documents
+from lib.data import DataSplits, bundled_documents, tokenize_and_pack
 from lib.inference import GenerationParams, InferenceService
 from lib.modeling import build_model
+from lib.tokenizer import load_tokenizer, token_byte_lengths
+from lib.training.loop import evaluate, heldout_figures
 from lib.training.optim import build_optimizer
 from lib.training.schedulers import lr_multiplier
+from tests.helpers import CHECKPOINT
 
 
 def test_token_budget_sets_the_step_count():
@@ -163,3 +168,30 @@ def test_training_smoke_produces_loadable_checkpoint(tmp_path):
 def test_bad_cli_combinations_fail_before_any_work(args, message):
     r = run_cli(*args)
     assert r.returncode != 0 and message in r.stderr + r.stdout
+
+
+def test_evaluate_splits_off_what_predicting_the_end_of_each_text_costs():
+    """`evaluate` reports, per held-out set, the bits/byte spent on the end-of-text targets; the
+    same figure computed by hand from the model's logits."""
+    tokenizer = load_tokenizer(CHECKPOINT)
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINT).eval()
+    texts = ["Без труда не выловишь и рыбку из пруда.", "Тише едешь — дальше будешь."] * 20
+    blocks = tokenize_and_pack(texts, tokenizer, 64)
+    sizes = torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float64)
+    data = DataSplits(train=blocks, val=blocks, target_bytes=sizes, heldout={"p": blocks})
+    out = evaluate(model, data)
+
+    batch = blocks.slice(0, len(blocks))
+    with torch.no_grad():
+        logits = model(batch[:, :-1]).logits.float()
+    targets = batch[:, 1:]
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    ends = targets.flatten() == tokenizer.eos_token_id
+    assert ends.sum() >= 30  # the texts end inside the blocks
+    nbytes = sizes[targets].sum().item()
+    per_byte = 1 / (math.log(2) * nbytes)
+    assert out["heldout_end_of_text/p"] == pytest.approx(
+        nll[ends].sum().item() * per_byte, rel=1e-3
+    )
+    assert heldout_figures(out)["p"] == pytest.approx(nll.sum().item() * per_byte, rel=1e-3)
+    assert 0 < out["heldout_end_of_text/p"] < heldout_figures(out)["p"]

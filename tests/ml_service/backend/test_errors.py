@@ -5,16 +5,16 @@ OpenAPI `responses`, HOW_TO_USE's error table) are generated from or checked aga
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
+from lib.config import REPO_ROOT
 from ml_service.backend import errors
 from ml_service.backend.app import create_app
 from ml_service.hosting import ReloadFailed, VersionNotFound, VersionNotLoaded
 from ml_service.traffic import BadSplit
 
-HOW_TO_USE = Path(__file__).resolve().parent.parent / "HOW_TO_USE.md"
+HOW_TO_USE = REPO_ROOT / "HOW_TO_USE.md"
 # answers nobody reads (the client is gone), and Starlette's own 404/405 (any status)
 UNDOCUMENTED = {errors.ClientDisconnected, errors.HTTPError}
 
