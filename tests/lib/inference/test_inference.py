@@ -117,17 +117,19 @@ def test_per_row_parameters(service):
     assert all(r.prompt_tokens == rows[0].prompt_tokens for r in rows)
 
 
-def test_min_new_tokens_holds_off_the_end_of_document(service):
+@pytest.mark.parametrize("hold", [{"min_new_tokens": 20}, {"ignore_eos": True}])
+def test_min_new_tokens_and_ignore_eos_hold_off_the_end_of_document(service, hold):
     eos = {service.tokenizer.eos_token_id: 6.0}  # the end of document made likely
     free = service.generate(
         "Он сказал", GenerationParams(max_new_tokens=20, temperature=0, logit_bias=eos)
     )
     assert free.finish_reason == "eos" and free.completion_tokens < 20
     held = service.generate(
-        "Он сказал",
-        GenerationParams(max_new_tokens=20, min_new_tokens=20, temperature=0, logit_bias=eos),
+        "Он сказал", GenerationParams(max_new_tokens=20, temperature=0, logit_bias=eos, **hold)
     )
     assert held.finish_reason == "length" and held.completion_tokens == 20
+    assert service.tokenizer.eos_token_id not in held.token_ids
+    assert held.token_ids[: free.completion_tokens] == free.token_ids  # greedy: same until then
     assert held.token_ids[: free.completion_tokens] == free.token_ids
 
 

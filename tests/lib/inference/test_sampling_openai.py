@@ -219,21 +219,6 @@ def test_logit_bias_bans_and_forces_tokens_under_greedy(service):
     assert forced.token_ids == [forced_id] * 6 and forced.finish_reason == "length"
 
 
-def test_ignore_eos_generates_max_new_tokens(service):
-    eos = {service.tokenizer.eos_token_id: 6.0}  # the end of document made likely
-    free = service.generate(
-        "Он сказал", GenerationParams(max_new_tokens=20, temperature=0, logit_bias=eos)
-    )
-    assert free.finish_reason == "eos" and free.completion_tokens < 20
-    held = service.generate(
-        "Он сказал",
-        GenerationParams(max_new_tokens=20, temperature=0, ignore_eos=True, logit_bias=eos),
-    )
-    assert held.finish_reason == "length" and held.completion_tokens == 20
-    assert len(held.token_ids) == 20 and service.tokenizer.eos_token_id not in held.token_ids
-    assert held.token_ids[: free.completion_tokens] == free.token_ids
-
-
 def _plain_logprobs(model, ids: list[int]) -> torch.Tensor:
     """log_softmax of plain transformers' logits at every position of `ids` (T, vocab)."""
     with torch.inference_mode():
