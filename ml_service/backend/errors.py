@@ -370,9 +370,9 @@ def as_service_error(exc: BaseException) -> ServiceError:
             return ServiceError()
 
 
-# What each kind of route can answer, for its OpenAPI `responses` (tests/ml_service/backend/test_errors.py checks
-# them against the classes): the edge's limits come before any route (security.py's middlewares),
-# the guard's on the routes that need a key or the admin token.
+# What each kind of route can answer, for its OpenAPI `responses` (checked against the classes
+# by tests/ml_service/backend/test_errors.py): the edge's limits come before any route
+# (security.py's middlewares), the guard's on the routes that need a key or the admin token.
 EDGE_ERRORS = (BodyTooLarge, HeadersTooLarge, ServiceError)
 GUARD_ERRORS = (Unauthorized, RateLimited)
 MODEL_ROUTE_ERRORS = (
