@@ -217,8 +217,8 @@ class TrainingConfig:
     train_extra: tuple[str, ...] = setting(
         (),
         "more training text, added to the training split only (a .txt/.jsonl file or "
-        "directory; `make corpus` writes the Wesnoth one): the validation split stays --data's, "
-        "so its figure stays comparable; repeat for more",
+        "directory; `make corpus` writes the Wesnoth and fortunes ones): the validation split "
+        "stays --data's, so its figure stays comparable; repeat for more",
         metavar="SOURCE",
     )
     join_documents: int = setting(
@@ -232,7 +232,8 @@ class TrainingConfig:
     eval_data: tuple[str, ...] = setting(
         (),
         "a named held-out set, NAME=PATH (.txt/.jsonl file or directory), evaluated with the "
-        "validation split (bits/byte in the log and the training card); repeat for more",
+        "validation split (bits/byte in the log and the training card); training documents that "
+        "contain one of its texts are dropped (not when streaming); repeat for more",
         metavar="NAME=PATH",
     )
     streaming: bool = setting(

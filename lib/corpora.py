@@ -11,6 +11,10 @@ gettext catalogues (`locale/ru/LC_MESSAGES/*.mo`) read with Python's `gettext`, 
 translated message cleaned into one line of plain text: markup, placeholders and short UI
 strings are dropped. The result is a .txt of one document per line, written atomically, that
 `--train-extra` adds to the training split (the validation split stays the main corpus's).
+
+`fetch_fortunes(dest)`: Russian fortune cookies (Debian `fortunes-ru`, GPL-2): about 19,000 short
+texts (aphorisms, quotations, jokes, dialogue), 1.55 M characters; each fortune is one document,
+its wrapped lines rejoined and its attribution line (`-- Author`) dropped.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def catalog_messages(mo_file: Path) -> list[str]:
 
 
 MANPAGES = ("manpages-ru", "manpages-ru-dev")
+FORTUNES = ("fortunes-ru",)
 _ESCAPES = (
     (r"\(em", "—"), (r"\(en", "–"), (r"\(aq", "'"), (r"\(dq", '"'), (r"\(lq", "«"),
     (r"\(rq", "»"), (r"\(bu", "•"), (r"\-", "-"), (r"\e", "\\"), (r"\&", ""), (r"\ ", " "),
@@ -174,6 +179,30 @@ def _wesnoth_documents(tree: Path):
                 yield text
 
 
+_ATTRIBUTION = re.compile(r"^\s*--")  # "\t\t-- Author": the quote's source, not its text
+
+
+def fortune_texts(source: str) -> list[str]:
+    """The fortunes of a fortune(6) data file (texts separated by lines of `%`), each as one
+    line of plain text: wrapped lines rejoined, the attribution lines (`-- Author`) dropped."""
+    texts = []
+    for block in re.split(r"^%\s*$", source, flags=re.MULTILINE):
+        lines = [line for line in block.splitlines() if not _ATTRIBUTION.match(line)]
+        text = _SPACE.sub(" ", " ".join(lines)).strip()
+        if text:
+            texts.append(text)
+    return texts
+
+
+def _fortune_documents(tree: Path):
+    for path in sorted(tree.rglob("*")):
+        if path.is_file() and path.suffix != ".dat":  # .dat: fortune's binary index
+            source = path.read_bytes().decode("utf-8", errors="replace")
+            for text in fortune_texts(source):
+                if _russian_prose(text, 20, 0.8):
+                    yield text
+
+
 def fetch_manpages(dest: str | Path, packages: tuple[str, ...] = MANPAGES) -> Path:
     """Write the Russian manual pages' prose to `dest` (nothing is done when it exists)."""
     return _fetch_debian(dest, packages, "*/man/ru/*", _manpage_documents)
@@ -185,10 +214,17 @@ def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIG
     return _fetch_debian(dest, packages, "*/locale/ru/LC_MESSAGES/*.mo", _wesnoth_documents)
 
 
+def fetch_fortunes(dest: str | Path, packages: tuple[str, ...] = FORTUNES) -> Path:
+    """Write Russian fortune cookies' texts to `dest` (nothing is done when it exists)."""
+    return _fetch_debian(dest, packages, "*/fortunes/ru/*", _fortune_documents)
+
+
 if __name__ == "__main__":
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else ".cache/corpus/wesnoth-ru.txt"
-    out = (fetch_manpages if "manpages" in Path(name).name else fetch_wesnoth)(name)
+    fetchers = {"manpages": fetch_manpages, "fortunes": fetch_fortunes}
+    fetch = next((f for key, f in fetchers.items() if key in Path(name).name), fetch_wesnoth)
+    out = fetch(name)
     lines = out.read_text(encoding="utf-8").splitlines()
     print(f"{out}: {len(lines)} documents, {sum(map(len, lines)):,} characters")

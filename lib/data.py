@@ -137,6 +137,34 @@ def join_documents(docs: list[str], max_chars: int) -> list[str]:
     return out
 
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(text.lower().replace("ё", "е")))
+
+
+def drop_overlapping(docs: list[str], heldout: list[str], min_words: int = 3) -> list[str]:
+    """`docs` without the ones that contain a whole held-out document, compared as sequences of
+    words (case, punctuation and ё/е ignored), so that a held-out figure is never measured on
+    text the model trained on. Held-out documents shorter than `min_words` words are not matched.
+    """
+    index: dict[tuple[str, ...], set[tuple[str, ...]]] = {}
+    for doc in heldout:
+        words = _words(doc)
+        if len(words) >= min_words:
+            index.setdefault(words[:min_words], set()).add(words)
+
+    def contains_heldout(words: tuple[str, ...]) -> bool:
+        for i in range(len(words) - min_words + 1):
+            for h in index.get(words[i : i + min_words], ()):
+                if words[i : i + len(h)] == h:
+                    return True
+        return False
+
+    return [d for d in docs if not contains_heldout(_words(d))]
+
+
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     train, val = [], []
     for d in docs:
@@ -239,6 +267,11 @@ class DataSplits:
     heldout: dict[str, TokenBlocks] = field(default_factory=dict)  # named sets (--eval-data)
 
 
+def spec_path(spec: str) -> str:
+    """The path of a named held-out set, `NAME=PATH` (`--eval-data`)."""
+    return spec.partition("=")[2]
+
+
 def heldout_sets(
     specs: tuple[str, ...], tokenizer, block_size: int, cache_dir: Path | None = None
 ) -> dict[str, TokenBlocks]:
@@ -246,7 +279,7 @@ def heldout_sets(
     validation split. A set shorter than one block is an error that names it."""
     sets = {}
     for spec in specs:
-        name, _, path = spec.partition("=")
+        name, path = spec.partition("=")[0], spec_path(spec)
         docs = load_documents(path)
         try:
             sets[name] = tokenize_and_pack(docs, tokenizer, block_size, cache_dir)

@@ -86,6 +86,7 @@ def default_generation_config(eos_token_id: int) -> GenerationConfig:
         top_p=p.top_p,
         top_k=p.top_k,
         max_new_tokens=p.max_new_tokens,
+        min_new_tokens=p.min_new_tokens,
         repetition_penalty=p.repetition_penalty,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,

@@ -72,7 +72,9 @@ class GenerationParams:
     default)."""
 
     max_new_tokens: int = 64
-    min_new_tokens: int = 0  # the end-of-document token is forbidden before this many tokens
+    # the end-of-document token is forbidden before this many tokens (at most max_new_tokens):
+    # a model trained on short texts often ends a continuation after its first short sentence
+    min_new_tokens: int = 10
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 0.95
     top_k: int = 50  # 0 disables

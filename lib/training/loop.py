@@ -26,11 +26,13 @@ from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, get_preset
 from lib.data import (
     DataSplits,
     bits_per_byte,
+    drop_overlapping,
     heldout_sets,
     join_documents,
     load_documents,
     prepare_data,
     prepare_streaming_data,
+    spec_path,
     split_documents,
 )
 from lib.modeling import (
@@ -113,7 +115,9 @@ class TrainingArtifacts:
     ctx: DistContext
     vocab_size: int  # the model's (may exceed the tokenizer's)
     precision: str
-    doc_counts: tuple[int, int]
+    doc_counts: tuple[
+        int, int, int | None
+    ]  # training, validation, dropped for holding held-out text
     t0: float
     deadline: float | None
     state: RunState = field(default_factory=RunState)
@@ -247,10 +251,14 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
             config.cache_dir or Path(config.output_dir) / "token-cache",
             train_tokenizer_fn=lambda docs: train_tokenizer(docs, vocab_size),
         )
+        doc_counts = (*doc_counts, None)  # a stream is read once: not checked for held-out text
     else:
         train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
         train_docs += [d for source in config.train_extra for d in load_documents(source)]
-        train_docs = join_documents(train_docs, config.join_documents)
+        heldout_docs = [d for spec in config.eval_data for d in load_documents(spec_path(spec))]
+        kept = drop_overlapping(train_docs, heldout_docs)  # never train on an evaluated text
+        dropped = len(train_docs) - len(kept)
+        train_docs = join_documents(kept, config.join_documents)
         tokenizer = tokenizer or train_tokenizer(train_docs, vocab_size)
         data = prepare_data(
             config.data,
@@ -259,7 +267,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
             docs=(train_docs, val_docs),
             cache_dir=config.cache_dir,
         )
-        doc_counts = (len(train_docs), len(val_docs))
+        doc_counts = (len(train_docs), len(val_docs), dropped)
     data.heldout = heldout_sets(config.eval_data, tokenizer, block_size, config.cache_dir)
     if len(tokenizer) > vocab_size:
         raise ValueError(
@@ -615,6 +623,7 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
         "data": cfg.data,
         "train_documents": a.doc_counts[0],
         "val_documents": a.doc_counts[1],
+        "train_documents_dropped_as_heldout": a.doc_counts[2],
         "train_tokens": a.data.train.n_tokens,
         "val_tokens": final["val_tokens"],
         "vocab_size": model.config.vocab_size,

@@ -92,7 +92,8 @@ class GenerationOptions(BaseModel):
     min_new_tokens: int = Field(
         DEFAULTS.min_new_tokens,
         ge=0,
-        description="do not end the text (end-of-document token) before this many tokens",
+        description="do not end the text (end-of-document token) before this many tokens; the "
+        "default is lowered to max_new_tokens when that is smaller",
     )
     temperature: float = Field(
         DEFAULTS.temperature,
@@ -139,7 +140,9 @@ class GenerationOptions(BaseModel):
     @model_validator(mode="after")
     def _min_le_max(self):
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens must be <= max_new_tokens")
+            if "min_new_tokens" in self.model_fields_set:
+                raise ValueError("min_new_tokens must be <= max_new_tokens")
+            self.min_new_tokens = self.max_new_tokens  # the default, for a short request
         return self
 
     def to_generation_params(self) -> GenerationParams:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from lib.corpora import clean_message, fetch_wesnoth
+from lib.corpora import clean_message, fetch_fortunes, fetch_wesnoth, fortune_texts
 from lib.data import fetch_ru_proverbs, load_documents
 
 
@@ -64,3 +64,30 @@ def test_a_man_page_becomes_paragraphs_of_plain_text():
         "Команда cat выводит содержимое файлов на стандартный вывод — одну за другой.",
         "-n нумерует все строки.",
     ]
+
+
+def test_a_fortune_file_becomes_one_line_per_text():
+    source = "\n".join(
+        [
+            "Женщина смотрится красивее, когда она смотрится",
+            "в зеркало.",
+            "\t\t-- Евгений Кащеев",
+            "%",
+            "Сердце не имеет морщин.",
+            "%",
+            "",
+        ]
+    )
+    assert fortune_texts(source) == [  # wrapped lines rejoined, the attribution dropped
+        "Женщина смотрится красивее, когда она смотрится в зеркало.",
+        "Сердце не имеет морщин.",
+    ]
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
+def test_the_russian_fortunes_become_documents(tmp_path):
+    out = fetch_fortunes(tmp_path / "fortunes-ru.txt")  # ~0.7 MB package
+    docs = load_documents(str(out))
+    assert len(docs) > 15_000 and len(set(docs)) == len(docs)
+    assert "Сердце не имеет морщин." in docs
+    assert not any(d.lstrip().startswith("--") or "\n" in d for d in docs)

@@ -103,3 +103,18 @@ def test_streaming_gives_the_same_blocks_as_loading(tmp_path):
 
 def test_bits_per_byte_formula():
     assert bits_per_byte(math.log(2) * 100, 100) == pytest.approx(1.0)
+
+
+def test_training_documents_that_contain_a_held_out_one_are_dropped():
+    from lib.data import drop_overlapping
+
+    heldout = ["Тише едешь — дальше будешь.", "Всё", "Ёлки-палки, лес густой!"]
+    docs = [
+        "Он сказал: «тише едешь, дальше будешь» и ушёл.",  # contains one: case, punctuation differ
+        "Тише едешь, а дальше не будешь.",  # a word in between: kept
+        "елки палки лес густой",  # ё and е are the same letter here
+        "Всё было тихо.",  # "Всё" is shorter than three words: never matched
+        "Дальше будешь тише едешь.",  # the same words in another order: kept
+    ]
+    assert drop_overlapping(docs, heldout) == [docs[1], docs[3], docs[4]]
+    assert drop_overlapping(docs, []) == docs

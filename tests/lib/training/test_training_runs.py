@@ -223,9 +223,17 @@ def test_named_held_out_sets_are_evaluated_and_recorded(corpus, tmp_path):
         "\n".join(["Без труда не выловишь и рыбку из пруда.", "Тише едешь — дальше будешь."] * 40),
         encoding="utf-8",
     )
+    extra = tmp_path / "extra.txt"  # one line holds a held-out text: dropped before training
+    extra.write_text(
+        "Бабушка говорила: тише едешь, дальше будешь.\nДальше было тихо.\n", encoding="utf-8"
+    )
     out = tmp_path / "run"
     cfg = small_config(
-        corpus, out, eval_data=(f"proverbs={other}", f"again={other}"), join_documents=800
+        corpus,
+        out,
+        eval_data=(f"proverbs={other}", f"again={other}"),
+        join_documents=800,
+        train_extra=(str(extra),),
     )
     result = train(cfg)
     card = json.loads((out / "final" / "training_card.json").read_text())
@@ -234,5 +242,6 @@ def test_named_held_out_sets_are_evaluated_and_recorded(corpus, tmp_path):
     assert 0 < held["proverbs"] < 20 and held["proverbs"] != card["val_bits_per_byte"]
     assert card["train_documents"] < 300 // 2  # the sentences were joined into passages
     assert card["val_documents"] > 0
+    assert card["train_documents_dropped_as_heldout"] == 1
     assert result.val_bits_per_byte == pytest.approx(card["val_bits_per_byte"], abs=1e-4)
     assert "heldout_bits_per_byte" in (out / "final" / "README.md").read_text()
