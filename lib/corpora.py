@@ -15,6 +15,10 @@ strings are dropped. The result is a .txt of one document per line, written atom
 `fetch_fortunes(dest)`: Russian fortune cookies (Debian `fortunes-ru`, GPL-2): about 19,000 short
 texts (aphorisms, quotations, jokes, dialogue), 1.55 M characters; each fortune is one document,
 its wrapped lines rejoined and its attribution line (`-- Author`) dropped.
+
+`fetch_freeciv_nations(dest)`: not training text but a second out-of-domain evaluation set
+(`make heldout`): the Russian legends of Freeciv's nations (Debian `freeciv-data`, GPL-2+), 507
+paragraphs of encyclopedic history, 0.2 M characters, a genre far from the training text.
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ def _manpage_documents(tree: Path):
                 yield paragraph
 
 
-def _wesnoth_documents(tree: Path):
+def _gettext_documents(tree: Path):
     for mo in sorted(tree.rglob("*.mo")):
         for message in catalog_messages(mo):
             text = clean_message(message)
@@ -211,7 +215,15 @@ def fetch_manpages(dest: str | Path, packages: tuple[str, ...] = MANPAGES) -> Pa
 def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIGNS) -> Path:
     """Write the Wesnoth campaigns' Russian text to `dest` (nothing is done when it exists)."""
     packages = [f"wesnoth-{WESNOTH_VERSION}-{c}" for c in campaigns]
-    return _fetch_debian(dest, packages, "*/locale/ru/LC_MESSAGES/*.mo", _wesnoth_documents)
+    return _fetch_debian(dest, packages, "*/locale/ru/LC_MESSAGES/*.mo", _gettext_documents)
+
+
+def fetch_freeciv_nations(dest: str | Path) -> Path:
+    """Write the Russian legends of Freeciv's nations to `dest` (nothing is done when it exists):
+    a second out-of-domain evaluation set, encyclopedic history prose, never trained on."""
+    return _fetch_debian(
+        dest, ("freeciv-data",), "*/locale/ru/LC_MESSAGES/freeciv-nations.mo", _gettext_documents
+    )
 
 
 def fetch_fortunes(dest: str | Path, packages: tuple[str, ...] = FORTUNES) -> Path:
@@ -223,7 +235,11 @@ if __name__ == "__main__":
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else ".cache/corpus/wesnoth-ru.txt"
-    fetchers = {"manpages": fetch_manpages, "fortunes": fetch_fortunes}
+    fetchers = {
+        "manpages": fetch_manpages,
+        "fortunes": fetch_fortunes,
+        "freeciv": fetch_freeciv_nations,
+    }
     fetch = next((f for key, f in fetchers.items() if key in Path(name).name), fetch_wesnoth)
     out = fetch(name)
     lines = out.read_text(encoding="utf-8").splitlines()

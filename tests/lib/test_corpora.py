@@ -7,8 +7,17 @@ import shutil
 
 import pytest
 
-from lib.corpora import clean_message, fetch_fortunes, fetch_wesnoth, fortune_texts
+from lib.config import REPO_ROOT
+from lib.corpora import (
+    clean_message,
+    fetch_fortunes,
+    fetch_freeciv_nations,
+    fetch_wesnoth,
+    fortune_texts,
+)
 from lib.data import fetch_ru_proverbs, load_documents
+
+CORPORA_FETCHED = sorted((REPO_ROOT / ".cache/corpus").glob("*.txt"))  # make corpus
 
 
 def test_only_prose_is_kept_of_a_message():
@@ -91,3 +100,17 @@ def test_the_russian_fortunes_become_documents(tmp_path):
     assert len(docs) > 15_000 and len(set(docs)) == len(docs)
     assert "Сердце не имеет морщин." in docs
     assert not any(d.lstrip().startswith("--") or "\n" in d for d in docs)
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
+def test_the_second_out_of_domain_set_is_encyclopedic_prose(tmp_path):
+    out = fetch_freeciv_nations(tmp_path / "freeciv-nations.txt")  # ~20 MB package
+    docs = load_documents(str(out))
+    assert len(docs) > 400 and sum(map(len, docs)) > 150_000
+    assert all(clean_message(d) == d for d in docs)
+    from lib.data import bundled_documents
+
+    training = set(bundled_documents())
+    if CORPORA_FETCHED:  # never in the extra training text either
+        training |= {d for c in CORPORA_FETCHED for d in load_documents(str(c))}
+    assert not set(docs) & training

@@ -47,7 +47,14 @@ def test_models_lists_the_served_model(client, server):
 def test_greedy_completion_equals_forward(client, server, model_id):
     forward = httpx.post(
         f"{server}/forward",
-        json={"text": PROMPT, "max_new_tokens": 12, "temperature": 0, "repetition_penalty": 1.0},
+        # OpenAI's defaults: no repetition penalty, no minimum length (/forward's is 10 tokens)
+        json={
+            "text": PROMPT,
+            "max_new_tokens": 12,
+            "temperature": 0,
+            "repetition_penalty": 1.0,
+            "min_new_tokens": 0,
+        },
         timeout=60,
     ).json()
     done = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12, temperature=0)
@@ -67,9 +74,10 @@ def test_greedy_completion_equals_forward(client, server, model_id):
     )
     content = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in content) == forward["text"]
-    assert content[-1].choices[0].finish_reason == "length"
+    assert content[-1].choices[0].finish_reason == done.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in content[:-1])
-    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert not chunks[-1].choices
 
 
 def test_token_id_prompts_and_several_prompts(client, server, model_id):
