@@ -154,6 +154,8 @@ def drop_overlapping(docs: list[str], heldout: list[str], min_words: int = 3) ->
         words = _words(doc)
         if len(words) >= min_words:
             index.setdefault(words[:min_words], set()).add(words)
+    if not index:
+        return list(docs)
 
     def contains_heldout(words: tuple[str, ...]) -> bool:
         for i in range(len(words) - min_words + 1):
