@@ -45,7 +45,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 PROMPTS = ["Привет, мир!", "Москва", "Он сказал, что", "В начале было слово"]
-GREEDY = GenerationParams(max_new_tokens=24, temperature=0, repetition_penalty=1.0)
+GREEDY = GenerationParams(
+    max_new_tokens=24, min_new_tokens=0, temperature=0, repetition_penalty=1.0
+)
 LONG = GenerationParams(max_new_tokens=240, ignore_eos=True, temperature=0)
 
 
@@ -112,6 +114,7 @@ def hf_greedy(hf, ids: list[int], params: GenerationParams) -> list[int]:
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             do_sample=False,
             max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens,  # not the checkpoint's generation_config's
             repetition_penalty=params.repetition_penalty,
             eos_token_id=hf.config.eos_token_id,
             pad_token_id=hf.config.eos_token_id,
@@ -164,7 +167,9 @@ def test_length_and_end_of_document(engine, front):
     five = generate(engine, front, "Москва", GenerationParams(max_new_tokens=5, ignore_eos=True))
     assert five.finish_reason == "length" and five.completion_tokens == len(five.token_ids) == 5
     eos = front.tokenizer.eos_token_id
-    forced = GenerationParams(max_new_tokens=8, temperature=0, logit_bias={eos: 100.0})
+    forced = GenerationParams(
+        max_new_tokens=8, min_new_tokens=0, temperature=0, logit_bias={eos: 100.0}
+    )
     ended = generate(engine, front, "Москва", forced)
     assert (ended.finish_reason, ended.completion_tokens, ended.text) == ("eos", 0, "")
     later = generate(engine, front, "Москва", with_(forced, min_new_tokens=3))
@@ -173,8 +178,10 @@ def test_length_and_end_of_document(engine, front):
 
 
 def test_logprobs_are_the_raw_distribution(engine, front, hf):
-    params = GenerationParams(max_new_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
-    item = front.prepare("Привет, мир!", params)
+    params = GenerationParams(
+        max_new_tokens=6, temperature=0, repetition_penalty=1.0, logprobs=3, ignore_eos=True
+    )  # a prompt cut mid-sentence: the end of text is not the raw best of these six steps
+    item = front.prepare("Когда мы вышли из дома, на улице", params)
     result = run(engine.submit(item))
     assert len(result.logprobs) == len(result.token_ids) == 6
     for token, entry in zip(result.token_ids, result.logprobs, strict=True):
@@ -281,7 +288,8 @@ def test_the_app_generates_with_vllm(app_client, front, hf):
     r = app_client.post("/forward", json=body)
     assert r.status_code == 200, r.text
     answer = r.json()
-    expected = hf_greedy(hf, front.prepare(body["text"], GREEDY).ids, GREEDY)
+    default_min = with_(GREEDY, min_new_tokens=GenerationParams().min_new_tokens)  # /forward's
+    expected = hf_greedy(hf, front.prepare(body["text"], GREEDY).ids, default_min)
     assert answer["text"] == front.tokenizer.decode(expected, skip_special_tokens=True)
     assert answer["usage"]["completion_tokens"] == len(expected)
     events = read_sse(app_client.post("/forward", json={**body, "stream": True}).text)
