@@ -115,9 +115,8 @@ class TrainingArtifacts:
     ctx: DistContext
     vocab_size: int  # the model's (may exceed the tokenizer's)
     precision: str
-    doc_counts: tuple[
-        int, int, int | None
-    ]  # training, validation, dropped for holding held-out text
+    # training and validation documents, and those dropped for holding a held-out text
+    doc_counts: tuple[int, int, int | None]
     t0: float
     deadline: float | None
     state: RunState = field(default_factory=RunState)
