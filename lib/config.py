@@ -265,6 +265,11 @@ class TrainingConfig:
         None, "vocabulary of a newly trained tokenizer (default: the preset's)"
     )
     block_size: int | None = setting(None, "training context length (default: the preset's)")
+    n_layer: int | None = setting(None, "transformer blocks (default: the preset's)")
+    n_embd: int | None = setting(
+        None, "model width, a multiple of the head count (default: the preset's)"
+    )
+    n_head: int | None = setting(None, "attention heads (default: the preset's)")
     val_fraction: float = setting(0.05, "share of the documents held out for validation")
 
     # optimisation
@@ -394,6 +399,17 @@ class TrainingConfig:
                 values[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
+    def model_preset(self) -> ModelPreset:
+        """The architecture to build: the preset, with --n-layer/--n-embd/--n-head applied."""
+        preset = get_preset(self.preset)
+        changes = {
+            k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(self, k)) is not None
+        }
+        if not changes:
+            return preset
+        shape = "x".join(str(changes.get(k, getattr(preset, k))) for k in ("n_layer", "n_embd"))
+        return dataclasses.replace(preset, name=f"{preset.name}-{shape}", **changes)
+
     def steps_for_tokens(self, world_size: int = 1) -> int:
         """Optimizer steps that consume `max_tokens` (at least one) with `world_size` processes."""
         context = self.block_size or PRESETS[self.preset].n_positions
@@ -464,6 +480,20 @@ class TrainingConfig:
             "saving and export",
         )
         preset = PRESETS.get(self.preset)
+        for flag, value in (
+            ("--n-layer", self.n_layer),
+            ("--n-embd", self.n_embd),
+            ("--n-head", self.n_head),
+        ):
+            need(value is None or value >= 1, f"{flag} must be >= 1")
+        if preset is not None:
+            width = self.n_embd or preset.n_embd
+            heads = self.n_head or preset.n_head
+            need(
+                heads < 1 or width % heads == 0,
+                f"the width ({width}) must be a multiple of the head count ({heads}): "
+                "set --n-embd and --n-head together",
+            )
         need(self.block_size is None or self.block_size >= 1, "--block-size must be >= 1")
         need(
             preset is None or self.block_size is None or self.block_size <= preset.n_positions,

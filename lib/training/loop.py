@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
-from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, get_preset
+from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig
 from lib.data import (
     DataSplits,
     bits_per_byte,
@@ -223,7 +223,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
-    preset = get_preset(config.preset)
+    preset = config.model_preset()
     block_size = config.block_size or preset.n_positions  # at most n_positions (validated)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = init_distributed(config.mode, device.type)

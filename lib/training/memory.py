@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lib.config import TrainingConfig, get_preset
+from lib.config import TrainingConfig
 
 GIB = 1024**3
 
@@ -62,7 +62,7 @@ def count_meta_parameters(config: TrainingConfig) -> tuple[int, int]:
     from lib.modeling import build_model
 
     with init_empty_weights():
-        model = build_model(get_preset(config.preset), vocab_size=config.vocab_size)
+        model = build_model(config.model_preset(), vocab_size=config.vocab_size)
     model.tie_weights()  # on the meta device the output embedding is not tied by itself
     total = compute_module_sizes(model, dtype="float32")[""] // 4  # fp32: 4 bytes a parameter
     matrices = sum(p.numel() for n, p in model.transformer.h.named_parameters() if p.ndim == 2)
@@ -71,7 +71,7 @@ def count_meta_parameters(config: TrainingConfig) -> tuple[int, int]:
 
 def estimate_memory(config: TrainingConfig, world_size: int = 1) -> MemoryEstimate:
     """Per-device memory of `config`'s run on `world_size` devices."""
-    preset = get_preset(config.preset)
+    preset = config.model_preset()
     n, matrices = count_meta_parameters(config)
     optimizer_bytes = 8 * n if config.optimizer == "adamw" else 4 * matrices + 8 * (n - matrices)
     shard = 1 / max(world_size, 1)

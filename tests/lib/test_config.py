@@ -84,6 +84,19 @@ def test_validate_lists_every_problem_for_library_callers():
     with pytest.raises(ConfigError, match="--block-size exceeds the tiny context of 256"):
         TrainingConfig(block_size=4096).validate()
     assert TrainingConfig().problems() == []
+    with pytest.raises(
+        ConfigError, match=r"width \(200\) must be a multiple of the head count \(3\)"
+    ):
+        TrainingConfig(n_embd=200, n_head=3).validate()
+    with pytest.raises(ConfigError, match="--n-layer must be >= 1"):
+        TrainingConfig(n_layer=0).validate()
+
+
+def test_the_preset_shape_can_be_overridden():
+    assert TrainingConfig().model_preset() == TrainingConfig(n_layer=None).model_preset()
+    shape = TrainingConfig(n_layer=6, n_embd=256).model_preset()
+    assert (shape.name, shape.n_layer, shape.n_embd, shape.n_head) == ("tiny-6x256", 6, 256, 4)
+    assert (shape.n_positions, shape.vocab_size) == (256, 8192)  # the rest stays the preset's
 
 
 def test_library_train_validates_before_any_work(tmp_path):

@@ -186,9 +186,10 @@ def test_wandb_runs_offline_without_an_api_key(corpus, tmp_path, monkeypatch):
 
 
 def test_a_short_cli_run_works_with_the_default_warmup(corpus, tmp_path):
-    """`--max-steps 6` alone: the warm-up and evaluation defaults follow the run's length."""
+    """`--max-steps 6` alone: the warm-up and evaluation defaults follow the run's length. The
+    preset's shape is overridden from the command line (--n-layer, --n-embd, --n-head)."""
     out = tmp_path / "run"
-    cmd = endless_run_cli(corpus, out)
+    cmd = endless_run_cli(corpus, out, "--n-layer", "2", "--n-embd", "48", "--n-head", "3")
     i = cmd.index("--warmup-steps")
     del cmd[i : i + 2]  # no --warmup-steps, no --eval-every
     cmd[cmd.index("--max-steps") + 1] = "6"
@@ -197,6 +198,10 @@ def test_a_short_cli_run_works_with_the_default_warmup(corpus, tmp_path):
     config = json.loads((out / "final" / "training_card.json").read_text())["config"]
     assert (config["max_steps"], config["warmup_steps"], config["eval_every"]) == (6, 0, 1)
     assert r.stdout.count("val loss") == 5 + 1  # steps 1-5, then the final evaluation
+    model = json.loads((out / "final" / "config.json").read_text())
+    assert (model["n_layer"], model["n_embd"], model["n_head"]) == (2, 48, 3)
+    card = json.loads((out / "final" / "training_card.json").read_text())
+    assert card["preset"] == "tiny-2x48"
 
 
 def test_streaming_source_trains_with_its_own_tokenizer(corpus, tmp_path):
