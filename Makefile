@@ -118,13 +118,15 @@ heldout: $(HELDOUT) $(HELDOUT_PROSE) ## download the out-of-domain evaluation se
 
 # more training text (lib/corpora.py), fetched with `apt-get download` (no installation): the Russian
 # translations of Wesnoth's campaigns (Debian wesnoth-1.16-*, GPL-2+; ~130 MB of packages, ~1 M characters
-# kept) and Russian fortune cookies (Debian fortunes-ru, GPL-2; 0.7 MB, ~1.55 M characters). Where apt-get
-# is missing or fails, train-baseline trains without them.
-CORPORA := .cache/corpus/wesnoth-ru.txt .cache/corpus/fortunes-ru.txt
+# kept), Russian fortune cookies (Debian fortunes-ru, GPL-2; 0.7 MB, ~1.55 M characters) and the Russian
+# translations of three more games' stories (Debian freedroidrpg-data, ufoai-misc, widelands-data, GPL-2+;
+# ~610 MB of packages, ~1.2 M characters kept). Where apt-get is missing or fails, train-baseline trains
+# without them.
+CORPORA := .cache/corpus/wesnoth-ru.txt .cache/corpus/fortunes-ru.txt .cache/corpus/games-ru.txt
 $(CORPORA): | $(STAMP)
 	-$(BIN)/python -m lib.corpora $@ || echo "no $(@F) (needs apt-get): trained without it"
 
-corpus: $(CORPORA) ## download the extra training text into .cache/corpus (Debian's Wesnoth translations, Russian fortunes)
+corpus: $(CORPORA) ## download the extra training text into .cache/corpus (Debian's game translations, Russian fortunes)
 
 # the recipe of the embedded default (HOW_TO_USE.md, section 9): a wall-clock budget with the LR annealed
 # on time, bf16 autocast (AVX-512 BF16 CPUs), Muon, small batches, and the extra text where it was fetched;

@@ -16,6 +16,11 @@ strings are dropped. The result is a .txt of one document per line, written atom
 texts (aphorisms, quotations, jokes, dialogue), 1.55 M characters; each fortune is one document,
 its wrapped lines rejoined and its attribution line (`-- Author`) dropped.
 
+`fetch_games(dest)`: the Russian translations of three more games (Debian `freedroidrpg-data`,
+`ufoai-misc`, `widelands-data`; GPL-2+): FreedroidRPG's dialogue, UFO: Alien Invasion's research
+reports and briefings, Widelands' campaign story and tribe encyclopedia, about 8,400 messages and
+1.2 M characters, cleaned like Wesnoth's (the packages weigh 0.6 GB; only their catalogues are kept).
+
 `fetch_freeciv_nations(dest)`: not training text but a second out-of-domain evaluation set
 (`make heldout`): the Russian legends of Freeciv's nations (Debian `freeciv-data`, GPL-2+), 507
 paragraphs of encyclopedic history, 0.2 M characters, a genre far from the training text.
@@ -61,6 +66,7 @@ def catalog_messages(mo_file: Path) -> list[str]:
 
 MANPAGES = ("manpages-ru", "manpages-ru-dev")
 FORTUNES = ("fortunes-ru",)
+GAMES = ("freedroidrpg-data", "ufoai-misc", "widelands-data")
 _ESCAPES = (
     (r"\(em", "—"), (r"\(en", "–"), (r"\(aq", "'"), (r"\(dq", '"'), (r"\(lq", "«"),
     (r"\(rq", "»"), (r"\(bu", "•"), (r"\-", "-"), (r"\e", "\\"), (r"\&", ""), (r"\ ", " "),
@@ -218,6 +224,12 @@ def fetch_wesnoth(dest: str | Path, campaigns: tuple[str, ...] = WESNOTH_CAMPAIG
     return _fetch_debian(dest, packages, "*/locale/ru/LC_MESSAGES/*.mo", _gettext_documents)
 
 
+def fetch_games(dest: str | Path, packages: tuple[str, ...] = GAMES) -> Path:
+    """Write the Russian text of three more games' translations to `dest` (nothing is done
+    when it exists)."""
+    return _fetch_debian(dest, packages, "*/ru/LC_MESSAGES/*.mo", _gettext_documents)
+
+
 def fetch_freeciv_nations(dest: str | Path) -> Path:
     """Write the Russian legends of Freeciv's nations to `dest` (nothing is done when it exists):
     a second out-of-domain evaluation set, encyclopedic history prose, never trained on."""
@@ -239,6 +251,7 @@ if __name__ == "__main__":
         "manpages": fetch_manpages,
         "fortunes": fetch_fortunes,
         "freeciv": fetch_freeciv_nations,
+        "games": fetch_games,
     }
     fetch = next((f for key, f in fetchers.items() if key in Path(name).name), fetch_wesnoth)
     out = fetch(name)

@@ -12,6 +12,7 @@ from lib.corpora import (
     clean_message,
     fetch_fortunes,
     fetch_freeciv_nations,
+    fetch_games,
     fetch_wesnoth,
     fortune_texts,
 )
@@ -100,6 +101,15 @@ def test_the_russian_fortunes_become_documents(tmp_path):
     assert len(docs) > 15_000 and len(set(docs)) == len(docs)
     assert "Сердце не имеет морщин." in docs
     assert not any(d.lstrip().startswith("--") or "\n" in d for d in docs)
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
+def test_a_games_translation_becomes_russian_documents(tmp_path):
+    out = fetch_games(tmp_path / "games-ru.txt", packages=("ufoai-misc",))  # ~2.5 MB package
+    docs = load_documents(str(out))
+    assert len(docs) > 500 and sum(map(len, docs)) > 300_000
+    assert all(clean_message(d) == d for d in docs)  # one line of Russian prose each
+    assert "Следите за здоровьем ваших солдат, не позволяйте им умереть." in " ".join(docs)
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
