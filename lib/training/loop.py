@@ -644,8 +644,10 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
         "precision": a.precision,
         "mode": cfg.mode,
         "world_size": a.ctx.world_size,
-        # the last window's figures (all ranks' tokens; MFU against all ranks' peak, when known)
-        "throughput": {k: st.metrics[k] for k in ("tokens_per_s", "mfu") if k in st.metrics},
+        # the last window's figures (all ranks' tokens; MFU against all ranks' peak, when known; a
+        # window that held an evaluation or a save is slower) and the run's mean (all of it counted)
+        "throughput": {k: st.metrics[k] for k in ("tokens_per_s", "mfu") if k in st.metrics}
+        | {"mean_tokens_per_s": round(st.tokens_seen / max(wall, 1e-9), 1)},
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "samples": sample_continuations(model, a.tokenizer),
