@@ -139,8 +139,11 @@ def test_training_smoke_produces_loadable_checkpoint(tmp_path):
     assert card["steps"] == 6 and card["tokens_seen"] == 6 * 4 * 64
     assert card["data"] == str(data) and card["preset"] == "tiny"
     assert math.isfinite(card["val_loss"]) and 0 < card["val_bits_per_byte"] < 10
-    mean = card["throughput"]["mean_tokens_per_s"]  # the whole run's, evaluations included
-    assert mean == pytest.approx(card["tokens_seen"] / card["wall_clock_s"], rel=0.05)
+    # the whole run's throughput, evaluations included (wall_clock_s is rounded to 0.1 s)
+    mean, wall = card["throughput"]["mean_tokens_per_s"], card["wall_clock_s"]
+    assert (
+        card["tokens_seen"] / (wall + 0.06) <= mean <= card["tokens_seen"] / max(wall - 0.06, 0.01)
+    )
     # plain transformers loads it, and the service generates from it
     AutoModelForCausalLM.from_pretrained(str(ckpt))
     AutoTokenizer.from_pretrained(str(ckpt))
