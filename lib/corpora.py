@@ -21,6 +21,12 @@ its wrapped lines rejoined and its attribution line (`-- Author`) dropped.
 reports and briefings, Widelands' campaign story and tribe encyclopedia, about 8,400 messages and
 1.2 M characters, cleaned like Wesnoth's (the packages weigh 0.6 GB; only their catalogues are kept).
 
+`fetch_cataclysm(dest)`: the Russian translation of Cataclysm: Dark Days Ahead (Debian
+`cataclysm-dda-data`, CC-BY-SA-3.0): item, place and mutation descriptions, character backstories
+and NPC dialogue of a post-apocalyptic survival game, about 26,000 messages and 2.7 M characters
+(the package is 30 MB). Its messages carry placeholders the game fills in (`%s`, `<npcname>`):
+`clean_message` drops those messages and keeps the ones whose tags only format text.
+
 `fetch_freeciv_nations(dest)`: not training text but a second out-of-domain evaluation set
 (`make heldout`): the Russian legends of Freeciv's nations (Debian `freeciv-data`, GPL-2+), 507
 paragraphs of encyclopedic history, 0.2 M characters, a genre far from the training text.
@@ -43,6 +49,14 @@ WESNOTH_CAMPAIGNS = (
 WESNOTH_VERSION = "1.16"
 MIN_CHARS = 30  # shorter messages are mostly names, buttons and labels
 _MARKUP = re.compile(r"<[^>]*>")  # Pango markup: <b>, <span ...>, <i>
+# Tags that only format text (Pango's, Cataclysm's colours and emphasis); any other tag is a
+# placeholder the game fills in (<npcname>, <city>, <swear>), so its message is not prose.
+_FORMAT_TAG = re.compile(
+    r"</?(b|i|u|s|tt|big|small|sub|sup|span|br|p|font|color(_\w+)?|info|bold|good|bad|neutral"
+    r"|stat)(\s[^>]*)?/?>"
+)
+_BREAK = re.compile(r"<br\s*/?>")
+_PRINTF = re.compile(r"%(\d+\$)?[-+#0-9.]*[sdiuxfgc]")  # %s, %d, %1$s: filled in by the game
 _SPACE = re.compile(r"\s+")
 _CYRILLIC = re.compile(r"[а-яА-ЯёЁ]")
 _LETTER = re.compile(r"[^\W\d_]")
@@ -50,10 +64,13 @@ _LETTER = re.compile(r"[^\W\d_]")
 
 def clean_message(text: str) -> str | None:
     """One translated message as plain text, or None when it is not prose: placeholders
-    ($name, {macro}), image references (&, =), mostly non-Cyrillic text, or too short."""
-    if any(c in text for c in "${}&=@|[]#"):
+    ($name, {macro}, %s, <npcname>), image references (&, =), mostly non-Cyrillic text, or too
+    short."""
+    if any(c in text for c in "${}&=@|[]#") or _PRINTF.search(text):
         return None
-    text = _SPACE.sub(" ", _MARKUP.sub("", text)).strip()
+    if _MARKUP.search(_FORMAT_TAG.sub("", text)):
+        return None  # a placeholder tag
+    text = _SPACE.sub(" ", _MARKUP.sub("", _BREAK.sub(" ", text))).strip()
     return text if _russian_prose(text, MIN_CHARS, 0.8) else None
 
 
@@ -67,6 +84,7 @@ def catalog_messages(mo_file: Path) -> list[str]:
 MANPAGES = ("manpages-ru", "manpages-ru-dev")
 FORTUNES = ("fortunes-ru",)
 GAMES = ("freedroidrpg-data", "ufoai-misc", "widelands-data")
+CATACLYSM = ("cataclysm-dda-data",)
 _ESCAPES = (
     (r"\(em", "—"), (r"\(en", "–"), (r"\(aq", "'"), (r"\(dq", '"'), (r"\(lq", "«"),
     (r"\(rq", "»"), (r"\(bu", "•"), (r"\-", "-"), (r"\e", "\\"), (r"\&", ""), (r"\ ", " "),
@@ -230,6 +248,14 @@ def fetch_games(dest: str | Path, packages: tuple[str, ...] = GAMES) -> Path:
     return _fetch_debian(dest, packages, "*/ru/LC_MESSAGES/*.mo", _gettext_documents)
 
 
+def fetch_cataclysm(dest: str | Path) -> Path:
+    """Write the Russian text of Cataclysm: Dark Days Ahead's translation to `dest` (nothing is
+    done when it exists): item and place descriptions, character backstories, NPC dialogue."""
+    return _fetch_debian(
+        dest, CATACLYSM, "*/locale/ru/LC_MESSAGES/cataclysm-dda.mo", _gettext_documents
+    )
+
+
 def fetch_freeciv_nations(dest: str | Path) -> Path:
     """Write the Russian legends of Freeciv's nations to `dest` (nothing is done when it exists):
     a second out-of-domain evaluation set, encyclopedic history prose, never trained on."""
@@ -252,6 +278,7 @@ if __name__ == "__main__":
         "fortunes": fetch_fortunes,
         "freeciv": fetch_freeciv_nations,
         "games": fetch_games,
+        "cataclysm": fetch_cataclysm,
     }
     fetch = next((f for key, f in fetchers.items() if key in Path(name).name), fetch_wesnoth)
     out = fetch(name)

@@ -10,6 +10,7 @@ import pytest
 from lib.config import REPO_ROOT
 from lib.corpora import (
     clean_message,
+    fetch_cataclysm,
     fetch_fortunes,
     fetch_freeciv_nations,
     fetch_games,
@@ -32,8 +33,14 @@ def test_only_prose_is_kept_of_a_message():
         "$unit.name получает $amount золота за эту победу в бою.",  # placeholders
         "&icons/unit.png=Описание отряда, который стоит в резерве",  # an image reference
         "Press the button to continue with the next scenario now",  # not Russian
+        "%s бьёт тебя своим коронным ударом, нанося %d урона.",  # printf placeholders
+        "<npcname>, давно не виделись! Я думаю, я тоже был заморожен!",  # a placeholder tag
     ):
         assert clean_message(rejected) is None, rejected
+    # formatting tags go, a line break becomes a space, a percent sign is text
+    assert clean_message(
+        "<color_light_green>Броня</color> защищает<br>на 50 % лучше, чем <i>куртка</i>."
+    ) == ("Броня защищает на 50 % лучше, чем куртка.")
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
@@ -124,3 +131,13 @@ def test_the_second_out_of_domain_set_is_encyclopedic_prose(tmp_path):
     if CORPORA_FETCHED:  # never in the extra training text either
         training |= {d for c in CORPORA_FETCHED for d in load_documents(str(c))}
     assert not set(docs) & training
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
+def test_cataclysm_becomes_russian_documents_without_placeholders(tmp_path):
+    out = fetch_cataclysm(tmp_path / "cataclysm-ru.txt")  # ~30 MB package
+    docs = load_documents(str(out))
+    assert len(docs) > 20_000 and sum(map(len, docs)) > 2_000_000
+    assert all(clean_message(d) == d for d in docs)
+    assert not any("<" in d or "%s" in d for d in docs)  # nothing the game fills in
+    assert "Ветчина очень вкусная, если хорошо прожарена." in docs
