@@ -23,6 +23,14 @@ from lib.data import fetch_ru_proverbs, load_documents
 CORPORA_FETCHED = sorted((REPO_ROOT / ".cache/corpus").glob("*.txt"))  # make corpus
 
 
+def prose_documents(path, min_docs: int, min_chars: int) -> list[str]:
+    """A fetched text's documents, checked: how many, how much, one line of Russian prose each."""
+    docs = load_documents(str(path))
+    assert len(docs) > min_docs and sum(map(len, docs)) > min_chars
+    assert all(clean_message(d) == d for d in docs)
+    return docs
+
+
 def test_only_prose_is_kept_of_a_message():
     line = "Мы должны найти путь под землю прежде, чем нас настигнут."
     assert clean_message(line) == line
@@ -114,18 +122,14 @@ def test_the_russian_fortunes_become_documents(tmp_path):
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
 def test_a_games_translation_becomes_russian_documents(tmp_path):
     out = fetch_games(tmp_path / "games-ru.txt", packages=("ufoai-misc",))  # ~2.5 MB package
-    docs = load_documents(str(out))
-    assert len(docs) > 500 and sum(map(len, docs)) > 300_000
-    assert all(clean_message(d) == d for d in docs)  # one line of Russian prose each
+    docs = prose_documents(out, min_docs=500, min_chars=300_000)
     assert "Следите за здоровьем ваших солдат, не позволяйте им умереть." in " ".join(docs)
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
 def test_the_second_out_of_domain_set_is_encyclopedic_prose(tmp_path):
     out = fetch_freeciv_nations(tmp_path / "freeciv-nations.txt")  # ~20 MB package
-    docs = load_documents(str(out))
-    assert len(docs) > 400 and sum(map(len, docs)) > 150_000
-    assert all(clean_message(d) == d for d in docs)
+    docs = prose_documents(out, min_docs=400, min_chars=150_000)
     from lib.data import bundled_documents
 
     training = set(bundled_documents())
@@ -137,9 +141,7 @@ def test_the_second_out_of_domain_set_is_encyclopedic_prose(tmp_path):
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get (Debian/Ubuntu)")
 def test_cataclysm_becomes_russian_documents_without_placeholders(tmp_path):
     out = fetch_cataclysm(tmp_path / "cataclysm-ru.txt")  # ~30 MB package
-    docs = load_documents(str(out))
-    assert len(docs) > 20_000 and sum(map(len, docs)) > 2_000_000
-    assert all(clean_message(d) == d for d in docs)
+    docs = prose_documents(out, min_docs=20_000, min_chars=2_000_000)
     placeholder = re.compile(r"<[a-z_]+>|%s|%d")  # "<3" and "ткань < кожа" are text
     assert not any(placeholder.search(d) for d in docs)  # nothing the game fills in
     assert "Ветчина очень вкусная, если хорошо прожарена." in docs
