@@ -10,17 +10,20 @@ The weights are the `GPT2LMHeadModel`'s own tensors (LayerNorms, Conv1D projecti
 called through torch's functional ops so that a step pays no `nn.Module` dispatch per op; the
 logits equal `model(...)`'s up to float rounding, and tests compare them.
 
-On a CPU the matrix products go to the faster of two libraries for their shape. torch's default
-(MKL's GEMM) is quickest for one or a few rows of the small block matrices, but on CPUs where MKL
-does not use AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is faster for the output
-projection at any batch size and for the block matrices from `ONEDNN_MIN_ROWS` rows on
-(BENCHMARKS.md, "The decode step"). oneDNN is reached through
+On a CPU the matrix products go to oneDNN where it is there: on CPUs where MKL does not use
+AVX-512 (AMD's, for one) oneDNN's fp32 GEMM is faster than torch's default (MKL's GEMM) for the
+output projection at any batch size and for the block matrices from a few rows on (BENCHMARKS.md,
+"The decode step"). MKL is a little quicker for one row of the small block matrices, but the two
+libraries add in different orders, and a row's logits must not depend on how many rows share the
+step: with MKL below 8 rows and oneDNN above, a seeded request's text alone and among 16 others
+differed on one VM (a draw near a boundary of its distribution). So every row count takes the same
+library (`ONEDNN_MIN_ROWS` is 1). oneDNN is reached through
 `torch.ops.mkldnn._linear_pointwise`, an operator of torch's own CPU compiler path; it is checked
 against `F.linear` once, when the first decoder is built (nothing runs at import), and left unused
-where it is missing or disagrees. Both compute in fp32; only the order of additions differs.
-Where oneDNN takes the MLP's first product (fp32, from `ONEDNN_MIN_ROWS` rows on), its GELU runs
-inside that product (a oneDNN post-op, checked like the product): one pass over the
-activations fewer (BENCHMARKS.md has both measurements).
+where it is missing or disagrees (then MKL takes every product, again one library for all). Both
+compute in fp32; only the order of additions differs. Where oneDNN takes the MLP's first product
+(fp32), its GELU runs inside that product (a oneDNN post-op, checked like the product): one pass
+over the activations fewer (BENCHMARKS.md has both measurements).
 
 For those products oneDNN reads its own copy of each fp32 weight, reordered once, when the decoder
 is built, into the blocked layout its GEMM wants for `PACK_ROWS` rows
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
-ONEDNN_MIN_ROWS = 8  # from this many rows on, the block matrices go to oneDNN (see the docstring)
+ONEDNN_MIN_ROWS = 1  # from this many rows on, the block matrices go to oneDNN: all (the docstring)
+PREPACK_MIN_ROWS = 8  # batches of at least this many rows build oneDNN's reordered weight copies
 PACK_ROWS = 64  # the row count oneDNN's reordered weights are laid out for (any count works)
 
 

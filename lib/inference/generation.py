@@ -261,9 +261,10 @@ class DecodeBatch:
         if hasattr(model, "slot_decoder"):  # a model run by another runtime (onnx_model.py)
             self.decoder = model.slot_decoder()
         else:
-            # oneDNN's reordered weight copies (decoder.py) serve batches of ONEDNN_MIN_ROWS rows
-            # or more only; a smaller batch (a few prompts run to the end) skips the reorder's cost
-            prepack = max_rows >= decoder_module.ONEDNN_MIN_ROWS
+            # oneDNN's reordered weight copies (decoder.py) pay for themselves in batches of
+            # PREPACK_MIN_ROWS rows or more; a smaller batch (a few prompts run to the end) skips
+            # the reorder's cost and oneDNN reads the plain weights (the same sums)
+            prepack = max_rows >= decoder_module.PREPACK_MIN_ROWS
             self.decoder = GPT2SlotDecoder(model, prepack=prepack)
         self.raw = tokenizer.backend_tokenizer  # the Rust tokenizer: batch decoding in one call
         self.eos = tokenizer.eos_token_id
