@@ -6,6 +6,9 @@ that part depends on how the training documents were joined (`--join-documents`)
 how well the model knows the language.
 
     python bench/heldout_eval.py models/default --eval-data ru-proverbs=.cache/heldout/ru-proverbs.txt
+
+`--block-size` evaluates every checkpoint at one context (a model trained at 128 tokens, at 256:
+its positions beyond 128 were never trained).
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ from lib.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
 from lib.training.loop import evaluate, heldout_figures  # noqa: E402
 
 
-def measure(checkpoint: Path, eval_data: list[str]) -> dict:
+def measure(checkpoint: Path, eval_data: list[str], block_size: int | None = None) -> dict:
     card = read_card(checkpoint)
     config = card.get("config", {})
     tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint)
-    block = int(card.get("block_size") or model.config.n_positions)
+    block = block_size or int(card.get("block_size") or model.config.n_positions)
+    if block > model.config.n_positions:
+        raise SystemExit(
+            f"--block-size {block} exceeds the model's context {model.config.n_positions}"
+        )
     _, val = split_documents(
         load_documents(config.get("data", "bundled")), config.get("val_fraction", 0.05)
     )
@@ -42,6 +49,7 @@ def measure(checkpoint: Path, eval_data: list[str]) -> dict:
     )
     out = evaluate(model, data)
     return {
+        "block_size": block,
         "val_bits_per_byte": round(out["val_bits_per_byte"], 4),
         **{k: round(v, 4) for k, v in heldout_figures(out).items()},
         # of each set's figure, the bits/byte spent on predicting the end of each text
@@ -58,9 +66,14 @@ def main() -> None:
     )
     p.add_argument("checkpoints", nargs="+", type=Path)
     p.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        help="context of the packed blocks (default: each checkpoint's training block size)",
+    )
     args = p.parse_args()
     for c in args.checkpoints:
-        print(c, json.dumps(measure(c, args.eval_data)))
+        print(c, json.dumps(measure(c, args.eval_data, args.block_size)))
 
 
 if __name__ == "__main__":

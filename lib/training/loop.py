@@ -12,6 +12,7 @@ import contextlib
 import math
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
-from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig
+from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, native_bf16
 from lib.data import (
     DataSplits,
     bits_per_byte,
@@ -368,6 +369,13 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
     )
 
 
+def cut_rows(batch: torch.Tensor, length: int) -> torch.Tensor:
+    """Blocks (B, S + 1) as rows (B·S/length, length + 1) that overlap by one token, like the
+    blocks themselves: the same targets, each predicted from at most `length` tokens of context
+    (`--short-context`)."""
+    return batch.unfold(1, length + 1, length).reshape(-1, length + 1)
+
+
 def accumulate_gradients(
     model,
     micro_batches: list[torch.Tensor],
@@ -477,6 +485,12 @@ def train(config: TrainingConfig) -> TrainResult:
     say = print if ctx.is_main else (lambda *_, **__: None)
     if a.resumed_from:
         say(f"resuming from {a.resumed_from} at step {st.step}")
+    if a.precision == "bf16" and a.device.type == "cpu" and not native_bf16("cpu"):
+        say(
+            "warning: this CPU has no native bfloat16 (AVX-512 BF16 or AMX), so bf16 autocast is "
+            "emulated and far slower than fp32; --precision auto picks fp32 here",
+            file=sys.stderr,
+        )
     scaler = torch.amp.GradScaler(a.device.type, enabled=a.precision == "fp16")
     t_loop = time.perf_counter()
     total = None if a.deadline else cfg.max_steps
@@ -505,6 +519,9 @@ def train(config: TrainingConfig) -> TrainResult:
                 )
                 for _ in range(cfg.grad_accum)
             ]
+            progress = time_fraction if a.deadline else st.step / cfg.max_steps
+            if cfg.short_context and progress < cfg.short_context_until:
+                micro = [cut_rows(b, cfg.short_context) for b in micro]
             loss, st.grad_norm = train_step(a, micro, scaler)
             st.loss = ctx.mean(loss)
             if not math.isfinite(st.loss):

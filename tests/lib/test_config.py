@@ -16,6 +16,7 @@ from lib.config import (
     TrainingConfig,
     cli_flag,
     launched_world_size,
+    native_bf16,
     parse_count,
     parse_duration,
 )
@@ -63,6 +64,17 @@ def test_explicit_settings_win_and_resolving_twice_changes_nothing():
     assert TrainingConfig(mode="deepspeed", zero_stage=3).resolved().zero_stage == 3
 
 
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_in_it():
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16("cpu") is native and native_bf16("mps") is False
+    auto = config_from_args(parse("--precision", "auto", "--device", "cpu"))
+    assert auto.precision == ("bf16" if native else "fp32")
+    assert auto.resolved() == auto
+    assert TrainingConfig(precision="bf16", device="cpu").resolved().precision == "bf16"  # asked
+
+
 def test_token_budget_is_shared_by_the_processes():
     one = TrainingConfig(max_tokens=1_000_000, batch_size=2, grad_accum=2)
     assert one.resolved(world_size=1).max_steps == -(-1_000_000 // (2 * 2 * 256))
@@ -90,6 +102,12 @@ def test_validate_lists_every_problem_for_library_callers():
         TrainingConfig(n_embd=200, n_head=3).validate()
     with pytest.raises(ConfigError, match="--n-layer must be >= 1"):
         TrainingConfig(n_layer=0).validate()
+    for short in (96, 256, 0):  # must divide the context (256) and be shorter
+        with pytest.raises(ConfigError, match=r"--short-context must be shorter than .*\(256\)"):
+            TrainingConfig(short_context=short).validate()
+    assert TrainingConfig(block_size=128, short_context=64).problems() == []
+    with pytest.raises(ConfigError, match=r"--short-context-until must be in \(0, 1\]"):
+        TrainingConfig(short_context=64, short_context_until=0).validate()
 
 
 def test_the_preset_shape_can_be_overridden():

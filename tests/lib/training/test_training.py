@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.config import PRESETS, REPO_ROOT
+from lib.config import PRESETS, REPO_ROOT, native_bf16
 from lib.data import DataSplits, bundled_documents, tokenize_and_pack
 from lib.inference import GenerationParams, InferenceService
 from lib.modeling import build_model
 from lib.tokenizer import load_tokenizer, token_byte_lengths
 from lib.training.loop import evaluate, heldout_figures
-from lib.training.optim import build_optimizer
+from lib.training.optim import Muon, build_optimizer
 from lib.training.schedulers import lr_multiplier
 from tests.helpers import CHECKPOINT
 
@@ -54,6 +54,36 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert {g["lr"] for g in opt.muon.param_groups + opt.adamw.param_groups} == {5e-4}
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer(model, lr=1e-3, weight_decay=0.1, name="sgd")
+
+
+def test_muon_is_torchs_with_newton_schulz_in_fp32_where_bf16_is_emulated():
+    start = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.randn(32, 96)]
+
+    def three_steps(cls, **kwargs):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = cls(params, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", **kwargs)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            opt.step()
+        return params, opt
+
+    ref, ref_opt = three_steps(torch.optim.Muon)
+    bf16, bf16_opt = three_steps(Muon, ns_dtype=torch.bfloat16)
+    fp32, _ = three_steps(Muon, ns_dtype=torch.float32)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ref, bf16, strict=True)
+    )  # torch's update, bit for bit
+    assert all(
+        torch.allclose(a, b, atol=2e-3) and not torch.equal(a, b)
+        for a, b in zip(ref, fp32, strict=True)
+    )
+    # the same state: torch's Muon resumes from ours and ours from torch's
+    ref_opt.load_state_dict(bf16_opt.state_dict())
+    bf16_opt.load_state_dict(ref_opt.state_dict())
+    _, auto = three_steps(Muon)
+    assert auto.ns_dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ state checkpoints, reporting, MFU. Small real runs on a slice of the bundled cor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from lib.data import bundled_documents
 from lib.modeling import build_model
 from lib.training import train
 from lib.training.callbacks import flops_per_token, peak_flops
-from lib.training.loop import accumulate_gradients
+from lib.training.loop import accumulate_gradients, cut_rows
 from lib.training.state import complete_checkpoints, latest_checkpoint, load_training_state
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,23 @@ def test_gradient_accumulation_is_loss_equivalent():
     assert loss_acc == pytest.approx(loss_big, rel=1e-6)
     for g1, g2 in zip(grads_big, grads_acc, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_short_context_cuts_the_blocks_into_rows_for_part_of_the_run(corpus, tmp_path):
+    blocks = torch.arange(2 * 33).reshape(2, 33)  # two blocks of 32 inputs
+    rows = cut_rows(blocks, 8)
+    assert rows.shape == (8, 9)  # the same tokens per step, 8 of context at most
+    assert torch.equal(rows[:, 1:].flatten(), blocks[:, 1:].flatten())  # each target once
+    assert torch.equal(rows[:, :-1].flatten(), blocks[:, :-1].flatten())  # from the same input
+    full = train(small_config(corpus, tmp_path / "full"))
+    short = train(
+        small_config(corpus, tmp_path / "short", short_context=8, short_context_until=0.5)
+    )
+    # the same first weights and tokens; with 8 tokens of context the first loss is another
+    assert short.history[0]["loss"] != pytest.approx(full.history[0]["loss"], rel=1e-4)
+    assert short.steps == 8 and all(math.isfinite(h["loss"]) for h in short.history)
+    card = json.loads((short.checkpoint / "training_card.json").read_text())
+    assert (card["config"]["short_context"], card["block_size"]) == (8, 32)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
