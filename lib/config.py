@@ -651,8 +651,8 @@ def _onnx_exporter_found(named: str | None) -> bool:
 
 def native_bf16(device: str | None) -> bool:
     """Whether the device computes in bfloat16 natively: a CUDA GPU with bf16, or a CPU with
-    AVX-512 BF16 or AMX. Elsewhere (AVX2-only CPUs, Apple silicon) bf16 autocast is emulated and,
-    measured on a 2-core AMD EPYC (AVX2), about 25 times slower than fp32."""
+    AVX-512 BF16 or AMX. Elsewhere (AVX2-only CPUs, Apple silicon) bf16 is emulated: a training
+    step under bf16 autocast was 15 times slower than in fp32 on a 2-core AMD EPYC (BENCHMARKS.md)."""
     import torch
 
     if device is None:

@@ -43,8 +43,8 @@ def newton_schulz(g: torch.Tensor, steps: int, coefficients, eps: float, dtype) 
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon` (same settings, state and update) with the Newton-Schulz iteration in a
     chosen dtype. torch's runs it in bfloat16, which CPUs without AVX-512 BF16 or AMX emulate: on a
-    2-core AMD EPYC (AVX2) a bf16 matmul ran at 0.9 GFLOP/s against fp32's 62, and that one cast
-    made a step of the tiny model several times slower. `ns_dtype=None` picks bf16 where the
+    2-core AMD EPYC (AVX2) a bf16 matmul ran at 1.0 GFLOP/s against fp32's 135, and that one cast
+    made an fp32 step of the tiny model 5 times slower (BENCHMARKS.md). `ns_dtype=None` picks bf16 where the
     parameters' device computes in it natively and fp32 elsewhere."""
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs) -> None:
