@@ -53,6 +53,45 @@ def test_engine_bench_compares_batching_with_batch_size_one():
 
 
 @slow
+def test_precision_bench_times_each_precision_and_muon():
+    out = run_script(
+        "bench/precision_bench.py", "--batch-size", "2", "--block-size", "16", "--steps", "1",
+        "--rounds", "1",
+    )  # fmt: skip
+    assert "native bf16: " in out and "GFLOP/s" in out
+    rows = table_rows(out)
+    assert [r[0].split(",")[0] for r in rows] == ["fp32", "fp32", "bf16 autocast"]
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows)
+
+
+@slow
+def test_heldout_eval_measures_at_the_training_or_a_given_context(tmp_path):
+    from lib.modeling import read_card
+    from tests.helpers import CHECKPOINT
+
+    heldout = tmp_path / "proverbs.txt"
+    heldout.write_text("Без труда не выловишь и рыбку из пруда.\n" * 40, encoding="utf-8")
+    figures = {}
+    for extra in ([], ["--block-size", "64"]):
+        out = run_script(
+            "bench/heldout_eval.py", str(CHECKPOINT), "--eval-data", f"p={heldout}", *extra
+        )
+        measured = json.loads(out.split(" ", 1)[1])
+        figures[measured["block_size"]] = measured
+    card = read_card(CHECKPOINT)
+    assert set(figures) == {card["block_size"], 64}
+    # at its training context it measures what training measured; a shorter context is another figure
+    assert figures[card["block_size"]]["val_bits_per_byte"] == card["val_bits_per_byte"]
+    assert figures[64]["val_bits_per_byte"] != card["val_bits_per_byte"]
+    assert all(0 < f["p"] < 8 for f in figures.values())
+    done = subprocess.run(
+        [sys.executable, "bench/heldout_eval.py", str(CHECKPOINT), "--block-size", "4096"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "exceeds the model's context 256" in done.stderr
+
+
+@slow
 def test_random_checkpoint_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
