@@ -79,6 +79,24 @@ def onednn_linear():
 
 
 @cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN's `linear` (`onednn_linear`) also takes bf16 here. It needs a CPU with
+    native bf16 (AVX-512 BF16, AMX): on an AVX2-only CPU it cannot build the product and raises,
+    so a bf16 model's products stay with `F.linear` there (emulated bf16, slow but right)."""
+    if onednn_linear()[0] is None:
+        return False
+    try:
+        g = torch.Generator().manual_seed(2)
+        x, w, b = (
+            torch.randn(shape, generator=g).bfloat16() for shape in ((5, 24), (40, 24), (40,))
+        )
+        got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.allclose(got.float(), F.linear(x, w, b).float(), atol=0.05)
+    except Exception:  # no bf16 kernel on this CPU (or another torch's signature)
+        return False
+
+
+@cache
 def onednn_reorder():
     """oneDNN's weight reorder for `linear` (w (out, in) -> its own layout for N rows), or None
     where this torch lacks it or a product with the reordered weight differs from `F.linear`."""
@@ -238,6 +256,8 @@ class GPT2SlotDecoder(SlotCache):
         self.device, self.dtype = weight.device, weight.dtype
         cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
         linear, fusable = onednn_linear() if cpu else (None, {})
+        if self.dtype == torch.bfloat16 and not onednn_bf16():
+            linear = None
         self._onednn = linear
         # the MLP's GELU fused into oneDNN's fp32 product where it computes it right (None:
         # separate). Not in bf16: oneDNN would apply it before rounding the product to bf16.
