@@ -80,9 +80,9 @@ def onednn_linear():
 
 @cache
 def onednn_bf16() -> bool:
-    """Whether oneDNN's `linear` (`onednn_linear`) also takes bf16 here. It needs a CPU with
-    native bf16 (AVX-512 BF16, AMX): on an AVX2-only CPU it cannot build the product and raises,
-    so a bf16 model's products stay with `F.linear` there (emulated bf16, slow but right)."""
+    """Whether oneDNN's `linear` (`onednn_linear`) also takes bf16 here. On an AVX2-only CPU (no
+    AVX-512, no AMX) it cannot build a bf16 product and raises, so a bf16 model's products stay
+    with `F.linear` there (emulated bf16, slow but right)."""
     if onednn_linear()[0] is None:
         return False
     try:

@@ -44,8 +44,8 @@ class Muon(torch.optim.Muon):
     """`torch.optim.Muon` (same settings, state and update) with the Newton-Schulz iteration in a
     chosen dtype. torch's runs it in bfloat16, which CPUs without AVX-512 BF16 or AMX emulate: on a
     2-core AMD EPYC (AVX2) a bf16 matmul ran at 1.0 GFLOP/s against fp32's 135, and that one cast
-    made an fp32 step of the tiny model 5 times slower (BENCHMARKS.md). `ns_dtype=None` picks bf16 where the
-    parameters' device computes in it natively and fp32 elsewhere."""
+    made an fp32 step of the tiny model 5 times slower (BENCHMARKS.md). `ns_dtype=None` picks bf16
+    where the parameters' device computes in it natively and fp32 elsewhere."""
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs) -> None:
         super().__init__(params, **kwargs)
