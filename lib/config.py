@@ -112,6 +112,7 @@ def get_preset(name: str) -> ModelPreset:
 MODES = ("baseline", "fsdp", "deepspeed")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
+TOKENIZER_TYPES = ("bpe", "char")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 REPORT_TO = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -254,7 +255,18 @@ class TrainingConfig:
         None,
         "'auto' (newest complete checkpoint in OUTPUT_DIR, or a fresh start) or a checkpoint path",
     )
-    tokenizer: str | None = setting(None, "existing tokenizer directory (default: train a new BPE)")
+    tokenizer: str | None = setting(
+        None,
+        "existing tokenizer directory (default: train a new one); the model's vocabulary is "
+        "sized to it",
+    )
+    tokenizer_type: str = setting(
+        "bpe",
+        "the tokenizer trained on the training split: bpe (byte-level BPE of --vocab-size "
+        "tokens) or char (one token per character, UTF-8 bytes for the rest; the vocabulary is "
+        "sized to it)",
+        choices=TOKENIZER_TYPES,
+    )
     cache_dir: Path | None = setting(
         Path(".cache/tokens"),
         "memory-mapped token cache, keyed by tokenizer and data ('none' disables)",
@@ -528,6 +540,10 @@ class TrainingConfig:
         need(
             self.tokenizer is None or self.vocab_size is None,
             "--tokenizer and --vocab-size exclude each other",
+        )
+        need(
+            self.tokenizer_type == "bpe" or (self.tokenizer is None and self.vocab_size is None),
+            "--tokenizer-type char sizes its own vocabulary: drop --tokenizer/--vocab-size",
         )
         need(
             not (self.resume and (self.tokenizer or self.vocab_size)),

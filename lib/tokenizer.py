@@ -1,10 +1,14 @@
-"""Byte-level BPE tokenizer, trained with `tokenizers`, saved in Hugging Face format.
+"""Tokenizers trained with `tokenizers`, saved in Hugging Face format: byte-level BPE (the default)
+and character-level (one token per character of the training text, UTF-8 bytes for any other).
 
 The saved directory loads with `transformers.AutoTokenizer.from_pretrained(dir)`, no project code.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +30,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return wrap_tokenizer(tok)
+
+
+def train_char_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: `<|endoftext|>`, the 256 bytes as `<0xXX>` tokens, then every
+    character of the texts, most frequent first. A character the texts lack is encoded as its UTF-8
+    bytes (byte fallback), so any text round-trips; decoding fuses the bytes back."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    vocab = {EOS_TOKEN: 0} | {f"<0x{b:02X}>": 1 + b for b in range(256)}
+    for ch, _ in counts.most_common():
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([EOS_TOKEN])
     return wrap_tokenizer(tok)
 
 
@@ -52,16 +72,42 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
+def is_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer writes each byte as one printable character (GPT-2's byte-level BPE,
+    ours): read once from its `tokenizers` spec and remembered on the tokenizer."""
+    known = getattr(tokenizer, "_ml_byte_level", None)
+    if known is None:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        known = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        tokenizer._ml_byte_level = known
+    return known
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The UTF-8 bytes one token stands for. A byte-level token's characters each stand for one
+    byte; a byte-fallback token `<0xXX>` is that byte; a special token (`<|endoftext|>`) and any
+    other token (a character-level one) are their own text."""
+    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
+    if token_id in tokenizer.all_special_ids:
+        return piece.encode()
+    if is_byte_level(tokenizer):
+        return bytes(_BYTE_OF_CHAR[ch] for ch in piece if ch in _BYTE_OF_CHAR)
+    if _BYTE_TOKEN.fullmatch(piece):
+        return bytes([int(piece[3:5], 16)])
+    return piece.encode()
+
+
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     """UTF-8 byte length of every token id (0 for special tokens), for bits-per-byte."""
     lengths = [0] * len(tokenizer)
-    byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids)
-    for token, idx in tokenizer.get_vocab().items():
-        if idx in special or idx >= len(lengths):
-            continue
-        lengths[idx] = sum(1 for ch in token if ch in byte_decoder)
+    for idx in tokenizer.get_vocab().values():
+        if idx < len(lengths) and idx not in special:
+            lengths[idx] = len(token_bytes(tokenizer, idx))
     return lengths
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -76,3 +122,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs), strict=True))
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}

@@ -44,7 +44,7 @@ from lib.modeling import (
     save_checkpoint,
     unwrap_model,
 )
-from lib.tokenizer import load_tokenizer, train_tokenizer
+from lib.tokenizer import load_tokenizer, train_char_tokenizer, train_tokenizer
 from lib.training.callbacks import (
     Callback,
     PreemptionSignals,
@@ -234,8 +234,14 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
     saved = load_training_state(resume) if resume else None
 
     # 1-3. documents split by content hash, tokenizer (the checkpoint's when resuming, a given one,
-    # or a new byte-level BPE on the training split), packed blocks (cached, memory-mapped)
+    # or a new one on the training split), packed blocks (cached, memory-mapped)
     vocab_size = config.vocab_size or preset.vocab_size
+
+    def new_tokenizer(docs):
+        if config.tokenizer_type == "char":
+            return train_char_tokenizer(docs)
+        return train_tokenizer(docs, vocab_size)
+
     tokenizer = None
     if resume:
         tokenizer = load_tokenizer(resume)
@@ -249,7 +255,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
             block_size,
             config.val_fraction,
             config.cache_dir or Path(config.output_dir) / "token-cache",
-            train_tokenizer_fn=lambda docs: train_tokenizer(docs, vocab_size),
+            train_tokenizer_fn=new_tokenizer,
         )
         doc_counts = (*doc_counts, None)  # a stream is read once: not checked for held-out text
     else:
@@ -259,7 +265,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         kept = drop_overlapping(train_docs, heldout_docs)  # never train on an evaluated text
         dropped = len(train_docs) - len(kept)
         train_docs = join_documents(kept, config.join_documents)
-        tokenizer = tokenizer or train_tokenizer(train_docs, vocab_size)
+        tokenizer = tokenizer or new_tokenizer(train_docs)
         data = prepare_data(
             config.data,
             tokenizer,
@@ -269,6 +275,8 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         )
         doc_counts = (len(train_docs), len(val_docs), dropped)
     data.heldout = heldout_sets(config.eval_data, tokenizer, block_size, config.cache_dir)
+    if not resume and (config.tokenizer or config.tokenizer_type == "char"):
+        vocab_size = -(-len(tokenizer) // 64) * 64  # sized to the tokenizer, a multiple of 64
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}"

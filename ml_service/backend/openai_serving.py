@@ -30,6 +30,7 @@ from lib.inference import (
     PromptTooLong,
     TokenLogprob,
 )
+from lib.tokenizer import token_bytes
 from ml_service.backend.api import check_room, note_usage, run_items
 from ml_service.backend.errors import BadRequest, ModelNotFound, as_service_error
 from ml_service.backend.openai_protocol import (
@@ -239,32 +240,6 @@ def usage(prompts: Sequence[Prompt], outputs: Sequence[GenerationResult]) -> Usa
         completion_tokens=completion,
         total_tokens=prompt_tokens + completion,
     )
-
-
-_BYTE_OF_CHAR: dict[str, int] = {}
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE writes each byte as one printable character: printable Latin-1 bytes as
-    themselves, the others as 256 + n in order. This maps those characters back to bytes."""
-    if not _BYTE_OF_CHAR:
-        keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-        shifted = 0
-        for b in range(256):
-            if b in keep:
-                _BYTE_OF_CHAR[chr(b)] = b
-            else:
-                _BYTE_OF_CHAR[chr(256 + shifted)] = b
-                shifted += 1
-    return _BYTE_OF_CHAR
-
-
-def token_bytes(tokenizer, token_id: int) -> bytes:
-    alphabet = _byte_level_alphabet()
-    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
-    if all(ch in alphabet for ch in piece):
-        return bytes(alphabet[ch] for ch in piece)
-    return tokenizer.decode([token_id]).encode("utf-8")  # not byte-level: its text
 
 
 def token_text(tokenizer, token_id: int) -> str:

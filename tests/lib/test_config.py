@@ -108,6 +108,10 @@ def test_validate_lists_every_problem_for_library_callers():
     assert TrainingConfig(block_size=128, short_context=64).problems() == []
     with pytest.raises(ConfigError, match=r"--short-context-until must be in \(0, 1\]"):
         TrainingConfig(short_context=64, short_context_until=0).validate()
+    for sized in (dict(vocab_size=300), dict(tokenizer="t")):  # char sizes its own vocabulary
+        with pytest.raises(ConfigError, match="--tokenizer-type char sizes its own vocabulary"):
+            TrainingConfig(tokenizer_type="char", **sized).validate()
+    assert TrainingConfig.from_args(parse("--tokenizer-type", "char")).tokenizer_type == "char"
 
 
 def test_the_preset_shape_can_be_overridden():

@@ -19,6 +19,7 @@ import torch
 from lib.config import PRESETS, REPO_ROOT, TrainingConfig
 from lib.data import bundled_documents
 from lib.modeling import build_model
+from lib.tokenizer import load_tokenizer
 from lib.training import train
 from lib.training.callbacks import flops_per_token, peak_flops
 from lib.training.loop import accumulate_gradients, cut_rows
@@ -225,6 +226,20 @@ def test_a_short_cli_run_works_with_the_default_warmup(corpus, tmp_path):
 def test_streaming_source_trains_with_its_own_tokenizer(corpus, tmp_path):
     result = train(small_config(corpus, tmp_path / "run", streaming=True, max_steps=3))
     assert result.steps == 3 and (result.checkpoint / "tokenizer.json").exists()
+
+
+def test_char_level_run_sizes_the_model_to_its_tokenizer(corpus, tmp_path):
+    """--tokenizer-type char: a character-level tokenizer trained on the split, a model whose
+    vocabulary is the tokenizer's rounded up to 64, and bits/byte on the same scale as BPE's."""
+    result = train(small_config(corpus, tmp_path / "char", vocab_size=None, tokenizer_type="char"))
+    tokenizer = load_tokenizer(result.checkpoint)
+    model = json.loads((result.checkpoint / "config.json").read_text())
+    assert len(tokenizer) > 257 and model["vocab_size"] == -(-len(tokenizer) // 64) * 64
+    assert tokenizer.convert_ids_to_tokens(tokenizer("мир")["input_ids"]) == ["м", "и", "р"]
+    card = json.loads((result.checkpoint / "training_card.json").read_text())
+    assert card["config"]["tokenizer_type"] == "char"
+    # untrained-ish after 8 steps, but a real figure: about ln(vocab) nats per ~1.8-byte character
+    assert 1.0 < card["val_bits_per_byte"] < 8.0
 
 
 def test_mfu_formula_and_peaks():
