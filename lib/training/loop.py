@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
+from lib.allocator import keep_freed_memory
 from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, native_bf16
 from lib.data import (
     DataSplits,
@@ -488,6 +489,7 @@ def train(config: TrainingConfig) -> TrainResult:
 
     Checks every setting before any work (`TrainingConfig.validate`: a `ConfigError` lists every
     problem) and fills in the defaults that follow others (`TrainingConfig.resolved`)."""
+    keep_freed_memory()  # every step reuses the last one's memory instead of faulting in new pages
     a = build_training_artifacts(config.resolved(launched_processes()))
     cfg, st, ctx = a.config, a.state, a.ctx
     say = print if ctx.is_main else (lambda *_, **__: None)

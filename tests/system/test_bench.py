@@ -65,6 +65,18 @@ def test_precision_bench_times_each_precision_and_muon():
 
 
 @slow
+def test_allocator_bench_times_each_allocator_in_its_own_process():
+    out = run_script("bench/allocator_bench.py", "--steps", "1", "--rounds", "1")
+    rows = table_rows(out)
+    names = [r[0] for r in rows]
+    assert names[:2] == [
+        "glibc malloc as it comes",
+        "glibc malloc keeping freed memory (training's)",
+    ]
+    assert all(float(c.replace(",", "")) > 0 for r in rows for c in r[1:])
+
+
+@slow
 def test_heldout_eval_measures_at_the_training_or_a_given_context(tmp_path):
     from lib.modeling import read_card
     from tests.helpers import CHECKPOINT
