@@ -4,8 +4,8 @@
 
 An allocator setting lasts for the process, so each configuration runs in a fresh interpreter;
 rounds alternate them so drift of the machine hits all of them. Each child times an element-wise
-operation on a fresh 1024 × 8,192 tensor (the shape of a step's logits) and a training step of the
-`make train-baseline` model (`tiny` at width 128, fp32, our Muon) at batch 4 × 256 and 16 × 64.
+operation on a fresh 1024 × 8,192 tensor (the shape of a step's logits) and a training step of
+`tiny` at width 128 with its 8,192-token vocabulary (fp32, our Muon) at batch 4 × 256 and 16 × 64.
 
     python bench/allocator_bench.py --steps 15 --rounds 2
 """

@@ -117,7 +117,7 @@ def test_playground_loads_metadata_and_generates_russian(page, server_url):
     page.goto(server_url + "/")
     page.wait_for_selector("#model-info[data-state='loaded']")
     assert page.text_content("#model-id") == "ru-gpt-tiny"
-    assert "3,401,856" in page.text_content("#model-info")
+    assert "1,350,400" in page.text_content("#model-info")
 
     streamed = generate(
         page, stream=True
