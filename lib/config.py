@@ -31,13 +31,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "default"
 EOS_TOKEN = "<|endoftext|>"
 
-# The serving engine's batching defaults: `GenerationEngine` (lib/inference/engine.py), its process
-# (engine_process.py) and the service's ML_SERVICE_MAX_BATCH_SIZE, BATCH_WAIT_MS and MAX_QUEUE
-# settings. Kept here, not in engine.py, because the service's settings import no torch.
-ENGINE_MAX_BATCH_SIZE = 64  # most sequences decoded together (1 disables batching)
-ENGINE_MAX_WAIT_S = 0.0  # how long the first request to an idle engine waits for company
-ENGINE_MAX_QUEUE = 256  # most requests waiting for a batch row; more are refused at once
-
 
 @dataclass(frozen=True)
 class ModelPreset:

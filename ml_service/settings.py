@@ -12,12 +12,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lib.config import (
-    DEFAULT_CHECKPOINT,
-    ENGINE_MAX_BATCH_SIZE,
-    ENGINE_MAX_QUEUE,
-    ENGINE_MAX_WAIT_S,
-)
+from lib.config import DEFAULT_CHECKPOINT
+from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 
 
 class Settings(BaseSettings):

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.config import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.generation import (
     DecodeBatch,
     GenerationFailed,
@@ -43,6 +42,7 @@ from lib.inference.generation import (
     GenerationRequest,
     GenerationResult,
 )
+from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from lib.config import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.engine import (
     EngineObserver,
     EngineStopped,
@@ -55,6 +54,7 @@ from lib.inference.engine import (
     _settle,
 )
 from lib.inference.generation import GenerationParams, GenerationRequest, GenerationResult
+from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.onnx_model import onnx_model_file, resolve_backend
 from lib.inference.service import InferenceService, checkpoint_sha256, served_directory
 

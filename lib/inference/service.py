@@ -21,13 +21,7 @@ from pathlib import Path
 import torch
 
 from lib import __version__
-from lib.config import (
-    DEFAULT_CHECKPOINT,
-    ENGINE_MAX_BATCH_SIZE,
-    ENGINE_MAX_QUEUE,
-    ENGINE_MAX_WAIT_S,
-    get_preset,
-)
+from lib.config import DEFAULT_CHECKPOINT, get_preset
 from lib.inference.engine import EngineObserver, GenerationEngine, PreparedPrompt
 from lib.inference.generation import (
     GenerationFailed,
@@ -42,6 +36,7 @@ from lib.inference.generation import (
     generate,
     run_to_end,
 )
+from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.onnx_model import OnnxCausalLM, onnx_dir, resolve_backend
 from lib.inference.scoring import (
     TextScore,

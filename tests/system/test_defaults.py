@@ -10,9 +10,10 @@ import re
 import subprocess
 import sys
 
-from lib.config import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S, REPO_ROOT
+from lib.config import REPO_ROOT
 from lib.inference import GenerationEngine, GenerationParams, InferenceService
 from lib.inference.engine_process import EngineProcess, EngineSpec
+from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.modeling import default_generation_config, render_model_card, sample_params
 from ml_service.backend.schemas import GenerationOptions, parameter_ranges
 from ml_service.batching import MicroBatcher
