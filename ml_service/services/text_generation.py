@@ -180,3 +180,29 @@ class TextGenerationService(CheckpointService):
 
     def limits(self) -> dict:
         return {**super().limits(), "max_new_tokens": self.max_new_tokens()}
+
+    # -- what the OpenAI routes read of the loaded model (ml_service/backend/openai_*.py): this
+    # public surface, so that the HTTP layer never reaches into `self.inference` (vLLM's serving
+    # classes ask their engine client for the tokenizer the same way)
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer: its chat template, text to ids and back, token text."""
+        return self.inference.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.inference.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inference.vocab_size
+
+    def prepare_ids(self, ids: list[int], params: GenerationParams) -> PreparedPrompt:
+        """A prompt given as token ids, checked (PromptTooLong, InvalidTokens) and ready to
+        queue."""
+        return self.inference.prepare_ids(ids, params)
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list:
+        """The prompt's own log-probabilities (None for its first token), each with its `top`
+        alternatives; blocking (run it in a thread)."""
+        return self.inference.prompt_logprobs(ids, top)
