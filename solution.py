@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.config import DEFAULT_CHECKPOINT, PRESETS, TrainingConfig
 from lib.export_onnx import export_onnx
-from lib.inference import GenerationEngine, GenerationParams, InferenceService
-from lib.inference.engine_process import EngineProcess, EngineSpec
+from lib.inference import EngineSpec, GenerationEngine, GenerationParams, InferenceService
+from lib.inference.engine_process.client import EngineProcess
 from lib.inference.onnx_model import OnnxCausalLM
+from lib.presets import DEFAULT_CHECKPOINT, PRESETS
 from lib.training import train
+from lib.training.config import TrainingConfig
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings, get_settings
 

@@ -6,10 +6,10 @@
 
 The checkpoint lands in OUTPUT_DIR/final; serve it with `make serve-trained CHECKPOINT=OUTPUT_DIR/final`.
 Resumable training state is kept in OUTPUT_DIR/checkpoints/step-NNNNNNN.
-Every option is a field of lib.config.TrainingConfig (same defaults and checks from Python);
---warmup-steps and --eval-every follow --max-steps unless given. W&B reads WANDB_PROJECT and
-WANDB_MODE here (online when WANDB_API_KEY is set, else offline), and --onnx-exporter-python
-ML_ONNX_EXPORTER_PYTHON; flags override them.
+Every option is a field of lib.training.config.TrainingConfig (same defaults and checks from
+Python); --warmup-steps and --eval-every follow --max-steps unless given. W&B reads
+WANDB_PROJECT and WANDB_MODE here (online when WANDB_API_KEY is set, else offline), and
+--onnx-exporter-python ML_ONNX_EXPORTER_PYTHON; flags override them.
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ import sys
 from collections.abc import Mapping
 
 # light imports only: the arguments are parsed and checked before torch/transformers load
-from lib.config import (
-    ConfigError,
-    TrainingConfig,
-    add_config_arguments,
-    launched_world_size,
-    parse_count,
-    parse_duration,
-)
+from lib.cli import add_config_arguments, parse_count, parse_duration
+from lib.training.config import ConfigError, TrainingConfig, launched_world_size
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_count", "parse_duration"]
 
@@ -49,7 +43,8 @@ def environment_defaults(environ: Mapping[str, str]) -> dict:
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """The options, one per `TrainingConfig` field (lib/config.py: defaults, help and checks)."""
+    """The options, one per `TrainingConfig` field (lib/training/settings.py: defaults and help;
+    lib/training/config.py: checks)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -20,11 +20,12 @@ import time
 
 import torch
 
-from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import GenerationParams, InferenceService
 from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
-from lib.inference.generation import DecodeBatch, GenerationRequest, encode_prompts
+from lib.inference.generation import DecodeBatch, GenerationRequest
+from lib.inference.prompts import encode_prompts
+from lib.presets import DEFAULT_CHECKPOINT
 
 PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
 

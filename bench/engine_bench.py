@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from lib.config import DEFAULT_CHECKPOINT
 from lib.inference import GenerationParams, InferenceService
+from lib.presets import DEFAULT_CHECKPOINT
 
 PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
 

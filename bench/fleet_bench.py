@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.serving.systems import free_port  # noqa: E402
-from lib.config import DEFAULT_CHECKPOINT  # noqa: E402
+from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
 START, END = "<!-- fleet_bench:start -->", "<!-- fleet_bench:end -->"
 

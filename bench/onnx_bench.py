@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.engine_bench import run as engine_run  # noqa: E402
-from lib.config import DEFAULT_CHECKPOINT  # noqa: E402
 from lib.export_onnx import CARD_FILE  # noqa: E402
 from lib.inference import InferenceService  # noqa: E402
+from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
 MODELS = {
     "default": DEFAULT_CHECKPOINT,

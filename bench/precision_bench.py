@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.config import PRESETS, native_bf16  # noqa: E402
 from lib.modeling import build_model  # noqa: E402
+from lib.presets import PRESETS  # noqa: E402
+from lib.training.config import native_bf16  # noqa: E402
 from lib.training.loop import accumulate_gradients  # noqa: E402
 from lib.training.optim import build_optimizer, split_parameters  # noqa: E402
 

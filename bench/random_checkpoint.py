@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lib.config import DEFAULT_CHECKPOINT, PRESETS
+from lib.checkpoint import save_checkpoint
 from lib.inference import InferenceService
-from lib.modeling import save_checkpoint
+from lib.presets import DEFAULT_CHECKPOINT, PRESETS
 
 
 def main(argv=None) -> Path:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.config import TrainingConfig, get_preset  # noqa: E402
 from lib.modeling import build_model  # noqa: E402
+from lib.presets import get_preset  # noqa: E402
 from lib.training.callbacks import flops_per_token, peak_flops  # noqa: E402
+from lib.training.config import TrainingConfig  # noqa: E402
 from lib.training.loop import build_training_artifacts, train_step  # noqa: E402
 
 

@@ -7,7 +7,7 @@ The graph comes from Hugging Face's maintained exporter (`optimum-onnx`, task
 exporter pins `transformers<4.58` while the product runs transformers 5, so it runs in its own
 environment (`make onnx-venv` builds `.venv-onnx`; `--exporter-python`, by default
 $ML_ONNX_EXPORTER_PYTHON, names another interpreter), as a subprocess reading the checkpoint
-directory. Everything after it runs here:
+directory (`lib/onnx_exporter.py`). Everything after it runs here:
 
 1. **Parity** with PyTorch, on a batch of prompts of different lengths, right-padded: the largest
    absolute logit difference over the real positions must be within `--tolerance`, and greedy
@@ -30,24 +30,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lib.onnx_exporter import ExportError, exporter_python, exporter_versions, run_exporter
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXPORTER_VENV = REPO_ROOT / ".venv-onnx"  # `make onnx-venv`
-EXPORTER_PACKAGES = ("optimum-onnx", "optimum", "transformers", "torch", "onnx")
 CARD_FILE = "onnx_card.json"
 TOLERANCE = 1e-4  # the largest absolute logit difference fp32 ONNX may show against PyTorch
 PARITY_PROMPTS = (
@@ -71,70 +68,11 @@ COPIED_FILES = (  # what serving needs beside the graph (the tokenizer, the card
 )
 
 
-class ExportError(RuntimeError):
-    """The exporter is missing or failed, or the exported model does not match PyTorch."""
-
-
-def exporter_python(named: str | None = None) -> str:
-    """The interpreter that runs optimum-onnx: the one the caller `named` (the command lines'
-    --exporter-python / --onnx-exporter-python, which default to $ML_ONNX_EXPORTER_PYTHON), else
-    `.venv-onnx`'s, else this one if it has the exporter."""
-    if named:
-        if not Path(named).exists():
-            raise ExportError(
-                f"the ONNX exporter's interpreter {named} does not exist (named by "
-                "--exporter-python or ML_ONNX_EXPORTER_PYTHON)"
-            )
-        return named
-    venv = EXPORTER_VENV / "bin" / "python"
-    if venv.exists():
-        return str(venv)
-    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.exporters.onnx"):
-        return sys.executable
-    raise ExportError(
-        "the ONNX exporter (optimum-onnx) is not installed: `make onnx-venv` builds .venv-onnx "
-        "with it (it pins transformers<4.58, so it lives apart from the product's environment)"
-    )
-
-
-def exporter_versions(python: str) -> dict:
-    code = (
-        "import json, importlib.metadata as m\n"
-        f"names = {list(EXPORTER_PACKAGES)!r}\n"
-        "out = {}\n"
-        "for n in names:\n"
-        "    try: out[n] = m.version(n)\n"
-        "    except m.PackageNotFoundError: pass\n"
-        "print(json.dumps(out))\n"
-    )
-    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
-def run_exporter(
-    checkpoint: Path, out: Path, python: str, opset: int | None = None, optimize: str | None = None
-) -> None:
-    """optimum-onnx's `export onnx` for text generation with the KV cache, into `out`
-    (`optimize`: its ONNX Runtime graph optimization level, O1-O3)."""
-    cmd = [python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
-    cmd += ["--model", str(checkpoint), "--task", "text-generation-with-past"]
-    if opset is not None:
-        cmd += ["--opset", str(opset)]
-    if optimize is not None:
-        cmd += ["--optimize", optimize]
-    cmd.append(str(out))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0 or not (out / "model.onnx").is_file():
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-        raise ExportError(f"optimum-onnx failed to export {checkpoint.name}:\n{tail}")
-
-
 # -- checks ---------------------------------------------------------------------------------------
 def _padded(tokenizer, prompts: Sequence[str]):
     import torch
 
-    from lib.inference.generation import encode_prompts
+    from lib.inference.prompts import encode_prompts
 
     ids = encode_prompts(tokenizer, prompts)
     width = max(map(len, ids))
@@ -238,8 +176,8 @@ def export_onnx(
     import onnx
     import onnxruntime
 
+    from lib.checkpoint import checkpoint_sha256
     from lib.inference.onnx_model import ONNX_FILES, OnnxCausalLM
-    from lib.inference.service import checkpoint_sha256
     from lib.modeling import install_directory, load_model, read_card
     from lib.tokenizer import load_tokenizer
 

@@ -23,8 +23,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from lib.config import DEFAULT_CHECKPOINT, REPO_ROOT
 from lib.inference import EngineObserver, GenerationParams, InferenceService
+from lib.presets import DEFAULT_CHECKPOINT, REPO_ROOT
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 

@@ -6,7 +6,7 @@ DeepSpeed partitions optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters
 
 from __future__ import annotations
 
-from lib.config import TrainingConfig
+from lib.training.config import TrainingConfig
 
 
 def deepspeed_config(config: TrainingConfig) -> dict:

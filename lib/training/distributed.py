@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lib.config import MODES as MODES  # the choices live with the settings
-from lib.config import launched_world_size
+from lib.training.config import launched_world_size
+from lib.training.settings import MODES as MODES  # the choices live with the settings
 
 
 @dataclass

@@ -24,7 +24,6 @@ import transformers
 from tqdm.auto import tqdm
 
 from lib.allocator import keep_freed_memory
-from lib.config import EXPORT_RESERVE_S, ModelPreset, TrainingConfig, native_bf16
 from lib.data import (
     DataSplits,
     bits_per_byte,
@@ -45,6 +44,7 @@ from lib.modeling import (
     save_checkpoint,
     unwrap_model,
 )
+from lib.presets import ModelPreset
 from lib.tokenizer import load_tokenizer, train_char_tokenizer, train_tokenizer
 from lib.training.callbacks import (
     Callback,
@@ -56,6 +56,7 @@ from lib.training.callbacks import (
     flops_per_token,
     peak_flops,
 )
+from lib.training.config import EXPORT_RESERVE_S, TrainingConfig, native_bf16
 from lib.training.distributed import (
     DistContext,
     cleanup,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lib.config import TrainingConfig
+from lib.training.config import TrainingConfig
 
 GIB = 1024**3
 

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from lib.config import OPTIMIZERS as OPTIMIZERS  # the choices live with the settings
-from lib.config import native_bf16
+from lib.training.config import native_bf16
+from lib.training.settings import OPTIMIZERS as OPTIMIZERS  # the choices live with the settings
 
 
 def split_parameters(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from lib.config import SCHEDULES as SCHEDULES  # the choices live with the settings
+from lib.training.settings import SCHEDULES as SCHEDULES  # the choices live with the settings
 
 
 def lr_multiplier(

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 
 # resident memory after a 256 MB tensor is written and freed, in MB, and what the call returned
 PROBE = """

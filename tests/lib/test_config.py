@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import (
-    REPO_ROOT,
-    ConfigError,
-    TrainingConfig,
-    cli_flag,
-    launched_world_size,
-    native_bf16,
-    parse_count,
-    parse_duration,
-)
+from lib.cli import cli_flag, parse_count, parse_duration
+from lib.presets import REPO_ROOT
+from lib.training.config import ConfigError, TrainingConfig, launched_world_size, native_bf16
 from train_distributed import build_parser, config_from_args
 
 
@@ -250,7 +243,7 @@ def test_the_environment_is_read_at_the_edge():
 
 
 def test_library_code_never_reads_the_onnx_exporters_variable(monkeypatch, tmp_path):
-    from lib.export_onnx import ExportError, exporter_python
+    from lib.onnx_exporter import ExportError, exporter_python
 
     missing = str(tmp_path / "python")
     monkeypatch.setenv("ML_ONNX_EXPORTER_PYTHON", missing)

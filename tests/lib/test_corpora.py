@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-from lib.config import REPO_ROOT
 from lib.corpora import (
     clean_message,
     fetch_cataclysm,
@@ -19,6 +18,7 @@ from lib.corpora import (
     fortune_texts,
 )
 from lib.data import fetch_ru_proverbs, load_documents
+from lib.presets import REPO_ROOT
 
 CORPORA_FETCHED = sorted((REPO_ROOT / ".cache/corpus").glob("*.txt"))  # make corpus
 

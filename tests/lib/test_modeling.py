@@ -1,12 +1,12 @@
-"""The model presets (`lib.config.PRESETS`, built by `lib.modeling`): GPT-2's published sizes."""
+"""The model presets (`lib.presets.PRESETS`, built by `lib.modeling`): GPT-2's published sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lib.config import PRESETS
 from lib.modeling import build_model, count_parameters
+from lib.presets import PRESETS
 
 # GPT-2 sizes as published by OpenAI / Hugging Face (tied embeddings counted once)
 EXPECTED_PARAMETERS = {

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
 from ml_service.contract import (

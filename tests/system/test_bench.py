@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # the bench package
 slow = pytest.mark.slow  # subprocesses that load the model
@@ -78,7 +78,7 @@ def test_allocator_bench_times_each_allocator_in_its_own_process():
 
 @slow
 def test_heldout_eval_measures_at_the_training_or_a_given_context(tmp_path):
-    from lib.modeling import read_card
+    from lib.checkpoint import read_card
     from tests.helpers import CHECKPOINT
 
     heldout = tmp_path / "proverbs.txt"

@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings
 

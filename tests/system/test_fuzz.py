@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 from tests.helpers import CHECKPOINT, running_server
 
 pytestmark = pytest.mark.slow

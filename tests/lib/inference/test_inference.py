@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.config import DEFAULT_CHECKPOINT
+from lib.checkpoint import read_card
 from lib.inference import GenerationParams, InferenceService, PromptTooLong
-from lib.modeling import read_card
+from lib.presets import DEFAULT_CHECKPOINT
 from tests.helpers import CHECKPOINT, is_russian
 
 GREEDY = GenerationParams(max_new_tokens=20, temperature=0)

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from lib.config import REPO_ROOT
-from lib.export_onnx import CARD_FILE, PARITY_PROMPTS, ExportError, export_onnx, exporter_python
+from lib.checkpoint import checkpoint_sha256
+from lib.export_onnx import CARD_FILE, PARITY_PROMPTS, export_onnx
 from lib.inference import GenerationParams, InferenceService
 from lib.inference.onnx_model import OnnxCausalLM, OnnxModelError
-from lib.inference.service import checkpoint_sha256
+from lib.onnx_exporter import ExportError, exporter_python
+from lib.presets import REPO_ROOT
 from ml_service.backend.app import create_app
 from ml_service.settings import Settings
 from tests.helpers import (

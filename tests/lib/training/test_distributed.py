@@ -10,9 +10,9 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
-from lib.config import REPO_ROOT
 from lib.data import bundled_documents, load_documents, prepare_data, split_documents
 from lib.inference import GenerationParams, InferenceService
+from lib.presets import REPO_ROOT
 from lib.training.loop import evaluate
 
 pytestmark = pytest.mark.slow

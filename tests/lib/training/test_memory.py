@@ -7,8 +7,9 @@ import resource
 
 import pytest
 
-from lib.config import TrainingConfig, get_preset
 from lib.modeling import build_model, count_parameters
+from lib.presets import get_preset
+from lib.training.config import TrainingConfig
 from lib.training.memory import count_meta_parameters, estimate_memory
 
 
@@ -61,7 +62,7 @@ def test_the_cli_prints_the_estimate_and_trains_nothing(tmp_path):
     import subprocess
     import sys
 
-    from lib.config import REPO_ROOT
+    from lib.presets import REPO_ROOT
 
     out = tmp_path / "run"
     r = subprocess.run(

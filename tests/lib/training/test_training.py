@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lib.config import PRESETS, REPO_ROOT, native_bf16
 from lib.data import DataSplits, bundled_documents, tokenize_and_pack
 from lib.inference import GenerationParams, InferenceService
 from lib.modeling import build_model
+from lib.presets import PRESETS, REPO_ROOT
 from lib.tokenizer import load_tokenizer, token_byte_lengths
+from lib.training.config import native_bf16
 from lib.training.loop import evaluate, heldout_figures
 from lib.training.optim import Muon, build_optimizer
 from lib.training.schedulers import lr_multiplier

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.config import PRESETS, REPO_ROOT, TrainingConfig
 from lib.data import bundled_documents
 from lib.modeling import build_model
+from lib.presets import PRESETS, REPO_ROOT
 from lib.tokenizer import load_tokenizer
 from lib.training import train
 from lib.training.callbacks import flops_per_token, peak_flops
+from lib.training.config import TrainingConfig
 from lib.training.loop import accumulate_gradients, cut_rows
 from lib.training.state import complete_checkpoints, latest_checkpoint, load_training_state
 

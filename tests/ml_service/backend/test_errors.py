@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 from ml_service.backend import errors
 from ml_service.backend.app import create_app
 from ml_service.hosting import ReloadFailed, VersionNotFound, VersionNotLoaded

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 from tests.helpers import CHECKPOINT, is_russian, running_server
 
 pytestmark = pytest.mark.slow

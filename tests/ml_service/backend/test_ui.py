@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from lib.config import REPO_ROOT
+from lib.presets import REPO_ROOT
 from ml_service.backend.ui import STATIC_DIR, install_ui
 
 
