@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ml_service.settings import Settings
+from ml_service.validation import pydantic_errors
 
 ENTRY_POINT_GROUP = "ml_service.services"
 DEFAULT_SERVICE = "text-generation"
@@ -161,8 +162,6 @@ class ModelService(ABC):
 
     def split_batch(self, batch_request: BaseModel) -> list[BaseModel]:
         """The single requests inside a /forward_batch body."""
-        from ml_service.backend.errors import pydantic_errors  # (it imports this module)
-
         items = getattr(batch_request, self.batch_field)
         self.check_batch_size(len(items))
         out = []

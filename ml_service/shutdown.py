@@ -8,10 +8,11 @@ import signal
 import threading
 
 from lib.inference import EngineStopped
-from ml_service.backend.errors import SHUTTING_DOWN
 from ml_service.hosting import ModelHost
 
 log = logging.getLogger("ml_service")
+# what the requests ended at the end of the grace are told (errors.py's `ShuttingDown` says it too)
+SHUTTING_DOWN = "the service is shutting down"
 
 
 class ShutdownGrace:

@@ -30,12 +30,13 @@ from ml_service.backend.schemas import ErrorResponse
 from ml_service.batching import PredictionFailed
 from ml_service.contract import InvalidInput
 from ml_service.hosting import VersionError, VersionNotLoaded
+from ml_service.shutdown import SHUTTING_DOWN
 from ml_service.traffic import BadSplit
+from ml_service.validation import pydantic_errors
 
 log = logging.getLogger("ml_service")
 OPENAI_PREFIX = "/v1/"
 MODEL_FAILED = "модель не смогла обработать данные"
-SHUTTING_DOWN = "the service is shutting down"
 
 
 class ServiceError(Exception):
@@ -278,44 +279,6 @@ class HTTPError(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return self._headers
-
-
-# the names pydantic gives the members of a union in an error's `loc` without brackets
-_UNION_TAGS = {"str", "int", "float", "bool", "bytes", "dict", "list", "tuple", "set", "none"}
-
-
-def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
-    """Readable, JSON-safe errors: where and what, without echoing large inputs back. `loc` is
-    the field's path in the body: pydantic's tags for union members (`function-after[...]`,
-    `list[TextPart]`, `str`) are left out, and a member that did not even match the input's type
-    (`Input should be a valid string` for a list) is left out where another member says more."""
-
-    def is_tag(x) -> bool:
-        return isinstance(x, str) and (
-            x in _UNION_TAGS or "[" in x or "(" in x or x.startswith("constrained-")
-        )
-
-    found = []
-    for e in exc.errors():
-        raw = [x for x in e.get("loc", ()) if x != "body"]
-        kind = e.get("type", "value_error")
-        # a union member whose type the input does not have: its error is at the member's tag
-        wrong_member = bool(raw) and is_tag(raw[-1]) and kind.endswith("_type")
-        msg = e.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's prefix
-        loc = [str(x) for x in raw if not is_tag(x)]
-        found.append((loc, msg, kind, wrong_member))
-    out, unmatched = [], {}  # unmatched: loc -> the error listing the members that did not match
-    for loc, msg, kind, wrong_member in found:
-        if wrong_member and any(o[: len(loc)] == loc and not w for o, _, _, w in found):
-            continue  # another member of this union matched the input and says what is wrong
-        if wrong_member and tuple(loc) in unmatched:  # no member matched: one error lists them
-            unmatched[tuple(loc)]["msg"] += " or " + msg.removeprefix("Input should be ")
-            continue
-        error = {"loc": loc, "msg": msg, "type": kind}
-        if wrong_member:
-            unmatched[tuple(loc)] = error
-        out.append(error)
-    return out
 
 
 EXPECTED = (
