@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lib.checkpoint import load_model, read_card  # noqa: E402
 from lib.data import DataSplits, heldout_sets, load_documents, split_documents, tokenize_and_pack  # noqa: E402
-from lib.modeling import load_model, read_card  # noqa: E402
 from lib.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
 from lib.training.loop import evaluate, heldout_figures  # noqa: E402
 

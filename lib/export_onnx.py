@@ -32,7 +32,6 @@ import argparse
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -41,6 +40,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lib.metrics import bits_per_byte
 from lib.onnx_exporter import ExportError, exporter_python, exporter_versions, run_exporter
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,14 @@ def logit_difference(reference, candidate, tokenizer, prompts: Sequence[str]) ->
 
 def greedy_texts(model, tokenizer, prompts: Sequence[str], tokens: int = GREEDY_TOKENS) -> list:
     """Greedy continuations by our engine's batch decoder over `model` (torch or ONNX)."""
-    from lib.inference.generation import GenerationParams, generate
+    from lib.inference.generation import generate
+    from lib.inference.types import GenerationParams
 
     params = [GenerationParams(max_new_tokens=tokens, temperature=0)] * len(prompts)
     return [r.text for r in generate(model, tokenizer, list(prompts), params)]
 
 
-def bits_per_byte(model, tokenizer, texts: Sequence[str], batch: int = 16) -> float:
+def texts_bits_per_byte(model, tokenizer, texts: Sequence[str], batch: int = 16) -> float:
     """Bits per UTF-8 byte of `texts`, each scored alone behind its end-of-text token."""
     from lib.inference.scoring import score_texts
 
@@ -114,7 +115,7 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch: int = 16) -> fl
         for s in score_texts(model, tokenizer, texts[i : i + batch]):
             nll -= s.log_likelihood
             total += s.num_bytes
-    return nll / math.log(2) / total
+    return bits_per_byte(nll, total)
 
 
 def held_out_texts(
@@ -221,8 +222,8 @@ def export_onnx(
             "texts": described,
             "documents": len(texts),
             "bytes": sum(len(t.encode()) for t in texts),
-            "torch_fp32": round(bits_per_byte(torch_model, tokenizer, texts), 4),
-            "onnx_fp32": round(bits_per_byte(onnx_fp32, tokenizer, texts), 4),
+            "torch_fp32": round(texts_bits_per_byte(torch_model, tokenizer, texts), 4),
+            "onnx_fp32": round(texts_bits_per_byte(onnx_fp32, tokenizer, texts), 4),
         }
         files = {"fp32": ONNX_FILES["fp32"]}
         quantized = None
@@ -237,7 +238,7 @@ def export_onnx(
             )
             onnx_int8 = OnnxCausalLM(tmp, "int8")
             got8 = greedy_texts(onnx_int8, tokenizer, PARITY_PROMPTS)
-            quality["onnx_int8"] = round(bits_per_byte(onnx_int8, tokenizer, texts), 4)
+            quality["onnx_int8"] = round(texts_bits_per_byte(onnx_int8, tokenizer, texts), 4)
             files["int8"] = ONNX_FILES["int8"]
             quantized = {
                 "method": "onnxruntime dynamic quantization: int8 weights per output channel, "

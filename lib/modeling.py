@@ -1,24 +1,14 @@
-"""Build GPT-2 causal LMs from presets; save and load Hugging Face-format checkpoints.
+"""Build GPT-2 causal LMs from presets, and what a checkpoint's model card says about one.
 
-A checkpoint directory holds config.json, generation_config.json, model.safetensors, the tokenizer
-files and a training card (training_card.json + README.md). Plain `transformers` loads it.
-Saves are atomic: everything is written to a temporary sibling directory that is renamed into place.
+Reading, loading and (atomically) saving checkpoint directories is lib/checkpoint.py's job.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from lib.config import ModelPreset
-
-CARD_FILE = "training_card.json"
+from lib.presets import ModelPreset
 
 
 def model_config(
@@ -117,64 +107,14 @@ def sample_params(seed: int = SAMPLE_SEED):
     return GenerationParams(max_new_tokens=SAMPLE_TOKENS, seed=seed)
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer, out_dir: str | Path, card: dict) -> Path:
-    """Write a complete HF-format checkpoint atomically (temp dir + rename); return its path."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model = unwrap_model(model)
-        model.generation_config = default_generation_config(tokenizer.eos_token_id)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / CARD_FILE).write_text(
-            json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-        )
-        (tmp / "README.md").write_text(render_model_card(card), encoding="utf-8")
-        install_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
 
-def install_directory(tmp: Path, out_dir: Path) -> None:
-    """Put the finished directory `tmp` (a sibling of `out_dir`) in place of `out_dir`: its files
-    synced, its mode the umask's (mkdtemp makes it 0700), then renamed; an old `out_dir` is
-    renamed away first and removed only after. A reader sees the old directory or the new one,
-    never a mixture."""
-    _fsync_dir(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> GPT2LMHeadModel:
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype or torch.float32, attn_implementation="sdpa"
-    )
-    return model.to(device).eval()
 
 
-def read_card(path: str | Path) -> dict:
-    f = Path(path) / CARD_FILE
-    return json.loads(f.read_text(encoding="utf-8")) if f.exists() else {}
 
 
 def render_model_card(card: dict) -> str:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lib.inference import ENGINES
 from ml_service.settings import Settings
 from ml_service.validation import pydantic_errors
 
@@ -111,16 +112,8 @@ class ModelService(ABC):
         """What runs the model for queued requests (after `load()`): by default a micro-batcher
         that calls `predict` with up to `max_batch_size` inputs at a time. `observer` (a
         `lib.inference.EngineObserver`) receives the engine's events for metrics."""
-        from ml_service.batching import MicroBatcher
-
-        s = self.settings
-        return MicroBatcher(
-            self.predict,
-            max_batch_size=s.max_batch_size,
-            max_wait_s=s.batch_wait_s,
-            max_queue=s.max_queue,
-            observer=observer,
-        )
+        spec = self.settings.engine_spec()
+        return ENGINES["micro-batch"].create(spec, model=self.predict, observer=observer)
 
     def batch_limit(self) -> int:
         """Most inputs in one /forward_batch: `max_texts`, and never more than the queue holds

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ml_service.batching import Engine
+from lib.inference import Engine
 from ml_service.contract import ModelService
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
@@ -115,9 +115,7 @@ class ModelHost:
     def engines_alive(self) -> bool:
         """Whether every loaded version's engine takes requests (an engine in its own process
         is not while that process restarts after a crash)."""
-        return bool(self.current) and all(
-            getattr(v.engine, "alive", True) for v in self._engines_of()
-        )
+        return bool(self.current) and all(v.engine.alive for v in self._engines_of())
 
     def _engines_of(self) -> list[Loaded]:
         """Every loaded version (the default, the split's, the shadow), once each."""
@@ -302,13 +300,9 @@ class ModelHost:
 
     def abort(self, error: BaseException) -> None:
         """End every request still queued or running, on the current engine and on old versions'
-        that are finishing theirs, with `error` (blocking: call it off the event loop). An engine
-        without `abort` is left to finish (or to be cut off by the server)."""
-        engines = [*self._retiring_engines, *(v.engine for v in self._engines_of())]
-        for engine in engines:
-            abort = getattr(engine, "abort", None)
-            if abort is not None:
-                abort(error)
+        that are finishing theirs, with `error` (blocking: call it off the event loop)."""
+        for engine in [*self._retiring_engines, *(v.engine for v in self._engines_of())]:
+            engine.abort(error)
 
     async def stop(self, timeout: float) -> None:
         if self._retiring:

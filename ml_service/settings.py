@@ -12,8 +12,10 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lib.config import DEFAULT_CHECKPOINT
+from lib.checkpoint import LoadSpec
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.registry import ENGINES, EngineSpec
+from lib.presets import DEFAULT_CHECKPOINT
 
 
 class Settings(BaseSettings):
@@ -51,12 +53,10 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
-    engine: Literal["process", "thread", "vllm"] = Field(
+    engine: str = Field(
         "process",
-        description="what generates text: our engine in its own process (`process`: the HTTP "
-        "side and the decode loop share no GIL; a crashed engine is restarted), our engine in a "
-        "thread of the server process (`thread`), or vLLM's async engine (`vllm`: needs vLLM "
-        "installed; GPU fleets, tensor parallelism)",
+        description="what generates text, one of lib.inference.ENGINES: "
+        + ENGINES.describe(generates=True),
     )
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto",
@@ -180,12 +180,41 @@ class Settings(BaseSettings):
         """`batch_wait_ms` in seconds, as the engines take it."""
         return self.batch_wait_ms / 1000
 
+    def engine_spec(self) -> EngineSpec:
+        """What the settings ask an engine to load and how to batch it: every engine (in this
+        process, in its own, or vLLM) is built from this one spec."""
+        load = LoadSpec(
+            checkpoint=str(self.checkpoint),
+            random_preset=self.random_preset,
+            device=self.device,
+            dtype=self.dtype,
+            backend=self.backend,
+            precision=self.onnx_precision,
+            threads=self.torch_threads,
+        )
+        return EngineSpec(
+            load=load,
+            max_batch_size=self.max_batch_size,
+            max_wait_s=self.batch_wait_s,
+            max_queue=self.max_queue,
+            threads=self.torch_threads,
+            tensor_parallel=self.tensor_parallel,
+        )
+
+    @field_validator("engine")
+    @classmethod
+    def _registered_engine(cls, v: str) -> str:
+        choices = ENGINES.names(generates=True)
+        if v not in choices:
+            raise ValueError(f"engine must be one of {', '.join(choices)}, not {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _backend_fits_engine(self):
-        if self.backend == "onnxruntime" and self.engine == "vllm":
+        if self.backend == "onnxruntime" and not ENGINES[self.engine].capabilities.runs_backends:
             raise ValueError(
                 "ML_SERVICE_BACKEND=onnxruntime runs under our engine (ML_SERVICE_ENGINE=process "
-                "or thread); vLLM runs its own model"
+                f"or thread); {self.engine} runs its own model"
             )
         return self
 

@@ -233,7 +233,7 @@ class Ours(System):
 
     def unavailable(self) -> str | None:
         if self.onnx and self.checkpoint is not None:
-            from lib.inference.onnx_model import onnx_model_file
+            from lib.checkpoint import onnx_model_file
 
             try:
                 onnx_model_file(self.checkpoint, self.onnx)

@@ -27,97 +27,51 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 
-from lib.inference.generation import (
-    DecodeBatch,
-    GenerationFailed,
-    GenerationParams,
-    GenerationRequest,
-    GenerationResult,
+from lib.inference.contract import (
+    Engine,
+    EngineCapabilities,
+    EngineObserver,
+    EngineStopped,
+    send_to_loops,
 )
-from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.generation import DecodeBatch, GenerationRequest
+from lib.inference.limits import (
+    ENGINE_MAX_BATCH_SIZE,
+    ENGINE_MAX_QUEUE,
+    ENGINE_MAX_WAIT_S,
+    default_math_threads,
+)
+from lib.inference.types import GenerationFailed, GenerationResult
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(RuntimeError):
-    """The engine's queue holds `max_queue` waiting requests: come back later."""
+class GenerationEngine(Engine):
+    """Our continuous-batching engine in a thread of this process (`ML_SERVICE_ENGINE=thread`;
+    the engine process runs one too)."""
 
+    capabilities = EngineCapabilities()
+    family = "ours"
 
-class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
+    @classmethod
+    def create(cls, spec, *, model=None, observer=None) -> GenerationEngine:
+        """The engine over `model`, an `InferenceService` loaded in this process."""
+        if model is None:
+            raise ValueError("the thread engine runs a model loaded in this process: pass model=")
+        return model.create_engine(
+            max_batch_size=spec.max_batch_size,
+            max_wait_s=spec.max_wait_s,
+            max_queue=spec.max_queue,
+            observer=observer,
+            threads=spec.threads,
+        )
 
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A prompt ready for the engine: token ids (with the leading end-of-document token), params."""
-
-    ids: list[int]
-    params: GenerationParams
-
-
-class EngineObserver:
-    """Hooks for metrics; called on the decoding thread (keep them quick). Defaults do nothing."""
-
-    def on_admitted(self, request: GenerationRequest) -> None: ...
-
-    def on_step(self, batch_size: int, seconds: float) -> None: ...
-
-    def on_tokens(self, count: int, gaps: list[float]) -> None: ...
-
-    def on_finished(self, request: GenerationRequest) -> None: ...
-
-    def on_restart(self) -> None:
-        """The engine's process died and a new one took over (engine_process.py)."""
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def default_math_threads() -> int:
-    """Every core but one, which is left to the callers' side (the HTTP event loop, streaming).
-    On 2 cores that is one thread, and it measured faster than two at every load, batched or not
-    (BENCHMARKS.md): with two, each parallel region waits for the core the event loop holds.
-    (The service's settings read ML_SERVICE_TORCH_THREADS / OMP_NUM_THREADS and pass them in.)"""
-    return max(1, available_cores() - 1)
-
-
-class TrackedQueue:
-    """`running`, `waiting` and `has_room` for an engine in front of another (its own process,
-    vLLM's loop) that tracks each request until it ends (`_tracked()` of them) and counts those
-    that have started (`_running`): the others are waiting, and at most `max_queue` may wait."""
-
-    max_queue: int
-    _running: int
-
-    def _tracked(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return max(0, self._tracked() - self._running)
-
-    def has_room(self, n: int = 1) -> bool:
-        return self.waiting + n <= self.max_queue
-
-
-class GenerationEngine:
     def __init__(
         self,
         model,
@@ -130,6 +84,7 @@ class GenerationEngine:
         observer: EngineObserver | None = None,
         threads: int | None = None,
         outbox: _Outbox | None = None,
+        prompt_scorer: Callable | None = None,
     ):
         self.threads = threads or default_math_threads()  # the model's math, on the engine thread
         self.max_batch_size = max_batch_size
@@ -145,6 +100,7 @@ class GenerationEngine:
         # where a step's pieces and results go (once per step): event loops in this process,
         # or the channel to the front process (engine_process.py)
         self._outbox = outbox or _Outbox()
+        self._prompt_scorer = prompt_scorer  # InferenceService.prompt_logprobs, when it has one
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -222,42 +178,24 @@ class GenerationEngine:
             if self._closing or self._thread is None:
                 raise EngineStopped("the generation engine is not running")
             if not self.has_room(len(requests)):
-                raise QueueFull(
-                    f"{len(self._queue)} requests are waiting (the limit is {self.max_queue})"
-                )
+                raise self.queue_full()
             self._queue.extend(requests)
             self._cond.notify()
 
-    async def submit(self, item: PreparedPrompt) -> GenerationResult:
-        return (await self.submit_many([item]))[0]
-
-    async def submit_many(self, items: Sequence[PreparedPrompt]) -> list[GenerationResult]:
-        """Results for `items`, in order. Cancelling the caller cancels every one of them."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
-        requests = [
-            GenerationRequest(
-                item.ids, item.params, on_done=self._outbox.sender(loop, _settle(fut))
-            )
-            for item, fut in zip(items, futures, strict=True)
-        ]
+    def _enqueue(self, items, loop, delivers, streamed: bool) -> list[GenerationRequest]:
+        requests = []
+        for item, deliver in zip(items, delivers, strict=True):
+            send = self._outbox.sender(loop, deliver)
+            on_text = send if streamed else None
+            requests.append(GenerationRequest(item.ids, item.params, on_text=on_text, on_done=send))
         self.enqueue(requests)
-        try:
-            return list(await asyncio.gather(*futures))
-        finally:
-            for r in requests:
-                r.cancel()  # a no-op for finished ones; the rest leave the batch (client gone)
+        return requests
 
-    def stream(self, item: PreparedPrompt) -> TokenStream:
-        """Queue `item` now (QueueFull/EngineStopped are raised here, before any response
-        starts); iterate the result for pieces of text, then the `GenerationResult`."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        put = self._outbox.sender(loop, events.put_nowait)
-        request = GenerationRequest(item.ids, item.params, on_text=put, on_done=put)
-        self.enqueue([request])
-        return TokenStream(request, events)
+    def prompt_logprobs(self, ids, top: int = 0):
+        """The model's scoring of a prompt (`InferenceService.prompt_logprobs`), under its lock."""
+        if self._prompt_scorer is None:
+            return super().prompt_logprobs(ids, top)
+        return self._prompt_scorer(ids, top)
 
     # -- the decoding thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -328,48 +266,6 @@ class GenerationEngine:
         self._outbox.flush()
 
 
-class TokenStream:
-    """Pieces of text (str) as they are generated, then the final `GenerationResult`.
-
-    A reader that falls behind gets what piled up as one piece (so a busy server sends fewer,
-    larger events instead of a backlog of one-token ones); the pieces always add up to the text.
-    Closing it early (the client went away) cancels the sequence."""
-
-    def __init__(self, request: GenerationRequest, events: asyncio.Queue):
-        self.request = request
-        self._events = events
-
-    def __aiter__(self) -> AsyncIterator[str | GenerationResult]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[str | GenerationResult]:
-        try:
-            while True:
-                event = await self._events.get()
-                while isinstance(event, str) and not self._events.empty():
-                    following = self._events.get_nowait()
-                    if not isinstance(following, str):
-                        yield event
-                        event = following
-                        break
-                    event += following
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, GenerationResult):
-                    return
-        finally:
-            self.request.cancel()
-
-    def cancel(self) -> None:
-        self.request.cancel()
-
-    def interrupt(self, error: BaseException) -> None:
-        """End the stream now with `error` (call on its event loop); the sequence is cancelled."""
-        self.request.cancel()
-        self._events.put_nowait(error)
-
-
 class _Outbox:
     """Deliveries from the decoding thread to event loops, sent once per step: one
     `call_soon_threadsafe` per loop carries every piece and result the step produced for it."""
@@ -391,27 +287,4 @@ class _Outbox:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for loop, fn, item in pending:
             by_loop.setdefault(loop, []).append((fn, item))
-        for loop, calls in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, calls)
-            except RuntimeError:  # that loop is closed: its callers are gone
-                pass
-
-
-def _deliver(calls: list) -> None:
-    for fn, item in calls:
-        fn(item)
-
-
-def _settle(fut: asyncio.Future) -> Callable:
-    """Settle `fut` with a result or an exception (on its loop)."""
-
-    def settle(outcome) -> None:
-        if fut.done():
-            return
-        if isinstance(outcome, BaseException):
-            fut.set_exception(outcome)
-        else:
-            fut.set_result(outcome)
-
-    return settle
+        send_to_loops(by_loop)

@@ -19,165 +19,24 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
+from lib.inference.prompts import check_fits, check_tokens, encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
+from lib.inference.types import (
+    GenerationFailed,
+    GenerationParams,
+    GenerationResult,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 NON_FINITE = "the model's probabilities for this sequence were not finite (NaN or infinity)"
-MAX_LOGPROBS = 20  # the most alternatives a row may ask for (OpenAI's top_logprobs limit)
-
-
-class PromptTooLong(ValueError):
-    """The prompt plus the requested new tokens do not fit in the model's context; `index` is the
-    prompt's place in its batch."""
-
-    def __init__(self, msg: str, index: int = 0):
-        super().__init__(msg)
-        self.index = index
-
-
-class InvalidTokens(ValueError):
-    """A token id outside the model's vocabulary [0, vocab_size), in a prompt given as ids or in a
-    `logit_bias`; `index` is the prompt's place in its batch."""
-
-    def __init__(self, msg: str, index: int = 0):
-        super().__init__(msg)
-        self.index = index
-
-
-class GenerationFailed(RuntimeError):
-    """The model raised while processing valid input."""
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """One row's decoding parameters. The defaults of the OpenAI-style fields (presence and
-    frequency penalties, logit bias, ignore_eos, logprobs) change nothing and cost nothing.
-
-    Order on a step's logits: the multiplicative repetition penalty (prompt and generated tokens),
-    then `logit[t] += logit_bias[t] - presence_penalty * (count[t] > 0) - frequency_penalty *
-    count[t]`, where count[t] is how often t occurs among the tokens GENERATED so far (not the
-    prompt: vLLM's rule), then temperature, top-k, top-p. `logit_bias` is (token id, bias) pairs
-    (a mapping is accepted too; an id given twice keeps its last bias); OpenAI's -100 effectively
-    bans a token and +100 forces it. `ignore_eos`: the end-of-document token is never chosen (as
-    before `min_new_tokens`). `logprobs` (0..MAX_LOGPROBS, None: not asked): the result carries
-    each generated token's log-probability and that many best alternatives, from the model's RAW
-    logits of that step (before penalties, bias, temperature and the end-of-document ban: vLLM's
-    default)."""
-
-    max_new_tokens: int = 64
-    # the end-of-document token is forbidden before this many tokens (at most max_new_tokens):
-    # a model trained on short texts often ends a continuation after its first short sentence
-    min_new_tokens: int = 10
-    temperature: float = 0.8  # 0 means greedy
-    top_p: float = 0.95
-    top_k: int = 50  # 0 disables
-    repetition_penalty: float = 1.1
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.logit_bias:  # normalised: (int, float) pairs, one per token id
-            pairs = (
-                self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
-            )
-            bias = {int(t): float(b) for t, b in pairs}
-            object.__setattr__(self, "logit_bias", tuple(bias.items()))
-        elif not isinstance(self.logit_bias, tuple):
-            object.__setattr__(self, "logit_bias", ())
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be within 0..{MAX_LOGPROBS}, not {self.logprobs}")
-
-
-@dataclass
-class TokenLogprob:
-    """A token's natural-log probability under the model's raw logits, and the `top` most likely
-    tokens of that position as (token id, logprob), best first (as many as were asked)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class GenerationResult:
-    """`token_ids`: the generated ids, without a final end-of-document token; `logprobs` (None
-    unless the params asked; a request cancelled before it ever ran may carry None or [] even if it
-    asked): one entry per id of `token_ids`, aligned with it. Both count every
-    generated token, those whose text a stop string cut off included (`completion_tokens` does
-    too), so `text` can be shorter than the decoded `token_ids`."""
-
-    text: str
-    finish_reason: str  # "length" | "stop" | "eos" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-
-    def to_dict(self) -> dict:
-        """Plain data (JSON-ready): what a response cache stores."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GenerationResult:
-        logprobs = data.get("logprobs")
-        return cls(
-            text=data["text"],
-            finish_reason=data["finish_reason"],
-            prompt_tokens=data["prompt_tokens"],
-            completion_tokens=data["completion_tokens"],
-            token_ids=list(data["token_ids"]),
-            logprobs=None
-            if logprobs is None
-            else [
-                TokenLogprob(e["token_id"], e["logprob"], [tuple(t) for t in e["top"]])
-                for e in logprobs
-            ],
-        )
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt behind a leading EOS, which marks a document start in training."""
-    return [[tokenizer.eos_token_id] + ids for ids in tokenizer(list(prompts))["input_ids"]]
-
-
-def check_tokens(
-    prompt_ids: Sequence[Sequence[int]], params: Sequence[GenerationParams], vocab: int
-) -> None:
-    """Every prompt id and every `logit_bias` id is a token of the vocabulary [0, vocab), else
-    InvalidTokens (ids from a tokenizer always are: this checks ids that came from outside)."""
-    for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
-        for what, tokens in (("prompt", ids), ("logit_bias", [t for t, _ in p.logit_bias])):
-            bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < vocab)]
-            if bad:
-                raise InvalidTokens(
-                    f"{what} token id {bad[0]!r} is outside the vocabulary [0, {vocab})", index=i
-                )
-
-
-def check_fits(
-    prompt_ids: Sequence[list[int]], params: Sequence[GenerationParams], context: int
-) -> None:
-    """Prompt tokens + max_new_tokens <= context: the leading end-of-document token takes one
-    position, and the last new token is never fed back, so it needs none."""
-    for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
-        if len(ids) - 1 + p.max_new_tokens > context:
-            raise PromptTooLong(
-                f"prompt of {len(ids) - 1} tokens + max_new_tokens {p.max_new_tokens} "
-                f"exceeds the context of {context} tokens (the service never truncates silently)",
-                index=i,
-            )
 
 
 @dataclass(eq=False)

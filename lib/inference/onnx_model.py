@@ -33,63 +33,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lib.checkpoint import onnx_model_file
 from lib.inference.decoder import SlotCache, UnsupportedModel
+from lib.inference.limits import default_math_threads
 
 log = logging.getLogger(__name__)
-
-ONNX_DIR = "onnx"  # where `make export-onnx` writes, inside the checkpoint directory
-ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}  # precision -> file
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 class OnnxModelError(ValueError):
     """An ONNX file that ONNX Runtime cannot load, or whose inputs and outputs do not match the
     checkpoint's config.json (a corrupt or mismatched export)."""
-
-
-def onnx_dir(path: str | Path) -> Path | None:
-    """The directory holding the ONNX export of the checkpoint at `path`: `path` itself when it
-    has an ONNX model (an ONNX-only directory), else its `onnx/` subdirectory when that has one."""
-    path = Path(path)
-    for candidate in (path, path / ONNX_DIR):
-        if any((candidate / f).is_file() for f in ONNX_FILES.values()):
-            return candidate
-    return None
-
-
-def has_torch_weights(path: str | Path) -> bool:
-    path = Path(path)
-    return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-
-
-def resolve_backend(path: str | Path, backend: str = "auto") -> str:
-    """`torch` or `onnxruntime` for the checkpoint at `path`: `auto` picks torch where there are
-    torch weights and ONNX Runtime for a directory that only has an ONNX model."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if backend != "auto":
-        return backend
-    if not has_torch_weights(path) and onnx_dir(path) is not None:
-        return "onnxruntime"
-    return "torch"
-
-
-def onnx_model_file(path: str | Path, precision: str = "fp32") -> Path:
-    """The ONNX file that serves the checkpoint at `path` in `precision`, or FileNotFoundError
-    that says how to make it."""
-    if precision not in ONNX_FILES:
-        raise ValueError(
-            f"ONNX precision must be one of {', '.join(ONNX_FILES)}, not {precision!r}"
-        )
-    found = onnx_dir(path)
-    file = (found or Path(path) / ONNX_DIR) / ONNX_FILES[precision]
-    if not file.is_file():
-        how = "make export-onnx CHECKPOINT=<dir>" + (" INT8=1" if precision == "int8" else "")
-        raise FileNotFoundError(
-            f"no {precision} ONNX model for checkpoint {Path(path).name!r} "
-            f"(expected {ONNX_DIR}/{ONNX_FILES[precision]}); export it with `{how}`"
-        )
-    return file
 
 
 def session_options(threads: int):
@@ -117,8 +70,6 @@ class OnnxCausalLM:
     def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None):
         import onnxruntime as ort
         from transformers import AutoConfig
-
-        from lib.inference.engine import default_math_threads
 
         self.file = onnx_model_file(path, precision)
         self.precision = precision

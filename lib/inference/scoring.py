@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.inference.generation import PromptTooLong, TokenLogprob, encode_prompts
+from lib.inference.prompts import encode_prompts
+from lib.inference.types import PromptTooLong, TokenLogprob
+from lib.metrics import bits_per_byte
 
 
 @dataclass
@@ -27,7 +29,7 @@ class TextScore:
 
     @property
     def bits_per_byte(self) -> float:
-        return -self.log_likelihood / math.log(2) / max(self.num_bytes, 1)
+        return bits_per_byte(-self.log_likelihood, self.num_bytes)
 
 
 def check_scorable(tokenizer, texts: Sequence[str], context: int) -> list[list[int]]:

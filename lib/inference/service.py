@@ -10,7 +10,6 @@ batch uses them better than concurrent calls would.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import operator
 import threading
@@ -19,25 +18,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lib import __version__
-from lib.config import DEFAULT_CHECKPOINT, get_preset
-from lib.inference.engine import EngineObserver, GenerationEngine, PreparedPrompt
-from lib.inference.generation import (
-    GenerationFailed,
-    GenerationParams,
-    GenerationResult,
-    InvalidTokens,
-    PromptTooLong,
-    TokenLogprob,
-    check_fits,
-    check_tokens,
-    encode_prompts,
-    generate,
-    run_to_end,
+from lib.checkpoint import (
+    LoadSpec,
+    checkpoint_sha256,
+    load_model,
+    onnx_model_file,
+    read_card,
+    resolve_backend,
+    served_directory,
 )
+from lib.inference.contract import EngineObserver
+from lib.inference.engine import GenerationEngine
+from lib.inference.generation import generate, run_to_end
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
-from lib.inference.onnx_model import OnnxCausalLM, onnx_dir, resolve_backend
+from lib.inference.onnx_model import OnnxCausalLM
+from lib.inference.prompts import check_fits, check_tokens, encode_prompts
 from lib.inference.scoring import (
     TextScore,
     check_scorable,
@@ -45,65 +43,20 @@ from lib.inference.scoring import (
     score_texts,
     token_logprobs,
 )
-from lib.modeling import TRAINING_FIGURES, build_model, count_parameters, load_model, read_card
+from lib.inference.types import (
+    GenerationFailed,
+    GenerationParams,
+    GenerationResult,
+    InvalidTokens,
+    PreparedPrompt,
+    PromptTooLong,
+    TokenLogprob,
+)
+from lib.modeling import TRAINING_FIGURES, build_model, count_parameters
+from lib.presets import DEFAULT_CHECKPOINT, get_preset
 from lib.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-# The files that decide what a checkpoint computes (weights, architecture, tokenizer, generation
-# defaults); its card and README describe it and stay out of its content hash.
-CHECKPOINT_FILE_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer*.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "*.onnx",  # an ONNX export (lib/export_onnx.py) served by ONNX Runtime
-)
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The content files of the checkpoint at `path`, in a fixed (sorted) order."""
-    path = Path(path)
-    found = {f for pattern in CHECKPOINT_FILE_PATTERNS for f in path.glob(pattern) if f.is_file()}
-    return sorted(found, key=lambda f: f.name)
-
-
-def checkpoint_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """A SHA-256 over the checkpoint's content files (each file's name, size and bytes, streamed
-    in chunks): the same files give the same hash wherever the directory is."""
-    digest = hashlib.sha256()
-    for f in checkpoint_files(path):
-        digest.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-        with f.open("rb") as stream:
-            while chunk := stream.read(chunk_bytes):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def served_directory(
-    path: str | Path, backend: str = "auto", device: str = "cpu", dtype: torch.dtype | None = None
-) -> Path:
-    """The directory whose files serve the checkpoint at `path` with `backend`: `path` for torch,
-    its ONNX export's directory for ONNX Runtime. FileNotFoundError / ValueError say what is
-    missing or not supported, before anything loads."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {path} (expected config.json, model.safetensors, tokenizer files)"
-        )
-    if resolve_backend(path, backend) == "torch":
-        return path
-    if str(device) != "cpu" or dtype not in (None, torch.float32):
-        raise ValueError(
-            "the onnxruntime backend runs fp32 (or its int8 file) on the CPU here; on a GPU or in "
-            "bfloat16 serve with the torch or vllm engine (HOW_TO_USE.md, ONNX)"
-        )
-    return onnx_dir(path) or path / "onnx"
 
 
 class InferenceService:
@@ -117,8 +70,12 @@ class InferenceService:
         card: dict | None = None,
         random_baseline: bool = False,
         checkpoint_sha256: str | None = None,
+        device: str | None = None,
+        runtime: dict | None = None,
     ):
         self.model = model.eval()
+        self._device = device  # where the weights run, when they are not here (meta)
+        self._runtime = runtime  # what runs them, when it is not this model (ONNX elsewhere)
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.source = source  # where it was loaded from (a server path: never in metadata())
@@ -128,6 +85,52 @@ class InferenceService:
         self._lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: LoadSpec, /, *, weights: bool = True, **extra) -> InferenceService:
+        """The model `spec` names (lib/checkpoint.py), run by torch or by ONNX Runtime. Without
+        `weights`: the tokenizer, the checkpoint's identity and the model's shape only (its
+        weights on torch's meta device: no memory), which is what the server's process holds
+        when the engine loads the weights itself (its own process, vLLM). `extra` goes to the
+        constructor (a subclass's own arguments)."""
+        if spec.random_preset:
+            return cls._random(spec.random_preset, spec, weights=weights, **extra)
+        path = Path(spec.checkpoint or DEFAULT_CHECKPOINT)
+        dtype = spec.torch_dtype
+        served = served_directory(path, spec.backend, spec.device, dtype)
+        onnx = resolve_backend(path, spec.backend) == "onnxruntime"
+        t0 = time.perf_counter()
+        runtime = None
+        if onnx and weights:
+            model = OnnxCausalLM(served, spec.precision, threads=spec.threads)
+        elif onnx or not weights:
+            if onnx:  # missing: the error here, before an engine starts
+                file = onnx_model_file(path, spec.precision).name
+                runtime = {
+                    "backend": "onnxruntime",
+                    "precision": spec.precision,
+                    "model_file": file,
+                }
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(served)))
+            model = model.to(dtype)
+        else:
+            model = load_model(path, device=spec.device, dtype=dtype)
+        tokenizer = load_tokenizer(served)
+        card = read_card(served) or read_card(path)
+        sha256 = checkpoint_sha256(served)  # once per load
+        log.info("loaded %s (sha256 %s) in %.2fs", served, sha256, time.perf_counter() - t0)
+        return cls(
+            model,
+            tokenizer,
+            model_id=card.get("model_id") or path.name,
+            source=str(path),
+            card=card,
+            checkpoint_sha256=sha256,
+            device=None if weights else spec.device,
+            runtime=runtime,
+            **extra,
+        )
+
     @classmethod
     def from_checkpoint(
         cls,
@@ -141,46 +144,46 @@ class InferenceService:
         """The checkpoint at `path`, run by torch or by ONNX Runtime (`backend`: `auto` serves
         an ONNX-only directory with ONNX Runtime); `precision` picks the ONNX file (fp32, int8)
         and `threads` ONNX Runtime's math threads (torch's are the engine's to set)."""
-        path = Path(path)
-        served = served_directory(path, backend, device, dtype)
-        t0 = time.perf_counter()
-        if resolve_backend(path, backend) == "onnxruntime":
-            model = OnnxCausalLM(served, precision, threads=threads)
-        else:
-            model = load_model(path, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(served)
-        card = read_card(served) or read_card(path)
-        sha256 = checkpoint_sha256(served)  # once per load
-        log.info("loaded %s (sha256 %s) in %.2fs", served, sha256, time.perf_counter() - t0)
-        return cls(
-            model,
-            tokenizer,
-            model_id=card.get("model_id") or path.name,
-            source=str(path),
-            card=card,
-            checkpoint_sha256=sha256,
-        )
+        dtype_name = str(dtype or torch.float32).removeprefix("torch.")
+        spec = LoadSpec(str(path), None, device, dtype_name, backend, precision, threads)
+        return cls.from_spec(spec)
 
     @classmethod
     def random_baseline(
         cls, preset: str = "tiny", tokenizer_path: str | Path = DEFAULT_CHECKPOINT, seed: int = 0
     ) -> InferenceService:
         """A randomly initialised preset: a speed/plumbing baseline that produces gibberish."""
+        return cls._random(preset, LoadSpec(random_preset=preset), tokenizer_path, seed)
+
+    @classmethod
+    def _random(
+        cls,
+        preset: str,
+        spec: LoadSpec,
+        /,
+        tokenizer_path: str | Path = DEFAULT_CHECKPOINT,
+        seed: int = 0,
+        weights: bool = True,
+        **extra,
+    ) -> InferenceService:
         tokenizer = load_tokenizer(tokenizer_path)
-        model = build_model(
-            get_preset(preset),
-            vocab_size=max(len(tokenizer), get_preset(preset).vocab_size),
-            eos_token_id=tokenizer.eos_token_id,
-            seed=seed,
-        )
-        log.warning("serving a RANDOMLY INITIALISED %s model: its output is noise", preset)
+        shape = get_preset(preset)
+        vocab = max(len(tokenizer), shape.vocab_size)
+        with torch.device("meta" if not weights else "cpu"):
+            model = build_model(
+                shape, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, seed=seed
+            )
+        if weights:
+            log.warning("serving a RANDOMLY INITIALISED %s model: its output is noise", preset)
         return cls(
-            model,
+            model.to(spec.torch_dtype) if not weights else model,
             tokenizer,
             model_id=f"random-{preset}",
             source=f"random:{preset}",
             card={"preset": preset},
             random_baseline=True,
+            device=None if weights else spec.device,
+            **extra,
         )
 
     # -- properties ---------------------------------------------------------------------------
@@ -194,6 +197,8 @@ class InferenceService:
 
     @property
     def device(self) -> torch.device:
+        if self._device is not None:
+            return torch.device(self._device)
         return self.model.device
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -258,6 +263,7 @@ class InferenceService:
             lock=self._lock,
             observer=observer,
             threads=threads,
+            prompt_scorer=self.prompt_logprobs,
         )
 
     # -- generation ---------------------------------------------------------------------------
@@ -317,6 +323,8 @@ class InferenceService:
     def runtime(self) -> dict:
         """What runs the model: `backend` (torch or onnxruntime), `precision` (the weights' dtype,
         or the ONNX file's fp32/int8) and `model_file` (its name, never a path)."""
+        if self._runtime is not None:
+            return dict(self._runtime)
         model = self.model
         if getattr(model, "backend", "torch") == "onnxruntime":
             return {

@@ -1,4 +1,4 @@
-"""vLLM as the generation engine (`ML_SERVICE_ENGINE=vllm`): the surface of `GenerationEngine`.
+"""vLLM as the generation engine (`ML_SERVICE_ENGINE=vllm`), on the engine contract (contract.py).
 
 The HTTP side (validation, tokenisation, limits, errors, metrics, logs) stays ours; generation goes
 to vLLM's async engine (`vllm.v1.engine.async_llm.AsyncLLM`): paged attention, tensor parallelism
@@ -65,17 +65,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib.inference.engine import (
+from lib.inference.contract import (
+    Engine,
+    EngineCapabilities,
     EngineObserver,
     EngineStopped,
-    PreparedPrompt,
     QueueFull,
-    TokenStream,
-    TrackedQueue,
-    _deliver,
-    _settle,
+    send_to_loops,
 )
-from lib.inference.generation import (
+from lib.inference.registry import EngineSpec
+from lib.inference.types import (
     GenerationFailed,
     GenerationParams,
     GenerationResult,
@@ -141,8 +140,25 @@ class _Request:
             self.engine._cancel(self)
 
 
-class VLLMEngine(TrackedQueue):
-    """`GenerationEngine`'s surface over vLLM's `AsyncLLM` (see the module docstring)."""
+class VLLMEngine(Engine):
+    """The engine contract over vLLM's `AsyncLLM` (see the module docstring)."""
+
+    capabilities = EngineCapabilities(loads_model=True, runs_backends=False)
+    family = "vllm"
+
+    @classmethod
+    def create(cls, spec: EngineSpec, *, model=None, observer=None) -> VLLMEngine:
+        """vLLM over `spec`'s checkpoint (it loads the model itself: `model` is not used)."""
+        return cls(
+            spec.load.checkpoint,
+            max_batch_size=spec.max_batch_size,
+            max_queue=spec.max_queue,
+            dtype=spec.load.dtype,
+            device=spec.load.device,
+            tensor_parallel=spec.tensor_parallel,
+            observer=observer,
+            warmup=spec.warmup,
+        )
 
     def __init__(
         self,
@@ -203,8 +219,14 @@ class VLLMEngine(TrackedQueue):
         """Up and taking requests (False once vLLM's engine core has died)."""
         return self._state == "up" and not getattr(self._llm, "errored", False)
 
-    def _tracked(self) -> int:
-        return len(self._live)
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Requests started on vLLM's loop that have no first token yet."""
+        return max(0, len(self._live) - self._running)
 
     # -- life cycle -----------------------------------------------------------------------------
     def engine_args(self):
@@ -371,19 +393,14 @@ class VLLMEngine(TrackedQueue):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     # -- submitting -----------------------------------------------------------------------------
-    def _register(
-        self, items: Sequence[PreparedPrompt], loop, delivers: Sequence[Callable], streamed: bool
-    ) -> list[_Request]:
-        """Queue requests together (all or none): QueueFull or EngineStopped otherwise."""
+    def _enqueue(self, items, loop, delivers, streamed: bool) -> list[_Request]:
         with self._lock:
             if self._state != "up":
                 raise EngineStopped("the generation engine is not running")
             if getattr(self._llm, "errored", False):
                 raise EngineStopped("the vLLM engine has died; the server needs a restart")
-            if self.waiting + len(items) > self.max_queue:
-                raise QueueFull(
-                    f"{self.waiting} requests are waiting (the limit is {self.max_queue})"
-                )
+            if not self.has_room(len(items)):
+                raise self.queue_full()
             requests = []
             for item, deliver in zip(items, delivers, strict=True):
                 r = _Request(
@@ -422,29 +439,6 @@ class VLLMEngine(TrackedQueue):
         r.task.cancel()
         if not r.started:  # cancelled before its first step, its body never runs: end it here
             self._end(r, self._result(r, "", [], None, "abort", None))
-
-    async def submit(self, item: PreparedPrompt) -> GenerationResult:
-        return (await self.submit_many([item]))[0]
-
-    async def submit_many(self, items: Sequence[PreparedPrompt]) -> list[GenerationResult]:
-        """Results for `items`, in order. Cancelling the caller cancels every one of them."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
-        requests = self._register(items, loop, [_settle(f) for f in futures], streamed=False)
-        try:
-            return list(await asyncio.gather(*futures))
-        finally:
-            for r in requests:
-                if not r.finished:
-                    r.cancel()
-
-    def stream(self, item: PreparedPrompt) -> TokenStream:
-        """Queue `item` now (QueueFull/EngineStopped are raised here, before any response
-        starts); iterate the result for pieces of text, then the `GenerationResult`."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        (request,) = self._register([item], loop, [events.put_nowait], streamed=True)
-        return TokenStream(request, events)
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
         """`InferenceService.prompt_logprobs` (OpenAI's `echo` with `logprobs`) from vLLM's
@@ -590,11 +584,7 @@ class VLLMEngine(TrackedQueue):
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for r, item in pending:
             by_loop.setdefault(r.loop, []).append((r.deliver, item))
-        for loop, calls in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, calls)
-            except RuntimeError:  # that loop is closed: its callers are gone
-                pass
+        send_to_loops(by_loop)
 
 
 def _token_logprob(token_id: int, entry, k: int | None) -> TokenLogprob:

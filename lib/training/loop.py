@@ -24,6 +24,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from lib.allocator import keep_freed_memory
+from lib.checkpoint import save_checkpoint
 from lib.data import (
     DataSplits,
     bits_per_byte,
@@ -41,7 +42,6 @@ from lib.modeling import (
     build_model,
     count_parameters,
     sample_params,
-    save_checkpoint,
     unwrap_model,
 )
 from lib.presets import ModelPreset

@@ -23,11 +23,16 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lib.inference import EngineStopped, GenerationFailed, PromptTooLong, QueueFull
-from lib.inference.engine_process import EngineDied, EngineRestarting
+from lib.inference import (
+    EngineDied,
+    EngineRestarting,
+    EngineStopped,
+    GenerationFailed,
+    PromptTooLong,
+    QueueFull,
+)
 from ml_service.backend.openai_protocol import OpenAIErrorResponse
 from ml_service.backend.schemas import ErrorResponse
-from ml_service.batching import PredictionFailed
 from ml_service.contract import InvalidInput
 from ml_service.hosting import VersionError, VersionNotLoaded
 from ml_service.shutdown import SHUTTING_DOWN
@@ -291,7 +296,6 @@ EXPECTED = (
     EngineDied,
     QueueFull,
     GenerationFailed,
-    PredictionFailed,
     TimeoutError,
     StarletteHTTPException,
     VersionError,
@@ -323,7 +327,7 @@ def as_service_error(exc: BaseException) -> ServiceError:
             return ShuttingDown([{"loc": ["queue"], "msg": str(exc)}])
         case QueueFull():
             return Overloaded([{"loc": ["queue"], "msg": str(exc)}])
-        case GenerationFailed() | PredictionFailed():
+        case GenerationFailed():  # an engine's model raised on valid input (any engine)
             return ModelFailed()
         case TimeoutError():
             return GenerationTimeout()

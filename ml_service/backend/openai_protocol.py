@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from lib.inference import GenerationParams
-from lib.inference.generation import MAX_LOGPROBS as MAX_TOP_LOGPROBS  # chat's, as OpenAI: 20
+from lib.inference.types import MAX_LOGPROBS as MAX_TOP_LOGPROBS  # chat's, as OpenAI: 20
 from ml_service.backend.schemas import (
     CACHE_DOC,
     MAX_REPETITION_PENALTY,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ml_service.backend.api import read_json_object, validate_model
+from ml_service.backend.bodies import read_json_object, validated
 from ml_service.backend.errors import (
     ADMIN_ROUTE_ERRORS,
     BadRequest,
@@ -115,8 +115,9 @@ def build_ops_router() -> APIRouter:
         # clients would all reach the default version)
         current = host.current if host.started else None
         if current is not None and not host.engines_alive():
-            # our engine process is replaced after a crash; a dead vLLM engine is not
-            restarts = all(hasattr(v.engine, "restarts") for v in host.loaded.values())
+            # an engine that restarts (our engine process) is replaced after a crash; a dead
+            # engine of another kind (vLLM) is not
+            restarts = all(v.engine.capabilities.restarts for v in host.loaded.values())
             body = ReadyResponse(
                 status="restarting" if restarts else "failed",
                 model=current.service.model_id,
@@ -190,7 +191,7 @@ def build_ops_router() -> APIRouter:
         """Load the versions the split names (those not held yet), then route by it; with Redis
         the split is published and every replica applies it within a second or so. A version
         that is unknown or fails to load: 400, and the split in force stays."""
-        body = validate_model(TrafficRequest, await read_json_object(request))
+        body = validated(TrafficRequest, await read_json_object(request))
         host = request.app.state.deps.host
         if request.app.state.deps.settings.models_dir is None:
             raise BadRequest.one("split", "a traffic split needs ML_SERVICE_MODELS_DIR (versions)")
@@ -234,4 +235,4 @@ def _traffic(request: Request, shared: bool) -> TrafficResponse:
 async def _reload_body(request: Request) -> ReloadRequest:
     if not await request.body():
         return ReloadRequest()
-    return validate_model(ReloadRequest, await read_json_object(request))
+    return validated(ReloadRequest, await read_json_object(request))

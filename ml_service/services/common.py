@@ -3,23 +3,8 @@
 from __future__ import annotations
 
 from lib.inference import InferenceService
-from lib.inference.engine_process import EngineSpec, load_engine_service
+from lib.inference.engine_process.worker import load_engine_service
 from ml_service.contract import InvalidInput, ModelService
-
-
-def engine_spec(settings) -> EngineSpec:
-    """What the settings ask to load and how to batch it (the engine process's spec)."""
-    return EngineSpec(
-        checkpoint=str(settings.checkpoint),
-        random_preset=settings.random_preset,
-        device=settings.device,
-        dtype=settings.dtype,
-        backend=settings.backend,
-        precision=settings.onnx_precision,
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.batch_wait_s,
-        threads=settings.torch_threads,
-    )
 
 
 def load_inference(settings) -> InferenceService:
@@ -27,7 +12,7 @@ def load_inference(settings) -> InferenceService:
     loaded here as the engine process loads it (with one CPU thread in the calling thread: the
     engine's thread does the serving math, and a second OpenMP pool left by this thread would
     slow every decode step down; see `lib/inference/engine.py`)."""
-    return load_engine_service(engine_spec(settings))
+    return load_engine_service(settings.engine_spec())
 
 
 def check_text_length(text: str, limit: int, loc: str = "text") -> None:

@@ -1,10 +1,11 @@
 """The text-generation service: continue a text with a GPT-2-family checkpoint.
 
-Its engine is `lib`'s continuous-batching `GenerationEngine`: concurrent requests share decoding
-steps, each row with its own parameters, and `/forward` can stream (`"stream": true`). By default
-(`ML_SERVICE_ENGINE=process`) the engine runs in a process of its own (`EngineProcess`) and this
-process keeps only the tokenizer and the model's shape (`FrontendInference`); with `thread`, or
-with an `InferenceService` handed in (the tests), it runs in a thread of this process."""
+Its engine is the one `ML_SERVICE_ENGINE` names in `lib.inference.ENGINES`, built from the
+settings' one `EngineSpec`. By default (`process`) that is `lib`'s continuous-batching engine in a
+process of its own, and this process keeps only the tokenizer and the model's shape
+(`FrontendInference`); with `thread`, or with an `InferenceService` handed in (the tests), it runs
+in a thread of this process; `vllm` is vLLM's. Concurrent requests share decoding steps, each row
+with its own parameters, and `/forward` can stream (`"stream": true`)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import json
 from dataclasses import asdict
 
 from lib.inference import (
-    GenerationEngine,
+    ENGINES,
+    Engine,
     GenerationParams,
     GenerationResult,
+    InferenceService,
     PreparedPrompt,
     PromptTooLong,
 )
-from lib.inference.engine_process import EngineProcess, EngineSpec, FrontendInference
+from lib.inference.frontend import FrontendInference
 from ml_service.backend.schemas import (
     Completion,
     ForwardBatchRequest,
@@ -30,7 +33,7 @@ from ml_service.backend.schemas import (
     parameter_ranges,
 )
 from ml_service.contract import InvalidInput
-from ml_service.services.common import CheckpointService, check_text_length, engine_spec
+from ml_service.services.common import CheckpointService, check_text_length
 
 
 class TextGenerationService(CheckpointService):
@@ -68,54 +71,40 @@ class TextGenerationService(CheckpointService):
 
         return [build_openai_router()]
 
-    def engine_spec(self) -> EngineSpec:
-        return engine_spec(self.settings)
-
-    def load(self) -> None:
-        if self.inference is None and self.settings.engine in ("process", "vllm"):
-            # the weights live in the engine (its process, or vLLM): here only the tokenizer
-            self.inference = FrontendInference.load(self.engine_spec())
-        super().load()
+    def __init__(self, settings, inference: InferenceService | None = None):
+        super().__init__(settings, inference)
+        self._model_given = inference is not None  # a loaded model handed in: the thread engine
 
     @property
     def engine_kind(self) -> str:
-        """`process`, `vllm`, or `thread` (also whenever a loaded model was handed in)."""
-        if isinstance(self.inference, FrontendInference):
-            return self.settings.engine
-        return "thread"
+        """The `lib.inference.ENGINES` name of what generates: ML_SERVICE_ENGINE, or `thread`
+        whenever a model loaded elsewhere was handed in (the tests)."""
+        return "thread" if self._model_given else self.settings.engine
+
+    @property
+    def engine_class(self) -> type[Engine]:
+        return ENGINES[self.engine_kind]
+
+    def load(self) -> None:
+        if self.inference is None and self.engine_class.capabilities.loads_model:
+            # the weights live in the engine (its process, or vLLM): here only the tokenizer
+            self.inference = FrontendInference.load(self.settings.engine_spec())
+        super().load()
 
     def warmup(self) -> None:
-        if isinstance(self.inference, FrontendInference):
-            return  # the engine process warms up before it says it is ready
+        if self.engine_class.capabilities.loads_model:
+            return  # the engine warms up before it says it is ready
         self.inference.generate("Привет", GenerationParams(max_new_tokens=2, temperature=0))
 
-    def create_engine(self, observer=None) -> GenerationEngine | EngineProcess:
-        s = self.settings
-        if self.engine_kind == "vllm":
-            from lib.inference.vllm_engine import VLLMEngine  # vLLM is optional
-
-            engine = VLLMEngine(
-                s.checkpoint,
-                max_batch_size=s.max_batch_size,
-                max_queue=s.max_queue,
-                dtype=s.dtype,
-                device=s.device,
-                tensor_parallel=s.tensor_parallel,
-                observer=observer,
-            )
+    def create_engine(self, observer=None) -> Engine:
+        """The engine ML_SERVICE_ENGINE names, from the settings' one spec: over the model loaded
+        here, or loading its own (then this service's view of the model sends it its work)."""
+        engine_class = self.engine_class
+        model = None if engine_class.capabilities.loads_model else self.inference
+        engine = engine_class.create(self.settings.engine_spec(), model=model, observer=observer)
+        if isinstance(self.inference, FrontendInference):
             self.inference.engine = engine
-            return engine
-        if self.engine_kind == "process":
-            engine = EngineProcess(self.inference.spec, max_queue=s.max_queue, observer=observer)
-            self.inference.engine = engine
-            return engine
-        return self.inference.create_engine(
-            max_batch_size=s.max_batch_size,
-            max_wait_s=s.batch_wait_s,
-            max_queue=s.max_queue,
-            observer=observer,
-            threads=s.torch_threads,
-        )
+        return engine
 
     def predict(self, batch: list[PreparedPrompt]) -> list[GenerationResult]:
         """The contract's batch call (the engine above serves HTTP requests instead)."""
@@ -138,8 +127,9 @@ class TextGenerationService(CheckpointService):
             return None
         runtime = inference.runtime()  # torch or ONNX Runtime, and the precision it runs in
         numerics = f"{runtime['backend']}:{runtime['precision']}@{inference.device.type}"
-        # our engine (in a process or a thread: the same code) and vLLM sample differently
-        engine = "vllm" if self.engine_kind == "vllm" else "ours"
+        # engines of one family (ours, in a process or a thread: the same code) decode alike;
+        # another family (vLLM) samples differently
+        engine = self.engine_class.family
         identity = [inference.checkpoint_sha256, numerics, engine, list(item.ids), asdict(p)]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lib.inference import EngineStopped
+from lib.inference.micro_batch import MicroBatcher
 from ml_service.backend.errors import MODEL_FAILED
-from ml_service.batching import MicroBatcher
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.shutdown import SHUTTING_DOWN, ShutdownGrace
 from tests.helpers import app_with, read_sse, wait_for

@@ -10,13 +10,13 @@ import re
 import subprocess
 import sys
 
-from lib.config import REPO_ROOT
-from lib.inference import GenerationEngine, GenerationParams, InferenceService
-from lib.inference.engine_process import EngineProcess, EngineSpec
+from lib.inference import EngineSpec, GenerationEngine, GenerationParams, InferenceService
+from lib.inference.engine_process.client import EngineProcess
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.micro_batch import MicroBatcher
 from lib.modeling import default_generation_config, render_model_card, sample_params
+from lib.presets import REPO_ROOT
 from ml_service.backend.schemas import GenerationOptions, parameter_ranges
-from ml_service.batching import MicroBatcher
 from ml_service.settings import Settings
 
 STATIC = REPO_ROOT / "ml_service" / "static"

@@ -11,7 +11,7 @@ import torch
 from bench import hardware_bench as hb
 from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
-from lib.inference.generation import encode_prompts
+from lib.inference.prompts import encode_prompts
 from tests.helpers import CHECKPOINT
 
 

@@ -11,13 +11,14 @@ from lib.inference import (
     EngineObserver,
     GenerationFailed,
     GenerationParams,
+    GenerationResult,
     InferenceService,
     QueueFull,
 )
 from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
-from lib.inference.engine import available_cores
-from lib.inference.generation import GenerationResult, encode_prompts
+from lib.inference.limits import available_cores
+from lib.inference.prompts import encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
 from ml_service.settings import Settings
 from tests.helpers import (

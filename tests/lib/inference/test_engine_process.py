@@ -13,8 +13,17 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from lib.inference import EngineStopped, GenerationParams, GenerationResult, QueueFull
-from lib.inference.engine_process import EngineDied, EngineProcess, EngineSpec, FrontendInference
+from lib.checkpoint import LoadSpec
+from lib.inference import (
+    EngineDied,
+    EngineSpec,
+    EngineStopped,
+    GenerationParams,
+    GenerationResult,
+    QueueFull,
+)
+from lib.inference.engine_process.client import EngineProcess
+from lib.inference.frontend import FrontendInference
 from ml_service.backend.app import create_app
 from tests.helpers import CHECKPOINT, metric, wait_for, with_settings
 
@@ -95,7 +104,9 @@ def test_batches_and_streams_over_the_pipe(process_client, client):
 # -- EngineProcess on its own ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def front():
-    return FrontendInference.load(EngineSpec(checkpoint=str(CHECKPOINT), max_batch_size=1))
+    return FrontendInference.load(
+        EngineSpec(load=LoadSpec(checkpoint=str(CHECKPOINT)), max_batch_size=1)
+    )
 
 
 @pytest.fixture

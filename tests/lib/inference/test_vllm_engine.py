@@ -21,14 +21,16 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
+from lib.checkpoint import LoadSpec
 from lib.inference import (
     EngineObserver,
+    EngineSpec,
     EngineStopped,
     GenerationParams,
     GenerationResult,
     QueueFull,
 )
-from lib.inference.engine_process import EngineSpec, FrontendInference
+from lib.inference.frontend import FrontendInference
 from lib.inference.vllm_engine import MISSING_VLLM, VLLMEngine, vllm_available
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
@@ -75,7 +77,7 @@ class Recorder(EngineObserver):
 @pytest.fixture(scope="module")
 def front() -> FrontendInference:
     """The tokenizer and limits, as the server's front holds them (no weights)."""
-    return FrontendInference.load(EngineSpec(checkpoint=str(CHECKPOINT)))
+    return FrontendInference.load(EngineSpec(load=LoadSpec(checkpoint=str(CHECKPOINT))))
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
-"""The engine seam between routes and models, and a generic micro-batcher behind it.
+"""A generic micro-batcher on the engine contract (`ENGINES["micro-batch"]`).
 
-Routes talk to an `Engine`: `submit`/`submit_many` give outputs for preprocessed inputs, `has_room`
-says whether the bounded queue takes more. The text-generation service brings its own engine
-(continuous batching, `lib/inference/engine.py`, which can also `stream`); every other service gets
-the `MicroBatcher`: requests wait at most `max_wait_s` for company, and while the model works on one
-batch new requests queue up and form the next. `predict` runs in one worker thread, off the event
-loop, so the API keeps answering (health probes, metadata) while the model is busy.
+Services other than text generation run their model through it: requests wait at most
+`max_wait_s` for company, and while the model works on one batch new requests queue up and form
+the next. `predict` (a service's batch call: a list of inputs to a list of outputs) runs in one
+worker thread, off the event loop, so the API keeps answering (health probes, metadata) while the
+model is busy. It does not stream and scores no prompts (`capabilities`).
 """
 
 from __future__ import annotations
@@ -16,47 +15,45 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Protocol
+from typing import Any
 
-from lib.inference import EngineStopped, QueueFull
-from ml_service.settings import Settings
+from lib.inference.contract import Engine, EngineCapabilities, EngineStopped
+from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.types import GenerationFailed
 
-log = logging.getLogger("ml_service.batching")
-DEFAULTS = Settings.model_fields  # the service's settings hold the defaults, once
-
-
-class PredictionFailed(RuntimeError):
-    """`predict` raised for the batch this request was in."""
+log = logging.getLogger(__name__)
 
 
-class Engine(Protocol):
-    """What routes need from whatever runs the model."""
-
-    def start(self) -> None: ...
-
-    def stop(self, timeout: float = 30.0) -> None: ...
-
-    def abort(self, error: BaseException) -> None:
-        """End every queued and running request now with `error` (blocking; the app calls it,
-        off the event loop, when a shutdown's grace period is over). Optional for a service's
-        own engine: without it, what is left when the grace ends is cut off by the server."""
-
-    def has_room(self, n: int = 1) -> bool: ...
-
-    async def submit(self, item: Any) -> Any: ...
-
-    async def submit_many(self, items: Sequence[Any]) -> list[Any]: ...
+class PredictionFailed(GenerationFailed):
+    """`predict` raised for the batch this request was in (the model failed on valid input)."""
 
 
-class MicroBatcher:
+class MicroBatcher(Engine):
+    capabilities = EngineCapabilities(
+        generates=False, stream=False, prompt_logprobs=False, logprobs=False, seed=False
+    )
+
+    @classmethod
+    def create(cls, spec, *, model=None, observer=None) -> MicroBatcher:
+        """A micro-batcher over `model`, a service's `predict`."""
+        if model is None:
+            raise ValueError("the micro-batcher runs a service's predict: pass model=")
+        return cls(
+            model,
+            max_batch_size=spec.max_batch_size,
+            max_wait_s=spec.max_wait_s,
+            max_queue=spec.max_queue,
+            observer=observer,
+        )
+
     def __init__(
         self,
         predict: Callable[[list], list],
-        max_batch_size: int = DEFAULTS["max_batch_size"].default,
-        max_wait_s: float = DEFAULTS["batch_wait_ms"].default / 1000,
-        max_queue: int = DEFAULTS["max_queue"].default,
+        max_batch_size: int = ENGINE_MAX_BATCH_SIZE,
+        max_wait_s: float = ENGINE_MAX_WAIT_S,
+        max_queue: int = ENGINE_MAX_QUEUE,
         observer=None,
     ):
         self._predict = predict
@@ -78,8 +75,9 @@ class MicroBatcher:
     def running(self) -> int:
         return self._running
 
-    def has_room(self, n: int = 1) -> bool:
-        return self._queue.qsize() + n <= self.max_queue
+    @property
+    def stopped(self) -> bool:
+        return self._thread is None
 
     def start(self) -> None:
         if self._thread is None:
@@ -108,23 +106,17 @@ class MicroBatcher:
                 _settle(entry[1], error)
         self._queue.put(None)  # the worker ends after its current batch
 
-    async def submit_many(self, items: Sequence[Any]) -> list[Any]:
-        """Outputs for `items`, in order. They are queued together, so they share batches."""
+    def _enqueue(self, items, loop, delivers, streamed: bool) -> list[Future]:
         if self._thread is None or self._aborted is not None:
             raise EngineStopped("the micro-batcher is not running")
         if not self.has_room(len(items)):
-            raise QueueFull(f"{self.waiting} requests are waiting (the limit is {self.max_queue})")
+            raise self.queue_full()
         futures = [Future() for _ in items]
+        for fut, deliver in zip(futures, delivers, strict=True):
+            fut.add_done_callback(_to_loop(loop, deliver))
         for item, fut in zip(items, futures, strict=True):
             self._queue.put((item, fut))
-        try:
-            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        finally:
-            for f in futures:
-                f.cancel()  # the caller went away: queued items are skipped
-
-    async def submit(self, item: Any) -> Any:
-        return (await self.submit_many([item]))[0]
+        return futures  # cancelling one skips it if it has not started
 
     def _run(self) -> None:
         stopping = False
@@ -184,3 +176,17 @@ def _settle(fut: Future, outcome: Any) -> None:
             fut.set_exception(outcome)
         else:
             fut.set_result(outcome)
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, deliver: Callable) -> Callable[[Future], None]:
+    """A done-callback that hands a settled future's output or exception to `deliver` on `loop`
+    (a cancelled one: its caller is gone)."""
+
+    def done(fut: Future) -> None:
+        if fut.cancelled():
+            return
+        error = fut.exception()
+        with contextlib.suppress(RuntimeError):  # that loop is closed
+            loop.call_soon_threadsafe(deliver, error if error is not None else fut.result())
+
+    return done

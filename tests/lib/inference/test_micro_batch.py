@@ -1,4 +1,4 @@
-"""`ml_service.batching.MicroBatcher` on its own: which items `predict` sees together, and what each
+"""`lib.inference.micro_batch.MicroBatcher` on its own: which items `predict` sees together, and what each
 caller gets back. Batches are made deterministic with a gate: `predict` blocks on its first batch
 until the test has queued what it wants, so the next batches are taken from a known queue. No
 assertion depends on how fast anything runs; timeouts only fail a test that hangs."""
@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from lib.inference import EngineStopped, QueueFull
-from ml_service.batching import MicroBatcher, PredictionFailed
+from lib.inference.micro_batch import MicroBatcher, PredictionFailed
 from tests.helpers import until
 
 HANG = 60.0  # seconds: only a hang gets near this

@@ -1,0 +1,41 @@
+"""Prompts on their way to a model: tokenised behind the document-start token, and checked to fit
+the context and the vocabulary before any model work (the service never truncates silently)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lib.inference.types import GenerationParams, InvalidTokens, PromptTooLong
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt behind a leading EOS, which marks a document start in training."""
+    return [[tokenizer.eos_token_id] + ids for ids in tokenizer(list(prompts))["input_ids"]]
+
+
+def check_tokens(
+    prompt_ids: Sequence[Sequence[int]], params: Sequence[GenerationParams], vocab: int
+) -> None:
+    """Every prompt id and every `logit_bias` id is a token of the vocabulary [0, vocab), else
+    InvalidTokens (ids from a tokenizer always are: this checks ids that came from outside)."""
+    for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
+        for what, tokens in (("prompt", ids), ("logit_bias", [t for t, _ in p.logit_bias])):
+            bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise InvalidTokens(
+                    f"{what} token id {bad[0]!r} is outside the vocabulary [0, {vocab})", index=i
+                )
+
+
+def check_fits(
+    prompt_ids: Sequence[list[int]], params: Sequence[GenerationParams], context: int
+) -> None:
+    """Prompt tokens + max_new_tokens <= context: the leading end-of-document token takes one
+    position, and the last new token is never fed back, so it needs none."""
+    for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
+        if len(ids) - 1 + p.max_new_tokens > context:
+            raise PromptTooLong(
+                f"prompt of {len(ids) - 1} tokens + max_new_tokens {p.max_new_tokens} "
+                f"exceeds the context of {context} tokens (the service never truncates silently)",
+                index=i,
+            )
