@@ -177,9 +177,14 @@ def export_onnx(
     import onnx
     import onnxruntime
 
-    from lib.checkpoint import checkpoint_sha256
-    from lib.inference.onnx_model import ONNX_FILES, OnnxCausalLM
-    from lib.modeling import install_directory, load_model, read_card
+    from lib.checkpoint import (
+        ONNX_FILES,
+        checkpoint_sha256,
+        install_directory,
+        load_model,
+        read_card,
+    )
+    from lib.inference.onnx_model import OnnxCausalLM
     from lib.tokenizer import load_tokenizer
 
     checkpoint = Path(checkpoint)

