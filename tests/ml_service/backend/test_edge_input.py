@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from ml_service.backend.api import MAX_JSON_DEPTH, json_depth_exceeds
 from ml_service.backend.app import create_app
+from ml_service.backend.bodies import MAX_JSON_DEPTH, json_depth_exceeds
 from ml_service.services.score import ScoreService
 
 DEEP = b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}"
