@@ -96,9 +96,10 @@ test: $(STAMP) $(ONNX_STAMP) browser redis-server ## run the whole test suite (i
 test-fast: $(STAMP) ## tests without the slow ones (training, subprocess servers)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check, and the import contracts (layers, no cycles)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP) ## ruff autofix and format
 	$(BIN)/ruff check --fix .

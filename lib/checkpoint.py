@@ -7,10 +7,9 @@ it with which backend), hashes its content, reads its card, loads its torch weig
 new one atomically. Training saves through it, serving loads through it, and the ONNX exporter
 hashes through it, so the three agree on what a checkpoint is.
 
-`LoadSpec` says what to load (a checkpoint directory or a random preset, the device, dtype,
-backend and ONNX precision); it is plain picklable data, so the server's front process and the
-engine's own process build what each needs (the front: tokenizer and shape; the engine: weights)
-from the same spec (lib/inference/service.py, `InferenceService.from_spec`).
+What a server loads from a checkpoint, and how it runs it, is `lib.inference.LoadSpec`
+(`InferenceService.from_spec` reads it through this module). torch and transformers are imported
+by the functions that read or write weights only, so resolving and hashing stay light.
 """
 
 from __future__ import annotations
@@ -20,12 +19,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch and transformers load only where weights are read or written:
-    import torch  # resolving, hashing and the spec stay light for the server's settings
+if TYPE_CHECKING:
+    import torch
 
 CARD_FILE = "training_card.json"
 ONNX_DIR = "onnx"  # where `make export-onnx` writes, inside the checkpoint directory
@@ -46,26 +44,6 @@ CHECKPOINT_FILE_PATTERNS = (
     "merges.txt",
     "*.onnx",  # an ONNX export (lib/export_onnx.py) served by ONNX Runtime
 )
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What to load: a checkpoint directory, or a randomly initialised preset (a baseline), and
-    how it runs. Picklable: the engine's process receives it as it is."""
-
-    checkpoint: str | None = None  # a checkpoint directory, or
-    random_preset: str | None = None  # a randomly initialised preset (baseline only)
-    device: str = "cpu"
-    dtype: str = "float32"
-    backend: str = "auto"  # torch or onnxruntime (see resolve_backend)
-    precision: str = "fp32"  # the ONNX file the onnxruntime backend serves
-    threads: int | None = None  # ONNX Runtime's math threads (torch's are the engine's to set)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.dtype)
 
 
 # -- resolving ------------------------------------------------------------------------------------

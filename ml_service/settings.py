@@ -12,9 +12,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lib.checkpoint import LoadSpec
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
-from lib.inference.registry import ENGINES, EngineSpec
+from lib.inference.registry import ENGINES, EngineSpec, LoadSpec
 from lib.presets import DEFAULT_CHECKPOINT
 
 

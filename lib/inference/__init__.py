@@ -23,7 +23,7 @@ from lib.inference.contract import (
     TokenStream,
     Unsupported,
 )
-from lib.inference.registry import ENGINES, EngineSpec
+from lib.inference.registry import ENGINES, EngineSpec, LoadSpec
 from lib.inference.types import (
     MAX_LOGPROBS,
     GenerationFailed,
@@ -68,6 +68,7 @@ __all__ = [
     "GenerationResult",
     "InferenceService",
     "InvalidTokens",
+    "LoadSpec",
     "PreparedPrompt",
     "PromptTooLong",
     "QueueFull",

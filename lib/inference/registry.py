@@ -6,8 +6,8 @@ adding an engine is one new module (a subclass of `contract.Engine` with `create
 class as "module:Class" and import it on first use: the table itself imports no torch, and vLLM
 (optional) is imported only when it is chosen.
 
-`EngineSpec` is what every engine is built from: what to load (`lib.checkpoint.LoadSpec`, shared
-by the server's process and an engine's own process) and how to batch.
+`EngineSpec` is what every engine is built from: what to load (`LoadSpec`, shared by the server's
+process and an engine's own process) and how to batch.
 """
 
 from __future__ import annotations
@@ -15,9 +15,24 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from lib.checkpoint import LoadSpec
 from lib.inference.contract import Engine
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to load: a checkpoint directory (lib/checkpoint.py resolves it), or a randomly
+    initialised preset (a baseline), and how it runs. Picklable: the engine's process receives it
+    as it is, so the server's process (tokenizer and shape) and the engine's (weights) load from
+    the same spec."""
+
+    checkpoint: str | None = None  # a checkpoint directory, or
+    random_preset: str | None = None  # a randomly initialised preset (baseline only)
+    device: str = "cpu"
+    dtype: str = "float32"
+    backend: str = "auto"  # torch or onnxruntime (see resolve_backend)
+    precision: str = "fp32"  # the ONNX file the onnxruntime backend serves
+    threads: int | None = None  # ONNX Runtime's math threads (torch's are the engine's to set)
 
 
 @dataclass(frozen=True)

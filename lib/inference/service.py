@@ -22,7 +22,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lib import __version__
 from lib.checkpoint import (
-    LoadSpec,
     checkpoint_sha256,
     load_model,
     onnx_model_file,
@@ -36,6 +35,7 @@ from lib.inference.generation import generate, run_to_end
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.onnx_model import OnnxCausalLM
 from lib.inference.prompts import check_fits, check_tokens, encode_prompts
+from lib.inference.registry import LoadSpec
 from lib.inference.scoring import (
     TextScore,
     check_scorable,
@@ -95,7 +95,7 @@ class InferenceService:
         if spec.random_preset:
             return cls._random(spec.random_preset, spec, weights=weights, **extra)
         path = Path(spec.checkpoint or DEFAULT_CHECKPOINT)
-        dtype = spec.torch_dtype
+        dtype = getattr(torch, spec.dtype)
         served = served_directory(path, spec.backend, spec.device, dtype)
         onnx = resolve_backend(path, spec.backend) == "onnxruntime"
         t0 = time.perf_counter()
@@ -176,7 +176,7 @@ class InferenceService:
         if weights:
             log.warning("serving a RANDOMLY INITIALISED %s model: its output is noise", preset)
         return cls(
-            model.to(spec.torch_dtype) if not weights else model,
+            model.to(getattr(torch, spec.dtype)) if not weights else model,
             tokenizer,
             model_id=f"random-{preset}",
             source=f"random:{preset}",

@@ -13,13 +13,13 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from lib.checkpoint import LoadSpec
 from lib.inference import (
     EngineDied,
     EngineSpec,
     EngineStopped,
     GenerationParams,
     GenerationResult,
+    LoadSpec,
     QueueFull,
 )
 from lib.inference.engine_process.client import EngineProcess

@@ -21,13 +21,13 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
-from lib.checkpoint import LoadSpec
 from lib.inference import (
     EngineObserver,
     EngineSpec,
     EngineStopped,
     GenerationParams,
     GenerationResult,
+    LoadSpec,
     QueueFull,
 )
 from lib.inference.frontend import FrontendInference
