@@ -1,5 +1,5 @@
 """Bits per byte of a checkpoint on its own validation split and on named held-out sets, measured
-as training measures them (`lib.training.loop.evaluate`: packed blocks of the model's context,
+as training measures them (`lib.training.evaluation.evaluate`: packed blocks of the model's context,
 documents joined by the end-of-text token). Each held-out figure is followed by the part of it
 spent predicting the end-of-text token after each document: on a set of short texts (proverbs)
 that part depends on how the training documents were joined (`--join-documents`), the rest on
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib.checkpoint import load_model, read_card  # noqa: E402
 from lib.data import DataSplits, heldout_sets, load_documents, split_documents, tokenize_and_pack  # noqa: E402
 from lib.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
-from lib.training.loop import evaluate, heldout_figures  # noqa: E402
+from lib.training.evaluation import evaluate, heldout_figures  # noqa: E402
 
 
 def measure(checkpoint: Path, eval_data: list[str], block_size: int | None = None) -> dict:

@@ -25,7 +25,8 @@ from lib.modeling import build_model  # noqa: E402
 from lib.presets import get_preset  # noqa: E402
 from lib.training.callbacks import flops_per_token, peak_flops  # noqa: E402
 from lib.training.config import TrainingConfig  # noqa: E402
-from lib.training.loop import build_training_artifacts, train_step  # noqa: E402
+from lib.training.loop import train_step  # noqa: E402
+from lib.training.setup import build_training_artifacts  # noqa: E402
 
 
 def plain_loop_tokens_per_s(model, batches, lr: float) -> float:

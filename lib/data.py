@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -334,10 +333,6 @@ def fetch_ru_proverbs(dest: str | Path) -> Path:
         part.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(part, dest)
     return dest
-
-
-def bits_per_byte(total_nll_nats: float, total_bytes: float) -> float:
-    return total_nll_nats / math.log(2) / max(total_bytes, 1.0)
 
 
 def stream_documents(source: str):

@@ -1,7 +1,13 @@
-"""Things that watch a training run: time limit, preemption signals, throughput/MFU, reporting.
+"""What runs around the training steps: time limit, preemption signals, throughput/MFU,
+reporting and the progress bar here; validation (lib/training/evaluation.py), sample
+continuations (lib/training/card.py) and periodic saves (lib/training/saving.py) beside them.
 
-Each callback sees the loop's `RunState` after every step; setting `state.stop_reason` asks the
-loop to save a resumable checkpoint, export the model and exit cleanly.
+After every optimizer step the loop calls, in the order of its callbacks: `on_step_end` (watch
+the step; setting `state.stop_reason` asks the loop to save a resumable checkpoint, export the
+model and exit cleanly), then, once the ranks agree on stopping, `on_step_metrics` (add figures
+to the step's metrics: every rank calls it, so it may run collectives), then the loop logs the
+step, then `on_step_logged` (act on the logged step). `on_loop_end` comes after the last step,
+before the final save, evaluation and export; `on_train_end` always, last.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger("lib.training")
 
@@ -33,6 +40,9 @@ class RunState:
 class Callback:
     def on_train_start(self, state: RunState) -> None: ...
     def on_step_end(self, state: RunState) -> None: ...
+    def on_step_metrics(self, state: RunState) -> None: ...
+    def on_step_logged(self, state: RunState) -> None: ...
+    def on_loop_end(self, state: RunState) -> None: ...
     def on_train_end(self, state: RunState) -> None: ...
 
 
@@ -163,3 +173,38 @@ class Reporter(Callback):
             self.run.finish()
         elif self.kind == "tensorboard":
             self.run.close()
+
+
+class Progress(Callback):
+    """The progress bar (on rank 0, with --progress): a tick per logged step, with the loss, the
+    LR, tokens/s and, under a time limit, the seconds left. `write` prints a line above it."""
+
+    def __init__(self, total: int | None, deadline: float | None, enabled: bool):
+        self.total, self.deadline, self.enabled = total, deadline, enabled
+        self.bar = None
+
+    def on_train_start(self, state: RunState) -> None:
+        self.bar = tqdm(
+            total=self.total,
+            initial=0 if self.total is None else state.step,
+            desc="train",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+        )
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def on_step_logged(self, state: RunState) -> None:
+        self.bar.update(1)
+        postfix = {
+            "loss": f"{state.loss:.3f}",
+            "lr": f"{state.lr:.2e}",
+            "tok_s": f"{state.metrics.get('tokens_per_s', 0):.0f}",
+        }
+        if self.deadline:
+            postfix["left"] = f"{max(self.deadline - time.perf_counter(), 0):.0f}s"
+        self.bar.set_postfix(postfix)
+
+    def on_loop_end(self, state: RunState) -> None:
+        self.bar.close()

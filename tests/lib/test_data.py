@@ -4,14 +4,12 @@ blocks, the memory-mapped token cache, streaming, and bits per byte."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from lib.data import (
-    bits_per_byte,
     bundled_documents,
     clean_context,
     load_documents,
@@ -99,10 +97,6 @@ def test_streaming_gives_the_same_blocks_as_loading(tmp_path):
         str(src), tok, 32, 0.05, tmp_path / "cache"
     )  # cached: no second pass
     assert isinstance(again.train.stream, np.memmap)
-
-
-def test_bits_per_byte_formula():
-    assert bits_per_byte(math.log(2) * 100, 100) == pytest.approx(1.0)
 
 
 def test_training_documents_that_contain_a_held_out_one_are_dropped():

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from lib.data import bundled_documents, load_documents, prepare_data, split_documents
 from lib.inference import GenerationParams, InferenceService
 from lib.presets import REPO_ROOT
-from lib.training.loop import evaluate
+from lib.training.evaluation import evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from lib.modeling import build_model
 from lib.presets import PRESETS, REPO_ROOT
 from lib.tokenizer import load_tokenizer, token_byte_lengths
 from lib.training.config import native_bf16
-from lib.training.loop import evaluate, heldout_figures
+from lib.training.evaluation import evaluate, heldout_figures
 from lib.training.optim import Muon, build_optimizer
 from lib.training.schedulers import lr_multiplier
 from tests.helpers import CHECKPOINT

@@ -1,0 +1,84 @@
+"""What a run says about its model: the training card (training_card.json in the checkpoint) and
+the sample continuations, in the card and, every `--sample-every` steps, in the log.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+from lib.modeling import SAMPLE_SEED, count_parameters, sample_params, unwrap_model
+from lib.training.artifacts import TrainingArtifacts
+from lib.training.callbacks import Callback, RunState
+from lib.training.evaluation import heldout_figures
+
+SAMPLE_PROMPTS = ["Привет, мир!", "Москва", "Он открыл дверь и", "В начале было"]
+
+
+def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wall: float) -> dict:
+    cfg, st = a.config, a.state
+    return {
+        "model_id": cfg.run_name or Path(cfg.output_dir).name,
+        "preset": a.preset.name,
+        "parameters": count_parameters(model),
+        "data": cfg.data,
+        "train_documents": a.doc_counts[0],
+        "val_documents": a.doc_counts[1],
+        "train_documents_dropped_as_heldout": a.doc_counts[2],
+        "train_tokens": a.data.train.n_tokens,
+        "val_tokens": final["val_tokens"],
+        "vocab_size": model.config.vocab_size,
+        "block_size": a.data.train.block_size,
+        "steps": st.step,
+        "tokens_seen": st.tokens_seen,
+        "epochs": round(st.tokens_seen / max(a.data.train.n_tokens, 1), 2),
+        "wall_clock_s": round(wall, 1),
+        "val_loss": round(final["val_loss"], 4),
+        "val_bits_per_byte": round(final["val_bits_per_byte"], 4),
+        # --eval-data: bits/byte of each named held-out set (out-of-domain text)
+        "heldout_bits_per_byte": {k: round(v, 4) for k, v in heldout_figures(final).items()},
+        "stop_reason": st.stop_reason or "max_steps",
+        "resumed_from": str(a.resumed_from) if a.resumed_from else None,
+        "config": cfg.to_dict(),
+        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        if a.device.type == "cpu"
+        else torch.cuda.get_device_name(a.device),
+        "precision": a.precision,
+        "mode": cfg.mode,
+        "world_size": a.ctx.world_size,
+        # the last window's figures (all ranks' tokens; MFU against all ranks' peak, when known; a
+        # window that held an evaluation or a save is slower) and the run's mean (all of it counted)
+        "throughput": {k: st.metrics[k] for k in ("tokens_per_s", "mfu") if k in st.metrics}
+        | {"mean_tokens_per_s": round(st.tokens_seen / max(wall, 1e-9), 1)},
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "samples": sample_continuations(model, a.tokenizer),
+    }
+
+
+def sample_continuations(
+    model, tokenizer, prompts: list[str] = SAMPLE_PROMPTS, seed: int = SAMPLE_SEED
+) -> list[dict]:
+    from lib.inference.generation import generate
+
+    params = sample_params(seed)  # the serving defaults (the model card names them)
+    results = generate(model, tokenizer, prompts, [params] * len(prompts))
+    return [{"prompt": p, "completion": r.text} for p, r in zip(prompts, results, strict=True)]
+
+
+class Samples(Callback):
+    """Sample continuations of `SAMPLE_PROMPTS` every `every` steps, into the step's metrics (one
+    process only: the model is whole there)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, every: int):
+        self.model, self.tokenizer, self.every = model, tokenizer, every
+
+    def on_step_metrics(self, state: RunState) -> None:
+        if self.every and state.step % self.every == 0:
+            samples = sample_continuations(unwrap_model(self.model), self.tokenizer)
+            state.metrics["samples"] = "\n".join(
+                f"{s['prompt']} → {s['completion']}" for s in samples
+            )
