@@ -17,6 +17,7 @@ from pathlib import Path
 from lib.checkpoint import save_checkpoint
 from lib.inference import InferenceService
 from lib.presets import DEFAULT_CHECKPOINT, PRESETS
+from lib.training.card import default_generation_config
 
 
 def main(argv=None) -> Path:
@@ -38,12 +39,14 @@ def main(argv=None) -> Path:
         "note": "randomly initialised, never trained: for speed measurements only",
         "parameters": params,
     }
-    path = save_checkpoint(service.model, service.tokenizer, out, card)
-    (path / "README.md").write_text(
+    readme = (
         f"# random-{args.preset}\n\nA randomly initialised `{args.preset}` ({params:,} "
         "parameters) that was never trained: its text is noise. Written by "
-        "`bench/random_checkpoint.py` for speed measurements only.\n",
-        encoding="utf-8",
+        "`bench/random_checkpoint.py` for speed measurements only.\n"
+    )
+    generation = default_generation_config(service.tokenizer.eos_token_id)
+    path = save_checkpoint(
+        service.model, service.tokenizer, out, card, generation_config=generation, readme=readme
     )
     print(f"{path}: random {args.preset}, {params:,} parameters")
     return path

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from transformers import GenerationConfig
 
 CARD_FILE = "training_card.json"
 ONNX_DIR = "onnx"  # where `make export-onnx` writes, inside the checkpoint directory
@@ -152,22 +153,32 @@ def load_model(
     return model.to(device).eval()
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer, out_dir: str | Path, card: dict) -> Path:
-    """Write a complete HF-format checkpoint atomically (temp dir + rename); return its path."""
-    from lib.modeling import default_generation_config, render_model_card, unwrap_model
+def save_checkpoint(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    card: dict,
+    *,
+    generation_config: GenerationConfig,
+    readme: str,
+) -> Path:
+    """Write a complete HF-format checkpoint atomically (temp dir + rename); return its path.
+    The writer gives the generation defaults and the README (lib/training/card.py: they follow
+    the serving defaults, which live above this module)."""
+    from lib.modeling import unwrap_model
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         model = unwrap_model(model)
-        model.generation_config = default_generation_config(tokenizer.eos_token_id)
+        model.generation_config = generation_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / CARD_FILE).write_text(
             json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
-        (tmp / "README.md").write_text(render_model_card(card), encoding="utf-8")
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
         install_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

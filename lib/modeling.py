@@ -1,12 +1,13 @@
-"""Build GPT-2 causal LMs from presets, and what a checkpoint's model card says about one.
+"""Build GPT-2 causal LMs from presets, and the figures of a run that a checkpoint's card shows.
 
-Reading, loading and (atomically) saving checkpoint directories is lib/checkpoint.py's job.
+Reading, loading and (atomically) saving checkpoint directories is lib/checkpoint.py's job; what
+a training run writes into one (its card, README and generation defaults) is lib/training/card.py's.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lib.presets import ModelPreset
 
@@ -65,26 +66,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def default_generation_config(eos_token_id: int) -> GenerationConfig:
-    """`generate()`'s defaults in the checkpoint: the serving defaults (`GenerationParams`)."""
-    from lib.inference.generation import GenerationParams  # lib.inference imports this module
-
-    p = GenerationParams()
-    return GenerationConfig(
-        do_sample=p.temperature > 0,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        max_new_tokens=p.max_new_tokens,
-        min_new_tokens=p.min_new_tokens,
-        repetition_penalty=p.repetition_penalty,
-        bos_token_id=eos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
-    )
-
-
-SAMPLE_TOKENS, SAMPLE_SEED = 40, 0  # a training card's sample continuations
 # A run's figures in its training card, as /metadata's `training` and the model card show them:
 # what it was trained on, and what it reached
 TRAINING_DATA = ("data", "train_documents", "val_documents")
@@ -97,52 +78,3 @@ TRAINING_RESULTS = (
     "heldout_bits_per_byte",
 )
 TRAINING_FIGURES = (*TRAINING_DATA, *TRAINING_RESULTS)
-
-
-def sample_params(seed: int = SAMPLE_SEED):
-    """How a training card's sample continuations are decoded (lib/training/loop.py): the serving
-    defaults (`GenerationParams`), SAMPLE_TOKENS new tokens, a fixed seed."""
-    from lib.inference.generation import GenerationParams
-
-    return GenerationParams(max_new_tokens=SAMPLE_TOKENS, seed=seed)
-
-
-
-
-
-
-
-
-
-
-
-
-def render_model_card(card: dict) -> str:
-    lines = [
-        "---",
-        "language: ru",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "---",
-        f"# {card.get('model_id', 'GPT-2 checkpoint')}",
-        "",
-        "A GPT-2-family causal language model trained from scratch with this repository's `lib.training`.",
-        "It loads with `transformers.AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.",
-        "",
-        "| field | value |",
-        "| --- | --- |",
-    ]
-    model = ("preset", "parameters", *TRAINING_DATA, "vocab_size", "block_size")
-    for key in (*model, *TRAINING_RESULTS, "device", "torch_version", "transformers_version"):
-        if key in card and card[key] not in ({}, None):
-            value = card[key]
-            if isinstance(value, dict):  # {held-out set: bits/byte}
-                value = ", ".join(f"{k} {v}" for k, v in value.items())
-            lines.append(f"| {key} | {value} |")
-    samples = card.get("samples") or []
-    if samples:
-        p = sample_params()
-        heading = f"## Samples (temperature {p.temperature}, top-p {p.top_p}, seed {p.seed})"
-        lines += ["", heading, ""]
-        lines += [f"- **{s['prompt']}** → {s['completion']}" for s in samples]
-    return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from lib.export_onnx import export_onnx
 from lib.modeling import build_model, unwrap_model
 from lib.training.artifacts import DS_TAG, TrainingArtifacts
 from lib.training.callbacks import Callback, RunState
-from lib.training.card import training_card
+from lib.training.card import default_generation_config, render_model_card, training_card
 from lib.training.distributed import full_model_state, full_optimizer_state
 from lib.training.state import checkpoints_dir, save_training_state
 
@@ -89,12 +89,20 @@ def export_final(a: TrainingArtifacts, final: dict, wall: float, say: Callable[.
     plain = export_model(a)
     out = Path(cfg.output_dir) / "final"
     if a.ctx.is_main:
-        save_checkpoint(plain, a.tokenizer, out, training_card(a, plain, final, wall))
+        card = training_card(a, plain, final, wall)
+        save_checkpoint(
+            plain,
+            a.tokenizer,
+            out,
+            card,
+            generation_config=default_generation_config(a.tokenizer.eos_token_id),
+            readme=render_model_card(card),
+        )
         say(f"checkpoint written to {out}")
         if cfg.export_onnx:
             int8 = cfg.export_onnx == "int8"
-            card = export_onnx(out, int8=int8, python=cfg.onnx_exporter_python)
-            p = card["parity"]
+            onnx_card = export_onnx(out, int8=int8, python=cfg.onnx_exporter_python)
+            p = onnx_card["parity"]
             say(
                 f"ONNX export written to {out / 'onnx'} (max |logit diff| "
                 f"{p['max_abs_logit_difference']:.3g}, greedy identical {p['greedy_identical']})"

@@ -14,8 +14,8 @@ from lib.inference import EngineSpec, GenerationEngine, GenerationParams, Infere
 from lib.inference.engine_process.client import EngineProcess
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.micro_batch import MicroBatcher
-from lib.modeling import default_generation_config, render_model_card, sample_params
 from lib.presets import REPO_ROOT
+from lib.training.card import default_generation_config, render_model_card, sample_params
 from ml_service.backend.schemas import GenerationOptions, parameter_ranges
 from ml_service.settings import Settings
 
