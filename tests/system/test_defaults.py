@@ -1,5 +1,5 @@
 """Each default lives in one place and the others follow it: the engine's batching limits
-(lib/config.py's ENGINE_*), the generation parameters (`GenerationParams`), and what reads them
+(lib/inference/limits.py's ENGINE_*), the generation parameters (`GenerationParams`), and what reads them
 (the service's settings, the checkpoint's generation config, the training card's samples, the
 playground, which takes them from /metadata). Importing the service builds nothing heavy."""
 

@@ -377,17 +377,6 @@ class _RemoteRequest:
         self._engine._cancel([self])
 
 
-class _RemoteRequest:
-    """What a `TokenStream` cancels: a request held by the engine process."""
-
-    def __init__(self, engine: EngineProcess, rid: int):
-        self._engine = engine
-        self.rid = rid
-
-    def cancel(self) -> None:
-        self._engine._cancel([self])
-
-
 def _end(process: subprocess.Popen, timeout: float) -> bool:
     """Wait up to `timeout` for `process` to exit, else kill it; whether it exited by itself."""
     try:
