@@ -98,7 +98,7 @@ class GenerationEngine(Engine):
         self._closing = False
         self._thread: threading.Thread | None = None
         # where a step's pieces and results go (once per step): event loops in this process,
-        # or the channel to the front process (engine_process.py)
+        # or the channel to the front process (engine_process/protocol.py)
         self._outbox = outbox or _Outbox()
         self._prompt_scorer = prompt_scorer  # InferenceService.prompt_logprobs, when it has one
 

@@ -96,14 +96,14 @@ class MicroBatcher(Engine):
         (that `predict` runs on, and its outputs are dropped). The worker then ends."""
         self._aborted = error
         for fut in list(self._live):
-            _settle(fut, error)
+            _resolve(fut, error)
         while True:
             try:
                 entry = self._queue.get_nowait()
             except queue.Empty:
                 break
             if entry is not None:
-                _settle(entry[1], error)
+                _resolve(entry[1], error)
         self._queue.put(None)  # the worker ends after its current batch
 
     def _enqueue(self, items, loop, delivers, streamed: bool) -> list[Future]:
@@ -144,7 +144,7 @@ class MicroBatcher(Engine):
         self._live = [fut for _, fut in live]
         if self._aborted is not None:  # abort() came while this batch was being gathered
             for fut in self._live:
-                _settle(fut, self._aborted)
+                _resolve(fut, self._aborted)
             self._live = []
             return
         self._running = len(live)
@@ -158,7 +158,7 @@ class MicroBatcher(Engine):
         except Exception as e:
             log.exception("predict failed for a batch of %d", len(live))
             for _, fut in live:
-                _settle(fut, PredictionFailed(str(e)))
+                _resolve(fut, PredictionFailed(str(e)))
             return
         finally:
             self._running = 0
@@ -166,10 +166,10 @@ class MicroBatcher(Engine):
             if self.observer is not None:
                 self.observer.on_step(len(live), time.monotonic() - t0)
         for (_, fut), out in zip(live, outputs, strict=True):
-            _settle(fut, out)
+            _resolve(fut, out)
 
 
-def _settle(fut: Future, outcome: Any) -> None:
+def _resolve(fut: Future, outcome: Any) -> None:
     """Give `fut` its output or exception, unless it has one already (abort() came first)."""
     with contextlib.suppress(InvalidStateError):
         if isinstance(outcome, BaseException):

@@ -1,4 +1,4 @@
-"""The engine in its own process (`lib/inference/engine_process.py`, ML_SERVICE_ENGINE=process):
+"""The engine in its own process (`lib/inference/engine_process/`, ML_SERVICE_ENGINE=process):
 the same answers as the engine in a thread, backpressure decided in the front, cancellation,
 stop and abort, and an engine process that dies (killed with SIGKILL): its requests end with a
 clear error, never a hang, /ready and /metrics say so, and a new process takes over."""
