@@ -184,7 +184,7 @@ class Engine(ABC):
         `deliver` is called on `loop`: with each piece of text (str) when `streamed`, then once
         with its output or an exception."""
 
-    def _cancel(self, handles: Sequence[Cancellable]) -> None:
+    def _cancel_many(self, handles: Sequence[Cancellable]) -> None:
         """Cancel the handles of requests whose caller went away (a no-op for finished ones)."""
         for h in handles:
             h.cancel()
@@ -201,7 +201,7 @@ class Engine(ABC):
         try:
             return list(await asyncio.gather(*futures))
         finally:
-            self._cancel(handles)  # a no-op for finished ones; the rest leave (client gone)
+            self._cancel_many(handles)  # a no-op for finished ones; the rest leave (client gone)
 
     def stream(self, item: Any) -> TokenStream:
         """Queue `item` now (QueueFull/EngineStopped are raised here, before any response

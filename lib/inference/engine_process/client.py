@@ -230,7 +230,7 @@ class EngineProcess(Engine):
                 pass
         return [_RemoteRequest(self, rid) for rid in rids]
 
-    def _cancel(self, handles) -> None:
+    def _cancel_many(self, handles) -> None:
         """One message cancels every request of a departed caller still held by the engine."""
         rids = [h.rid for h in handles if h.rid in self._pending]
         if rids:
@@ -259,11 +259,6 @@ class EngineProcess(Engine):
             except (OSError, ValueError):
                 pass
         return done.result()
-
-    def _cancel(self, rids: list[int]) -> None:
-        rids = [r for r in rids if r in self._pending]
-        if rids:
-            self._send(("cancel", rids))
 
     def _send(self, message: tuple) -> None:
         with self._lock:
@@ -374,7 +369,7 @@ class _RemoteRequest:
         self.rid = rid
 
     def cancel(self) -> None:
-        self._engine._cancel([self])
+        self._engine._cancel_many([self])
 
 
 def _end(process: subprocess.Popen, timeout: float) -> bool:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from lib.inference import (
     EngineDied,
+    EngineObserver,
     EngineSpec,
     EngineStopped,
     GenerationParams,
@@ -109,9 +110,19 @@ def front():
     )
 
 
+class TokenCounter(EngineObserver):
+    """How many tokens the engine process generated (its per-step metric events)."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def on_tokens(self, count: int, gaps: list[float]) -> None:
+        self.tokens += count
+
+
 @pytest.fixture
 def engine(front):
-    engine = EngineProcess(front.spec, max_queue=1)
+    engine = EngineProcess(front.spec, max_queue=1, observer=TokenCounter())
     front.engine = engine
     engine.start()
     yield engine
@@ -134,6 +145,8 @@ def test_a_full_queue_is_refused_in_the_front_and_a_cancelled_waiter_frees_its_p
 
     first, third = asyncio.run(body())
     assert first.completion_tokens == third.completion_tokens == 200
+    # the cancelled waiter never ran: the engine generated the first's and the third's tokens only
+    assert engine.observer.tokens == 400
 
 
 def test_a_closed_stream_cancels_its_row(engine, front):
@@ -150,6 +163,7 @@ def test_a_closed_stream_cancels_its_row(engine, front):
     pieces = asyncio.run(body())
     assert len(pieces) == 3 and all(isinstance(p, str) for p in pieces)
     wait_for(lambda: engine.running == 0 and not engine._pending, "the row left the batch")
+    assert engine.observer.tokens < LONG.max_new_tokens  # it left early, cancelled
 
 
 def test_stop_finishes_what_runs_then_refuses(front):
