@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.helpers import CHECKPOINT, is_russian, running_server
+from tests.helpers import is_russian
 
 pytestmark = pytest.mark.slow
 
@@ -61,9 +61,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    with running_server(["--checkpoint", str(CHECKPOINT)]) as proc:
-        yield proc.url
+def server_url(live_server):
+    """The session's real server (tests/conftest.py): the pages only read from it."""
+    return live_server.url
 
 
 @pytest.fixture

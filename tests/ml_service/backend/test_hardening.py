@@ -15,7 +15,7 @@ from lib.checkpoint import checkpoint_sha256
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
-from tests.helpers import CHECKPOINT, app_with, running_server, with_settings
+from tests.helpers import CHECKPOINT, app_with, with_settings
 
 SHORT = {"text": "Привет", "max_new_tokens": 4}
 
@@ -99,13 +99,14 @@ def test_admin_errors_name_versions_but_show_no_paths(service, settings, version
 
 
 @pytest.mark.slow
-def test_the_real_server_sends_no_server_header_and_bounds_headers():
-    with running_server(["--checkpoint", str(CHECKPOINT)]) as proc:
-        r = httpx.get(f"{proc.url}/health", timeout=30)
-        assert r.status_code == 200 and "server" not in r.headers
-        big = httpx.get(f"{proc.url}/health", headers={"X-Big": "a" * 64 * 1024}, timeout=30)
-        assert big.status_code == 431 and "server" not in big.headers
-        assert big.json()["detail"] == "request header fields too large"
+def test_the_real_server_sends_no_server_header_and_bounds_headers(live_server):
+    """Against the session's real server (tests/conftest.py): two reads of /health."""
+    proc = live_server
+    r = httpx.get(f"{proc.url}/health", timeout=30)
+    assert r.status_code == 200 and "server" not in r.headers
+    big = httpx.get(f"{proc.url}/health", headers={"X-Big": "a" * 64 * 1024}, timeout=30)
+    assert big.status_code == 431 and "server" not in big.headers
+    assert big.json()["detail"] == "request header fields too large"
 
 
 def test_info_routes_need_a_key_when_asked(service, settings):

@@ -20,9 +20,10 @@ PROMPT = "Москва — столица"
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server(["--checkpoint", str(CHECKPOINT)]) as proc:
-        yield proc.url
+def server(live_server):
+    """The session's real server (tests/conftest.py): these clients only send it requests;
+    the test of keys and limits starts its own, with those settings."""
+    return live_server.url
 
 
 @pytest.fixture(scope="module")
