@@ -120,13 +120,27 @@ class TokenCounter(EngineObserver):
         self.tokens += count
 
 
-@pytest.fixture
-def engine(front):
+@pytest.fixture(scope="module")
+def shared_engine(front):
+    """One engine process (1 batch row, 1 queue place), started once for this module's tests
+    that only submit to it and wait until what they sent has ended (the full queue, the closed
+    stream). Safe to share: none stops, aborts or kills it, and `engine` below checks that a test
+    left nothing in it and counts each test's tokens from zero. The tests that stop, abort or
+    kill an engine start their own."""
     engine = EngineProcess(front.spec, max_queue=1, observer=TokenCounter())
-    front.engine = engine
     engine.start()
     yield engine
     engine.stop(5)
+
+
+@pytest.fixture
+def engine(shared_engine, front):
+    """The module's engine process for one test: `front` sends to it, its token count starts at
+    zero, and after the test none of the test's requests is still held by it."""
+    front.engine = shared_engine
+    shared_engine.observer.tokens = 0
+    yield shared_engine
+    wait_for(lambda: not shared_engine._pending, "the test's requests ended in the engine")
 
 
 def test_a_full_queue_is_refused_in_the_front_and_a_cancelled_waiter_frees_its_place(engine, front):
@@ -166,6 +180,7 @@ def test_a_closed_stream_cancels_its_row(engine, front):
     assert engine.observer.tokens < LONG.max_new_tokens  # it left early, cancelled
 
 
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_stop_finishes_what_runs_then_refuses(front):
     engine = EngineProcess(front.spec, max_queue=4)
     engine.start()
@@ -189,6 +204,7 @@ def test_stop_finishes_what_runs_then_refuses(front):
         asyncio.run(late())
 
 
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_abort_ends_every_request_at_once(front):
     engine = EngineProcess(front.spec, max_queue=4)
     engine.start()
@@ -208,6 +224,7 @@ def test_abort_ends_every_request_at_once(front):
     assert all(isinstance(o, EngineStopped) for o in outcomes), outcomes
 
 
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
     engine = EngineProcess(front.spec, max_queue=4)
     engine.start()
@@ -233,6 +250,7 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
         engine.stop(5)
 
 
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_over_http_a_dead_engine_is_a_503_then_ready_again(process_settings):
     settings = process_settings.model_copy(update={"max_batch_size": 1})
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
@@ -268,6 +286,7 @@ def test_over_http_a_dead_engine_is_a_503_then_ready_again(process_settings):
         assert ok.status_code == 200
 
 
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_a_reload_starts_a_new_engine_process_and_ends_the_old_one(process_settings, models_dir):
     settings = with_settings(
         process_settings, models_dir=models_dir, model_version="v2", admin_token="adm"
