@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lib.presets import REPO_ROOT
 
 # resident memory after a 256 MB tensor is written and freed, in MB, and what the call returned
@@ -40,6 +42,7 @@ def probe(call: bool, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_freed_memory_stays_in_the_process_for_reuse():
     _, returned = probe(call=False)
     kept, held = probe(call=True)
@@ -47,6 +50,7 @@ def test_freed_memory_stays_in_the_process_for_reuse():
     assert kept == "True" and held >= 250  # kept: the next step's tensors reuse those pages
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_it_stands_aside_when_switched_off_or_another_allocator_is_preloaded():
     assert probe(call=True, ML_KEEP_FREED_MEMORY="0")[0] == "False"
     assert probe(call=True, LD_PRELOAD="libtcmalloc_minimal.so.4")[0] == "False"

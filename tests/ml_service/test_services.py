@@ -37,6 +37,7 @@ def test_builtin_and_installed_plugins_are_discovered():
     assert load_service_class("text-stats").__module__ == "text_stats_service"
 
 
+@pytest.mark.slow  # the runner in a fresh interpreter
 def test_unknown_service_lists_the_known_ones():
     with pytest.raises(UnknownService, match="text-generation"):
         load_service_class("no-such-service")
@@ -46,6 +47,7 @@ def test_unknown_service_lists_the_known_ones():
     assert all(name in r.stderr for name in ("text-generation", "score", "text-stats"))
 
 
+@pytest.mark.slow  # the runner in two fresh interpreters
 def test_runner_list_and_help_name_every_service():
     listing = subprocess.run([*RUNNER, "list"], capture_output=True, text=True, cwd=REPO_ROOT)
     helptext = subprocess.run([*RUNNER, "--help"], capture_output=True, text=True, cwd=REPO_ROOT)

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from lib.inference import EngineSpec, GenerationEngine, GenerationParams, InferenceService
 from lib.inference.engine_process.client import EngineProcess
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
@@ -78,6 +80,7 @@ def test_the_playground_takes_its_defaults_from_metadata():
         assert tag and "value=" not in tag.group(0), f"{name}: a default written into the page"
 
 
+@pytest.mark.slow  # the imports in a fresh interpreter
 def test_importing_the_service_runs_no_onednn_probe():
     """The probe (a few small oneDNN products) runs when a decoder is first built, not at import."""
     code = (

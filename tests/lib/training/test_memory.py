@@ -58,6 +58,7 @@ def test_checkpointing_and_bf16_cut_activations():
     assert "total" in estimate_memory(base).table()
 
 
+@pytest.mark.slow  # the training CLI in a fresh interpreter
 def test_the_cli_prints_the_estimate_and_trains_nothing(tmp_path):
     import subprocess
     import sys
