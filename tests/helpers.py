@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,6 +148,31 @@ def running_server(args: list[str], runner: bool = False, env: dict[str, str] | 
         log.close()
         if not keep_log:
             proc.log.unlink(missing_ok=True)
+
+
+@contextmanager
+def running_servers(count: int, args: list[str], runner: bool = False, env=None):
+    """`count` real server processes with the same arguments (a fleet's replicas), as
+    `running_server` makes them, started side by side and stopped side by side: each one's start
+    is mostly an interpreter importing torch and loading the model, so two take about as long as
+    one on two cores. Yields the processes in a tuple."""
+    contexts = [running_server(args, runner=runner, env=env) for _ in range(count)]
+    with ThreadPoolExecutor(count) as pool:
+        starts = [pool.submit(c.__enter__) for c in contexts]
+        wait(starts)
+    started = [c for c, f in zip(contexts, starts, strict=True) if f.exception() is None]
+    try:
+        for f in starts:
+            if f.exception() is not None:
+                raise f.exception()
+        yield tuple(f.result() for f in starts)
+    except BaseException as e:
+        for c in started:  # one by one, so each prints its own log whole
+            c.__exit__(type(e), e, e.__traceback__)
+        raise
+    with ThreadPoolExecutor(count) as pool:
+        for f in [pool.submit(c.__exit__, None, None, None) for c in started]:
+            f.result()
 
 
 def scrape(url: str) -> str:

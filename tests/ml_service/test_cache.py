@@ -21,6 +21,7 @@ from tests.helpers import (
     metric,
     perturbed_copy,
     running_server,
+    running_servers,
     scrape,
     with_settings,
 )
@@ -198,7 +199,7 @@ def test_a_zero_ttl_turns_the_cache_off(settings):
 def test_two_replicas_share_the_cache_and_a_changed_checkpoint_misses(redis_server, tmp_path):
     env = {"ML_SERVICE_REDIS_URL": redis_server.url}
     args = ["--checkpoint", str(CHECKPOINT)]
-    with running_server(args, env=env) as a, running_server(args, env=env) as b:
+    with running_servers(2, args, env=env) as (a, b):
         first = httpx.post(f"{a.url}/forward", json=GREEDY, timeout=60)
         second = httpx.post(f"{b.url}/forward", json=GREEDY, timeout=60)
         assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")

@@ -17,7 +17,7 @@ from tests.helpers import (
     CHECKPOINT,
     metric,
     perturbed_copy,
-    running_server,
+    running_servers,
     scrape,
     wait_for,
     with_settings,
@@ -205,7 +205,7 @@ def test_two_replicas_assign_alike_and_share_a_split_changed_on_one(redis_server
         "ML_SERVICE_ADMIN_TOKEN": "adm",
         "ML_SERVICE_REDIS_URL": redis_server.url,
     }
-    with running_server([], env=env) as a, running_server([], env=env) as b:
+    with running_servers(2, [], env=env) as (a, b):
         # every route that reads the model routes by client: /metadata is the cheapest
         versions = {}
         for url in (a.url, b.url):

@@ -21,7 +21,7 @@ from tests.helpers import (
     CHECKPOINT,
     free_port,
     metric,
-    running_server,
+    running_servers,
     scrape,
     wait_for,
     with_settings,
@@ -102,7 +102,7 @@ def test_two_replicas_share_one_clients_limit(redis_server):
         "ML_SERVICE_AUTH_FAILURE_LIMIT": "3/hour",
     }
     args = ["--checkpoint", str(CHECKPOINT)]
-    with running_server(args, env=env) as a, running_server(args, env=env) as b:
+    with running_servers(2, args, env=env) as (a, b):
         key = {"Authorization": "Bearer k1"}
         replicas = itertools.cycle([a.url, b.url])
         codes = [
@@ -146,7 +146,7 @@ def test_redis_killed_under_load_fails_no_request_and_sharing_resumes(redis_serv
         "ML_SERVICE_API_KEYS": ",".join(keys),
     }
     args = ["--checkpoint", str(CHECKPOINT)]
-    with running_server(args, env=env) as a, running_server(args, env=env) as b:
+    with running_servers(2, args, env=env) as (a, b):
         statuses: list[int] = []
         errors: list[str] = []
         lock = threading.Lock()
