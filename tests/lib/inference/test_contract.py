@@ -8,9 +8,12 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 from lib.inference import ENGINES, Engine
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_public_types_settings_and_schemas_import_no_torch():
     probe = (
         "import sys\n"
