@@ -90,10 +90,10 @@ serve-dev: $(STAMP) ## serve with auto-reload on code changes
 serve-trained: $(STAMP) ## serve CHECKPOINT=path (default runs/baseline/final)
 	$(BIN)/python serve.py --host $(HOST) --port $(PORT) --checkpoint $(CHECKPOINT)
 
-test: $(STAMP) $(ONNX_STAMP) browser redis-server ## run the whole test suite (installs chromium, redis-server, .venv-onnx)
+test: $(STAMP) $(ONNX_STAMP) browser redis-server ## run the whole test suite, ~7.5 min on 2 cores (installs chromium, redis-server, .venv-onnx)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) ## tests without the slow ones (training, subprocess servers)
+test-fast: $(STAMP) ## the tests not marked slow (no training, subprocess servers or fresh interpreters), ~45 s
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff lint and format check, and the import contracts (layers, no cycles)
