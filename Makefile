@@ -16,7 +16,7 @@ ONNX_STAMP := $(ONNX_VENV)/.installed
 OPTIMUM_ONNX_VERSION ?= 0.1.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format train-baseline train-char-peer train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm onnx-venv export-onnx heldout corpus clean
+.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format docs-outputs train-baseline train-char-peer train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm onnx-venv export-onnx heldout corpus clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -95,6 +95,12 @@ test: $(STAMP) $(ONNX_STAMP) browser redis-server ## run the whole test suite, ~
 
 test-fast: $(STAMP) ## the tests not marked slow (no training, subprocess servers or fresh interpreters), ~45 s
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the shown outputs of README.md and docs/ (```output blocks) are what their examples print; after
+# the default model changes, this rewrites them from real runs, then checks the pages again
+docs-outputs: $(STAMP) ## rewrite the docs' shown outputs from real runs (after the default model changed)
+	DOCS_UPDATE_OUTPUTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider README.md docs
+	$(BIN)/python -m pytest -q -p no:cacheprovider README.md docs
 
 lint: $(STAMP) ## ruff lint and format check, and the import contracts (layers, no cycles)
 	$(BIN)/ruff check .

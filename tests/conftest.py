@@ -16,7 +16,7 @@ from lib.inference.decoder import GPT2SlotDecoder
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
-from tests.helpers import CHECKPOINT, DEVICE, free_port, running_server
+from tests.helpers import CHECKPOINT, DEVICE, free_port
 from tests.redis_server import RedisServer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -55,21 +55,6 @@ def textgen(service, settings) -> TextGenerationService:
 def client(textgen, settings):
     with TestClient(create_app(settings, service=textgen), raise_server_exceptions=False) as c:
         yield c
-
-
-@pytest.fixture(scope="session")
-def live_server():
-    """One real server process (`serve.py --checkpoint CHECKPOINT`, the default settings and
-    engine), started once for the session: its `.url`, and its output in the file `.log`.
-
-    Shared by the tests that only send it ordinary requests and read the answers:
-    tests/ml_service/backend/test_openai.py (the official clients), tests/system/test_browser.py
-    (the playground and the API docs), and test_hardening's check of the real server's headers.
-    That is safe because none of them changes the server (no settings, no reload, no signal), and
-    none reads a metric's absolute value. A test that stops the server, or needs other settings,
-    starts its own (`tests.helpers.running_server`), as tests/system/test_server.py does."""
-    with running_server(["--checkpoint", str(CHECKPOINT)]) as proc:
-        yield proc
 
 
 @pytest.fixture
