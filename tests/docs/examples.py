@@ -30,6 +30,8 @@ UPDATE = os.environ.get("DOCS_UPDATE_OUTPUTS") == "1"
 DOCS_PORT = "localhost:8000"
 BLOCK_TIMEOUT_S = 600
 LAST_OUTPUT = "_docs_last_output"
+# the pages whose examples run (their names: README.md, and the pages under docs/)
+PAGES: list[str] = []
 
 
 @dataclass
