@@ -16,7 +16,7 @@ ONNX_STAMP := $(ONNX_VENV)/.installed
 OPTIMUM_ONNX_VERSION ?= 0.1.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format docs-outputs train-baseline train-char-peer train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm onnx-venv export-onnx heldout corpus clean
+.PHONY: help install browser redis-server serve serve-dev serve-trained test test-fast lint format docs docs-venv docs-outputs train-baseline train-char-peer train-fsdp train-deepspeed promote-default bench-serve bench-serve-gpt vllm-venv test-vllm onnx-venv export-onnx heldout corpus clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -101,6 +101,24 @@ test-fast: $(STAMP) ## the tests not marked slow (no training, subprocess server
 docs-outputs: $(STAMP) ## rewrite the docs' shown outputs from real runs (after the default model changed)
 	DOCS_UPDATE_OUTPUTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider README.md docs
 	$(BIN)/python -m pytest -q -p no:cacheprovider README.md docs
+
+# The documentation site (mkdocs.yml: README's docs/ pages, mkdocs-material) in a venv of its own,
+# .venv-docs, so the product's venv stays lean: the `docs` extra of pyproject.toml, read from there
+# (tomllib; pip's own tomli on Python 3.10), and nothing else. The build itself needs no network:
+# the theme's fonts are off (font: false, no Google Fonts) and search is built in.
+DOCS_VENV ?= .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed
+$(DOCS_STAMP): pyproject.toml
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DOCS_VENV)/bin/python -c "import sys, importlib; t = importlib.import_module('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli'); print(*t.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs'], sep='\n')" > $(DOCS_VENV)/requirements.txt
+	$(DOCS_VENV)/bin/python -m pip install --quiet -r $(DOCS_VENV)/requirements.txt
+	@touch $@
+
+docs-venv: $(DOCS_STAMP) ## mkdocs-material (pyproject's docs extra) in .venv-docs
+
+docs: $(DOCS_STAMP) ## build the documentation site into site/ (mkdocs --strict, offline)
+	$(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP) ## ruff lint and format check, and the import contracts (layers, no cycles)
 	$(BIN)/ruff check .
@@ -251,4 +269,4 @@ promote-default: ## replace the embedded default (models/default) with runs/base
 	rm -rf models/default && mv models/default.new models/default
 
 clean: ## remove the venv, caches and run directories
-	rm -rf $(VENV) $(ONNX_VENV) .pytest_cache .ruff_cache runs wandb
+	rm -rf $(VENV) $(ONNX_VENV) $(DOCS_VENV) site .pytest_cache .ruff_cache runs wandb
