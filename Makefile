@@ -102,6 +102,13 @@ docs-outputs: $(STAMP) ## rewrite the docs' shown outputs from real runs (after 
 	DOCS_UPDATE_OUTPUTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider README.md docs
 	$(BIN)/python -m pytest -q -p no:cacheprovider README.md docs
 
+# the reference pages (docs/reference/: settings, training options, errors, metrics) are generated
+# from the code; tests/docs/test_reference.py fails while a committed page differs (~5 s: the
+# metrics page scrapes an app serving the default model)
+.PHONY: docs-reference
+docs-reference: $(STAMP) ## regenerate docs/reference/ (settings, training options, errors, metrics) from the code
+	$(BIN)/python docs/generate_reference.py
+
 # The documentation site (mkdocs.yml: README's docs/ pages, mkdocs-material) in a venv of its own,
 # .venv-docs, so the product's venv stays lean: the `docs` extra of pyproject.toml, read from there
 # (tomllib; pip's own tomli on Python 3.10), and nothing else. The build itself needs no network:
