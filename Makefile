@@ -124,8 +124,9 @@ $(DOCS_STAMP): pyproject.toml
 
 docs-venv: $(DOCS_STAMP) ## mkdocs-material (pyproject's docs extra) in .venv-docs
 
+# (NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, printed on every build)
 docs: $(DOCS_STAMP) ## build the documentation site into site/ (mkdocs --strict, offline)
-	$(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP) ## ruff lint and format check, and the import contracts (layers, no cycles)
 	$(BIN)/ruff check .
