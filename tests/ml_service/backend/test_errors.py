@@ -1,6 +1,7 @@
 """The error map (ml_service/backend/errors.py): every exception the routes meet becomes one
 status there, the classes carry their statuses, and the docs that list them (the routes'
-OpenAPI `responses`, HOW_TO_USE's error table) are generated from or checked against them."""
+OpenAPI `responses`, the error table of docs/reference/errors.md) are generated from or checked
+against them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ml_service.backend.app import create_app
 from ml_service.hosting import ReloadFailed, VersionNotFound, VersionNotLoaded
 from ml_service.traffic import BadSplit
 
-HOW_TO_USE = REPO_ROOT / "HOW_TO_USE.md"
+# the docs' error table, generated from this map (docs/generate_reference.py)
+ERRORS_PAGE = REPO_ROOT / "docs" / "reference" / "errors.md"
 # answers nobody reads (the client is gone), and Starlette's own 404/405 (any status)
 UNDOCUMENTED = {errors.ClientDisconnected, errors.HTTPError}
 
@@ -86,9 +88,9 @@ def test_every_error_class_belongs_to_a_documented_group():
     assert all(c.when for c in all_error_classes())
 
 
-def test_the_error_table_of_how_to_use_lists_every_status():
-    text = HOW_TO_USE.read_text(encoding="utf-8")
-    table = text[text.index("## 6. Errors") :].split("\n## ")[0]
+def test_the_error_table_of_the_docs_lists_every_status():
+    text = ERRORS_PAGE.read_text(encoding="utf-8")
+    table = text[text.index("\n## Statuses\n") :].split("\n## ")[1]
     listed = {int(s) for s in re.findall(r"^\| \**(\d{3})", table, flags=re.M)}
     documented = all_error_classes() - UNDOCUMENTED
     assert {c.status_code for c in documented} | {
