@@ -50,7 +50,7 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
 # VLLM=1 (GPU flavor only): vLLM's async engine too, for ML_SERVICE_ENGINE=vllm (paged attention,
-# tensor parallelism, CUDA graphs; HOW_TO_USE.md, "Engines: ours or vLLM"). It brings the torch
+# tensor parallelism, CUDA graphs; docs/deploy.md, "Engines: ours or vLLM"). It brings the torch
 # build it pins, which replaces the one above; VLLM_VERSION pins vLLM itself. Run the image with
 # -e ML_SERVICE_ENGINE=vllm (the default engine stays ours). CPU hosts: `make vllm-venv`.
 ARG VLLM=0

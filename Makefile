@@ -109,7 +109,7 @@ docs-outputs: $(STAMP) ## rewrite the docs' shown outputs from real runs (after 
 docs-reference: $(STAMP) ## regenerate docs/reference/ (settings, training options, errors, metrics) from the code
 	$(BIN)/python docs/generate_reference.py
 
-# The documentation site (mkdocs.yml: README's docs/ pages, mkdocs-material) in a venv of its own,
+# The documentation site (mkdocs.yml: the pages of docs/, mkdocs-material) in a venv of its own,
 # .venv-docs, so the product's venv stays lean: the `docs` extra of pyproject.toml, read from there
 # (tomllib; pip's own tomli on Python 3.10), and nothing else. The build itself needs no network:
 # the theme's fonts are off (font: false, no Google Fonts) and search is built in.
@@ -161,7 +161,7 @@ $(CORPORA): | $(STAMP)
 
 corpus: $(CORPORA) ## download the extra training text into .cache/corpus (Debian's game translations, Russian fortunes)
 
-# the training recipe that made the committed default (HOW_TO_USE.md, section 9): a wall-clock budget with
+# the training recipe that made the committed default (docs/train.md; its sweeps: docs/experiments/): a wall-clock budget with
 # the LR decayed linearly to zero on time, bf16 autocast where the CPU computes in it natively (--precision
 # auto; fp32 elsewhere), Muon, small batches, rows of 64 tokens for the first 75 % of the run
 # (--short-context: the same tokens, -0.035 to -0.04 bits/byte; the rest at the full 256 trains every
@@ -176,7 +176,7 @@ train-baseline: $(STAMP) $(HELDOUT) $(HELDOUT_PROSE) $(CORPORA) ## train the tin
 	$(BIN)/python train_distributed.py --mode baseline --preset tiny --output-dir runs/baseline --run-name ru-gpt-tiny \
 		--eval-data ru-proverbs=$(HELDOUT) $(if $(wildcard $(HELDOUT_PROSE)),--eval-data freeciv-nations=$(HELDOUT_PROSE)) $(foreach c,$(wildcard $(CORPORA)),--train-extra $(c)) $(BASELINE_ARGS) $(TRAIN_ARGS)
 
-# the char-level peer the issues compare against (HOW_TO_USE.md, section 9): the tiny preset's shape
+# the char-level peer the issues compare against (docs/experiments/2026-12-char-level-peer.md): the tiny preset's shape
 # (4 x 192, 1.93 M parameters with its 512-token vocabulary) on characters, on the bundled corpus alone,
 # for the same 11.5 minutes, evaluated on the same held-out sets. The settings are our recipe's, which
 # beat nanoGPT's own (AdamW at 1e-3, dropout 0.2) by 0.37 bits/byte in-domain on 2 cores

@@ -109,7 +109,7 @@ def served_directory(
     if str(device) != "cpu" or str(dtype).removeprefix("torch.") not in ("None", "float32"):
         raise ValueError(
             "the onnxruntime backend runs fp32 (or its int8 file) on the CPU here; on a GPU or in "
-            "bfloat16 serve with the torch or vllm engine (HOW_TO_USE.md, ONNX)"
+            "bfloat16 serve with the torch or vllm engine (docs/extend.md, ONNX)"
         )
     return onnx_dir(path) or path / ONNX_DIR
 

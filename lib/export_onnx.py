@@ -23,7 +23,7 @@ The result is a directory (default CHECKPOINT/onnx) with `model.onnx` (and `mode
 the config, the tokenizer, the training card and `onnx_card.json` (opset, the exporter's
 versions, the source checkpoint's content hash, the parity and quality figures). It is written
 to a temporary directory and renamed into place: a failed export never leaves half a model.
-`ML_SERVICE_BACKEND=onnxruntime` serves it (HOW_TO_USE.md, "ONNX").
+`ML_SERVICE_BACKEND=onnxruntime` serves it (docs/extend.md, "ONNX").
 """
 
 from __future__ import annotations

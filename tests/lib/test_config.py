@@ -30,7 +30,7 @@ def test_cli_without_arguments_is_the_dataclass_default_run():
 
 
 def test_the_chosen_defaults():
-    """The CLI's historical values (what HOW_TO_USE.md and the Makefile describe)."""
+    """The CLI's historical values (what docs/train.md and the Makefile describe)."""
     c = TrainingConfig()
     assert (c.batch_size, c.max_steps, c.min_lr_ratio, c.lr) == (8, 900, 0.1, 3e-3)
     assert (c.output_dir, c.cache_dir) == (Path("runs/baseline"), Path(".cache/tokens"))

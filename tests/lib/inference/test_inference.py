@@ -176,7 +176,7 @@ def test_service_metadata_counts_parameters(service):
     assert service.metadata()["parameters"] == sum(p.numel() for p in service.model.parameters())
 
 
-# five ordinary prompts, most of them stopped mid-sentence (HOW_TO_USE.md, section 9, shows the
+# five ordinary prompts, most of them stopped mid-sentence (docs/train.md, "The embedded default model", shows the
 # default model's greedy continuations of them)
 ORDINARY = [
     "Старый учитель открыл книгу и",

@@ -136,7 +136,7 @@ def test_chat_completion_streamed_and_not(client, model_id):
         logprobs=True,
         top_logprobs=2,
         # the default model's likeliest first token after "Ассистент:" is the end of text: a greedy
-        # answer would be empty (HOW_TO_USE.md, section 5); vLLM's `min_tokens` holds it off
+        # answer would be empty (docs/openai.md, "Chat template"); vLLM's `min_tokens` holds it off
         extra_body={"min_tokens": 4},
     )
     message = done.choices[0].message

@@ -179,7 +179,7 @@ def failures(c: TestClient) -> dict[str, float]:
 
 
 def test_probes_wrong_paths_and_methods_are_not_counted_as_failures(settings, tmp_path):
-    """HOW_TO_USE's metrics table: /ready's 503, a 404 and a 405 are answers, not failed
+    """docs/operate.md's metrics: /ready's 503, a 404 and a 405 are answers, not failed
     requests; a model request refused while no model is loaded is `not_ready`."""
     s = with_settings(settings, checkpoint=tmp_path, background_load=True)
     with TestClient(create_app(s)) as c:
