@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from lib.data import bundled_documents
 from lib.modeling import build_model
@@ -283,4 +284,18 @@ def test_named_held_out_sets_are_evaluated_and_recorded(corpus, tmp_path):
     assert card["val_documents"] > 0
     assert card["train_documents_dropped_as_heldout"] == 1
     assert result.val_bits_per_byte == pytest.approx(card["val_bits_per_byte"], abs=1e-4)
-    assert "heldout_bits_per_byte" in (out / "final" / "README.md").read_text()
+    # every source with its size as training read it; the model card parses (Hugging Face's
+    # ModelCard) and names them, and, none being the repository's, gives no licence
+    sizes = {s["name"]: (s["use"], s["documents"]) for s in card["sources"]}
+    assert sizes == {
+        "slice": ("training and validation", 300),
+        "extra": ("training", 2),
+        "proverbs": ("held-out evaluation", 80),
+        "again": ("held-out evaluation", 80),
+    }
+    model_card = ModelCard.load(out / "final" / "README.md")
+    assert (model_card.data.language, model_card.data.license) == ("ru", "unknown")
+    assert [s["name"] for s in model_card.data.training_data] == ["slice", "extra"]
+    assert [s["name"] for s in model_card.data.evaluation_data] == ["proverbs", "again"]
+    results = {r.dataset_type: r.metric_value for r in model_card.data.eval_results}
+    assert results["proverbs"] == held["proverbs"] and "## Evaluation" in model_card.text
