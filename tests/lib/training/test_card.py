@@ -34,7 +34,7 @@ DEFAULT_CARD = json.loads((DEFAULT_CHECKPOINT / CARD_FILE).read_text(encoding="u
 MAKEFILE = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
 
 # What the default model trained on and was evaluated on, and their licences, as lib/data.py,
-# lib/corpora.py, the Makefile and HOW_TO_USE.md (section 9) state them
+# lib/corpora.py, the Makefile and docs/train.md ("The embedded default model") state them
 DEFAULT_TRAINING = {
     "rl_wsd_labeled": "MIT",
     "wesnoth-1.16-*": "GPL-2+",
