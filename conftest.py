@@ -43,7 +43,7 @@ pytest_collect_file = Sybil(
         CodeBlockParser(language="bash", evaluator=examples.run_bash),
         CodeBlockParser(language="output", evaluator=examples.check_output),
     ],
-    filenames=examples.PAGES,
+    patterns=examples.PAGES,
     fixtures=["docs_server"],
 ).pytest()
 
