@@ -34,7 +34,7 @@ LAST_OUTPUT = "_docs_last_output"
 # and docs/); a page joins once its blocks run or say why they are skipped
 PAGES: list[str] = [
     # "README.md",
-    # "docs/index.md",
+    "docs/index.md",
     # "docs/serve.md",
     # "docs/openai.md",
     # "docs/train.md",
