@@ -36,7 +36,7 @@ PAGES: list[str] = [
     # "README.md",
     "docs/index.md",
     # "docs/serve.md",
-    # "docs/openai.md",
+    "docs/openai.md",
     # "docs/train.md",
     # "docs/operate.md",
     # "docs/deploy.md",
