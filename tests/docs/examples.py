@@ -35,7 +35,7 @@ LAST_OUTPUT = "_docs_last_output"
 PAGES: list[str] = [
     # "README.md",
     "docs/index.md",
-    # "docs/serve.md",
+    "docs/serve.md",
     "docs/openai.md",
     # "docs/train.md",
     # "docs/operate.md",
