@@ -33,7 +33,7 @@ LAST_OUTPUT = "_docs_last_output"
 # the pages whose examples run (paths from the repository root; pytest's testpaths name README.md
 # and docs/); a page joins once its blocks run or say why they are skipped
 PAGES: list[str] = [
-    # "README.md",
+    "README.md",
     "docs/index.md",
     "docs/serve.md",
     "docs/openai.md",
