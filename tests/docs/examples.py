@@ -37,10 +37,10 @@ PAGES: list[str] = [
     "docs/index.md",
     "docs/serve.md",
     "docs/openai.md",
-    # "docs/train.md",
-    # "docs/operate.md",
+    "docs/train.md",
+    "docs/operate.md",
     # "docs/deploy.md",
-    # "docs/extend.md",
+    "docs/extend.md",
     "docs/architecture.md",
 ]
 
