@@ -39,7 +39,7 @@ PAGES: list[str] = [
     "docs/openai.md",
     "docs/train.md",
     "docs/operate.md",
-    # "docs/deploy.md",
+    "docs/deploy.md",
     "docs/extend.md",
     "docs/architecture.md",
 ]
