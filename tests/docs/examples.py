@@ -109,7 +109,8 @@ def check_output(example) -> None:
         return
     if UPDATE:
         text = example.document.text
-        start = text.index(example.parsed, example.start)
+        # the block's body starts on the line after its opening fence (it may be empty)
+        start = text.index(example.parsed, text.index("\n", example.start) + 1)
         REWRITES.append(Rewrite(Path(example.path), start, start + len(example.parsed), printed))
         return
     raise AssertionError(
