@@ -93,7 +93,7 @@ serve-trained: $(STAMP) ## serve CHECKPOINT=path (default runs/baseline/final)
 test: $(STAMP) $(ONNX_STAMP) browser redis-server ## run the whole test suite, ~7.5 min on 2 cores (installs chromium, redis-server, .venv-onnx)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) ## the tests not marked slow (no training, subprocess servers or fresh interpreters), ~45 s
+test-fast: $(STAMP) ## the tests not marked slow (no training, subprocess servers or fresh interpreters), ~1 min
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # the shown outputs of README.md and docs/ (```output blocks) are what their examples print; after
