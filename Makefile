@@ -223,9 +223,10 @@ vllm-venv: $(VLLM_STAMP) ## vLLM's CPU build in .venv-vllm (a serving-benchmark 
 # what the service and its tests need beside vLLM's own is installed constrained to every version
 # the venv already holds (pip fails rather than move one of vLLM's). Quick when nothing changed.
 VLLM_OURS_STAMP := $(VLLM_VENV)/.installed-ours
+# (sybil: the repository's conftest.py collects the docs' examples with it)
 VLLM_OURS_DEPS := fastapi uvicorn pydantic-settings python-multipart fastapi-offline \
-	prometheus-client limits redis pytest httpx
-$(VLLM_OURS_STAMP): $(VLLM_STAMP) pyproject.toml
+	prometheus-client limits redis pytest httpx sybil
+$(VLLM_OURS_STAMP): $(VLLM_STAMP) pyproject.toml Makefile
 	$(VLLM_VENV)/bin/python -m pip freeze --exclude-editable > $(VLLM_VENV)/pins.txt
 	$(VLLM_VENV)/bin/python -m pip install --quiet -c $(VLLM_VENV)/pins.txt $(VLLM_OURS_DEPS)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
