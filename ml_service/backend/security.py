@@ -111,7 +111,10 @@ class Guard:
                 ]
             )
         await self._refuse_blocked(request)
-        if not _matches(bearer_token(request), [self.settings.admin_token]):
+        token = bearer_token(request)
+        if token is None:  # no guess, so not a failed attempt (as for the API keys)
+            raise Unauthorized([{"loc": ["authorization"], "msg": "missing bearer admin token"}])
+        if not _matches(token, [self.settings.admin_token]):
             await self._failed(request)
             raise Unauthorized([{"loc": ["authorization"], "msg": "invalid admin token"}])
 
@@ -129,7 +132,7 @@ class Guard:
                 )
 
     async def _failed(self, request: Request) -> None:
-        """Count a wrong key or token presented by this address."""
+        """Count a wrong key or token presented by this address (a missing one is no guess)."""
         address = "auth-failures:" + _address(request)
         for limit in self.failure_limits:
             await self._count(limit, address, "hit")

@@ -169,6 +169,36 @@ def test_failed_authentications_are_limited_per_address(service, settings):
     assert default("auth_failure_limit") == "20/minute"
 
 
+def test_requests_without_a_header_are_no_failed_authentication(service, settings):
+    """Issue 32 item 2: 20 `/admin/*` requests without an `Authorization` header put the address
+    on the failed-authentication limit (then 429 on `/forward` even with a valid key). A missing
+    header is no guess: 401, not counted, for the admin token as for the API keys; wrong tokens
+    still count and still reach the limit."""
+    app = app_with(
+        service, settings, api_keys="good", admin_token="adm", auth_failure_limit="20/minute"
+    )
+    good = {"Authorization": "Bearer good"}
+    with TestClient(AddressFromHeader(app)) as c:
+        for path in ("/admin/versions", "/admin/traffic") * 15:  # 30, over the limit of 20
+            r = c.get(path)
+            assert r.status_code == 401, (path, r.status_code)
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["errors"][0]["loc"] == ["authorization"]
+        # a header that is not a bearer token is no token either
+        assert c.get("/admin/versions", headers={"Authorization": "Basic x"}).status_code == 401
+        assert c.post("/forward", json=SHORT).status_code == 401  # no API key: not counted
+        assert c.post("/forward", json=SHORT, headers=good).status_code == 200
+        assert c.get("/admin/versions", headers=ADMIN).status_code == 200
+        # wrong admin tokens from another address still count: 20, then 429 even with a good key
+        other = {"X-Test-Address": "10.0.0.9"}
+        wrong = {"Authorization": "Bearer nope", **other}
+        codes = [c.get("/admin/versions", headers=wrong).status_code for _ in range(20)]
+        assert codes == [401] * 20
+        assert c.get("/admin/versions", headers=wrong).status_code == 429
+        assert c.post("/forward", json=SHORT, headers={**good, **other}).status_code == 429
+        assert c.get("/admin/versions", headers={**ADMIN, **other}).status_code == 429
+
+
 # -- 3. small things ------------------------------------------------------------------------------
 def test_requests_to_a_model_that_failed_to_load_say_so(settings, tmp_path):
     s = with_settings(settings, checkpoint=tmp_path / "secret-dir", background_load=False)
