@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -55,6 +56,8 @@ class TrafficSplit:
         kept = tuple(sorted((n, float(w)) for n, w in weights.items() if w > 0))
         if not kept:
             raise BadSplit("a split needs at least one version with a weight above 0")
+        if not math.isfinite(sum(w for _, w in kept)):  # 1e308 + 1e308: the shares were 0/0
+            raise BadSplit("the weights must add up to a finite number; scale them down")
         return cls(kept)
 
     @property

@@ -39,6 +39,7 @@ SHORT = {"text": "Привет", "max_new_tokens": 2, "min_new_tokens": 2, "temp
         ("v1=inf", ">= 0"),
         ("v1=0,v2=0", "at least one version"),
         ("=5", "is not version=weight"),
+        ("v1=1e308,v2=1e308", "add up to a finite number"),  # the sum overflowed: shares 0/0
     ],
 )
 def test_a_bad_split_says_what_is_wrong(text, message):
@@ -130,10 +131,12 @@ def test_the_admin_changes_the_split_and_a_bad_one_keeps_the_old(settings, model
             ({"split": {"v1": -1}}, ">= 0"),
             ({"split": "v1"}, "is not version=weight"),
             ({"split": 7}, "split"),
+            ({"split": {"v1": 1e308, "v2": 1e308}}, "add up to a finite number"),
         ):
             r = c.post("/admin/traffic", json=bad, headers=ADMIN)
             assert r.status_code == 400 and says in r.text, r.text
             assert str(models_dir) not in r.text
+        assert r.json()["errors"][0]["loc"] == ["split"]  # the overflowing one names `split`
         assert c.get("/admin/traffic", headers=ADMIN).json()["split"] == {"v2": 100.0}
         # back to the default version alone: v2 leaves memory
         r = c.post("/admin/traffic", json={"split": None}, headers=ADMIN)
@@ -193,6 +196,8 @@ def test_a_bad_traffic_setting_is_refused_at_start():
 
     with pytest.raises(ValueError, match="is not version=weight"):
         Settings(traffic="v1")
+    with pytest.raises(ValueError, match="add up to a finite number"):
+        Settings(traffic="v1=1e308,v2=1e308")  # ML_SERVICE_TRAFFIC is parsed alike
 
 
 # -- a fleet: two processes, one Redis ------------------------------------------------------------
