@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         description="a version of models_dir that receives a copy of /forward and /forward_batch "
         "traffic; its answers are discarded (only its metrics are kept), it never delays a client",
     )
+    served_model_name: str | None = Field(
+        None,
+        description="the model's name on the OpenAI routes (vLLM's --served-model-name): "
+        "/v1/models lists it first, requests may name it and answers carry it as `model`; the "
+        "checkpoint's model id (and a version's name) stay accepted; unset: the model id",
+    )
     random_preset: str | None = Field(
         None,
         description="serve a RANDOMLY INITIALISED preset instead of a checkpoint (baseline only)",
@@ -232,6 +238,11 @@ class Settings(BaseSettings):
 
             TrafficSplit.parse(v)  # raises BadSplit (a ValueError) saying what is wrong
         return v or None
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _strip_name(cls, v: str | None) -> str | None:
+        return (v or "").strip() or None
 
     @field_validator("rate_limit", "auth_failure_limit")
     @classmethod

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/completions`,
+"""The OpenAI-compatible routes: `GET /v1/models` (and `/v1/models/{id}`), `POST /v1/completions`,
 `POST /v1/chat/completions`. Thin, like `api.py`: read and validate the body, hand it to a serving
 object (`openai_completions.py`, `openai_chat.py`), return its answer.
 
@@ -21,13 +21,26 @@ from ml_service.backend.openai_protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
 )
-from ml_service.backend.openai_serving import list_models
+from ml_service.backend.openai_serving import list_models, retrieve_model
 from ml_service.backend.openapi import json_body
 from ml_service.backend.security import require_api_key
 
 ERRORS = openapi_responses(*MODEL_ROUTE_ERRORS, openai=True)  # OpenAI's bodies and statuses
+# read from the path by the route itself: a declared parameter would bring FastAPI's 422
+MODEL_ID = {
+    "parameters": [
+        {
+            "name": "model_id",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "an id from /v1/models",
+        }
+    ]
+}
 
 
 def build_openai_router() -> APIRouter:
@@ -38,6 +51,18 @@ def build_openai_router() -> APIRouter:
         """The served model's id and, with model versions, the version serving it; each with
         its context length and the chat template in use."""
         return list_models(deps)
+
+    @router.get(
+        "/models/{model_id:path}",  # `:path`: an id may hold a `/` (`org/name`)
+        response_model=ModelCard,
+        responses=ERRORS,
+        openapi_extra=MODEL_ID,
+        summary="one model",
+    )
+    async def model(request: Request, deps: DepsDep) -> ModelCard:
+        """The card `/v1/models` lists for `model_id` (the OpenAI SDK's `models.retrieve`); 404
+        `model_not_found` for an id not served here."""
+        return retrieve_model(deps, request.path_params["model_id"])
 
     @router.post(
         "/completions",

@@ -59,16 +59,17 @@ def _version(loaded: Loaded) -> str | None:
 
 
 def model_ids(loaded: Loaded) -> list[str]:
-    """The ids a request may name: the model's, and the version serving it when there is one."""
-    ids = [loaded.service.model_id]
-    if (version := _version(loaded)) and version not in ids:
-        ids.append(version)
-    return ids
+    """The ids a request may name: the served model name (ML_SERVICE_SERVED_MODEL_NAME) when
+    set, the model's, and the version serving it when there is one."""
+    ids = [loaded.service.settings.served_model_name, loaded.service.model_id, _version(loaded)]
+    return list(dict.fromkeys(i for i in ids if i))
 
 
 def served_name(loaded: Loaded) -> str:
-    """What responses call the model: the version that served it (or the model id)."""
-    return _version(loaded) or loaded.service.model_id
+    """What responses call the model: the served model name when set, else the version that
+    served it (or the model id)."""
+    settings = loaded.service.settings
+    return settings.served_model_name or _version(loaded) or loaded.service.model_id
 
 
 def chat_template(loaded: Loaded) -> str:
@@ -89,8 +90,14 @@ def requested_model(deps, requested: str | None) -> Loaded:
         return deps.model
     if requested in deps.host.loaded and deps.settings.models_dir is not None:
         return deps.pin(requested)
+    raise _not_served(deps, requested)
+
+
+def _not_served(deps, requested: str) -> ModelNotFound:
     served = ", ".join(dict.fromkeys(i for v in all_loaded(deps) for i in model_ids(v)))
-    raise ModelNotFound([{"loc": ["model"], "msg": f"{requested!r} is not served here ({served})"}])
+    return ModelNotFound(
+        [{"loc": ["model"], "msg": f"{requested!r} is not served here ({served})"}]
+    )
 
 
 def list_models(deps) -> ModelList:
@@ -109,6 +116,14 @@ def list_models(deps) -> ModelList:
         for name in model_ids(loaded)
     ]
     return ModelList(data=list({card.id: card for card in cards}.values()))
+
+
+def retrieve_model(deps, model_id: str) -> ModelCard:
+    """The card `/v1/models` lists for `model_id`; 404 `model_not_found` for an id not served."""
+    for card in list_models(deps).data:
+        if card.id == model_id:
+            return card
+    raise _not_served(deps, model_id)
 
 
 # -- the shapes both endpoints share -------------------------------------------------------------

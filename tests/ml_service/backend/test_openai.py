@@ -11,9 +11,11 @@ import subprocess
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 from lib.presets import REPO_ROOT
-from tests.helpers import CHECKPOINT, is_russian, running_server
+from ml_service.backend.app import create_app
+from tests.helpers import CHECKPOINT, app_with, is_russian, running_server, with_settings
 
 pytestmark = pytest.mark.slow
 PROMPT = "Москва — столица"
@@ -43,6 +45,82 @@ def test_models_lists_the_served_model(client, server):
     raw = httpx.get(f"{server}/v1/models").json()["data"][0]
     assert raw["context_length"] == meta["limits"]["context_length"]
     assert "Пользователь" in raw["chat_template"]  # the fallback: the model has no template
+
+
+def test_models_retrieve_gives_the_listed_card_and_404_for_an_unknown_id(client, server, model_id):
+    """Issue 32 item 10: `GET /v1/models/{id}` answered 404, so the SDK's `models.retrieve`
+    failed. It gives the card `/v1/models` lists; an id not served is OpenAI's 404."""
+    card = client.models.retrieve(model_id)
+    assert card.id == model_id and card.object == "model" and card.owned_by
+    listed = httpx.get(f"{server}/v1/models").json()["data"][0]
+    assert httpx.get(f"{server}/v1/models/{model_id}").json() == listed
+    for unknown in ("gpt-4o", "org/name", "ru-gpt-tiny-v9"):  # an SDK sends `/` as %2F
+        with pytest.raises(openai.NotFoundError) as e:
+            client.models.retrieve(unknown)
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+        assert repr(unknown) in e.value.body["message"] and model_id in e.value.body["message"]
+    r = httpx.get(f"{server}/v1/models/org/name")  # a plain `/` too
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def sdk(app) -> tuple[openai.OpenAI, TestClient]:
+    """The official client over an in-process app (TestClient is an httpx.Client)."""
+    http = TestClient(app)
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http), http
+
+
+def test_a_served_model_name_is_listed_named_and_answered(service, settings):
+    """ML_SERVICE_SERVED_MODEL_NAME (vLLM's --served-model-name): /v1/models lists it first, a
+    request may name it and the answer carries it; the model id stays accepted."""
+    app = app_with(service, settings, served_model_name="  org/gpt2-ru  ")
+    client, http = sdk(app)
+    with http:
+        model_id = http.get("/metadata").json()["model_id"]
+        ids = [m.id for m in client.models.list().data]
+        assert ids == ["org/gpt2-ru", model_id]
+        assert client.models.retrieve("org/gpt2-ru").id == "org/gpt2-ru"
+        assert client.models.retrieve(model_id).id == model_id
+        for name in ("org/gpt2-ru", model_id, None):  # each answered with the served name
+            body = {"prompt": PROMPT, "max_tokens": 2, **({"model": name} if name else {})}
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["model"] == "org/gpt2-ru", r.text
+        chat = client.chat.completions.create(
+            model="org/gpt2-ru", messages=[{"role": "user", "content": "Привет"}], max_tokens=2
+        )
+        assert chat.model == "org/gpt2-ru"
+        with pytest.raises(openai.NotFoundError) as e:
+            client.completions.create(model="gpt2-ru", prompt=PROMPT, max_tokens=2)
+        assert e.value.body["code"] == "model_not_found"
+        assert "(org/gpt2-ru, " in e.value.body["message"]  # what is served
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("gpt2-ru")
+    # unset (or blank): today's names
+    assert with_settings(settings, served_model_name=" ").served_model_name is None
+    client, http = sdk(app_with(service, settings))
+    with http:
+        assert [m.id for m in client.models.list().data] == [model_id]
+        r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
+        assert r.json()["model"] == model_id
+
+
+def test_a_served_model_name_leaves_the_versions_their_names(settings, models_dir):
+    """With versions: the served name goes to the split like the model id; a version's name
+    still pins that version."""
+    s = with_settings(
+        settings,
+        models_dir=models_dir,
+        model_version="v1",
+        traffic="v1=100",
+        served_model_name="gpt2-ru",
+    )
+    client, http = sdk(create_app(s))
+    with http:
+        ids = [m.id for m in client.models.list().data]
+        assert ids[0] == "gpt2-ru" and {"ru-gpt-tiny-v1", "v1"} <= set(ids)
+        assert client.models.retrieve("v1").version == "v1"
+        r = http.post("/v1/completions", json={"model": "gpt2-ru", "prompt": "a", "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["model"] == "gpt2-ru"
+        assert r.headers["x-model-version"] == "v1"
 
 
 def test_greedy_completion_equals_forward(client, server, model_id):
