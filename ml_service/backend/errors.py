@@ -381,6 +381,39 @@ def describe_errors(*errors: type[ServiceError]) -> str:
     return "\n".join(f"- {status}: {r['description']}" for status, r in responses.items())
 
 
+class KeepConnection:
+    """The outermost layer, around Starlette's server-error middleware. That middleware answers
+    an exception nothing else handled (a JSON 500, by `last_answer`) and then raises it again
+    for the server to log, and uvicorn, seeing an exception, closes the connection: a pooled
+    client's next requests on it fail (`ReadError`). Here such an exception is logged (with its
+    traceback, when it is a bug) and ends: the answer is complete and the connection stays. So
+    no exception reaches the server, whatever raised it (a route, a validator, a middleware). An
+    exception after an answer started cannot be answered: that answer stays truncated, and the
+    server closes its connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # the lifespan's failures are the server's to report
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if type(as_service_error(exc)) is ServiceError:  # not one we expected: a bug
+                log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:  # (the server-error middleware answers; in case it could not)
+                scope.setdefault("state", {})["failure_reason"] = ServiceError.reason
+                await ServiceError().response(scope["path"])(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def answer(request: Request, exc: Exception):
         error = as_service_error(exc)
@@ -389,8 +422,18 @@ def install_error_handlers(app: FastAPI) -> None:
         request.state.failure_reason = error.reason
         return error.response(request.url.path)
 
+    async def last_answer(request: Request, exc: Exception):
+        """The server-error middleware's: the same answer; `KeepConnection` logs the bug."""
+        error = as_service_error(exc)
+        request.state.failure_reason = error.reason
+        return error.response(request.url.path)
+
     # the expected ones are answered by Starlette's exception middleware (FastAPI's own handlers
-    # for HTTPException and RequestValidationError are replaced); anything else reaches the
-    # server-error middleware, which answers 500 and lets the server log it
-    for exc_class in (*EXPECTED, Exception):
+    # for HTTPException and RequestValidationError are replaced); anything else (a bug, or an
+    # exception raised in a middleware) reaches the server-error middleware, which answers 500
+    # and raises it again: `KeepConnection`, around it, ends it there
+    for exc_class in EXPECTED:
         app.add_exception_handler(exc_class, answer)
+    app.add_exception_handler(Exception, last_answer)
+    build = app.build_middleware_stack  # called once, at the app's first request or lifespan
+    app.build_middleware_stack = lambda: KeepConnection(build())

@@ -40,6 +40,7 @@ from ml_service.backend.schemas import (
 
 MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI
 MAX_N = 16
+MAX_TOKEN_ID_DIGITS = 20  # a logit_bias key longer than this names no token of any vocabulary
 SHARED_NUMBERS = (
     "temperature",
     "top_p",
@@ -106,8 +107,14 @@ class SamplingRequest(BaseModel):
     @classmethod
     def _bias(cls, v):
         for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
+            # decimal digits, what int() reads: str.isdigit() also takes "²" and "①", which it
+            # refuses, as it refuses more than 4,300 digits (no vocabulary needs more than 20)
+            if not (key.isdecimal() and len(key) <= MAX_TOKEN_ID_DIGITS):
+                shown = repr(key[:24]) + ("..." if len(key) > 24 else "")
+                raise ValueError(
+                    f"logit_bias keys are token ids (up to {MAX_TOKEN_ID_DIGITS} decimal "
+                    f"digits); got {shown}"
+                )
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values are in [-100, 100]; got {bias}")
         return v

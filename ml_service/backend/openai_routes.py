@@ -25,7 +25,7 @@ from ml_service.backend.openai_protocol import (
     ModelList,
 )
 from ml_service.backend.openai_serving import list_models, retrieve_model
-from ml_service.backend.openapi import json_body
+from ml_service.backend.openapi import json_body, with_stream
 from ml_service.backend.security import require_api_key
 
 ERRORS = openapi_responses(*MODEL_ROUTE_ERRORS, openai=True)  # OpenAI's bodies and statuses
@@ -67,7 +67,7 @@ def build_openai_router() -> APIRouter:
     @router.post(
         "/completions",
         response_model=CompletionResponse,
-        responses=ERRORS,
+        responses=with_stream(ERRORS),  # `stream`: a text/event-stream
         openapi_extra=json_body(CompletionRequest),
         summary="text completion (OpenAI)",
     )
@@ -81,7 +81,7 @@ def build_openai_router() -> APIRouter:
     @router.post(
         "/chat/completions",
         response_model=ChatCompletionResponse,
-        responses=ERRORS,
+        responses=with_stream(ERRORS),
         openapi_extra=json_body(ChatCompletionRequest),
         summary="chat completion (OpenAI)",
     )

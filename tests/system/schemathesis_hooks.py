@@ -3,7 +3,9 @@ cases it draws from our schema, send JSON bodies whose fields are nested hundred
 whose texts carry lone surrogates. Both once passed JSON parsing and schema validation and reached a
 500 (a RecursionError in the JSON decoder, a TypeError in the tokenizer); schemathesis does not draw
 them by itself. (Forms cannot carry either: UTF-8 has no surrogates, and a form field no
-nesting.)"""
+nesting.) And objects keyed by integers (`logit_bias`: token id -> bias) keyed by other Unicode
+digits: superscripts and circled ones pass `str.isdigit()` but not `int()`, Arabic-Indic and
+fullwidth ones pass both, and `int()` reads no more than 4,300 digits (a 500 once, issue 32)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import schemathesis
 from hypothesis import strategies as st
 
 SURROGATES = ["\ud800", "a\udfffb", "\udc00\udc00", "Привет \ud83d"]
+INTEGER_KEYED = ("logit_bias",)
+# superscript, circled, Arabic-Indic, fullwidth, mixed with ASCII, and one digit too many for int()
+DIGIT_KEYS = ["²", "¹²", "①", "⑫", "٣", "۱۲", "３", "１２", "1²", "5①", "1" * 4301]
 
 
 def _nested(value, depth: int):
@@ -26,6 +31,16 @@ def _texts(body: dict) -> list[str]:
         for k, v in body.items()
         if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
     )
+
+
+def _least_valid(body: dict) -> dict | None:
+    """The least valid body of /v1's completions or chat (which have `logit_bias`), so that
+    nothing else refuses the request before its integer keys are read; None for other routes."""
+    if "prompt" in body:
+        return {"prompt": "а", "max_tokens": 1}
+    if "messages" in body:
+        return {"messages": [{"role": "user", "content": "а"}], "max_tokens": 1}
+    return None
 
 
 def _set(case, body: dict):
@@ -54,6 +69,14 @@ def flatmap_case(ctx, case):
                 lambda k, s: _set(case, {k: s if isinstance(body[k], str) else [s]}),
                 st.sampled_from(texts),
                 st.sampled_from(SURROGATES),
+            )
+        )
+    if (least := _least_valid(body)) is not None:
+        variants.append(
+            st.builds(
+                lambda k, d: _set(case, {**least, k: {d: 1.0}}),
+                st.sampled_from(INTEGER_KEYED),
+                st.sampled_from(DIGIT_KEYS),
             )
         )
     return st.one_of(variants)

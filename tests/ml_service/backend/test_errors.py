@@ -6,14 +6,21 @@ against them."""
 from __future__ import annotations
 
 import re
+import threading
+from contextlib import contextmanager
 
+import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
 from lib.presets import REPO_ROOT
 from ml_service.backend import errors
 from ml_service.backend.app import create_app
+from ml_service.backend.openai_protocol import SamplingRequest
 from ml_service.hosting import ReloadFailed, VersionNotFound, VersionNotLoaded
 from ml_service.traffic import BadSplit
+from tests.helpers import free_port, wait_for
 
 # the docs' error table, generated from this map (docs/generate_reference.py)
 ERRORS_PAGE = REPO_ROOT / "docs" / "reference" / "errors.md"
@@ -123,3 +130,81 @@ def test_the_readiness_probe_answers_its_own_body():
     error = errors.Unready({"status": "loading", "model": None, "version": None, "error": None})
     response = error.response("/ready")
     assert response.status_code == 503 and b'"status":"loading"' in response.body
+
+
+# -- a bug is a JSON 500, and the connection stays ----------------------------------------------
+@contextmanager
+def served(app):
+    """`app` behind a real uvicorn (in a thread of this process, so tests can plant bugs in it):
+    its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the server started")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_bug_anywhere_is_a_json_500_and_the_connection_stays(caplog):
+    """Starlette's server-error middleware answers an unhandled exception, then raises it again;
+    uvicorn then closed the connection, and a pooled client's next requests on it failed with
+    `ReadError` (issue 32: a `logit_bias` key int() refused). `KeepConnection` ends it there."""
+    app = FastAPI()
+    errors.install_error_handlers(app)
+    clients = []  # the client address (port) of every request the server saw
+
+    @app.middleware("http")
+    async def note_and_break(request, call_next):
+        clients.append(request.client.port)
+        if request.url.path == "/middleware-bug":
+            raise RuntimeError("a bug in a middleware")
+        return await call_next(request)
+
+    @app.get("/route-bug")
+    @app.get("/v1/route-bug")
+    async def route_bug():
+        raise ValueError("a bug in a route")  # as int("²") was
+
+    @app.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    with served(app) as url, httpx.Client(base_url=url, timeout=10) as c:
+        r = c.get("/route-bug")
+        assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+        r = c.get("/v1/route-bug")  # OpenAI's body
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        r = c.get("/middleware-bug")
+        assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+        for _ in range(20):
+            assert c.get("/ok").json() == {"ok": True}
+    assert len(clients) == 23 and len(set(clients)) == 1, clients  # one connection throughout
+    logged = [r for r in caplog.records if r.getMessage().startswith("unhandled error on GET")]
+    assert len(logged) == 3 and all(r.exc_info for r in logged)  # each bug once, with traceback
+
+
+def test_a_bug_in_a_v1_route_keeps_the_connection_of_the_model_routes(settings, monkeypatch):
+    """The whole app: a request that meets a bug in /v1, then 20 /forward on the same
+    connection."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("invalid literal for int() with base 10: '²'")
+
+    monkeypatch.setattr(SamplingRequest, "params", broken)
+    body = {"prompt": "Привет", "max_tokens": 1}
+    with served(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"] == {
+            "message": "internal server error",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        for _ in range(20):
+            r = c.post("/forward", json={"text": "Привет", "max_new_tokens": 1})
+            assert r.status_code == 200, r.text

@@ -353,3 +353,33 @@ def test_openapi_describes_the_v1_routes_without_dangling_references(server):
     assert "role" in messages["items"]["properties"]  # the message model, written in place
     # every reference points into the document (ReDoc failed on `#/$defs/...`)
     assert "#/$defs/" not in json.dumps(doc)
+
+
+# issue 32: digits to str.isdigit() that int() refuses, and more digits than int() reads, were a
+# 500 whose exception reached uvicorn, which closed the keep-alive connection
+ODD_DIGIT_KEYS = {"superscript": "²", "circled": "①", "4301 digits": "1" * 4301}
+ROUTES = {
+    "completions": {"prompt": PROMPT, "max_tokens": 1},
+    "chat/completions": {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1},
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("key", list(ODD_DIGIT_KEYS))
+def test_a_logit_bias_key_int_refuses_is_a_400_naming_it(server, route, key):
+    body = {**ROUTES[route], "logit_bias": {ODD_DIGIT_KEYS[key]: 1}}
+    r = httpx.post(f"{server}/v1/{route}", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "logit_bias" and "token ids" in err["message"], err
+    assert len(r.text) < 500  # the 4,301 digits are not echoed
+
+
+def test_after_a_bad_logit_bias_the_pooled_connection_serves_20_more(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        for key in ODD_DIGIT_KEYS.values():
+            body = {**ROUTES["completions"], "logit_bias": {key: 1}}
+            assert c.post("/v1/completions", json=body).status_code == 400
+        for _ in range(20):  # no ReadError: the connection was kept
+            r = c.post("/forward", json={"text": PROMPT, "max_new_tokens": 1})
+            assert r.status_code == 200, r.text
