@@ -108,6 +108,17 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest.one("body", "malformed JSON: a number has too many digits") from None
 
 
+async def read_json_request(request: Request, route: str) -> dict:
+    """A JSON-only route's body (/v1's): `application/json` (another content type, or none, is a
+    400 naming `content-type`, as on /forward), holding a JSON object."""
+    if (ct := content_type(request)) != "application/json":
+        raise BadRequest.one(
+            "content-type",
+            f"unsupported content type {ct or '(none)'!r}; {route} takes application/json",
+        )
+    return await read_json_object(request)
+
+
 async def read_json_object(request: Request) -> dict:
     payload = parse_json(await request.body())
     if not isinstance(payload, dict):

@@ -80,7 +80,9 @@ class ServiceError(Exception):
         """The first error names the offending field (`param`, dotted: `messages.0.content`)."""
         first = self.errors[0] if self.errors else None
         param = ".".join(str(x) for x in first.get("loc", [])) if first else ""
-        message = f"{self.detail}: {first['msg']}" if first else self.detail
+        # (a detail that says it all once: ShuttingDown's, whose error says the same words)
+        said = first is None or first["msg"] == self.detail
+        message = self.detail if said else f"{self.detail}: {first['msg']}"
         return {
             "error": {
                 "message": message,

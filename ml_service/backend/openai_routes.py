@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from ml_service.backend.bodies import read_json_object, validated
+from ml_service.backend.bodies import read_json_request, validated
 from ml_service.backend.dependencies import DepsDep
 from ml_service.backend.errors import MODEL_ROUTE_ERRORS, openapi_responses
 from ml_service.backend.openai_chat import OpenAIServingChat
@@ -25,10 +25,27 @@ from ml_service.backend.openai_protocol import (
     ModelList,
 )
 from ml_service.backend.openai_serving import list_models, retrieve_model
-from ml_service.backend.openapi import json_body, with_stream
+from ml_service.backend.openapi import json_body
 from ml_service.backend.security import require_api_key
 
 ERRORS = openapi_responses(*MODEL_ROUTE_ERRORS, openai=True)  # OpenAI's bodies and statuses
+# with `stream`, the 200 is an event stream: before OpenAPI 3.2 (`itemSchema`) an event stream's
+# `schema` describes one event (its `data`: a JSON chunk, or `[DONE]`)
+STREAMED = {
+    **ERRORS,
+    200: {
+        "description": "the response (JSON), or with `stream` a `text/event-stream` of chunks",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        },
+    },
+}
 # read from the path by the route itself: a declared parameter would bring FastAPI's 422
 MODEL_ID = {
     "parameters": [
@@ -67,7 +84,7 @@ def build_openai_router() -> APIRouter:
     @router.post(
         "/completions",
         response_model=CompletionResponse,
-        responses=with_stream(ERRORS),  # `stream`: a text/event-stream
+        responses=STREAMED,
         openapi_extra=json_body(CompletionRequest),
         summary="text completion (OpenAI)",
     )
@@ -75,13 +92,13 @@ def build_openai_router() -> APIRouter:
         """OpenAI's completions: `prompt` as text, texts, token ids or lists of them; `n`,
         `stop`, `seed`, `logprobs` with `echo` (the prompt's log-probabilities too; with
         `max_tokens: 0`, only those), penalties, `logit_bias`, streaming."""
-        req = validated(CompletionRequest, await read_json_object(request))
+        req = validated(CompletionRequest, await read_json_request(request, "/v1/completions"))
         return await OpenAIServingCompletion(request, deps, req.model).create(req)
 
     @router.post(
         "/chat/completions",
         response_model=ChatCompletionResponse,
-        responses=with_stream(ERRORS),
+        responses=STREAMED,
         openapi_extra=json_body(ChatCompletionRequest),
         summary="chat completion (OpenAI)",
     )
@@ -89,7 +106,8 @@ def build_openai_router() -> APIRouter:
         """OpenAI's chat completions. The messages are rendered with the checkpoint's chat
         template, or the fallback `/v1/models` shows (the default model was not trained on
         dialogues: expect a continuation, not an assistant)."""
-        req = validated(ChatCompletionRequest, await read_json_object(request))
+        body = await read_json_request(request, "/v1/chat/completions")
+        req = validated(ChatCompletionRequest, body)
         return await OpenAIServingChat(request, deps, req.model).create(req)
 
     return router

@@ -468,3 +468,33 @@ def test_malformed_json_is_described_in_our_words(client):
         v1_400(client.post("/v1/completions", content=body, headers=headers), "body", says)
         for python_words in ("Expecting", "Unterminated", "Invalid", "Extra data", "delimiter"):
             assert python_words not in client.post("/forward", content=body, headers=headers).text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("ct", ["text/plain", None, "application/x-www-form-urlencoded"])
+def test_v1_takes_json_only_as_forward_does(client, path, ct):
+    """/v1 read any body as JSON whatever its content type (200 for text/plain or none); now a
+    400 naming `content-type`, as /forward answers, in OpenAI's shape (issue 32, item 7)."""
+    body = (
+        {"prompt": "а", "max_tokens": 1}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "а"}], "max_tokens": 1}
+    )
+    headers = {"content-type": ct} if ct else {}
+    r = client.post(path, content=json.dumps(body), headers=headers)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "content-type" and err["type"] == "invalid_request_error", err
+    assert (
+        f"unsupported content type {ct or '(none)'!r}; {path} takes application/json"
+        in (err["message"])
+    )
+    if ct != "application/x-www-form-urlencoded":  # (which /forward takes, and /v1 does not)
+        forward = client.post("/forward", content=json.dumps({"text": "а"}), headers=headers)
+        assert forward.status_code == 400
+        assert forward.json()["errors"][0]["loc"] == ["content-type"]
+    # JSON with a charset parameter is JSON
+    r = client.post(
+        path, content=json.dumps(body), headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert r.status_code == 200, r.text

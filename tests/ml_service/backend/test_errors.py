@@ -14,11 +14,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from lib.inference import EngineStopped, QueueFull
 from lib.presets import REPO_ROOT
 from ml_service.backend import errors
 from ml_service.backend.app import create_app
 from ml_service.backend.openai_protocol import SamplingRequest
+from ml_service.backend.openai_serving import OpenAIServing
 from ml_service.hosting import ReloadFailed, VersionNotFound, VersionNotLoaded
+from ml_service.shutdown import SHUTTING_DOWN
 from ml_service.traffic import BadSplit
 from tests.helpers import free_port, wait_for
 
@@ -208,3 +211,39 @@ def test_a_bug_in_a_v1_route_keeps_the_connection_of_the_model_routes(settings, 
         for _ in range(20):
             r = c.post("/forward", json={"text": "Привет", "max_new_tokens": 1})
             assert r.status_code == 200, r.text
+
+
+def test_the_shutdown_message_says_it_once_and_other_messages_are_unchanged():
+    """/v1 joins the detail and the first error's message: the shutdown's are the same words,
+    which read "the service is shutting down: the service is shutting down" (issue 32, item 7)."""
+    shutdown = errors.as_service_error(EngineStopped(SHUTTING_DOWN))
+    assert shutdown.openai_body()["error"] == {
+        "message": "the service is shutting down",
+        "type": "server_error",
+        "param": "queue",
+        "code": None,
+    }
+    assert shutdown.body() == {  # /forward's body is unchanged
+        "detail": "the service is shutting down",
+        "errors": [{"loc": ["queue"], "msg": "the service is shutting down"}],
+    }
+    stopped = errors.as_service_error(EngineStopped("the engine stopped"))
+    assert stopped.openai_body()["error"]["message"] == (
+        "the service is shutting down: the engine stopped"
+    )
+    full = errors.as_service_error(QueueFull("the queue holds 64 requests"))
+    assert full.openai_body()["error"]["message"] == (
+        "the service is at capacity; retry later: the queue holds 64 requests"
+    )
+    bad = errors.BadRequest.one("n", "must be <= 16")
+    assert bad.openai_body()["error"]["message"] == "bad request: must be <= 16"
+
+
+def test_a_v1_request_ended_by_the_shutdown_hears_it_once(client, monkeypatch):
+    async def stopped(*args, **kwargs):
+        raise EngineStopped(SHUTTING_DOWN)
+
+    monkeypatch.setattr(OpenAIServing, "generate", stopped)
+    r = client.post("/v1/completions", json={"prompt": "а", "max_tokens": 1})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["message"] == "the service is shutting down"

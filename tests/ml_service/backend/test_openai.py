@@ -19,6 +19,7 @@ from tests.helpers import CHECKPOINT, app_with, is_russian, running_server, with
 
 pytestmark = pytest.mark.slow
 PROMPT = "Москва — столица"
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,8 @@ def test_unknown_model_is_404_and_unknown_fields_are_ignored(client, server, mod
     for body in ({}, {"messages": []}, {"messages": "hi"}, [1, 2]):
         r = httpx.post(f"{server}/v1/chat/completions", json=body)
         assert r.status_code == 400 and "error" in r.json(), r.text
-    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": [[[[[[', timeout=30)
+    malformed = b'{"prompt": [[[[[['
+    r = httpx.post(f"{server}/v1/completions", content=malformed, headers=JSON, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
 
 
