@@ -154,13 +154,9 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         model, config.lr, config.weight_decay, config.betas, name=config.optimizer
     )
     if ctx.mode == "deepspeed":
-        import deepspeed
+        from lib.training.deepspeed import initialize
 
-        from lib.training.deepspeed import deepspeed_config
-
-        model, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(config)
-        )
+        model, optimizer = initialize(model, optimizer, config)
         if saved:  # optimizer partitions (and ZeRO-3 parameters) from DeepSpeed's own files
             model.load_checkpoint(str(resume), tag=DS_TAG, load_lr_scheduler_states=False)
     cursor = DataCursor.start(len(data.train), config.seed)

@@ -4,8 +4,10 @@ checkpoints that load everywhere, agree with each other, and resume."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from subprocess import PIPE
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -25,7 +27,7 @@ def corpus(tmp_path_factory):
     return path
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -37,7 +39,19 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
         *args,
         "--no-progress",
     ]
-    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=PIPE, stderr=PIPE, text=True, env=env) as p:
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: torchrun ends its workers (they run in sessions of their own, so a SIGKILL
+            # to torchrun, subprocess.run's answer to a timeout, would leave them waiting)
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            raise
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -141,3 +155,21 @@ def test_mfu_counts_every_ranks_peak(runs, corpus, tmp_path):
     assert card(runs / "ddp")["world_size"] == 2
     per_device = double["tokens_per_s"] / 2
     assert double["mfu"] / per_device == pytest.approx(single["mfu"] / single["tokens_per_s"])
+
+
+def test_deepspeed_starts_beside_a_killed_builds_lock(corpus, tmp_path):
+    """A run killed while DeepSpeed JIT-built its CPU shared-memory op leaves the op's build lock;
+    torch's build then waits on it forever. A ZeRO run keeps the op out (gloo does the
+    collectives), so it trains to the end beside such a lock, builds nothing, and leaves the lock
+    alone. A hang is a failure: `torchrun` times out (subprocess.TimeoutExpired)."""
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    out = tmp_path / "zero2"
+    torchrun(
+        *common(corpus, out, *MODES["zero2"], "--vocab-size", "400", "--max-steps", "6"), env=env
+    )
+    assert card(out)["steps"] == 6
+    assert [p.name for p in lock.parent.iterdir()] == ["lock"]  # nothing built, the lock untouched
