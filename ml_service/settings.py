@@ -150,6 +150,27 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest total size of the request headers (bytes); larger ones get 431",
     )
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="close a keep-alive connection that has sent no new request for this many "
+        "seconds (uvicorn's timeout_keep_alive)",
+    )
+    request_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a connection must deliver a whole request (headers and body) within this "
+        "many seconds of its first byte, and a new connection its first request within this "
+        "long; slower ones are closed (slow-header and slow-body clients)",
+    )
+    max_connections: int | None = Field(
+        1024,
+        ge=1,
+        description="most connections and requests at once (uvicorn's limit_concurrency); past "
+        "it a new one gets 503 at once; unset: no limit",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
@@ -163,6 +184,12 @@ class Settings(BaseSettings):
         description="the fleet's shared Redis, e.g. redis://redis:6379/0: rate limits, the "
         "response cache and A/B assignments are shared by every replica; unset: each replica "
         "keeps them in memory. Redis down or slow: each replica falls back to memory and serves on",
+    )
+    redis_secret: SecretStr | None = Field(
+        None,
+        description="a secret every replica shares: the Redis keys made from API keys and "
+        "client addresses are HMACs under it, so whoever reads Redis learns neither; unset with "
+        "redis_url: a warning at start",
     )
     redis_timeout_ms: float = Field(
         50.0, gt=0, le=10_000, description="the longest any Redis call may take before falling back"
