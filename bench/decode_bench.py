@@ -1,7 +1,7 @@
 """One decode step of the serving engine's `DecodeBatch`, without the engine or HTTP: the time
 of a step at B running rows, with the matrix products in torch's default library (MKL on x86)
-and with the engine's choice (oneDNN for the output projection, and for the block matrices from
-`ONEDNN_MIN_ROWS` rows on; see lib/inference/decoder.py), at 1 and 2 CPU threads.
+and with the engine's choice (oneDNN for every product at every row count where it is there;
+see lib/inference/decoder.py), at 1 and 2 CPU threads.
 
 Every row continues the same prompt for 64 tokens (EOS held off), sampled at temperature 0.8 with
 the service's default top-k/top-p/repetition penalty; a row's time is the mean step time of one
@@ -43,10 +43,9 @@ def step_ms(
     `prepack=False`: oneDNN reads the plain weights (no reordered copies; decoder.py)."""
     ids = encode_prompts(service.tokenizer, [PROMPT])[0]
     batch = DecodeBatch(service.model, service.tokenizer, max_rows=rows)
-    if not prepack:
-        batch.decoder = GPT2SlotDecoder(service.model, prepack=False)
-    if not onednn:
-        batch.decoder._onednn = None
+    if not prepack or not onednn:
+        library = "auto" if onednn else "torch"
+        batch.decoder = GPT2SlotDecoder(service.model, prepack=prepack, library=library)
     params = [
         GenerationParams(
             max_new_tokens=new_tokens,
@@ -96,8 +95,7 @@ def main() -> None:
     onednn_ok = decoder_module.onednn_linear()[0] is not None
     print(
         f"{platform.machine()}, torch {torch.__version__}, oneDNN linear "
-        f"{'available' if onednn_ok else 'NOT available (both columns use torch)'}, "
-        f"ONEDNN_MIN_ROWS={decoder_module.ONEDNN_MIN_ROWS}"
+        f"{'available' if onednn_ok else 'NOT available (both columns use torch)'}"
     )
     print()
     print(

@@ -6,7 +6,7 @@ It shows what the engine itself gives on this machine, so the serving benchmark'
 
     python bench/engine_bench.py                       # prints a markdown table
     python bench/engine_bench.py --concurrency 1 16 64 --requests-per-caller 8
-    python bench/engine_bench.py --backend onnxruntime --precision int8 --batching-only
+    python bench/engine_bench.py --backend onnxruntime --quantization int8 --batching-only
 """
 
 from __future__ import annotations
@@ -67,13 +67,18 @@ def main() -> None:
     p.add_argument("--requests-per-caller", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="ONNX file")
+    p.add_argument(
+        "--quantization",
+        choices=("none", "int8"),
+        default="none",
+        help="torch's int8 products, or the int8 ONNX file (ML_SERVICE_QUANTIZATION)",
+    )
     p.add_argument("--batching-only", action="store_true", help="skip the batch-size-1 runs")
     args = p.parse_args()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # load in this thread with one: the engine's thread does the math
     service = InferenceService.from_checkpoint(
-        args.checkpoint, backend=args.backend, precision=args.precision, threads=threads
+        args.checkpoint, backend=args.backend, quantization=args.quantization, threads=threads
     )
     runtime = service.runtime()
     print(

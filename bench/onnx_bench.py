@@ -73,7 +73,10 @@ def engine_rows(checkpoint: Path, clients: list[int], per_caller: int, threads: 
     for backend, precision, system in BACKENDS:
         torch.set_num_threads(1)
         service = InferenceService.from_checkpoint(
-            checkpoint, backend=backend, precision=precision, threads=threads
+            checkpoint,
+            backend=backend,
+            quantization="int8" if precision == "int8" else "none",
+            threads=threads,
         )
         for n in clients:
             tps, _ = asyncio.run(engine_run(service, n, 64, per_caller, 64, threads))

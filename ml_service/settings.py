@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.quantization import check_quantization
 from lib.inference.registry import ENGINES, EngineSpec, LoadSpec
 from lib.presets import DEFAULT_CHECKPOINT
 
@@ -69,10 +70,16 @@ class Settings(BaseSettings):
         "checkpoint's ONNX export (`make export-onnx`; CPU, fp32 or int8); auto: torch, except for "
         "a directory that only has an ONNX model",
     )
-    onnx_precision: Literal["fp32", "int8"] = Field(
-        "fp32",
-        description="which ONNX file the onnxruntime backend serves: model.onnx (fp32) or "
-        "model.int8.onnx (dynamic int8, `make export-onnx INT8=1`)",
+    quantization: Literal["none", "int8"] = Field(
+        "none",
+        # ML_SERVICE_ONNX_PRECISION (fp32/int8) is its former name, still read
+        validation_alias=AliasChoices(
+            "ML_SERVICE_QUANTIZATION", "ML_SERVICE_ONNX_PRECISION", "quantization"
+        ),
+        description="the weights' serving precision on CPUs: int8 (one scale per output channel, "
+        "activations quantized per token at each step) for the torch backend, or the int8 ONNX "
+        "file (model.int8.onnx, `make export-onnx INT8=1`) for onnxruntime; none: the checkpoint "
+        "as it is (dtype). Formerly ML_SERVICE_ONNX_PRECISION (fp32 means none)",
     )
     tensor_parallel: int = Field(
         1,
@@ -221,7 +228,7 @@ class Settings(BaseSettings):
             device=self.device,
             dtype=self.dtype,
             backend=self.backend,
-            precision=self.onnx_precision,
+            quantization=self.quantization,
             threads=self.torch_threads,
         )
         return EngineSpec(
@@ -248,6 +255,23 @@ class Settings(BaseSettings):
                 "ML_SERVICE_BACKEND=onnxruntime runs under our engine (ML_SERVICE_ENGINE=process "
                 f"or thread); {self.engine} runs its own model"
             )
+        return self
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _former_precision(cls, v):
+        return "none" if v == "fp32" else v  # ML_SERVICE_ONNX_PRECISION's name for none
+
+    @model_validator(mode="after")
+    def _quantization_fits(self):
+        if self.quantization == "none" or self.backend == "onnxruntime":
+            return self
+        if not ENGINES[self.engine].capabilities.runs_backends:
+            raise ValueError(
+                f"ML_SERVICE_QUANTIZATION=int8 runs under our engine (process or thread); "
+                f"{self.engine} loads its own model (serve a checkpoint quantized in its format)"
+            )
+        check_quantization(self.quantization, self.device, self.dtype)  # CPU and float32
         return self
 
     @field_validator("api_keys", mode="before")

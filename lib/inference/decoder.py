@@ -17,7 +17,7 @@ output projection at any batch size and for the block matrices from a few rows o
 libraries add in different orders, and a row's logits must not depend on how many rows share the
 step: with MKL below 8 rows and oneDNN above, a seeded request's text alone and among 16 others
 differed on one VM (a draw near a boundary of its distribution). So every row count takes the same
-library (`ONEDNN_MIN_ROWS` is 1). oneDNN is reached through
+library, bound to each product once, when the decoder is built. oneDNN is reached through
 `torch.ops.mkldnn._linear_pointwise`, an operator of torch's own CPU compiler path; it is checked
 against `F.linear` once, when the first decoder is built (nothing runs at import), and left unused
 where it is missing or disagrees (then MKL takes every product, again one library for all). Both
@@ -32,20 +32,26 @@ out by oneDNN at every call, which on a gpt2-124m-sized model cost a third of a 
 (BENCHMARKS.md, "The decode step against the hardware"). The copies take as much memory as the
 matrices themselves (0.5 GB for gpt2-124m); `GPT2SlotDecoder(model, prepack=False)` goes without.
 The numbers are the same fp32 products, summed in another order.
+
+A model quantized for serving (`ML_SERVICE_QUANTIZATION=int8`, quantization.py) has `Int8Linear`s
+in place of its blocks' Conv1Ds: the decoder calls them as they are (integer products, exact sums,
+so again a row's numbers do not depend on its neighbours).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from lib.inference.quantization import Int8Linear
+
 CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
-ONEDNN_MIN_ROWS = 1  # from this many rows on, the block matrices go to oneDNN: all (the docstring)
 PREPACK_MIN_ROWS = 8  # batches of at least this many rows build oneDNN's reordered weight copies
 PACK_ROWS = 64  # the row count oneDNN's reordered weights are laid out for (any count works)
 
@@ -147,53 +153,29 @@ def _activation(name: str):
     return ACT2FN[name]  # the module transformers itself would use
 
 
+Product = Callable[[torch.Tensor], torch.Tensor]  # x (N, in) -> (N, out)
+
+
 @dataclass(frozen=True)
-class _BlockWeights:
-    """One GPT-2 block's tensors. Conv1D weights are (in, out): y = addmm(b, x, w)."""
+class _Block:
+    """One GPT-2 block as the decoder runs it: its LayerNorms, and its four products (each with
+    its bias; `mlp_in` with the activation too), bound at construction to the library that
+    computes them (GPT2SlotDecoder.library)."""
 
     ln_1: tuple
-    attn_w: torch.Tensor
-    attn_b: torch.Tensor
-    proj_w: torch.Tensor
-    proj_b: torch.Tensor
     ln_2: tuple
-    fc_w: torch.Tensor
-    fc_b: torch.Tensor
-    out_w: torch.Tensor
-    out_b: torch.Tensor
     scaling: float
-    # oneDNN's reordered copies of the four matrices, (out, in) (None: oneDNN reads the above)
-    attn_p: torch.Tensor | None = None
-    proj_p: torch.Tensor | None = None
-    fc_p: torch.Tensor | None = None
-    out_p: torch.Tensor | None = None
+    attn: Product  # (N, C) -> (N, 3C): q, k, v
+    proj: Product  # attention output projection
+    mlp_in: Product  # the MLP's first product and its activation
+    mlp_out: Product
 
-    @classmethod
-    def of(cls, block) -> _BlockWeights:
-        a, m = block.attn, block.mlp
-        return cls(
-            _norm(block.ln_1),
-            a.c_attn.weight,
-            a.c_attn.bias,
-            a.c_proj.weight,
-            a.c_proj.bias,
-            _norm(block.ln_2),
-            m.c_fc.weight,
-            m.c_fc.bias,
-            m.c_proj.weight,
-            m.c_proj.bias,
-            a.scaling,
-        )
 
-    def packed(self, reorder) -> _BlockWeights:
-        """The same block with oneDNN's reordered copies of its matrices (Conv1D (in, out) ->
-        (out, in) -> oneDNN's layout)."""
-        p = [reorder(w.detach().t().contiguous(), PACK_ROWS) for w in self.matrices]
-        return replace(self, attn_p=p[0], proj_p=p[1], fc_p=p[2], out_p=p[3])
-
-    @property
-    def matrices(self) -> tuple:
-        return self.attn_w, self.proj_w, self.fc_w, self.out_w
+def _torch_product(w: torch.Tensor, b: torch.Tensor | None) -> Product:
+    """x @ w + b for a Conv1D weight w (in, out), by torch's own library (MKL on x86)."""
+    if b is None:
+        return partial(torch.matmul, other=w)
+    return lambda x: torch.addmm(b, x, w)
 
 
 class SlotCache:
@@ -237,7 +219,12 @@ class SlotCache:
 
 
 class GPT2SlotDecoder(SlotCache):
-    def __init__(self, model, prepack: bool = True):
+    """`library`: which library computes the matrix products, "auto" (oneDNN where it is there
+    and checked, else torch's; int8 where the model was quantized: quantization.py) or "torch"
+    (torch's own, for comparison). `prepack`: oneDNN reads its reordered copies of the fp32
+    weights (the module docstring)."""
+
+    def __init__(self, model, prepack: bool = True, library: str = "auto"):
         cfg = model.config
         if getattr(cfg, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
             raise UnsupportedModel(
@@ -245,17 +232,12 @@ class GPT2SlotDecoder(SlotCache):
                 f"got {getattr(cfg, 'model_type', type(model).__name__)!r}"
             )
         tr = model.transformer
-        # the modules' own tensors, called functionally: no nn.Module dispatch per op
-        self.weights = [_BlockWeights.of(block) for block in tr.h]
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.ln_f = _norm(tr.ln_f)
-        self.lm_head = model.lm_head.weight
-        self.act = _activation(cfg.activation_function)
         super().__init__(len(tr.h), cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions)
-        weight = model.transformer.wte.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = self.wte.device, self.wte.dtype
         cpu = self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        linear, fusable = onednn_linear() if cpu else (None, {})
+        linear, fusable = onednn_linear() if cpu and library == "auto" else (None, {})
         if self.dtype == torch.bfloat16 and not onednn_bf16():
             linear = None
         self._onednn = linear
@@ -264,46 +246,72 @@ class GPT2SlotDecoder(SlotCache):
         fp32 = cpu and self.dtype == torch.float32
         self._fused_gelu = fusable.get(cfg.activation_function) if fp32 else None
         # oneDNN's own layout of the fp32 matrices, for the products it takes (module docstring)
-        reorder = onednn_reorder() if fp32 and linear is not None and prepack else None
-        self.lm_head_p = None
-        if reorder is not None:
-            with torch.no_grad():
-                self.weights = [w.packed(reorder) for w in self.weights]
-                self.lm_head_p = reorder(self.lm_head.detach().contiguous(), PACK_ROWS)
+        self._reorder = onednn_reorder() if fp32 and linear is not None and prepack else None
+        self.act = _activation(cfg.activation_function)
+        self.library = "onednn" if linear is not None else "torch"
+        self.packed = self._reorder is not None
+        with torch.no_grad():
+            self.blocks = [self._block(block) for block in tr.h]
+            self._lm_head = self._head(model.lm_head)
 
-    def _conv1d(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, packed: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x @ w + b for a Conv1D weight w (in, out), by the faster library for x's row count
-        (oneDNN reads `packed`, its own copy of w, where there is one)."""
-        if self._onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
-            # else a view: oneDNN reads the transposed layout as is
-            return self._onednn(x, w.t() if packed is None else packed, b)
-        return torch.addmm(b, x, w)
+    # -- binding each product to its library, once ----------------------------------------------
+    def _product(self, module, gelu: bool = False) -> Product:
+        """The product of a Conv1D (weight (in, out)) or an Int8Linear, plus the activation when
+        `gelu` (inside oneDNN's product where it fuses it)."""
+        if isinstance(module, Int8Linear):
+            product = module.forward  # its own int8 product (quantization.py)
+        elif self._onednn is None:
+            product = _torch_product(module.weight, module.bias)
+        else:
+            w, b, op = module.weight, module.bias, self._onednn
+            # oneDNN takes (out, in): its reordered copy, else the transposed view as it is
+            w = w.t() if self._reorder is None else self._reorder(w.t().contiguous(), PACK_ROWS)
+            if gelu and self._fused_gelu:
+                return lambda x: op(x, w, b, self._fused_gelu)
+            product = lambda x: op(x, w, b)  # noqa: E731
+        if gelu:
+            act = self.act
+            return lambda x: act(product(x))
+        return product
 
-    def _attention_inputs(self, w: _BlockWeights, h: torch.Tensor):
+    def _block(self, block) -> _Block:
+        a, m = block.attn, block.mlp
+        return _Block(
+            ln_1=_norm(block.ln_1),
+            ln_2=_norm(block.ln_2),
+            scaling=a.scaling,
+            attn=self._product(a.c_attn),
+            proj=self._product(a.c_proj),
+            mlp_in=self._product(m.c_fc, gelu=True),
+            mlp_out=self._product(m.c_proj),
+        )
+
+    def _head(self, lm_head) -> Product:
+        """The output projection (nn.Linear, weight (vocab, C), tied to the embedding; or an
+        Int8Linear): logits in float32."""
+        if isinstance(lm_head, Int8Linear):
+            return lm_head.forward
+        w, op = lm_head.weight, self._onednn
+        if op is None:
+            return lambda x: F.linear(x, w).float()
+        if self._reorder is not None:
+            w = self._reorder(w.detach().contiguous(), PACK_ROWS)
+        return lambda x: op(x, w, None).float()
+
+    # -- the forward pieces ---------------------------------------------------------------------
+    def _attention_inputs(self, w: _Block, h: torch.Tensor):
         """q, k, v of the block for hidden states h (N, C): each (N, H, hd)."""
         N = h.shape[0]
-        qkv = self._conv1d(_layer_norm(h, w.ln_1), w.attn_w, w.attn_b, w.attn_p)  # (N, 3C)
+        qkv = w.attn(_layer_norm(h, w.ln_1))  # (N, 3C)
         return qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)
 
-    def _block_rest(self, w: _BlockWeights, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def _block_rest(self, w: _Block, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The attention output projection and the MLP, with their residuals; (N, C)."""
-        h = h + self._conv1d(a, w.proj_w, w.proj_b, w.proj_p)
-        x = _layer_norm(h, w.ln_2)
-        if self._onednn is not None and self._fused_gelu and x.shape[0] >= ONEDNN_MIN_ROWS:
-            fc = w.fc_w.t() if w.fc_p is None else w.fc_p
-            m = self._onednn(x, fc, w.fc_b, gelu=self._fused_gelu)
-        else:
-            m = self.act(self._conv1d(x, w.fc_w, w.fc_b, w.fc_p))
-        return h + self._conv1d(m, w.out_w, w.out_b, w.out_p)
+        h = h + w.proj(a)
+        return h + w.mlp_out(w.mlp_in(_layer_norm(h, w.ln_2)))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32
-        x = _layer_norm(h, self.ln_f)
-        if self._onednn is not None:
-            packed = self.lm_head_p is not None and x.shape[0] >= ONEDNN_MIN_ROWS
-            return self._onednn(x, self.lm_head_p if packed else self.lm_head, None).float()
-        return F.linear(x, self.lm_head).float()
+        return self._lm_head(_layer_norm(h, self.ln_f))
 
     def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)
@@ -324,7 +332,7 @@ class GPT2SlotDecoder(SlotCache):
         mask = (causal[None] & (pos[None, None, :] < lens[:, None, None]))[:, None]
         h = self._embed(ids, pos[None].expand(n, P)).view(n * P, -1)  # (n*P, C)
         rows = slice(first_slot, first_slot + n)
-        for layer, w in enumerate(self.weights):
+        for layer, w in enumerate(self.blocks):
             q, k, v = (
                 x.view(n, P, self.n_head, self.head_dim).transpose(1, 2)
                 for x in self._attention_inputs(w, h)
@@ -356,7 +364,7 @@ class GPT2SlotDecoder(SlotCache):
             if slots is None
             else torch.tensor(slots, device=self.device)
         )
-        for layer, w in enumerate(self.weights):
+        for layer, w in enumerate(self.blocks):
             q, k, v = self._attention_inputs(w, h)  # (B, H, hd)
             self.k[layer][rows, :, pos] = k
             self.v[layer][rows, :, pos] = v

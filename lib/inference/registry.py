@@ -31,7 +31,7 @@ class LoadSpec:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str = "auto"  # torch or onnxruntime (see resolve_backend)
-    precision: str = "fp32"  # the ONNX file the onnxruntime backend serves
+    quantization: str = "none"  # or int8: torch's int8 products (quantization.py), the int8 ONNX file
     threads: int | None = None  # ONNX Runtime's math threads (torch's are the engine's to set)
 
 

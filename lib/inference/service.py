@@ -35,6 +35,7 @@ from lib.inference.generation import generate, run_to_end
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 from lib.inference.onnx_model import OnnxCausalLM
 from lib.inference.prompts import check_fits, check_tokens, encode_prompts
+from lib.inference.quantization import check_quantization, quantization_of, quantize
 from lib.inference.registry import LoadSpec
 from lib.inference.scoring import (
     TextScore,
@@ -100,21 +101,26 @@ class InferenceService:
         onnx = resolve_backend(path, spec.backend) == "onnxruntime"
         t0 = time.perf_counter()
         runtime = None
+        onnx_precision = "int8" if spec.quantization == "int8" else "fp32"  # the ONNX file
+        if not onnx:  # a clear error for a device or dtype int8 cannot serve, before loading
+            check_quantization(spec.quantization, spec.device, spec.dtype)
         if onnx and weights:
-            model = OnnxCausalLM(served, spec.precision, threads=spec.threads)
+            model = OnnxCausalLM(served, onnx_precision, threads=spec.threads)
         elif onnx or not weights:
             if onnx:  # missing: the error here, before an engine starts
-                file = onnx_model_file(path, spec.precision).name
+                file = onnx_model_file(path, onnx_precision).name
                 runtime = {
                     "backend": "onnxruntime",
-                    "precision": spec.precision,
+                    "precision": onnx_precision,
                     "model_file": file,
                 }
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(served)))
             model = model.to(dtype)
+            if not onnx:  # what the engine's process serves (runtime() reports it)
+                model.serving_quantization = spec.quantization
         else:
-            model = load_model(path, device=spec.device, dtype=dtype)
+            model = quantize(load_model(path, device=spec.device, dtype=dtype), spec.quantization)
         tokenizer = load_tokenizer(served)
         card = read_card(served) or read_card(path)
         sha256 = checkpoint_sha256(served)  # once per load
@@ -138,14 +144,15 @@ class InferenceService:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         backend: str = "auto",
-        precision: str = "fp32",
+        quantization: str = "none",
         threads: int | None = None,
     ) -> InferenceService:
         """The checkpoint at `path`, run by torch or by ONNX Runtime (`backend`: `auto` serves
-        an ONNX-only directory with ONNX Runtime); `precision` picks the ONNX file (fp32, int8)
-        and `threads` ONNX Runtime's math threads (torch's are the engine's to set)."""
+        an ONNX-only directory with ONNX Runtime); `quantization` "int8" runs torch's int8
+        products (quantization.py) or picks the int8 ONNX file, and `threads` sets ONNX
+        Runtime's math threads (torch's are the engine's to set)."""
         dtype_name = str(dtype or torch.float32).removeprefix("torch.")
-        spec = LoadSpec(str(path), None, device, dtype_name, backend, precision, threads)
+        spec = LoadSpec(str(path), None, device, dtype_name, backend, quantization, threads)
         return cls.from_spec(spec)
 
     @classmethod
@@ -322,7 +329,8 @@ class InferenceService:
 
     def runtime(self) -> dict:
         """What runs the model: `backend` (torch or onnxruntime), `precision` (the weights' dtype,
-        or the ONNX file's fp32/int8) and `model_file` (its name, never a path)."""
+        int8 for torch's int8 products, or the ONNX file's fp32/int8) and `model_file` (its name,
+        never a path)."""
         if self._runtime is not None:
             return dict(self._runtime)
         model = self.model
@@ -334,6 +342,8 @@ class InferenceService:
             }
         weights = "model.safetensors" if not self.random_baseline else None
         precision = str(model.dtype).removeprefix("torch.")
+        if quantization_of(model) != "none":
+            precision = quantization_of(model)
         return {"backend": "torch", "precision": precision, "model_file": weights}
 
     def metadata(self) -> dict:

@@ -15,7 +15,6 @@ from lib.inference import (
     InferenceService,
     QueueFull,
 )
-from lib.inference import decoder as decoder_module
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.limits import available_cores
 from lib.inference.prompts import encode_prompts
@@ -48,19 +47,16 @@ def run(coro):
 
 # -- the decoder ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("library", ["torch", "onednn"])
-def test_decoder_logits_equal_the_model_forward(service, library, monkeypatch):
+def test_decoder_logits_equal_the_model_forward(service, library):
     """Prefill, decode at different positions per row, and a row moved to another slot; with
     torch's own matrix products and with oneDNN's (and its fused GELU) for every row count."""
     model, tok = service.model, service.tokenizer
     prompts = encode_prompts(tok, PROMPTS[:3])
-    dec = GPT2SlotDecoder(model)
-    if library == "onednn":
-        if torch.backends.mkldnn.is_available():  # x86 and arm64 builds of torch have it
-            assert dec._onednn is not None, "oneDNN's linear failed its start-up check"
-            assert dec._fused_gelu == "tanh"  # the MLP's GELU runs inside oneDNN's product
-        monkeypatch.setattr(decoder_module, "ONEDNN_MIN_ROWS", 1)
-    else:
-        dec._onednn = None
+    dec = GPT2SlotDecoder(model, library="auto" if library == "onednn" else "torch")
+    if library == "onednn" and torch.backends.mkldnn.is_available():  # x86 and arm64 torch
+        assert dec.library == "onednn", "oneDNN's linear failed its start-up check"
+        assert dec._fused_gelu == "tanh"  # the MLP's GELU runs inside oneDNN's product
+    assert dec.library == library or not torch.backends.mkldnn.is_available()
     dec.reserve(3, 64)
     with torch.inference_mode():
         logits = dec.prefill(prompts, 0)

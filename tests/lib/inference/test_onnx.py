@@ -218,7 +218,7 @@ def test_metadata_shows_backend_precision_and_file(client, onnx_client, exported
 
 
 def test_int8_loads_and_serves(exported, settings):
-    s = with_settings(settings, checkpoint=exported, backend="onnxruntime", onnx_precision="int8")
+    s = with_settings(settings, checkpoint=exported, backend="onnxruntime", quantization="int8")
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
         m = c.get("/metadata").json()
         assert (m["precision"], m["model_file"]) == ("int8", "model.int8.onnx")
