@@ -13,8 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
-from lib.inference.quantization import check_quantization
-from lib.inference.registry import ENGINES, EngineSpec, LoadSpec
+from lib.inference.registry import ENGINES, EngineSpec, LoadSpec, check_quantization
 from lib.presets import DEFAULT_CHECKPOINT
 
 

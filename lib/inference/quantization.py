@@ -25,7 +25,8 @@ from functools import cache
 import torch
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8")  # ML_SERVICE_QUANTIZATION's choices
+from lib.inference.registry import check_quantization
+
 QMAX = 127  # symmetric int8: -127..127 (no -128, so negation is exact)
 
 
@@ -86,24 +87,6 @@ def int8_available() -> str | None:
     if not err < 0.05:
         return f"the int8 matrix product is wrong on this CPU (relative error {err:.3f})"
     return None
-
-
-def check_quantization(quantization: str, device: str, dtype: str) -> None:
-    """ValueError naming the reason where `quantization` cannot serve on `device` in `dtype`."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}"
-        )
-    if quantization == "int8":
-        if not str(device).startswith("cpu"):
-            raise ValueError(
-                f"int8 quantization serves on CPUs (device {device!r}): on a GPU serve bfloat16, "
-                "or vLLM (ML_SERVICE_ENGINE=vllm) with its own quantized formats"
-            )
-        if dtype != "float32":
-            raise ValueError(
-                f"int8 quantization keeps float32 activations: set dtype float32, not {dtype}"
-            )
 
 
 def quantize(model, quantization: str, *, lm_head: bool = False):

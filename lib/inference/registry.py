@@ -18,6 +18,26 @@ from dataclasses import dataclass, field
 from lib.inference.contract import Engine
 from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
 
+QUANTIZATIONS = ("none", "int8")  # serving precisions (ML_SERVICE_QUANTIZATION)
+
+
+def check_quantization(quantization: str, device: str, dtype: str) -> None:
+    """ValueError naming the reason where `quantization` cannot serve on `device` in `dtype`."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}"
+        )
+    if quantization == "int8":
+        if not str(device).startswith("cpu"):
+            raise ValueError(
+                f"int8 quantization serves on CPUs (device {device!r}): on a GPU serve bfloat16, "
+                "or vLLM (ML_SERVICE_ENGINE=vllm) with its own quantized formats"
+            )
+        if dtype != "float32":
+            raise ValueError(
+                f"int8 quantization keeps float32 activations: set dtype float32, not {dtype}"
+            )
+
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -31,7 +51,9 @@ class LoadSpec:
     device: str = "cpu"
     dtype: str = "float32"
     backend: str = "auto"  # torch or onnxruntime (see resolve_backend)
-    quantization: str = "none"  # or int8: torch's int8 products (quantization.py), the int8 ONNX file
+    quantization: str = (
+        "none"  # or int8: torch's int8 products (quantization.py), the int8 ONNX file
+    )
     threads: int | None = None  # ONNX Runtime's math threads (torch's are the engine's to set)
 
 
