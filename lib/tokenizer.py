@@ -83,6 +83,46 @@ def is_byte_level(tokenizer) -> bool:
     return known
 
 
+def max_token_chars(tokenizer) -> int | None:
+    """The most characters of a text that one token can stand for, L (read once from the
+    tokenizer's `tokenizers` spec and remembered on it): a text of N characters then encodes to at
+    least ceil(N / L) tokens, which refuses a prompt too long for a context before tokenizing it.
+
+    A token stands for at most as many characters as its text starts (a byte-level token's bytes
+    that are not UTF-8 continuation bytes; a byte-fallback token, one); an added token (the
+    `<|endoftext|>` a text may contain) for its own text. None, no bound, when the pipeline could
+    make a text shorter before it is split or let one token absorb any number of characters: a
+    normalizer (NFC composes two characters into one), a model other than BPE (WordPiece's unknown
+    word), fused unknown characters, or an added token that strips the spaces beside it."""
+    known = getattr(tokenizer, "_ml_max_token_chars", False)
+    if known is not False:
+        return known
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, added = spec.get("model") or {}, spec.get("added_tokens") or []
+    bounded = (
+        spec.get("normalizer") is None
+        and model.get("type") == "BPE"
+        and not model.get("fuse_unk")
+        and not any(a.get("lstrip") or a.get("rstrip") for a in added)
+    )
+    known = None
+    if bounded:
+        byte_level = is_byte_level(tokenizer)
+        longest = max((_chars_started(piece, byte_level) for piece in model["vocab"]), default=1)
+        known = max([longest, 1, *(len(a["content"]) for a in added)])
+    tokenizer._ml_max_token_chars = known
+    return known
+
+
+def _chars_started(piece: str, byte_level: bool) -> int:
+    """How many characters of a text the vocabulary entry `piece` can start."""
+    if byte_level:  # each character stands for a byte; 0b10xxxxxx continues a character
+        return sum(1 for ch in piece if _BYTE_OF_CHAR.get(ch, 0) & 0xC0 != 0x80)
+    if _BYTE_TOKEN.fullmatch(piece):
+        return 1
+    return len(piece)
+
+
 def token_bytes(tokenizer, token_id: int) -> bytes:
     """The UTF-8 bytes one token stands for. A byte-level token's characters each stand for one
     byte; a byte-fallback token `<0xXX>` is that byte; a special token (`<|endoftext|>`) and any

@@ -1,7 +1,8 @@
 """The seed routes, generic over the loaded `ModelService`: /forward, /forward_batch, /metadata.
 Thin: read and validate the body at the edge (`bodies.py`), refuse at once when the queue is full,
-`preprocess`, run it (`execution.py`: the engine, off the event loop; cancelled when the client
-disconnects), `postprocess`."""
+`preprocess` (in the preparing thread, off the event loop: `execution.off_loop`), run it
+(`execution.py`: the engine, off the event loop; cancelled when the client disconnects),
+`postprocess`."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ml_service.backend.errors import (
 from ml_service.backend.execution import (
     StreamFormat,
     check_room,
+    off_loop,
     run_items,
     sse,
     stream_items,
@@ -71,7 +73,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         req = validated(req_model, payload)
         model = deps.model  # one version for the whole request, even across a reload
         check_room(model.engine, 1)
-        item = model.service.preprocess(req)
+        item = await off_loop(model.service.preprocess, req)
         deps.host.mirror([req], model)  # a copy for the shadow version, if any (never awaited)
         _note_prompt(request, req)
         opted_in = getattr(req, "cache", True)
@@ -104,13 +106,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         model = deps.model
         requests = model.service.split_batch(batch_req)
         check_room(model.engine, len(requests))
-        items = []
-        for i, req in enumerate(requests):
-            try:
-                items.append(model.service.preprocess(req))
-            except InvalidInput as e:
-                loc = model.service.batch_item_loc(i, e.loc)
-                raise BadRequest([{"loc": [str(x) for x in loc], "msg": str(e)}]) from None
+        items = await off_loop(_preprocess_batch, model.service, requests)
         deps.host.mirror(requests, model)
         opted_in = getattr(batch_req, "cache", True)
         outputs = await run_items(request, deps, model, items, opted_in)
@@ -159,6 +155,19 @@ class ForwardEvents(StreamFormat):
         else:
             detail = error.detail
         return [sse({"detail": detail}, event="error")]
+
+
+def _preprocess_batch(service: ModelService, requests: list[BaseModel]) -> list:
+    """Each request preprocessed, in order; the first bad one is a 400 at its place in the
+    batch."""
+    items = []
+    for i, req in enumerate(requests):
+        try:
+            items.append(service.preprocess(req))
+        except InvalidInput as e:
+            loc = service.batch_item_loc(i, e.loc)
+            raise BadRequest([{"loc": [str(x) for x in loc], "msg": str(e)}]) from None
+    return items
 
 
 def _note_prompt(request: Request, req: BaseModel) -> None:

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from lib.inference import GenerationResult, TokenLogprob
 from lib.tokenizer import token_bytes
+from ml_service.backend.execution import off_loop
 from ml_service.backend.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -37,7 +38,7 @@ class OpenAIServingChat(OpenAIServing):
     ) -> ChatCompletionResponse | StreamingResponse:
         if req.stream and req.logprobs:
             raise refuse("logprobs", "logprobs are not streamed; send stream: false")
-        prompt = self.prompt(req)
+        prompt = await off_loop(self.prompt, req)  # rendered and tokenized off the event loop
         top = (req.top_logprobs or 0) if req.logprobs else None
         fallback = self.service.tokenizer.chat_template is None
         extra_stop = (FALLBACK_STOP,) if fallback else ()
@@ -51,6 +52,8 @@ class OpenAIServingChat(OpenAIServing):
         return self.response(req, prompt, outputs)
 
     def prompt(self, req: ChatCompletionRequest) -> Prompt:
+        """The conversation rendered with the chat template, and tokenized unless it cannot fit
+        (blocking: run it off the event loop)."""
         tok = self.service.tokenizer
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         text = tok.apply_chat_template(
@@ -60,6 +63,7 @@ class OpenAIServingChat(OpenAIServing):
             add_generation_prompt=True,
         )
         self.check_text("messages", "the conversation", text)
+        self.check_may_fit("messages", [text], req.asked_tokens())
         return Prompt(tok(text)["input_ids"], text)
 
     def response(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from fastapi.responses import StreamingResponse
 
 from lib.inference import GenerationResult, TokenLogprob
+from ml_service.backend.execution import off_loop
 from ml_service.backend.openai_protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -29,9 +30,9 @@ from ml_service.backend.openai_serving import (
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest) -> CompletionResponse | StreamingResponse:
-        prompts = self.prompts(req)
         if req.stream and req.logprobs is not None:
             raise refuse("logprobs", "logprobs are not streamed; send stream: false")
+        prompts = await off_loop(self.prompts, req)  # tokenized in the preparing thread
         if req.max_tokens == 0:
             return await self.response(req, prompts, scored_only(prompts, req.n))
         items = self.engine_items(req, prompts, req.max_tokens, req.logprobs, "prompt")
@@ -42,11 +43,17 @@ class OpenAIServingCompletion(OpenAIServing):
         return await self.response(req, prompts, outputs)
 
     def prompts(self, req: CompletionRequest) -> list[Prompt]:
+        """The prompts, tokenized (blocking: run it off the event loop). Texts that cannot fit
+        are refused from their lengths before any of them is tokenized."""
         tok = self.service.tokenizer
+        given = req.prompts()
+        texts = [p for p in given if isinstance(p, str)]
+        for i, p in enumerate(texts):
+            self.check_text("prompt", f"prompt {i}", p)
+        self.check_may_fit("prompt", texts, req.max_tokens)
         prompts = []
-        for i, p in enumerate(req.prompts()):
+        for i, p in enumerate(given):
             if isinstance(p, str):
-                self.check_text("prompt", f"prompt {i}", p)
                 prompts.append(Prompt(tok(p)["input_ids"], p))
             else:  # ids are checked before the tokenizer sees them (it overflows on huge ones)
                 vocab = self.service.vocab_size

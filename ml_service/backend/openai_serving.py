@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from lib.inference import GenerationParams, GenerationResult, InvalidTokens, PromptTooLong
+from lib.inference.prompts import check_may_fit
 from lib.tokenizer import token_bytes
 from ml_service.backend.errors import BadRequest, ModelNotFound, ServiceError
 from ml_service.backend.execution import (
@@ -175,6 +176,17 @@ class OpenAIServing:
     def check_text(self, param: str, what: str, text: str) -> None:
         if len(text) > (limit := self.service.settings.max_text_chars):
             raise refuse(param, f"{what} has {len(text)} characters; the limit is {limit}")
+
+    def check_may_fit(self, param: str, texts: Sequence[str], asked: int | None) -> None:
+        """Refuse, from their lengths alone and before they are tokenized, texts that cannot fit
+        the context with the tokens asked (at least one: a prompt scored alone, `max_tokens: 0`
+        with `echo`, fits when it leaves room for one)."""
+        new = 1 if asked is None else max(1, self._tokens_asked(asked, 0))
+        tok, context = self.service.tokenizer, self.service.context_length
+        try:
+            check_may_fit(tok, texts, [new] * len(texts), context)
+        except PromptTooLong as e:
+            raise refuse(param, f"prompt {e.index}: {e}" if len(texts) > 1 else str(e)) from None
 
     def _tokens_asked(self, asked: int | None, prompt_len: int) -> int:
         """max_tokens as asked (checked against the limit), or what fits when it is not given."""

@@ -23,6 +23,7 @@ from lib.inference import (
     PromptTooLong,
 )
 from lib.inference.frontend import FrontendInference
+from lib.inference.prompts import check_may_fit
 from ml_service.backend.schemas import (
     Completion,
     ForwardBatchRequest,
@@ -56,8 +57,10 @@ class TextGenerationService(CheckpointService):
         if request.max_new_tokens > limit:
             raise InvalidInput(f"max_new_tokens must be <= {limit}", loc="max_new_tokens")
         check_text_length(request.text, self.settings.max_text_chars)
-        try:
-            return self.inference.prepare(request.text, request.to_generation_params())
+        params, context = request.to_generation_params(), self.context_length
+        try:  # what cannot fit is refused from its length, before it is tokenized
+            check_may_fit(self.tokenizer, [request.text], [params.max_new_tokens], context)
+            return self.inference.prepare(request.text, params)
         except PromptTooLong as e:
             raise InvalidInput(str(e)) from None
 
