@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The service image: the API with the embedded default model, ready for a GPU host.
 #
-#   docker build -t ru-gpt-service:gpu .                           # CUDA runtime base, CUDA torch
+#   docker build -t ru-gpt-service:gpu .                           # CUDA 13.0 base, CUDA 13.0 torch
 #   docker build --build-arg FLAVOR=cpu -t ru-gpt-service:cpu .    # slim Python base, CPU torch
 #   docker build --build-arg VLLM=1 -t ru-gpt-service:gpu-vllm .   # + vLLM (ML_SERVICE_ENGINE=vllm)
 #   docker run --gpus all -p 8000:8000 ru-gpt-service:gpu
@@ -9,9 +9,16 @@
 # Stages: base-gpu | base-cpu (OS + Python, picked by FLAVOR) -> builder (a venv with torch and
 # the project, no dev tools) -> runtime (the venv, serve.py, train_distributed.py, models/default;
 # a non-root user). Settings are ML_SERVICE_* variables (ml_service/settings.py).
+#
+# One CUDA, named once: CUDA_IMAGE's tag. torch's Linux wheels on PyPI bring their own CUDA
+# libraries (torch 2.13.0: CUDA 13.0), so the base is NVIDIA's `base` flavor, which holds no CUDA
+# libraries, only what the NVIDIA Container Toolkit reads: CUDA_VERSION, NVIDIA_REQUIRE_CUDA (the
+# driver CUDA 13.0 needs, 580 or later) and the visible devices. The builder stops when the torch
+# it installed is built for another CUDA major.minor than that tag's (or, for cpu, for any CUDA).
+# Versions: constraints.txt, the pins the tests run on (`make install` uses the same file).
 
 ARG FLAVOR=gpu
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- bases: the only place where the two flavors differ ------------------------------------
@@ -34,21 +41,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # ---- builder: everything that needs pip ----------------------------------------------------
 FROM base AS builder
 ARG FLAVOR
-ARG TORCH_VERSION=2.13.0
-# empty: the CPU wheel index for FLAVOR=cpu, PyPI (whose Linux torch is a CUDA build) for gpu;
-# set it to pick another CUDA build, e.g. the PyTorch index for your CUDA version
+# empty: PyPI alone for gpu (its Linux torch is the CUDA 13.0 build), plus the CPU wheel index for
+# cpu (its 2.13.0+cpu wins over PyPI's 2.13.0). Another index (the PyTorch index of another CUDA)
+# goes with a CUDA_IMAGE of that CUDA: the check below refuses a mismatch.
 ARG TORCH_INDEX_URL=
 RUN python3 -m venv /opt/venv && pip install --no-cache-dir --upgrade pip
+WORKDIR /src
+# every version from constraints.txt, the pins the tests ran on (torch's too)
+COPY constraints.txt ./
 # torch alone first: the largest layer, kept while the code or other dependencies change
 RUN set -eu; \
     index="$TORCH_INDEX_URL"; \
     if [ -z "$index" ] && [ "$FLAVOR" = cpu ]; then index=https://download.pytorch.org/whl/cpu; fi; \
-    pip install --no-cache-dir ${index:+--index-url "$index"} "torch==${TORCH_VERSION}"
-WORKDIR /src
+    pip install --no-cache-dir -c constraints.txt ${index:+--extra-index-url "$index"} torch
 # the runtime dependencies from pyproject.toml (no dev extra, no DeepSpeed), then the project
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt torch
 # VLLM=1 (GPU flavor only): vLLM's async engine too, for ML_SERVICE_ENGINE=vllm (paged attention,
 # tensor parallelism, CUDA graphs; docs/deploy.md, "Engines: ours or vLLM"). It brings the torch
 # build it pins, which replaces the one above; VLLM_VERSION pins vLLM itself. Run the image with
@@ -61,6 +70,9 @@ RUN set -eu; \
         pip install --no-cache-dir "vllm${VLLM_VERSION:+==$VLLM_VERSION}"; \
         python -c "import vllm; print('vllm', vllm.__version__)"; \
     fi
+# the one CUDA: torch's (torch.version.cuda) is the base's major.minor (CUDA_VERSION, which
+# NVIDIA's images set), and none at all for cpu; after vLLM, which may have replaced torch
+RUN python -c "import os, sys, torch; base = os.environ.get('CUDA_VERSION', ''); want = '.'.join(base.split('.')[:2]) or None; got = torch.version.cuda; print('torch', torch.__version__, 'CUDA', got, '- base image CUDA', base or None); sys.exit(None if got == want else f'torch is built for CUDA {got}, the base image for CUDA {want}: CUDA_IMAGE (its tag) and the torch build (constraints.txt, TORCH_INDEX_URL) must name one CUDA')"
 COPY lib ./lib
 COPY ml_service ./ml_service
 RUN pip install --no-cache-dir --no-deps . && python -c "import ml_service.backend.ui, lib.inference"

