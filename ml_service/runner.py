@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
             os.environ[f"ML_SERVICE_{name.upper()}"] = str(value)
     import uvicorn
 
+    from ml_service.backend.http_protocol import ServiceHttpProtocol
     from ml_service.settings import get_settings
 
     settings = get_settings()
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
     # SIGTERM: stop accepting, let in-flight requests finish for up to shutdown_grace_s; then the
     # app ends what is left (503 with Retry-After, or a stream's `error` event: see
     # ml_service.shutdown), and uvicorn, which waits SHUTDOWN_MARGIN_S longer, cancels only what
-    # could not even be answered. The app writes its own JSON access log.
+    # could not even be answered. The app writes its own JSON access log. Connections: idle
+    # keep-alive ones close after keep_alive_timeout_s, a request must arrive whole within
+    # request_read_timeout_s (ServiceHttpProtocol), past max_connections a JSON 503.
     uvicorn.run(
         "ml_service.backend.app:create_app",
         factory=True,
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None, default_service: str | None = None) -> i
         access_log=False,
         server_header=False,  # no `server: uvicorn` on every answer
         timeout_graceful_shutdown=settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
+        http=ServiceHttpProtocol,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections,
     )
     return 0
 
