@@ -12,6 +12,10 @@ temperature 0.8 with the service's default top-k/top-p/penalty) prints
 - their ratio (1.0 would be a step that only streams the weights),
 - the step's floating-point work (2 x matrix parameters x rows, plus attention's 4 x rows x keys
   x width per layer) and the rate achieved against the measured peak,
+- the time of the step's matrix products alone (every block's four and the output projection,
+  bound to the same library and weights as the decoder binds them, on random inputs of the
+  step's shapes, same threads) and the step's ratio to it: what the step spends beyond the
+  products (attention, norms, sampling, Python),
 
 at each thread count, as a markdown table. `--write BENCHMARKS.md` puts the table into that file's
 section "### The decode step against the hardware (gpt2-124m)" (added at the end when missing).
@@ -20,6 +24,7 @@ section "### The decode step against the hardware (gpt2-124m)" (added at the end
     python bench/hardware_bench.py                               # the table
     python bench/hardware_bench.py --write BENCHMARKS.md
     python bench/hardware_bench.py --no-prepack --rows 16        # oneDNN on the plain weights
+    python bench/hardware_bench.py --quantization int8           # int8 products (quantization.py)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import torch
 
 from lib.inference import InferenceService
+from lib.inference.decoder import PREPACK_MIN_ROWS, GPT2SlotDecoder
 
 try:
     from bench.decode_bench import best_of, step_ms
@@ -79,7 +85,8 @@ def weight_bytes(model) -> int:
     few rows are read), a tied output projection once."""
     seen, total = set(), 0
     wpe = model.transformer.wpe.weight
-    for p in model.parameters():
+    # int8 models keep their matrices in buffers (quantization.Int8Linear)
+    for p in (*model.parameters(), *model.buffers()):
         if p.data_ptr() in seen or p is wpe:
             continue
         seen.add(p.data_ptr())
@@ -92,19 +99,41 @@ def step_flops(model, rows: int, keys: float) -> float:
     positions on average: 2 per matrix weight per row (blocks and output projection), plus
     q.k and p.v (4 x keys x width per row and layer)."""
     cfg = model.config
-    matrices = sum(
-        p.numel()
-        for block in model.transformer.h
-        for p in (block.attn.c_attn.weight, block.attn.c_proj.weight)
-        + (block.mlp.c_fc.weight, block.mlp.c_proj.weight)
-    )
+    C, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+    matrices = cfg.n_layer * (C * 3 * C + C * C + 2 * C * inner)  # attention in/out, the MLP
     matrices += model.lm_head.weight.numel()
     return 2 * matrices * rows + 4 * rows * keys * cfg.n_embd * cfg.n_layer
 
 
+def products_ms(service, rows: int, prepack: bool, repeats: int = 30) -> float:
+    """Milliseconds for the step's matrix products alone at `rows` rows: each block's four (the
+    first MLP product with its activation, as the decoder binds it) and the output projection,
+    on random inputs, the best mean of `repeats` rounds."""
+    model = service.model
+    dec = GPT2SlotDecoder(model, prepack=prepack)
+    C = model.config.n_embd
+    inner = model.config.n_inner or 4 * C
+    x, m = torch.randn(rows, C), torch.randn(rows, inner)
+
+    def once() -> None:
+        for b in dec.blocks:
+            b.attn(x), b.proj(x), b.mlp_in(x), b.mlp_out(m)
+        dec._lm_head(x)
+
+    with torch.inference_mode():
+        once()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                once()
+            best = min(best, (time.perf_counter() - t0) / repeats)
+    return best * 1e3
+
+
 def measure(args) -> tuple[str, list[dict]]:
     """The header line and one dict per (threads, rows)."""
-    service = InferenceService.from_checkpoint(args.checkpoint)
+    service = InferenceService.from_checkpoint(args.checkpoint, quantization=args.quantization)
     model = service.model
     nbytes = weight_bytes(model)
     keys = PROMPT_TOKENS + args.max_new_tokens / 2
@@ -123,6 +152,8 @@ def measure(args) -> tuple[str, list[dict]]:
                     service, r, True, args.max_new_tokens, prepack=not args.no_prepack
                 ),
             )
+            prepack = not args.no_prepack and rows >= PREPACK_MIN_ROWS  # as DecodeBatch does
+            alone = min(products_ms(service, rows, prepack) for _ in range(args.repeats))
             stream_ms = nbytes / (bw * 1e9) * 1e3
             flops = step_flops(model, rows, keys)
             rate = flops / (ms / 1e3) / 1e9
@@ -137,12 +168,13 @@ def measure(args) -> tuple[str, list[dict]]:
                     gflops=rate,
                     peak=peak,
                     bw=bw,
+                    products_ms=alone,
                 )
             )
     params = sum(p.numel() for p in model.parameters())
     intro = (
         f"`{args.checkpoint}` ({params:,} parameters, {nbytes / 1e6:.0f} MB read per step, "
-        f"{model.dtype}); {platform.machine()}, torch {torch.__version__}; "
+        f"{service.runtime()['precision']}); {platform.machine()}, torch {torch.__version__}; "
         + "; ".join(header)
         + (" (oneDNN on plain weights: --no-prepack)" if args.no_prepack else "")
     )
@@ -152,14 +184,15 @@ def measure(args) -> tuple[str, list[dict]]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| threads | rows | ms/step | weights streamed once (ms) | step / stream | GFLOP/step "
-        "| GFLOP/s | of peak |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| GFLOP/s | of peak | products alone (ms) | step / products |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['threads']} | {r['rows']} | {r['ms']:.1f} | {r['stream_ms']:.1f} "
             f"| {r['ratio']:.2f}x | {r['gflop']:.2f} | {r['gflops']:.0f} "
-            f"| {r['gflops'] / r['peak']:.0%} |"
+            f"| {r['gflops'] / r['peak']:.0%} | {r['products_ms']:.1f} "
+            f"| {r['ms'] / r['products_ms']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -188,6 +221,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-prepack", action="store_true", help="oneDNN reads the plain weights")
+    p.add_argument("--quantization", choices=("none", "int8"), default="none")
     p.add_argument("--write", type=Path, help="rewrite this file's section (BENCHMARKS.md)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ for speed measurements of sizes we have not trained, e.g. the serving benchmark 
 
     python bench/random_checkpoint.py --preset gpt2-124m --out runs/bench/random-gpt2-124m
     python bench/serve_bench.py --checkpoint runs/bench/random-gpt2-124m --device cuda --stream
+    python bench/random_checkpoint.py --preset gpt2-124m --tokenizer-vocab   # 4,096-token head
 
 The weights are noise, so the text is too; the model card says so. The vocabulary is the preset's
 (50,257 for the GPT-2 presets: the output projection has its real size), larger than the
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from lib.checkpoint import save_checkpoint
 from lib.inference import InferenceService
-from lib.presets import DEFAULT_CHECKPOINT, PRESETS
+from lib.modeling import build_model
+from lib.presets import DEFAULT_CHECKPOINT, PRESETS, get_preset
 from lib.training.card import default_generation_config
 
 
@@ -28,9 +30,21 @@ def main(argv=None) -> Path:
     p.add_argument("--out", type=Path, help="default: runs/bench/random-PRESET")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tokenizer-vocab",
+        action="store_true",
+        help="the tokenizer's vocabulary (4,096 for the default) instead of the preset's: the "
+        "output projection of the checkpoints we train",
+    )
     args = p.parse_args(argv)
-    out = args.out or Path("runs/bench") / f"random-{args.preset}"
+    suffix = "-vocab4k" if args.tokenizer_vocab else ""
+    out = args.out or Path("runs/bench") / f"random-{args.preset}{suffix}"
     service = InferenceService.random_baseline(args.preset, args.tokenizer, seed=args.seed)
+    if args.tokenizer_vocab:
+        tok = service.tokenizer
+        service.model = build_model(
+            get_preset(args.preset), len(tok), eos_token_id=tok.eos_token_id, seed=args.seed
+        )
     params = sum(t.numel() for t in service.model.parameters())
     card = {
         "model_id": f"random-{args.preset}",

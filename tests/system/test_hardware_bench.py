@@ -31,8 +31,10 @@ def test_step_accounting(service):
     assert one > 2 * model.lm_head.weight.numel()
 
 
-def test_the_table_is_measured_and_written(service, tmp_path):
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_the_table_is_measured_and_written(service, tmp_path, quantization):
     args = SimpleNamespace(
+        quantization=quantization,
         checkpoint=str(CHECKPOINT),
         rows=[1, 2],
         threads=[torch.get_num_threads()],
@@ -42,8 +44,10 @@ def test_the_table_is_measured_and_written(service, tmp_path):
     )
     intro, rows = hb.measure(args)
     assert len(rows) == 2 and all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
+    assert all(0 < r["products_ms"] for r in rows)
     table = hb.table(rows)
-    assert table.count("\n") == 3 and "GFLOP/s" in intro
+    assert table.count("\n") == 3 and "GFLOP/s" in intro and "step / products" in table
+    assert ("int8" in intro) == (quantization == "int8")
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# B\n\n## Other\n\ntext\n", encoding="utf-8")
     hb.write_section(doc, "first")
