@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
+import os
 import time
 from typing import Annotated
 
@@ -24,6 +26,11 @@ from ml_service.backend.errors import (
 )
 from ml_service.settings import Settings
 from ml_service.shared import SharedStore
+
+log = logging.getLogger("ml_service")
+# the HMAC key of the counters' names when a fleet shares Redis without ML_SERVICE_REDIS_SECRET:
+# every replica must name a client alike, so it is fixed, and public (a warning at start says so)
+UNSET_SECRET = b"ml_service: ML_SERVICE_REDIS_SECRET is unset"
 
 # Routes that describe the service (the model, its metrics, the API schema and docs): open by
 # default; with ML_SERVICE_GUARD_INFO_ROUTES and API keys they need a key too.
@@ -58,6 +65,7 @@ class Guard:
         self.failure_limits = (
             parse_many(settings.auth_failure_limit) if settings.auth_failure_limit else []
         )
+        self.secret = _counter_secret(settings)
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self.fleet_limiter = None
         if shared is not None and shared.enabled and (self.limits or self.failure_limits):
@@ -77,10 +85,9 @@ class Guard:
     async def check(self, request: Request) -> None:
         """The generation routes: a valid API key (when keys are set), then the rate limit."""
         token = await self.authenticate(request)
-        if token is not None:
-            client = "key:" + hmac.new(b"rate", token.encode(), "sha256").hexdigest()[:16]
-        else:
-            client = "addr:" + _address(request)
+        client = (
+            self._name("key", token) if token is not None else self._name("addr", _address(request))
+        )
         for limit in self.limits:
             allowed, limiter = await self._count(limit, client, "hit")
             if not allowed:
@@ -121,7 +128,7 @@ class Guard:
     # -- failed authentications, per client address ----------------------------------------------
     async def _refuse_blocked(self, request: Request) -> None:
         """429 while this address is over the failed-authentication limit (whatever it sends)."""
-        address = "auth-failures:" + _address(request)
+        address = self._name("auth-failures", _address(request))
         for limit in self.failure_limits:
             allowed, limiter = await self._count(limit, address, "test")
             if not allowed:
@@ -133,11 +140,17 @@ class Guard:
 
     async def _failed(self, request: Request) -> None:
         """Count a wrong key or token presented by this address (a missing one is no guess)."""
-        address = "auth-failures:" + _address(request)
+        address = self._name("auth-failures", _address(request))
         for limit in self.failure_limits:
             await self._count(limit, address, "hit")
 
     # -- the counters: the fleet's, else this replica's ------------------------------------------
+    def _name(self, kind: str, value: str) -> str:
+        """A counter's name for an API key or a client address: an HMAC under the deployment's
+        secret, so the names in Redis reveal neither, and no guess can be tested without it."""
+        message = f"{kind}\0{value}".encode("utf-8", "surrogatepass")
+        return f"{kind}:" + hmac.new(self.secret, message, "sha256").hexdigest()[:32]
+
     async def _count(self, limit, key: str, op: str):
         """(allowed, the limiter that answered): `hit` counts a request, `test` only looks."""
         if self.fleet_limiter is not None:
@@ -168,6 +181,22 @@ class Guard:
                 self.shared.failed("rate_limit", e)
                 return max(1, math.ceil(limit.get_expiry()))  # at most one window
         return max(1, math.ceil(reset_at - time.time()))
+
+
+def _counter_secret(settings: Settings) -> bytes:
+    """ML_SERVICE_REDIS_SECRET; without it, a fixed key where a fleet shares Redis (and a
+    warning), or a random one where the counters never leave this process."""
+    if settings.redis_secret is not None:
+        return settings.redis_secret.get_secret_value().encode()
+    if settings.redis_url:
+        log.warning(
+            "ML_SERVICE_REDIS_URL is set without ML_SERVICE_REDIS_SECRET: the rate-limit and "
+            "failed-authentication counters in Redis are named by a keyed hash whose key is "
+            "public, so whoever reads Redis can test guesses of API keys and client addresses; "
+            "give every replica the same ML_SERVICE_REDIS_SECRET"
+        )
+        return UNSET_SECRET
+    return os.urandom(32)
 
 
 def _address(request: Request) -> str:

@@ -4,19 +4,26 @@ metrics by version), then in a fleet of two processes sharing one real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 
 from ml_service.backend.app import create_app
-from ml_service.traffic import BadSplit, TrafficSplit
+from ml_service.shared import SharedStore
+from ml_service.traffic import SPLIT_KEY, BadSplit, SplitSync, TrafficSplit
 from tests.helpers import (
     CHECKPOINT,
+    HANG_S,
     metric,
     perturbed_copy,
+    running_server,
     running_servers,
     scrape,
     wait_for,
@@ -240,6 +247,113 @@ def test_two_replicas_assign_alike_and_share_a_split_changed_on_one(redis_server
             r = httpx.post(f"{b.url}/forward", json=SHORT, headers={"X-User-ID": u}, timeout=60)
             assert r.headers["x-model-version"] == "v2"
         assert metric(scrape(b.url), "ml_service_traffic_share", version="v2") == 1.0
+
+
+@pytest.mark.slow
+def test_a_split_lost_by_redis_is_written_back_and_a_joining_replica_gets_it(
+    redis_server, models_dir
+):
+    """Redis flushed, then restarted empty: the replica that holds the admin's split writes it
+    back, and a replica that starts afterwards (with no split of its own) applies it."""
+    env = {
+        "ML_SERVICE_MODELS_DIR": str(models_dir),
+        "ML_SERVICE_MODEL_VERSION": "v1",
+        "ML_SERVICE_ADMIN_TOKEN": "adm",
+        "ML_SERVICE_REDIS_URL": redis_server.url,
+        "ML_SERVICE_REDIS_SECRET": "fleet-secret",
+    }
+
+    def split_of(url: str):
+        return httpx.get(f"{url}/admin/traffic", headers=ADMIN, timeout=10).json()["split"]
+
+    def published():
+        raw = redis_server.client().get(SPLIT_KEY)
+        return raw and json.loads(raw)["split"]
+
+    with running_server([], env=env) as a:
+        r = httpx.post(
+            f"{a.url}/admin/traffic", json={"split": {"v1": 1, "v2": 3}}, headers=ADMIN, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["shared"] is True, r.text
+        redis_server.client().flushall()
+        assert published() is None
+        wait_for(lambda: published() == "v1=1,v2=3", "the split is written back after FLUSHALL")
+        redis_server.kill()
+        redis_server.start()  # the same port, empty
+        wait_for(lambda: published() == "v1=1,v2=3", "the split is written back after a restart")
+        with running_server([], env=env) as joining:  # with no split of its own
+            wait_for(lambda: split_of(joining.url) == {"v1": 1.0, "v2": 3.0}, "it applies it")
+        assert split_of(a.url) == {"v1": 1.0, "v2": 3.0}
+
+
+async def _published(store: SharedStore) -> str | None:
+    raw = await store.run("traffic", lambda: store.client.get(SPLIT_KEY), None)
+    return raw and json.loads(raw)["split"]
+
+
+class SplitHolder:
+    """What SplitSync reads and changes on a model host: the split in force (no models here: the
+    rule under test is which split wins, not how versions load)."""
+
+    def __init__(self, split: str | None = None):
+        self.split = TrafficSplit.parse(split) if split else None
+
+    async def set_traffic(self, split: TrafficSplit) -> None:
+        self.split = split
+
+    async def clear_traffic(self) -> None:
+        self.split = None
+
+
+def test_the_newest_split_wins_and_a_write_back_never_undoes_a_newer_one(redis_server):
+    """Two replicas' SplitSync on one real Redis. The rule (SplitSync's docstring): the newest
+    split an admin set wins, whichever replica polls first; a split from the settings never
+    reaches Redis; a split set while Redis was away reaches it when Redis answers again."""
+
+    async def scenario() -> None:
+        stores = [SharedStore(redis_server.url, 500, CollectorRegistry()) for _ in range(2)]
+        redis = stores[0].client
+        one, two = SplitSync(stores[0]), SplitSync(stores[1])
+        old, new = SplitHolder("v1=1"), SplitHolder("v1=1")  # both from the settings
+        await one.poll(old)
+        await two.poll(new)
+        assert await redis.get(SPLIT_KEY) is None  # a settings split is nobody's to publish
+
+        old.split = TrafficSplit.parse("v1=1,v2=1")
+        assert await one.publish(old.split)
+        await two.poll(new)
+        assert new.split.text() == "v1=1,v2=1"  # applied on the other replica
+        new.split = TrafficSplit.parse("v2=1")
+        assert await two.publish(new.split)  # a later admin change, on replica two
+
+        # Redis restarts empty before replica one saw that: whoever writes back first, the
+        # newer split ends up in Redis, and replica one then applies it
+        older_at = one.at
+        for order in ((one, old), (two, new)), ((two, new), (one, old)):
+            await redis.flushall()
+            for sync, holder in order:
+                await sync.poll(holder)
+            assert json.loads(await redis.get(SPLIT_KEY))["split"] == "v2=1"
+            await one.poll(old)
+            assert old.split.text() == "v2=1"
+            old.split, one.at = TrafficSplit.parse("v1=1,v2=1"), older_at  # as it was
+
+        # an admin's change while Redis is away: kept here, and shared once Redis answers
+        redis_server.kill()
+        old.split = TrafficSplit.parse("v1=3,v2=1")
+        assert not await one.publish(old.split)
+        redis_server.start()  # empty; replica two, polling first, holds the older split
+        deadline = time.monotonic() + HANG_S
+        while await _published(stores[0]) != "v1=3,v2=1":  # (until both have reconnected)
+            assert time.monotonic() < deadline, "the split set while Redis was away is shared"
+            await two.poll(new)
+            await one.poll(old)
+        await two.poll(new)
+        assert new.split.text() == "v1=3,v2=1"
+        for store in stores:
+            await store.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_version_switch_under_load_fails_nothing_and_never_crosses_caches(settings, tmp_path):

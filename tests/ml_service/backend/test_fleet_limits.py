@@ -93,17 +93,45 @@ def test_guard_falls_back_to_memory_when_redis_does_not_answer(settings):
     assert not shared.healthy
 
 
+def redis_contents(redis) -> bytes:
+    """Every key in Redis and every value under it, whatever its type, as one byte string."""
+    seen = []
+    for key in redis.scan_iter("*"):
+        kind = redis.type(key).decode()
+        if kind == "string":
+            values = [redis.get(key)]
+        elif kind == "list":
+            values = redis.lrange(key, 0, -1)
+        elif kind == "zset":
+            values = [
+                m + str(score).encode() for m, score in redis.zrange(key, 0, -1, withscores=True)
+            ]
+        elif kind == "hash":
+            values = [k + v for k, v in redis.hgetall(key).items()]
+        elif kind == "set":
+            values = list(redis.smembers(key))
+        else:
+            raise AssertionError(f"a key of a type this test does not read: {key!r} ({kind})")
+        seen += [key, *(v or b"" for v in values)]
+    return b"\n".join(seen)
+
+
 @pytest.mark.slow
 def test_two_replicas_share_one_clients_limit(redis_server):
+    """The same ML_SERVICE_REDIS_SECRET on both replicas: one budget per key and one
+    failed-authentication count per address across the fleet, and Redis holds no API key, no
+    wrong guess and no client address (its counters are named by HMACs under the secret)."""
+    good, other, wrong = "sk-fleet-alpha", "sk-fleet-beta", "sk-wrong-guess"
     env = {
         "ML_SERVICE_REDIS_URL": redis_server.url,
+        "ML_SERVICE_REDIS_SECRET": "the-fleets-shared-secret",
         "ML_SERVICE_RATE_LIMIT": "6/minute",
-        "ML_SERVICE_API_KEYS": "k1,k2",
+        "ML_SERVICE_API_KEYS": f"{good},{other}",
         "ML_SERVICE_AUTH_FAILURE_LIMIT": "3/hour",
     }
     args = ["--checkpoint", str(CHECKPOINT)]
     with running_servers(2, args, env=env) as (a, b):
-        key = {"Authorization": "Bearer k1"}
+        key = {"Authorization": f"Bearer {good}"}
         replicas = itertools.cycle([a.url, b.url])
         codes = [
             httpx.post(f"{next(replicas)}/forward", json=TINY, headers=key, timeout=60).status_code
@@ -114,13 +142,15 @@ def test_two_replicas_share_one_clients_limit(redis_server):
             r = httpx.post(f"{url}/forward", json=TINY, headers=key, timeout=60)
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         # another key has its own budget
-        other = httpx.post(f"{a.url}/forward", json=TINY, headers={"Authorization": "Bearer k2"})
-        assert other.status_code == 200
+        second = httpx.post(
+            f"{a.url}/forward", json=TINY, headers={"Authorization": f"Bearer {other}"}
+        )
+        assert second.status_code == 200
         assert redis_server.client().keys("ml_service:limits*")
         assert metric(scrape(a.url), "ml_service_redis_fallbacks_total") == 0
         # wrong keys spread over both replicas: 3 failures in all, then this address is blocked on
         # both (last: the block refuses even a correct key from this address)
-        bad = {"Authorization": "Bearer nope"}
+        bad = {"Authorization": f"Bearer {wrong}"}
         codes = [
             httpx.post(f"{next(replicas)}/forward", json=TINY, headers=bad, timeout=60).status_code
             for _ in range(5)
@@ -131,6 +161,43 @@ def test_two_replicas_share_one_clients_limit(redis_server):
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         for url in (a.url, b.url):
             assert metric(scrape(url), "ml_service_redis_fallbacks_total") == 0
+        stored = redis_contents(redis_server.client())
+        assert b"auth-failures:" in stored and b"key:" in stored  # the counters are there...
+        for secret in (good, other, wrong, "127.0.0.1"):  # ...named by nothing readable
+            assert secret.encode() not in stored, secret
+        assert "REDIS_SECRET" not in a.log.read_text() + b.log.read_text()  # no warning
+
+
+def test_counters_are_shared_under_one_secret_and_apart_under_two(settings, redis_server):
+    """Guards (one per replica) on one real Redis: the same secret names a client alike, so its
+    requests count together; another secret names it otherwise."""
+    s = with_settings(settings, rate_limit="2/minute", api_keys="k1", redis_url=redis_server.url)
+
+    async def scenario() -> None:
+        stores = [SharedStore(redis_server.url, 500, CollectorRegistry()) for _ in range(3)]
+        same = [Guard(with_settings(s, redis_secret="one"), stores[i]) for i in (0, 1)]
+        apart = Guard(with_settings(s, redis_secret="two"), stores[2])
+        await same[0].check(_request("k1"))
+        await same[1].check(_request("k1"))
+        with pytest.raises(RateLimited):
+            await same[0].check(_request("k1"))
+        await apart.check(_request("k1"))  # its own count: another secret, another name
+        for store in stores:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_without_a_secret_is_warned_about_at_start(settings, caplog):
+    s = with_settings(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with caplog.at_level("WARNING", logger="ml_service"):
+        create_app(s)
+    assert "without ML_SERVICE_REDIS_SECRET" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ml_service"):
+        create_app(with_settings(s, redis_secret="shared"))
+        create_app(with_settings(settings, redis_url=None))
+    assert "REDIS_SECRET" not in caplog.text
 
 
 @pytest.mark.slow
@@ -181,7 +248,9 @@ def test_redis_killed_under_load_fails_no_request_and_sharing_resumes(redis_serv
             text = scrape(url)
             assert metric(text, "ml_service_redis_fallbacks_total", use="rate_limit") > 0, url
             assert metric(text, "ml_service_redis_up") == 0
-        assert "Redis unavailable" in a.log.read_text() + b.log.read_text()
+        logs = a.log.read_text() + b.log.read_text()
+        assert "Redis unavailable" in logs
+        assert "without ML_SERVICE_REDIS_SECRET" in logs  # this fleet has none: each warned
 
         redis_server.start()  # the same port, empty: the replicas reconnect on their next call
         probe = {"Authorization": "Bearer probe"}
