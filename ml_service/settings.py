@@ -174,8 +174,9 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(
         1024,
         ge=1,
-        description="most connections and requests at once (uvicorn's limit_concurrency); past "
-        "it a new one gets 503 at once; unset: no limit",
+        description="most connections (a new request's own included) or requests open at once "
+        "(uvicorn's limit_concurrency); a request past it gets a JSON 503 with Retry-After at "
+        "once; unset: no limit",
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
