@@ -220,6 +220,16 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP) ## vLLM's CPU build in .venv-vllm (a serving-benchmark peer)
 
+# llama.cpp, a serving-benchmark peer (bench/llama_cpp.py): llama-server built from the llama.cpp
+# source that llama-cpp-python's sdist ships (cmake and a C++ compiler; under .llama-cpp/, once),
+# and each of LLAMA_CHECKPOINTS converted to f32 and q8_0 GGUF by llama.cpp's own converter (in
+# its venv .venv-llama), the tokenization checked against ours. Skips what is done.
+.PHONY: llama-cpp
+LLAMA_CHECKPOINTS ?= models/default
+llama-cpp: $(STAMP) ## llama.cpp's llama-server built, LLAMA_CHECKPOINTS converted to GGUF (a serving-benchmark peer)
+	$(BIN)/python bench/llama_cpp.py build
+	for c in $(LLAMA_CHECKPOINTS); do $(BIN)/python bench/llama_cpp.py convert $$c || exit 1; done
+
 # Our package in the vLLM venv, for ML_SERVICE_ENGINE=vllm there (tests, the `ours-vllm` benchmark
 # row): installed with --no-deps so that vLLM's pins hold (torch 2.13.0+cpu, transformers<5.20), and
 # what the service and its tests need beside vLLM's own is installed constrained to every version

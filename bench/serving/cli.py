@@ -137,11 +137,29 @@ def _plot(summaries: list[dict], args) -> str | None:
     return None
 
 
+def longest_prompt(checkpoint: Path, prompts: list[str], names: list[str]) -> int | None:
+    """The most tokens of a prompt (the checkpoint's tokenizer), where a system sizes its
+    context by it (llama.cpp's slots); else None."""
+    if not any(n.startswith("llama.cpp") for n in names):
+        return None
+    from lib.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    return max(len(tokenizer.encode(p)) for p in prompts)
+
+
 async def amain(args) -> int:
     t_start = time.perf_counter()
     args.prompts = validation_prompts(args.num_prompts, args.prompt_chars, args.val_fraction)
     systems = make_systems(
-        args.systems, args.checkpoint, args.device, args.dtype, args.vllm_venv.resolve()
+        args.systems,
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        args.vllm_venv.resolve(),
+        clients=max(args.concurrency or [1]),
+        prompt_tokens=longest_prompt(args.checkpoint, args.prompts, args.systems),
+        max_new=args.max_new_tokens,
     )
     args.skipped = {s.name: s.unavailable() for s in systems if s.unavailable()}
     for name, why in args.skipped.items():

