@@ -12,6 +12,25 @@ if TYPE_CHECKING:
 
 # the names pydantic gives the members of a union in an error's `loc` without brackets
 _UNION_TAGS = {"str", "int", "float", "bool", "bytes", "dict", "list", "tuple", "set", "none"}
+# what a number or boolean field must be, when a value of another JSON type was sent (the request
+# models are strict: "5" is no integer, 5.0 no integer either, 1 no boolean, true no number)
+_TYPE_WANTED = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+}
+
+
+def _json_kind(value) -> str:
+    """What a JSON value is, in a few words (never a value that could be large)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):  # for a number field: one too large for a float
+        return "an integer this large" if abs(value) > 2**1023 else "an integer"
+    if isinstance(value, float):
+        return f"{value!r}"
+    kinds = {str: "a string", type(None): "null", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]:
@@ -32,6 +51,8 @@ def pydantic_errors(exc: ValidationError | RequestValidationError) -> list[dict]
         # a union member whose type the input does not have: its error is at the member's tag
         wrong_member = bool(raw) and is_tag(raw[-1]) and kind.endswith("_type")
         msg = e.get("msg", "invalid value").removeprefix("Value error, ")  # pydantic's prefix
+        if kind in _TYPE_WANTED and not wrong_member and "input" in e:  # "5" for an integer
+            msg = f"{_TYPE_WANTED[kind]}, not {_json_kind(e['input'])}"
         loc = [str(x) for x in raw if not is_tag(x)]
         found.append((loc, msg, kind, wrong_member))
     out, unmatched = [], {}  # unmatched: loc -> the error listing the members that did not match

@@ -11,8 +11,8 @@ from pydantic import BaseModel
 
 from ml_service import __version__
 from ml_service.backend.bodies import (
-    array_fields,
     content_type,
+    form_kinds,
     read_body,
     read_json_object,
     validated,
@@ -52,7 +52,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
     router = APIRouter()
     guarded = [Depends(require_api_key)]  # API keys and rate limits, before the body is read
     req_model, batch_model = service_cls.request_model, service_cls.batch_request_model
-    form_arrays = array_fields(req_model)
+    kinds = form_kinds(req_model)  # how a form carries each field
     takes_text = "text" in req_model.model_fields
     can_stream = "stream" in req_model.model_fields
 
@@ -69,7 +69,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         + (STREAM_DOC if can_stream else ""),
     )
     async def forward(request: Request, deps: DepsDep):
-        payload = await read_body(request, deps.settings, form_arrays, takes_text)
+        payload = await read_body(request, deps.settings, kinds, takes_text)
         req = validated(req_model, payload)
         model = deps.model  # one version for the whole request, even across a reload
         check_room(model.engine, 1)

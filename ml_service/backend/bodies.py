@@ -1,6 +1,7 @@
 """Request bodies, read at the edge: a JSON object (its nesting bounded before it is parsed), or a
-multipart/url-encoded form (parsed here, byte-exact), then validated into the route's model. Any
-body that is not right becomes BadRequest, in our words, before the model is touched."""
+multipart/url-encoded form (parsed here, byte-exact; each field read from its text as strictly as
+JSON's types are: `form_value`), then validated into the route's model, in pydantic's strict mode.
+Any body that is not right becomes BadRequest, in our words, before the model is touched."""
 
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ log = logging.getLogger("ml_service")
 
 
 def validated(model: type[BaseModel], payload: dict) -> BaseModel:
-    """`payload` as `model`, or BadRequest naming each bad field. A model that ignores unknown
-    fields (the OpenAI requests, so that newer clients keep working) notes them at debug level."""
+    """`payload` as `model`, strictly (a plugin's model too: `"5"` is no integer, `1` no boolean,
+    `true` no number), or BadRequest naming each bad field. A model that ignores unknown fields
+    (the OpenAI requests, so that newer clients keep working) notes them at debug level."""
     if model.model_config.get("extra", "ignore") == "ignore":
         if unknown := sorted(set(payload) - set(model.model_fields)):
             log.debug("%s: ignoring unknown fields %s", model.__name__, unknown)
     try:
-        return model.model_validate(payload)
+        return model.model_validate(payload, strict=True)
     except ValidationError as e:
         raise BadRequest(pydantic_errors(e)) from None
 
@@ -46,14 +48,15 @@ def content_type(request: Request) -> str:
 
 
 async def read_body(
-    request: Request, settings: Settings, array_fields: set[str], takes_text: bool
+    request: Request, settings: Settings, kinds: dict[str, str], takes_text: bool
 ) -> dict:
-    """A dict from a JSON object or a multipart/urlencoded form, or BadRequest."""
+    """A dict from a JSON object or a multipart/urlencoded form (its fields read by their
+    `form_kinds`), or BadRequest."""
     ct = content_type(request)
     if ct == "application/json":
         return await read_json_object(request)
     if ct in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await read_form(request, settings, array_fields, takes_text)
+        return await read_form(request, settings, kinds, takes_text)
     raise BadRequest.one(
         "content-type",
         f"unsupported content type {ct or '(none)'!r}; send application/json or multipart/form-data",
@@ -131,20 +134,60 @@ MAX_FORM_FIELDS = 32  # form fields in one request (files not counted: at most o
 
 def array_fields(model: type[BaseModel]) -> set[str]:
     """Fields that take a list: a repeated form field fills them."""
-    props = model.model_json_schema().get("properties", {})
-    return {
-        name
-        for name, p in props.items()
-        if p.get("type") == "array" or any(a.get("type") == "array" for a in p.get("anyOf", []))
-    }
+    return {name for name, kind in form_kinds(model).items() if kind == "array"}
+
+
+def form_kinds(model: type[BaseModel]) -> dict[str, str]:
+    """How a form carries each field of `model`, from its JSON schema: `array` (a field that
+    takes a list: a repeated field fills it), `integer`, `number` or `boolean` (read from the
+    field's text by `form_value`), or `string` (its text as it is; also a field of other or
+    several types)."""
+    kinds = {}
+    for name, prop in model.model_json_schema().get("properties", {}).items():
+        types = {o.get("type") for o in prop.get("anyOf", [prop])} - {"null"}
+        if "array" in types:
+            kinds[name] = "array"
+        elif len(types) == 1 and (kind := types.pop()) in ("integer", "number", "boolean"):
+            kinds[name] = kind
+        else:
+            kinds[name] = "string"
+    return kinds
+
+
+# a form's text forms of JSON's types: ASCII decimal digits (int() also reads "٣", "1_0" and
+# " 1"), a number as JSON writes one, with leading zeros allowed (no "inf", "nan", "0x1", ".5")
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+_NUMBER_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+MAX_INTEGER_DIGITS = 4300  # what int() reads, as in JSON
+
+
+def form_value(name: str, text: str, kind: str | None) -> Any:
+    """A form field's value from its text: an integer from decimal digits, a number from JSON's
+    spelling of one, a boolean from `true` or `false`; anything else is BadRequest naming the
+    field. Text fields (and unknown ones, which the model refuses) stay text."""
+    shown = repr(text[:24]) + ("..." if len(text) > 24 else "")
+    if kind == "integer":
+        if _INTEGER_TEXT.fullmatch(text) and len(text.lstrip("-")) <= MAX_INTEGER_DIGITS:
+            return int(text)
+        raise BadRequest.one(name, f"{name} must be an integer (decimal digits), not {shown}")
+    if kind == "number":
+        if _NUMBER_TEXT.fullmatch(text) and len(text) <= MAX_INTEGER_DIGITS:
+            return float(text)
+        raise BadRequest.one(name, f"{name} must be a number (such as 0.7 or 1e-3), not {shown}")
+    if kind == "boolean":
+        if text in ("true", "false"):
+            return text == "true"
+        raise BadRequest.one(name, f"{name} must be true or false, not {shown}")
+    return text
 
 
 async def read_form(
-    request: Request, settings: Settings, array_fields: set[str], takes_text: bool
+    request: Request, settings: Settings, kinds: dict[str, str], takes_text: bool
 ) -> dict:
-    """The fields of a multipart or url-encoded form. Every field, and an uploaded `file`, must be
-    UTF-8 text: we parse the body ourselves, keeping each field's bytes, because Starlette's
-    parser turns bytes that are not UTF-8 into other characters (latin-1) without a word."""
+    """The fields of a multipart or url-encoded form, each read by its kind (`form_kinds`,
+    `form_value`). Every field, and an uploaded `file`, must be UTF-8 text: we parse the body
+    ourselves, keeping each field's bytes, because Starlette's parser turns bytes that are not
+    UTF-8 into other characters (latin-1) without a word."""
     body = await request.body()  # bounded by ML_SERVICE_MAX_BODY_BYTES (413 past it)
     if content_type(request) == "multipart/form-data":
         parts = _multipart_parts(body, request.headers.get("content-type", ""))
@@ -177,7 +220,10 @@ async def read_form(
                 name, f"{name!r} is not valid UTF-8 text (byte {e.start} of its value)"
             ) from None
     payload: dict[str, Any] = {
-        name: values if name in array_fields else values[-1] for name, values in fields.items()
+        name: values
+        if kinds.get(name) == "array"
+        else form_value(name, values[-1], kinds.get(name))
+        for name, values in fields.items()
     }
     if upload is not None:
         if "text" in payload:

@@ -2,7 +2,8 @@
 `/v1/models`), after OpenAI's API reference and vLLM's `protocol.py`.
 
 Requests ignore fields they do not know (newer clients keep working; the route logs them at debug
-level); everything they do know is checked as strictly as `/forward`'s fields. Requests convert
+level); everything they do know is checked as strictly as `/forward`'s fields (pydantic's strict
+mode: `"5"` is not an integer, `1` is not a boolean, `true` is not a number). Requests convert
 themselves into `GenerationParams`: OpenAI's defaults (temperature 1, top_p 1, no top-k, no
 repetition penalty), its additive presence and frequency penalties, and our extras (`top_k`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`).
@@ -32,37 +33,26 @@ from ml_service.backend.schemas import (
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
+    STRICT,
     Text,
     check_stop_strings,
-    not_a_boolean,
     stop_schema,
 )
 
 MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI
 MAX_N = 16
 MAX_TOKEN_ID_DIGITS = 20  # a logit_bias key longer than this names no token of any vocabulary
-SHARED_NUMBERS = (
-    "temperature",
-    "top_p",
-    "n",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_k",
-    "repetition_penalty",
-    "min_tokens",
-)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, extra="ignore")
     include_usage: bool = Field(False, description="send a last chunk with the token usage")
 
 
 class SamplingRequest(BaseModel):
     """The fields completions and chat share."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(**STRICT, extra="ignore")
 
     model: str | None = Field(
         None, description="a model id from /v1/models; omitted: the served one"
@@ -92,10 +82,6 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-
-    _numbers = field_validator(*SHARED_NUMBERS, mode="before")(
-        classmethod(lambda cls, v: not_a_boolean(v))
-    )
 
     @field_validator("stop")
     @classmethod
@@ -162,10 +148,6 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
-    _own_numbers = field_validator("max_tokens", "logprobs", mode="before")(
-        classmethod(lambda cls, v: not_a_boolean(v))
-    )
-
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _prompt_shape(cls, v, handler):
@@ -225,13 +207,13 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, extra="ignore")
     type: Literal["text"]
     text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart]
 
@@ -247,10 +229,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-
-    _own_numbers = field_validator(
-        "max_tokens", "max_completion_tokens", "top_logprobs", mode="before"
-    )(classmethod(lambda cls, v: not_a_boolean(v)))
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

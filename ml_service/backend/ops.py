@@ -15,7 +15,7 @@ from ml_service.backend.errors import (
     Unready,
     openapi_responses,
 )
-from ml_service.backend.schemas import HealthResponse, Text
+from ml_service.backend.schemas import STRICT, HealthResponse, Text
 from ml_service.backend.security import require_admin
 from ml_service.hosting import list_versions
 from ml_service.observability import METRICS_CONTENT_TYPE
@@ -34,7 +34,7 @@ class ReadyResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     version: Text | None = Field(
         None,
         min_length=1,
@@ -64,7 +64,7 @@ class VersionsResponse(BaseModel):
 
 
 class TrafficRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     split: dict[str, float] | str | None = Field(
         ...,
         description='weights by version (`{"2026-11-20": 90, "2026-11-28": 10}` or '

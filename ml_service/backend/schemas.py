@@ -37,14 +37,6 @@ def _non_blank(v: str) -> str:
     return v
 
 
-def not_a_boolean(v):
-    """A `mode="before"` check for every number field: JSON's true/false would otherwise pass
-    as 1/0."""
-    if isinstance(v, bool):
-        raise ValueError("must be a number, not a boolean")
-    return v
-
-
 def check_stop_strings(stops: list[str] | None) -> None:
     """At most MAX_STOP_STRINGS stop strings of 1 to MAX_STOP_CHARS characters (both dialects)."""
     if stops is None:
@@ -81,10 +73,17 @@ NUMBER_FIELDS = (
 )
 
 
+# Every request model validates strictly (pydantic's strict mode): an integer field takes a JSON
+# integer only (not "5", not 5.0, not true), a number field a JSON number (an integer too), a
+# boolean field true or false (not "yes", not 1). A form carries text: `bodies.read_form` reads
+# each field from its text first, as strictly.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
 class GenerationOptions(BaseModel):
     """Generation parameters shared by /forward and /forward_batch (all optional)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(**STRICT, extra="forbid")
 
     max_new_tokens: int = Field(
         DEFAULTS.max_new_tokens, ge=1, description="tokens to generate at most"
@@ -125,10 +124,6 @@ class GenerationOptions(BaseModel):
         description=f"stop before the first of these strings (at most {MAX_STOP_STRINGS}, each "
         f"of 1 to {MAX_STOP_CHARS} characters)",
         json_schema_extra=stop_schema,
-    )
-
-    _numbers = field_validator(*NUMBER_FIELDS, mode="before")(
-        classmethod(lambda cls, v: not_a_boolean(v))
     )
 
     @field_validator("stop")
