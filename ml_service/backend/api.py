@@ -64,7 +64,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         openapi_extra=forward_body(req_model, takes_text),
         summary=f"{service_cls.name}: one input",
         description=f"{service_cls.description}.\n\nSend JSON, or multipart/form-data with the same "
-        "fields as form fields"
+        "fields as form fields (read strictly from their text: an integer as decimal digits, a "
+        "number as JSON writes one, a boolean as `true` or `false`)"
         + (" (a UTF-8 text `file` may replace `text`)." if takes_text else ".")
         + (STREAM_DOC if can_stream else ""),
     )
