@@ -1,8 +1,9 @@
 """The generation engine in a process of its own (`ML_SERVICE_ENGINE=process`).
 
 `protocol.py`: the messages on the two pipes; `worker.py`: the engine process's main;
-`client.py`: `EngineProcess`, the `Engine` the server holds, which starts, supervises and restarts
-the worker.
+`launch.py`: starting a worker, and the standby (a worker launched ahead, already imported, that
+replaces a dead engine process); `client.py`: `EngineProcess`, the `Engine` the server holds,
+which starts, supervises and restarts the worker.
 
 The front process (HTTP, validation, tokenisation, the response stream) and the engine process
 (the continuous-batching loop of `engine.py` over the model) share no interpreter and no GIL: a

@@ -10,7 +10,13 @@
 - An engine process that dies (killed, out of memory, a crash in native code) is noticed at once
   (its pipe closes): every request it held ends with `EngineDied` (never a hang), `alive` is false
   while a new process loads the same model, and `restarts` counts the restarts. `/ready` and
-  `/metrics` read both.
+  `/metrics` read both. While down, new requests are refused at once (`EngineRestarting`), not
+  queued.
+- The new process is already there: the server's standby worker, launched as soon as an engine
+  is up, has imported torch and transformers and waits for a spec (launch.py), so a restart only
+  loads the model and warms up. Its cost is one idle process of ~260 MB per server;
+  `standby=None` goes without. A restart's log line (WARNING) gives the time of each of its
+  steps (`phases`).
 """
 
 from __future__ import annotations
@@ -19,13 +25,9 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 
 from lib.inference.contract import (
     Engine,
@@ -37,6 +39,7 @@ from lib.inference.contract import (
     EngineStopped,
     send_to_loops,
 )
+from lib.inference.engine_process.launch import STANDBY, Standby, WorkerProcess, end_process
 from lib.inference.engine_process.protocol import (
     ADMITTED,
     DONE,
@@ -54,7 +57,6 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint from a slow disk
 MAX_RESTARTS_IN_A_ROW = 5  # a model that kills its process at once is not restarted forever
-WORKER = "lib.inference.engine_process.worker"
 
 
 class EngineProcess(Engine):
@@ -76,6 +78,7 @@ class EngineProcess(Engine):
         observer: EngineObserver | None = None,
         restart: bool = True,
         start_timeout_s: float = START_TIMEOUT_S,
+        standby: Standby | None = STANDBY,
     ):
         self.spec = spec
         self.max_queue = max_queue
@@ -83,6 +86,8 @@ class EngineProcess(Engine):
         self.observer = observer or EngineObserver()
         self.restart = restart
         self.start_timeout_s = start_timeout_s
+        self.standby = standby  # what replaces a dead one (launch.py); None: a new worker
+        self._holds_standby = False
         self.restarts = 0  # how many times a dead engine process was replaced
         self.pid: int | None = None
         self._process = None
@@ -93,6 +98,9 @@ class EngineProcess(Engine):
         self._running = 0  # rows in the engine's batch at its last step
         self._state = "stopped"  # starting | up | restarting | closing | stopped | failed
         self._reader: threading.Thread | None = None
+        # when the last start's steps happened (time.monotonic(), both processes): the log line
+        # of a restart lists them, and bench/restart_bench.py reads it
+        self.phases: dict[str, float] = {}
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -125,58 +133,27 @@ class EngineProcess(Engine):
             return
         self._state = "starting"
         try:
-            process, receive_end = self._spawn()
+            worker = self._load(WorkerProcess())
         except BaseException:
             self._state = "stopped"
             raise
         self._state = "up"
         self._reader = threading.Thread(
-            target=self._read, args=(process, receive_end), name="engine-reader", daemon=True
+            target=self._read, args=(worker,), name="engine-reader", daemon=True
         )
         self._reader.start()
+        if self.standby is not None:
+            self._holds_standby = True
+            self.standby.hold()
 
-    def _spawn(self):
-        """Start an engine process (`python -m lib.inference.engine_process.worker`, so nothing of the
-        front's `__main__` is imported again) and wait for its "ready"."""
-        requests_r, requests_w = os.pipe()
-        events_r, events_w = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        process = subprocess.Popen(
-            [sys.executable, "-m", WORKER, str(requests_r), str(events_w)],
-            pass_fds=(requests_r, events_w),
-            env=env,
-        )
-        os.close(requests_r)  # the child's ends: closed here, so a dead child closes the pipe
-        os.close(events_w)
-        send_end = Connection(requests_w, readable=False)
-        receive_end = Connection(events_r, writable=False)
-        try:
-            send_end.send(self.spec)
-            deadline = time.monotonic() + self.start_timeout_s
-            while not receive_end.poll(0.2):
-                if process.poll() is not None:
-                    raise EngineStartFailed(
-                        f"the engine process exited with code {process.returncode} while loading"
-                    )
-                if time.monotonic() > deadline:
-                    raise EngineStartFailed(
-                        f"the engine process was not ready within {self.start_timeout_s:.0f} s"
-                    )
-            message = receive_end.recv()
-        except (EOFError, OSError):
-            message = ("failed", "its pipe closed")
-        except BaseException:
-            process.kill()
-            raise
-        if message[0] != "ready":
-            _end(process, 5)
-            send_end.close()
-            receive_end.close()
-            raise EngineStartFailed(f"the engine process could not load its model ({message[1]})")
+    def _load(self, worker: WorkerProcess) -> WorkerProcess:
+        """Have `worker` load the model (see launch.py) and make it the engine process."""
+        phases = worker.load(self.spec, self.start_timeout_s)
         with self._lock:
-            self._process, self._send_end, self.pid = process, send_end, process.pid
+            self._process, self._send_end, self.pid = worker.process, worker.send_end, worker.pid
+        self.phases = phases
         log.info("engine process %d is ready", self.pid)
-        return process, receive_end
+        return worker
 
     def stop(self, timeout: float = 30.0) -> None:
         """Take no new requests, let the engine finish the queued and running ones (up to
@@ -186,8 +163,9 @@ class EngineProcess(Engine):
                 return
             self._state = "closing"
             process = self._process
+        self._release_standby()
         self._send(("stop", timeout))
-        if process is not None and not _end(process, timeout + 10):
+        if process is not None and not end_process(process, timeout + 10):
             log.warning("engine process %s did not stop in time; it was killed", self.pid)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(10)
@@ -270,28 +248,32 @@ class EngineProcess(Engine):
                 pass
 
     # -- the reader thread ----------------------------------------------------------------------
-    def _read(self, process, receive_end) -> None:
+    def _read(self, worker: WorkerProcess) -> None:
         while True:
             try:
                 while True:
-                    self._handle(receive_end.recv())
+                    self._handle(worker.receive_end.recv())
             except (EOFError, OSError):
                 pass
-            receive_end.close()
-            _end(process, 5)
+            noticed = time.monotonic()
+            worker.receive_end.close()
+            end_process(worker.process, 5)
             if self._state in ("closing", "stopped"):
                 return
-            replacement = self._replace(process.returncode)
-            if replacement is None:
+            worker = self._replace(worker.process.returncode, noticed)
+            if worker is None:
                 return
-            process, receive_end = replacement
 
-    def _replace(self, exitcode):
-        """The engine process died: fail what it held, then start another (None: give up)."""
-        log.error("engine process %s exited unexpectedly (code %s)", self.pid, exitcode)
+    def _replace(self, exitcode, noticed: float) -> WorkerProcess | None:
+        """The engine process died: fail what it held, then have the standby (or a new worker)
+        load the model (None: give up)."""
+        dead = self.pid
+        log.error("engine process %s exited unexpectedly (code %s)", dead, exitcode)
         with self._lock:
             self._state = "restarting"
             self._running = 0
+            if self._send_end is not None:
+                self._send_end.close()
             self._send_end = None
         self._fail_pending(
             EngineDied(
@@ -299,26 +281,48 @@ class EngineProcess(Engine):
                 "before this request finished; it is restarting: retry the request"
             )
         )
+        failed = time.monotonic()
         if not self.restart:
             self._state = "failed"
+            self._release_standby()
             return None
         for attempt in range(1, MAX_RESTARTS_IN_A_ROW + 1):
+            if self._state != "restarting":  # stopped while it waited to try again
+                return None
             try:
-                process, receive_end = self._spawn()
-            except EngineStartFailed as e:
+                standby = self.standby
+                worker = self._load(standby.take() if standby is not None else WorkerProcess())
+            except (EngineStartFailed, OSError) as e:
                 log.error("engine restart %d failed: %s", attempt, e)
                 time.sleep(min(2.0**attempt, 30.0))
                 continue
             with self._lock:
                 if self._state != "restarting":  # stopped meanwhile
-                    process.kill()
+                    worker.process.kill()
                     return None
                 self._state = "up"
             self.restarts += 1
             self.observer.on_restart()
-            return process, receive_end
+            self.phases = {"noticed": noticed, "failed": failed, **self.phases}
+            log.warning(
+                "engine process %d replaced %s in %.2f s (phases: %s)",
+                self.pid,
+                dead,
+                self.phases["ready"] - noticed,
+                " ".join(f"{k}={v:.3f}" for k, v in self.phases.items()),
+            )
+            if self.standby is not None:
+                self.standby.refill()  # for the next crash, of this engine or another
+            return worker
         self._state = "failed"
+        self._release_standby()
         return None
+
+    def _release_standby(self) -> None:
+        with self._lock:
+            held, self._holds_standby = self._holds_standby, False
+        if held:
+            self.standby.release()
 
     def _handle(self, message: tuple) -> None:
         if message[0] != "events":
@@ -370,14 +374,3 @@ class _RemoteRequest:
 
     def cancel(self) -> None:
         self._engine._cancel_many([self])
-
-
-def _end(process: subprocess.Popen, timeout: float) -> bool:
-    """Wait up to `timeout` for `process` to exit, else kill it; whether it exited by itself."""
-    try:
-        process.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return False

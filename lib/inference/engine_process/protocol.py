@@ -3,9 +3,11 @@
 Two one-way pipes (`multiprocessing.connection.Connection`, pickled tuples). The front sends
 `("add", [(rid, ids, params, arrived_at, streamed), ...])`, `("cancel", [rid, ...])`,
 `("call", rid, name, args)` (a blocking call such as `prompt_logprobs`), `("abort", error)` and
-`("stop", timeout)`. The engine sends `("ready", pid)` or `("failed", reason)` once, then, once per
-decode step, `("events", running, [event, ...])`: every piece of text, result and metric event of
-that step, and how many rows it runs. An event is a tuple whose first item is its kind below.
+`("stop", timeout)`. The engine sends `("ready", pid, phases)` (`phases`: the `time.monotonic()` of
+its start's steps: imports done, spec received, model loaded, warmed up) or `("failed", reason)`
+once, then, once per decode step, `("events", running, [event, ...])`: every piece of text, result
+and metric event of that step, and how many rows it runs. An event is a tuple whose first item is
+its kind below.
 """
 
 from __future__ import annotations

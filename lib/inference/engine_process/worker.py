@@ -1,6 +1,7 @@
 """The engine process: load the model its spec names, warm up, say ready, then run the
 continuous-batching engine (`engine.py`) for the front (`client.py`) until told to stop or the
-front goes away. Started as `python -m lib.inference.engine_process.worker IN_FD OUT_FD`."""
+front goes away. Started as `python -m lib.inference.engine_process.worker IN_FD OUT_FD`
+(launch.py), possibly well before its spec comes: a standby imports first, then waits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -21,6 +23,7 @@ from lib.inference.registry import EngineSpec
 from lib.inference.service import InferenceService
 from lib.inference.types import GenerationParams
 
+IMPORTED_AT = time.monotonic()  # the heavy imports above are most of a cold start
 log = logging.getLogger(__name__)
 
 
@@ -32,15 +35,21 @@ def load_engine_service(spec: EngineSpec) -> InferenceService:
 
 def engine_main(inbox: Connection, outbox: Connection) -> None:
     """The engine process: read its spec, load, warm up, say ready, then serve the front."""
-    spec: EngineSpec = inbox.recv()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front, which stops us
+    try:
+        spec: EngineSpec = inbox.recv()  # at once, or, for a standby, when the engine dies
+    except (EOFError, OSError):  # a standby no longer needed, or its front went away
+        return
+    phases = {"imported": IMPORTED_AT, "spec": time.monotonic()}
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s"
     )
     try:
         service = load_engine_service(spec)
+        phases["loaded"] = time.monotonic()
         if spec.warmup:
             service.generate("Привет", GenerationParams(max_new_tokens=2, temperature=0))
+        phases["warmed"] = time.monotonic()
     except Exception as e:
         log.exception("the engine process could not load its model")
         outbox.send(("failed", type(e).__name__))
@@ -59,7 +68,7 @@ def engine_main(inbox: Connection, outbox: Connection) -> None:
     )
     out.running = lambda: engine.running
     engine.start()
-    outbox.send(("ready", os.getpid()))
+    outbox.send(("ready", os.getpid(), phases))
     requests: dict[int, GenerationRequest] = {}
 
     def finisher(rid: int) -> Callable:

@@ -24,6 +24,7 @@ from lib.inference import (
     QueueFull,
 )
 from lib.inference.engine_process.client import EngineProcess
+from lib.inference.engine_process.launch import Standby
 from lib.inference.frontend import FrontendInference
 from ml_service.backend.app import create_app
 from tests.helpers import CHECKPOINT, metric, wait_for, with_settings
@@ -127,7 +128,7 @@ def shared_engine(front):
     stream). Safe to share: none stops, aborts or kills it, and `engine` below checks that a test
     left nothing in it and counts each test's tokens from zero. The tests that stop, abort or
     kill an engine start their own."""
-    engine = EngineProcess(front.spec, max_queue=1, observer=TokenCounter())
+    engine = EngineProcess(front.spec, max_queue=1, observer=TokenCounter(), standby=None)
     engine.start()
     yield engine
     engine.stop(5)
@@ -182,7 +183,7 @@ def test_a_closed_stream_cancels_its_row(engine, front):
 
 @pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_stop_finishes_what_runs_then_refuses(front):
-    engine = EngineProcess(front.spec, max_queue=4)
+    engine = EngineProcess(front.spec, max_queue=4, standby=None)
     engine.start()
     front.engine = engine
     params = GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=0)
@@ -206,7 +207,7 @@ def test_stop_finishes_what_runs_then_refuses(front):
 
 @pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_abort_ends_every_request_at_once(front):
-    engine = EngineProcess(front.spec, max_queue=4)
+    engine = EngineProcess(front.spec, max_queue=4, standby=None)
     engine.start()
 
     async def body():
@@ -226,9 +227,11 @@ def test_abort_ends_every_request_at_once(front):
 
 @pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
-    engine = EngineProcess(front.spec, max_queue=4)
+    standby = Standby()
+    engine = EngineProcess(front.spec, max_queue=4, standby=standby)
     engine.start()
-    first_pid = engine.pid
+    first_pid, standby_pid = engine.pid, standby.pid
+    assert standby_pid not in (None, first_pid)  # launched as the engine came up
     try:
 
         async def body():
@@ -240,7 +243,10 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
 
         asyncio.run(body())
         wait_for(lambda: engine.alive, "a new engine process took over", timeout=120)
-        assert engine.pid != first_pid and engine.restarts == 1
+        # the standby took over, and the next one is already there
+        assert engine.pid == standby_pid and engine.restarts == 1
+        assert standby.pid not in (None, first_pid, standby_pid)
+        assert set(engine.phases) >= {"noticed", "launched", "imported", "loaded", "ready"}
 
         async def again():
             return await engine.submit(front.prepare("Москва", GenerationParams(temperature=0)))
@@ -248,6 +254,42 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
         assert asyncio.run(again()).completion_tokens > 0
     finally:
         engine.stop(5)
+    assert standby.pid is None  # its last engine stopped: the standby ended with it
+    wait_for(lambda: not alive(standby_pid) and not alive(first_pid), "no process left behind")
+
+
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
+def test_a_standby_that_died_is_replaced_by_a_new_worker_and_stop_ends_them_all(front):
+    standby = Standby()
+    engine = EngineProcess(front.spec, max_queue=4, standby=standby)
+    engine.start()
+    first_pid, dead_standby = engine.pid, standby.pid
+    try:
+        os.kill(dead_standby, signal.SIGKILL)
+        wait_for(lambda: not alive(dead_standby), "the standby is gone")
+        os.kill(first_pid, signal.SIGKILL)
+        wait_for(lambda: engine.restarts == 1 and engine.alive, "a new worker took over")
+        assert engine.pid not in (first_pid, dead_standby)
+        assert standby.pid not in (None, engine.pid)  # and a standby again
+
+        async def again():
+            return await engine.submit(front.prepare("Москва", GenerationParams(temperature=0)))
+
+        assert asyncio.run(again()).completion_tokens > 0
+        pids = [engine.pid, standby.pid]
+    finally:
+        engine.stop(5)
+    assert standby.pid is None
+    wait_for(lambda: not any(alive(pid) for pid in pids), "no process left behind")
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not reaped yet, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.slow  # its own engine process, started, then ended or replaced
