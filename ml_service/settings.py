@@ -290,6 +290,11 @@ class Settings(BaseSettings):
             TrafficSplit.parse(v)  # raises BadSplit (a ValueError) saying what is wrong
         return v or None
 
+    @field_validator("redis_secret", mode="before")
+    @classmethod
+    def _empty_secret(cls, v):
+        return None if v == "" else v  # an empty variable (compose's default) is no secret
+
     @field_validator("served_model_name")
     @classmethod
     def _strip_name(cls, v: str | None) -> str | None:

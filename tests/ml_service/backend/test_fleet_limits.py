@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import RateLimited, Unauthorized
 from ml_service.backend.security import Guard
+from ml_service.settings import Settings
 from ml_service.shared import SharedStore
 from tests.helpers import (
     CHECKPOINT,
@@ -198,6 +199,17 @@ def test_redis_without_a_secret_is_warned_about_at_start(settings, caplog):
         create_app(with_settings(s, redis_secret="shared"))
         create_app(with_settings(settings, redis_url=None))
     assert "REDIS_SECRET" not in caplog.text
+
+
+def test_an_empty_secret_variable_is_no_secret(settings, monkeypatch, caplog):
+    """Compose passes ML_SERVICE_REDIS_SECRET through, empty when it is not set: that must warn
+    as a missing secret does, not key the counters with the empty string."""
+    monkeypatch.setenv("ML_SERVICE_REDIS_SECRET", "")
+    assert Settings().redis_secret is None
+    s = with_settings(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_secret="")
+    with caplog.at_level("WARNING", logger="ml_service"):
+        create_app(s)
+    assert "without ML_SERVICE_REDIS_SECRET" in caplog.text
 
 
 @pytest.mark.slow
