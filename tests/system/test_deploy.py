@@ -1169,9 +1169,11 @@ def test_workflow_builds_the_image_and_runs_its_health_check(app):
         assert port == host_port and routed(app, path, method), (method, path, port)
     uid, _ = image_user()
     assert compared_to(commands, subs, ["docker", "exec", name, "id", "-u"]) == [str(uid)]
-    assert ["docker", "compose", "--profile", "train", "--profile", "monitoring", "config"] == (
-        next(c for c in commands if c[:2] == ["docker", "compose"])[:7]
-    )
+    composes = [c for c in commands if c[:2] == ["docker", "compose"]]
+    every = ["--profile", "fleet", "--profile", "train", "--profile", "monitoring", "config"]
+    assert composes[0][2:9] == every  # every profile resolves
+    cpu = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "--profile", "fleet"]
+    assert composes[1][2:9] == [*cpu, "config"]  # and the fleet with the CPU switch
 
 
 def test_workflow_builds_the_gpu_image_that_compose_and_kubernetes_run():
