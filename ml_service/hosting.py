@@ -249,23 +249,28 @@ class ModelHost:
             log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
             return loaded, old
 
-    def mirror(self, requests: list, chosen: Loaded) -> None:
+    def mirror(self, requests: list, chosen: Loaded, prepare) -> None:
         """A copy of validated requests for the shadow version, if there is one (and it is not
-        the version that serves them): preprocessed by its own service, queued only when its
-        engine has room, its answers and errors discarded (its metrics, labelled by version, are
-        what it is for). Never awaited, so the client's answer never waits for it."""
+        the version that serves them): preprocessed by its own service through `prepare` (an
+        async `prepare(fn, *args)` that runs fn off the event loop, as the client's own request
+        was), queued only when its engine has room, its answers and errors discarded (its
+        metrics, labelled by version, are what it is for). Never awaited, so the client's answer
+        never waits for it."""
         shadow = self.shadow
         if shadow is None or shadow is chosen:
             return
-        try:
-            items = [shadow.service.preprocess(r) for r in requests]
-        except Exception:  # e.g. a prompt too long for the shadow's context: no copy
-            return
-        if not shadow.engine.has_room(len(items)):
-            return
-        task = asyncio.ensure_future(shadow.engine.submit_many(items))
+        task = asyncio.ensure_future(self._shadow(shadow, requests, prepare))
         self._shadowing.add(task)
         task.add_done_callback(self._shadow_done)
+
+    @staticmethod
+    async def _shadow(shadow: Loaded, requests: list, prepare) -> None:
+        try:
+            items = await prepare(lambda: [shadow.service.preprocess(r) for r in requests])
+        except Exception:  # e.g. a prompt too long for the shadow's context: no copy
+            return
+        if shadow.engine.has_room(len(items)):
+            await shadow.engine.submit_many(items)
 
     def _shadow_done(self, task: asyncio.Task) -> None:
         self._shadowing.discard(task)

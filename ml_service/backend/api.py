@@ -75,7 +75,8 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         model = deps.model  # one version for the whole request, even across a reload
         check_room(model.engine, 1)
         item = await off_loop(model.service.preprocess, req)
-        deps.host.mirror([req], model)  # a copy for the shadow version, if any (never awaited)
+        # a copy for the shadow version, if any (never awaited)
+        deps.host.mirror([req], model, off_loop)
         _note_prompt(request, req)
         opted_in = getattr(req, "cache", True)
         if can_stream and req.stream:
@@ -108,7 +109,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         requests = model.service.split_batch(batch_req)
         check_room(model.engine, len(requests))
         items = await off_loop(_preprocess_batch, model.service, requests)
-        deps.host.mirror(requests, model)
+        deps.host.mirror(requests, model, off_loop)
         opted_in = getattr(batch_req, "cache", True)
         outputs = await run_items(request, deps, model, items, opted_in)
         return model.service.batch_response(

@@ -155,6 +155,14 @@ def test_a_shadow_version_gets_a_copy_and_its_answers_are_discarded(settings, mo
     s = with_settings(settings, models_dir=models_dir, model_version="v1", shadow_version="v2")
     with TestClient(create_app(s)) as c:
         assert c.get("/metadata").json()["shadow_version"] == "v2"
+        shadow = c.app.state.deps.host.shadow
+        threads, preprocess = [], shadow.service.preprocess
+
+        def recorded(request):  # the copy is prepared off the event loop, as the answer is
+            threads.append(threading.current_thread().name)
+            return preprocess(request)
+
+        shadow.service.preprocess = recorded
         for _ in range(3):
             r = c.post("/forward", json=SHORT)
             assert r.headers["x-model-version"] == "v1" and r.json()["model"] == "ru-gpt-tiny-v1"
@@ -170,6 +178,7 @@ def test_a_shadow_version_gets_a_copy_and_its_answers_are_discarded(settings, mo
         wait_for(lambda: shadow_tokens() == 10, "the shadow version generated its copies")
         requests = metric(c.get("/metrics").text, "ml_service_version_requests_total", version="v2")
         assert requests == 0  # nobody was served by it
+        assert len(threads) == 5 and all(t.startswith("prepare") for t in threads), threads
 
 
 def test_a_reload_unloads_the_version_nobody_routes_to(settings, models_dir):
