@@ -278,8 +278,10 @@ def main() -> None:
         if START in text:
             head, rest = text.split(START, 1)
             text = head + section + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n## Engine restart under load\n\n" + section + "\n"
+        else:  # a new entry, newest first, under the history's heading when there is one
+            entry = f"### {time.strftime('%Y-%m-%d')}: Engine restart under load\n\n{section}\n\n"
+            head, found, rest = text.partition("\n### ")
+            text = f"{head}\n{entry}### {rest}" if found else f"{text.rstrip()}\n\n{entry}"
         args.write.write_text(text)
 
 
