@@ -297,10 +297,12 @@ class EngineProcess(Engine):
                 time.sleep(min(2.0**attempt, 30.0))
                 continue
             with self._lock:
-                if self._state != "restarting":  # stopped meanwhile
-                    worker.process.kill()
-                    return None
-                self._state = "up"
+                stopped = self._state != "restarting"
+                if not stopped:
+                    self._state = "up"
+            if stopped:  # stopped meanwhile: the new process is not needed
+                worker.end(0)
+                return None
             self.restarts += 1
             self.observer.on_restart()
             self.phases = {"noticed": noticed, "failed": failed, **self.phases}
