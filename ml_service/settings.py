@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         "thread); default: OMP_NUM_THREADS if set, else all the cores the process may use but "
         "one, which is left to the HTTP side",
     )
+    engine_standby: bool = Field(
+        True,
+        description="the process engine keeps one spare process, its imports done, that replaces "
+        "a crashed engine in well under a second (a new one takes seconds); it costs ~260 MB of "
+        "memory; false: a crashed engine is replaced by a new process",
+    )
     max_batch_size: int = Field(
         ENGINE_MAX_BATCH_SIZE,
         ge=1,
@@ -238,6 +244,7 @@ class Settings(BaseSettings):
             max_queue=self.max_queue,
             threads=self.torch_threads,
             tensor_parallel=self.tensor_parallel,
+            standby=self.engine_standby,
         )
 
     @field_validator("engine")

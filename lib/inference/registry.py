@@ -68,6 +68,7 @@ class EngineSpec:
     threads: int | None = None  # the engine's math threads (default: all cores but one)
     tensor_parallel: int = 1  # GPUs one model is split over (vLLM)
     warmup: bool = True
+    standby: bool = True  # the process engine keeps a spare process ready for a restart
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ class EngineProcess(Engine):
     @classmethod
     def create(cls, spec: EngineSpec, *, model=None, observer=None) -> EngineProcess:
         """The engine process for `spec` (it loads the model itself: `model` is not used)."""
-        return cls(spec, max_queue=spec.max_queue, observer=observer)
+        standby = STANDBY if spec.standby else None
+        return cls(spec, max_queue=spec.max_queue, observer=observer, standby=standby)
 
     def __init__(
         self,

@@ -346,3 +346,12 @@ def test_a_reload_starts_a_new_engine_process_and_ends_the_old_one(process_setti
             "/admin/reload", json={"version": "v3"}, headers={"Authorization": "Bearer adm"}
         )
         assert broken.status_code == 400 and c.app.state.deps.host.current.engine is new
+
+
+def test_the_standby_setting_reaches_the_engine(settings):
+    """ML_SERVICE_ENGINE_STANDBY=false: a crashed engine is replaced by a new process (no spare
+    held); the default keeps the server's spare (nothing starts before `start`)."""
+    on = EngineProcess.create(with_settings(settings, engine="process").engine_spec())
+    off_settings = with_settings(settings, engine="process", engine_standby=False)
+    off = EngineProcess.create(off_settings.engine_spec())
+    assert isinstance(on.standby, Standby) and off.standby is None
