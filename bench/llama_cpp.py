@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -71,7 +72,8 @@ CMAKE_OPTIONS = (
 # the versions the converter's venv takes from ours (transformers: the same major, so it reads
 # our tokenizer_config.json's TokenizersBackend)
 PINNED = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
-GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer (LLAMA_VOCAB_PRE_TYPE_GPT2)
+GPT2_PRE = "gpt-2"
+F32_PROB_GAP = 1e-3  # the most an f32 GGUF's next-token probability may differ from ours  # llama.cpp's name for GPT-2's pre-tokenizer (LLAMA_VOCAB_PRE_TYPE_GPT2)
 
 # texts whose tokenization must agree: Russian and English prose, and the cases where
 # pre-tokenizers differ (contractions, digit runs, runs of spaces, newlines, tabs, emoji, symbols)
@@ -91,6 +93,12 @@ PARITY_TEXTS = (
 
 def log(msg: str) -> None:
     print(f"[llama.cpp] {msg}", flush=True)
+
+
+def shown(path: Path) -> str:
+    """A path relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -123,7 +131,7 @@ def fetch_source() -> None:
 def build(jobs: int = 2) -> Path:
     """llama-server, built once (a stamp records the release it came from)."""
     if SERVER.exists() and BUILD_STAMP.exists() and BUILD_STAMP.read_text() == LLAMA_CPP_PYTHON:
-        log(f"built: {SERVER.relative_to(ROOT)} ({server_version()})")
+        log(f"built: {shown(SERVER)} ({server_version()})")
         return SERVER
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
@@ -175,7 +183,7 @@ def venv() -> Path:
     # because the converter's requirements name it (our BPE does not use it)
     run([python, "-m", "pip", "install", "--quiet", *pins(), "sentencepiece", SOURCE / "gguf-py"])
     VENV_STAMP.write_text(wanted)
-    log(f"{VENV.relative_to(ROOT)} ready in {time.perf_counter() - t0:.0f} s")
+    log(f"{shown(VENV)} ready in {time.perf_counter() - t0:.0f} s")
     return python
 
 
@@ -263,7 +271,7 @@ def convert(checkpoint: Path, outtypes=OUTTYPES, check_after: bool = True) -> li
         gguf = gguf_path(checkpoint, outtype)
         stamp = read_stamp(gguf)
         if gguf.exists() and stamp.get("source") == source:
-            log(f"converted: {gguf.relative_to(ROOT)} ({stamp.get('seconds', '?')} s then)")
+            log(f"converted: {shown(gguf)} ({stamp.get('seconds', '?')} s then)")
             written.append(gguf)
             continue
         python = venv()
@@ -274,7 +282,7 @@ def convert(checkpoint: Path, outtypes=OUTTYPES, check_after: bool = True) -> li
         stamp = {"source": source, "pre_tokenizer": pre, "outtype": outtype, "seconds": seconds}
         stamp_path(gguf).write_text(json.dumps(stamp, indent=1))
         size = gguf.stat().st_size / 2**20
-        log(f"{outtype}: {gguf.relative_to(ROOT)}, {size:.1f} MiB in {seconds} s")
+        log(f"{outtype}: {shown(gguf)}, {size:.1f} MiB in {seconds} s")
         written.append(gguf)
     if check_after:
         check(checkpoint, outtypes)
@@ -387,16 +395,39 @@ def mismatches(ours, theirs, texts) -> list[str]:
     return lines
 
 
+def next_token_gap(model, tokenizer, url: str, texts) -> float:
+    """The largest difference between llama-server's probability of a next token (its top 5
+    after each text) and the checkpoint's own under transformers (float32)."""
+    import torch
+
+    gap = 0.0
+    for text in texts:
+        ids = tokenizer.encode(text)
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+        body = {"prompt": text, "n_predict": 1, "temperature": 0, "n_probs": 5}
+        body.update(cache_prompt=False, post_sampling_probs=False)
+        top = post_json(url + "/completion", body)["completion_probabilities"][0]["top_logprobs"]
+        for t in top:
+            gap = max(gap, abs(math.exp(t["logprob"]) - float(probs[t["id"]])))
+    return gap
+
+
 def check(checkpoint: Path, outtypes=OUTTYPES) -> None:
     """Exits 1 unless llama-server tokenizes every parity text as our tokenizer does, for every
-    GGUF of the checkpoint; marks each GGUF that passes as checked."""
+    GGUF of the checkpoint, and the f32 file's next-token probabilities are the checkpoint's
+    (within F32_PROB_GAP; q8_0's gap is logged and kept in its stamp); marks each GGUF that
+    passes as checked."""
     sys.path.insert(0, str(ROOT))
+    from transformers import AutoModelForCausalLM
+
     from lib.tokenizer import load_tokenizer
 
     checkpoint = checkpoint.resolve()
     if not SERVER.exists():
         sys.exit(f"no {SERVER}: run `python bench/llama_cpp.py build` (or make llama-cpp)")
     tokenizer = load_tokenizer(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="float32").eval()
     texts = parity_texts()
     for outtype in outtypes:
         gguf = gguf_path(checkpoint, outtype)
@@ -409,6 +440,7 @@ def check(checkpoint: Path, outtypes=OUTTYPES) -> None:
                 return post_json(url + "/tokenize", body)["tokens"]
 
             bad = mismatches(tokenizer.encode, llama, texts)
+            gap = None if bad else next_token_gap(model, tokenizer, url, PARITY_TEXTS)
         stamp = read_stamp(gguf)
         if bad:
             stamp["tokenization"] = "differs"
@@ -419,9 +451,20 @@ def check(checkpoint: Path, outtypes=OUTTYPES) -> None:
                 f"from our tokenizer (pre-tokenizer {stamp.get('pre_tokenizer')!r}): the mapping "
                 "is wrong, so the benchmark will not serve this file"
             )
+        stamp["next_token_prob_gap"] = gap
+        if outtype == "f32" and gap > F32_PROB_GAP:
+            stamp["tokenization"] = "checked, but the f32 model's probabilities differ"
+            stamp_path(gguf).write_text(json.dumps(stamp, indent=1))
+            sys.exit(
+                f"{gguf.name}: next-token probabilities differ from the checkpoint's by up to "
+                f"{gap:.2g} (allowed {F32_PROB_GAP:g}): the conversion is wrong"
+            )
         stamp["tokenization"] = "checked"
         stamp_path(gguf).write_text(json.dumps(stamp, indent=1))
-        log(f"{gguf.name}: {len(texts)} texts, the same ids as our tokenizer")
+        log(
+            f"{gguf.name}: {len(texts)} texts, the same ids as our tokenizer; next-token "
+            f"probabilities within {gap:.1e} of the checkpoint's"
+        )
 
 
 def main(argv=None) -> int:

@@ -56,15 +56,14 @@ def _http_error(status: int, text: str, latency: float) -> RequestResult:
     return RequestResult(False, latency, error=f"HTTP {status}: {text[:200]}")
 
 
-def openai_body(prompt: str, seed: int, max_new: int, stream: bool) -> dict:
-    """The OpenAI part of every system's request (what any OpenAI server accepts)."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_new,
-        "temperature": TEMPERATURE,
-        "top_p": TOP_P,
-        "seed": seed,
-    }
+def openai_body(prompt: str, seed: int, max_new: int, stream: bool, greedy: bool = False) -> dict:
+    """The OpenAI part of every system's request (what any OpenAI server accepts); `greedy`:
+    temperature 0 (every system's greedy decoding) and no top-p."""
+    body = {"prompt": prompt, "max_tokens": max_new, "temperature": TEMPERATURE, "top_p": TOP_P}
+    if greedy:
+        body["temperature"] = 0.0
+        del body["top_p"]
+    body["seed"] = seed
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     return body
@@ -79,6 +78,7 @@ class System:
 
     def __init__(self) -> None:
         self.refused: list[str] = []  # extension fields the server refused at warm-up
+        self.greedy = False  # the greedy workload (make_systems(greedy=True), --greedy)
 
     def unavailable(self) -> str | None:
         """Why this system cannot run here (it is skipped), or None."""
@@ -101,7 +101,10 @@ class System:
         return f"{env} {cmd}".strip()
 
     def extensions(self, max_new: int) -> dict:
-        """The fields beyond OpenAI's: the checkpoint's sampling, and no EOS before max_new."""
+        """The fields beyond OpenAI's: the checkpoint's sampling (not when greedy: plain argmax),
+        and no EOS before max_new."""
+        if self.greedy:
+            return {"ignore_eos": True}
         return {"top_k": TOP_K, "repetition_penalty": REPETITION_PENALTY, "ignore_eos": True}
 
     def extensions_note(self) -> str:
@@ -113,7 +116,7 @@ class System:
         return note
 
     def payload(self, prompt: str, seed: int, max_new: int, stream: bool) -> dict:
-        body = openai_body(prompt, seed, max_new, stream)
+        body = openai_body(prompt, seed, max_new, stream, self.greedy)
         body.update({k: v for k, v in self.extensions(max_new).items() if k not in self.refused})
         return body
 

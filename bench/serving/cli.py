@@ -58,6 +58,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=64, help="open loop: requests per rate")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true", help="stream (SSE): adds TTFT and TPOT")
+    p.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy decoding (temperature 0; no top-p, top-k or repetition penalty) instead of "
+        "the checkpoint's sampling",
+    )
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=160)
     p.add_argument("--val-fraction", type=float, default=0.05, help="as the training default")
@@ -160,6 +166,7 @@ async def amain(args) -> int:
         clients=max(args.concurrency or [1]),
         prompt_tokens=longest_prompt(args.checkpoint, args.prompts, args.systems),
         max_new=args.max_new_tokens,
+        greedy=args.greedy,
     )
     args.skipped = {s.name: s.unavailable() for s in systems if s.unavailable()}
     for name, why in args.skipped.items():

@@ -122,16 +122,16 @@ class LlamaCpp(System):
         return {"LLAMA_ARG_THREADS": str(threads)}
 
     def versions(self) -> str:
-        return (
-            f"llama.cpp {llama_cpp.server_version(self.server)} from llama-cpp-python "
-            f"{llama_cpp.LLAMA_CPP_PYTHON}'s sdist"
-        )
+        version = llama_cpp.server_version(self.server).removeprefix("version: ")
+        return f"llama.cpp {version} from llama-cpp-python {llama_cpp.LLAMA_CPP_PYTHON}'s sdist"
 
     def extensions(self, max_new: int) -> dict:
         """llama-server ignores fields it does not know (`repetition_penalty` would be dropped
         silently): its names are `repeat_penalty` over the last `repeat_last_n` tokens (the
         prompt's included; one slot's whole context, as transformers penalizes every token so
         far), `ignore_eos` (EOS's logit at -inf) and `samplers` for the order."""
+        if self.greedy:  # temperature 0 is llama.cpp's argmax too
+            return {"ignore_eos": True, "cache_prompt": False}
         return {
             "top_k": TOP_K,
             "repeat_penalty": REPETITION_PENALTY,
@@ -142,6 +142,11 @@ class LlamaCpp(System):
         }
 
     def extensions_note(self) -> str:
+        if self.greedy:
+            return (
+                super().extensions_note()
+                + " (`cache_prompt: false` and `--cache-ram 0`: every prompt is computed, as in ours)"
+            )
         return (
             super().extensions_note()
             + " (llama.cpp's names for top-k 50 and the repetition penalty 1.1 over the whole "

@@ -71,7 +71,8 @@ def machine_info(
     else:
         where = f"{cpu}, {os.cpu_count()} cores ({platform.machine()}), no GPU"
         where += f" ({dtype} weights)" if dtype != "float32" else ""
-    peers = "".join(f", {s.versions()}" for s in systems if isinstance(s, VllmCpu | LlamaCpp))
+    versions = [s.versions() for s in systems if isinstance(s, VllmCpu | LlamaCpp)]
+    peers = "".join(f", {v}" for v in dict.fromkeys(versions))  # llama.cpp's two: one build
     return (
         f"{where}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
@@ -202,10 +203,16 @@ def _prompt_tokens(summaries: list[dict]) -> str:
     return " / ".join(f"{m:g}" for m in sorted(means)) or "?"
 
 
+def _decoding(args) -> str:
+    return (
+        "greedy (temperature 0)" if getattr(args, "greedy", False) else f"temperature {TEMPERATURE}"
+    )
+
+
 def _setup(summaries: list[dict], args, elapsed: float) -> str:
     return (
         f"Checkpoint `{args.checkpoint}`, {args.max_new_tokens} new tokens per request (exactly: "
-        f"EOS is held off), temperature {TEMPERATURE}, "
+        f"EOS is held off), {_decoding(args)}, "
         f"{'streamed (SSE)' if args.stream else 'not streamed'}, every system through "
         f"`POST {COMPLETIONS}`; "
         f"{len(args.prompts)} fixed Russian prompts from the validation split of "
@@ -255,6 +262,14 @@ def _request_notes(systems, args) -> list[str]:
         f"that make each sample as the checkpoint's generation config asks (top-k {TOP_K}, "
         f"repetition penalty 1.1) and generate exactly {n} tokens, in each system's dialect:",
     ]
+    if getattr(args, "greedy", False):
+        notes[0] = (
+            f"- Every system: `POST {COMPLETIONS}` (OpenAI's legacy completions: a raw prompt, no "
+            f'chat template) with the same OpenAI body `{{"prompt", "max_tokens": {n}, '
+            f'"temperature": 0, "seed": i}}`{stream} (greedy: no top-p, top-k or repetition '
+            f"penalty), and the fields beyond OpenAI's that make each generate exactly {n} tokens, "
+            "in each system's dialect:"
+        )
     notes += [f"  - `{s.name}`: {s.extensions_note()}" for s in systems]
     if any(isinstance(s, VllmCpu) for s in systems):
         notes.append(

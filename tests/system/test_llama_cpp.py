@@ -184,12 +184,15 @@ built = pytest.mark.skipif(
 @pytest.mark.slow
 @built
 def test_llama_server_tokenizes_as_we_do_and_answers_the_bench_request(tmp_path):
+    from transformers import AutoModelForCausalLM
+
     from bench.serving.systems import Server, make_systems
     from lib.tokenizer import load_tokenizer
 
     (system,) = make_systems(["llama.cpp-q8_0"], DEFAULT, clients=2, prompt_tokens=60, max_new=8)
     system.parallel = 2  # a small server: the test checks the answers, not the speed
     tok = load_tokenizer(DEFAULT)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT, dtype="float32").eval()
     server = Server(system, DEFAULT, 1, tmp_path)
     try:
 
@@ -200,6 +203,11 @@ def test_llama_server_tokenizes_as_we_do_and_answers_the_bench_request(tmp_path)
                     body = {"content": text, "add_special": True}
                     ids = (await client.post("/tokenize", json=body)).json()["tokens"]
                     assert ids == tok.encode(text), text
+                # the same next-token probabilities as transformers on our checkpoint (q8_0)
+                gap = await asyncio.to_thread(
+                    llama_cpp.next_token_gap, model, tok, server.url, llama_cpp.PARITY_TEXTS[:3]
+                )
+                assert gap < 0.05
                 await system.negotiate(client, "Привет")
                 return await asyncio.gather(
                     system.request(client, "Привет, мир", 1, 8, False),
