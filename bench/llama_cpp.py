@@ -3,31 +3,29 @@
 
     python bench/llama_cpp.py build                  # llama-server from llama-cpp-python's sdist
     python bench/llama_cpp.py convert models/default # f32 and q8_0 GGUF files, then `check`
-    python bench/llama_cpp.py check models/default   # llama-server tokenizes as we do, or exit 1
+    python bench/llama_cpp.py check models/default   # llama.cpp tokenizes and predicts as we do
     python bench/llama_cpp.py where models/default   # the GGUF paths the benchmark uses
 
-`build` downloads the source distribution of the PyPI package llama-cpp-python (pip, from the
-configured index: the one thing fetched), unpacks it under .llama-cpp/ (ignored by git) and
-builds only the `llama-server` target of the llama.cpp it vendors (vendor/llama.cpp): CPU only,
-static, `-march=native` (llama.cpp's default), no web UI download, no TLS. `convert` runs
-llama.cpp's own `convert_hf_to_gguf.py` in a virtual environment of its own, .venv-llama (the
-converter needs torch, transformers and llama.cpp's `gguf` package; torch, transformers,
-tokenizers, safetensors and numpy are pinned to the versions in .venv), writes
-.llama-cpp/gguf/NAME-HASH/model-{f32,q8_0}.gguf and then runs `check`. Every step skips what is
-already done (the build, the venv, a GGUF written from the same checkpoint files).
+`build` fetches the sdist of the PyPI package llama-cpp-python (pip: the one download), unpacks
+it under .llama-cpp/ (ignored by git) and builds only the `llama-server` target of the llama.cpp
+it vendors: CPU only, static, `-march=native` (llama.cpp's default), no web UI, no TLS.
+`convert` runs llama.cpp's own `convert_hf_to_gguf.py` in a venv of its own, .venv-llama (torch,
+transformers, tokenizers, safetensors and numpy at .venv's versions, llama.cpp's `gguf`), to
+.llama-cpp/gguf/NAME-HASH/model-{f32,q8_0}.gguf, then runs `check`. Each step skips what is done.
 
-The pre-tokenizer. The converter names a BPE tokenizer's pre-tokenizer by hashing the ids it
-gives one test string and looking the hash up in a list of known models
-(`get_vocab_base_pre`); ours (a byte-level BPE trained on our corpus) is in no list, so the
-converter refuses it. `pre_tokenizer()` decides the name from what tokenizer.json says instead:
-no normalizer and a `ByteLevel` pre-tokenizer with GPT-2's split regex (`use_regex: true`) and no
-added prefix space is GPT-2's pre-tokenization, which llama.cpp calls "gpt-2"; anything else is
-refused with the reason. The converter is run with its `get_vocab_base_pre` wrapped: a hash it
-knows keeps its own answer, an unknown one gets ours. `check` then proves the mapping: it starts
-llama-server on each GGUF, tokenizes fixed Russian and English texts (digits, contractions,
-runs of spaces and newlines, emoji) and the benchmark's own prompts through its `/tokenize`
-(`add_special: true`, as its completions tokenize a prompt) and with our tokenizer, and exits 1
-on the first text whose ids differ.
+The pre-tokenizer. The converter names a BPE's pre-tokenizer by hashing the ids it gives a test
+string and looking the hash up among known models (`get_vocab_base_pre`); ours is in no list, so
+it refuses. `pre_tokenizer()` decides from tokenizer.json instead: no normalizer and a
+`ByteLevel` pre-tokenizer with GPT-2's regex (`use_regex: true`) and no added prefix space is
+GPT-2's pre-tokenization, llama.cpp's "gpt-2"; anything else is refused with the reason. The
+converter runs with `get_vocab_base_pre` wrapped (a known hash keeps its answer, an unknown one
+gets ours; and its GPT-2 reads `n_ctx`, which transformers 5 no longer writes: `n_positions`).
+`check` proves the mapping: llama-server on each GGUF tokenizes fixed Russian and English texts
+(digits, contractions, runs of spaces, newlines, emoji) and the benchmark's prompts through
+`/tokenize` (`add_special: true`, as its completions do), and any text whose ids differ from our
+tokenizer's fails it (exit 1); so does an f32 file whose next-token probabilities differ from
+the checkpoint's under transformers by more than F32_PROB_GAP. The benchmark serves only GGUF
+files that passed, written from the checkpoint's present files.
 """
 
 from __future__ import annotations
@@ -117,12 +115,8 @@ def fetch_source() -> None:
     sdist_dir = HOME / "sdist"
     archive = sdist_dir / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not archive.exists():
-        run(
-            [
-                sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-                "--no-deps", "--no-binary", ":all:", "-d", sdist_dir,
-            ]
-        )  # fmt: skip
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        run([*pip, f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", sdist_dir])
     (HOME / "src").mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
         tar.extractall(HOME / "src", filter="data")
