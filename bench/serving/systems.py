@@ -33,6 +33,7 @@ from .llama_server import LLAMA_OUTTYPES, LlamaCpp
 SYSTEM_NAMES = (
     "ours",
     "ours-thread",
+    "ours-int8",
     "ours-vllm",
     "ours-onnx",
     "ours-onnx-int8",
@@ -57,8 +58,10 @@ class Ours(System):
         engine: str = "process",
         onnx: str | None = None,
         checkpoint: Path | None = None,
+        quantization: str = "none",
     ):
         super().__init__()
+        self.quantization = quantization  # ML_SERVICE_QUANTIZATION for the torch backend
         self.name = name
         self.max_batch_size = max_batch_size
         self.device, self.dtype = device, dtype
@@ -73,6 +76,8 @@ class Ours(System):
             self.description += f", the engine in a {engine} of the server process"
         if onnx:
             self.description += f", the model run by ONNX Runtime ({onnx})"
+        if quantization != "none":
+            self.description += f", {quantization} weights (ML_SERVICE_QUANTIZATION)"
 
     def unavailable(self) -> str | None:
         if self.onnx and self.checkpoint is not None:
@@ -97,7 +102,10 @@ class Ours(System):
             "ML_SERVICE_ENGINE": self.engine,
         }
         if self.onnx:
-            env.update(ML_SERVICE_BACKEND="onnxruntime", ML_SERVICE_ONNX_PRECISION=self.onnx)
+            quantization = "int8" if self.onnx == "int8" else "none"
+            env.update(ML_SERVICE_BACKEND="onnxruntime", ML_SERVICE_QUANTIZATION=quantization)
+        elif self.quantization != "none":
+            env.update(ML_SERVICE_QUANTIZATION=self.quantization)
         if (self.device, self.dtype) != ("cpu", "float32"):
             env.update(ML_SERVICE_DEVICE=self.device, ML_SERVICE_DTYPE=self.dtype)
         return env
@@ -359,6 +367,7 @@ def make_systems(
     factories = {
         "ours": lambda: Ours("ours", 64, device, dtype),
         "ours-thread": lambda: Ours("ours-thread", 64, device, dtype, engine="thread"),
+        "ours-int8": lambda: Ours("ours-int8", 64, device, dtype, quantization="int8"),
         "ours-vllm": lambda: OursVllm("ours-vllm", device, dtype, vllm_venv),
         "ours-onnx": lambda: Ours("ours-onnx", 64, onnx="fp32", checkpoint=checkpoint),
         "ours-onnx-int8": lambda: Ours("ours-onnx-int8", 64, onnx="int8", checkpoint=checkpoint),

@@ -359,3 +359,16 @@ def test_each_checkpoint_has_its_own_serving_section(tmp_path):
         "# B\n\n" + section("", "default new") + "\n" + section("random-gpt2-124m", "gpt2 two")
         + "\n### After\n"
     )  # fmt: skip
+
+
+def test_our_int8_and_onnx_systems_ask_for_their_precision_by_one_setting():
+    from bench.serving.systems import make_systems
+
+    names = ["ours", "ours-int8", "ours-onnx", "ours-onnx-int8"]
+    ours, q, onnx, onnx_q = make_systems(names, REPO_ROOT / "models/default")
+    assert "ML_SERVICE_QUANTIZATION" not in ours.env()
+    assert q.env()["ML_SERVICE_QUANTIZATION"] == "int8" and "ML_SERVICE_BACKEND" not in q.env()
+    assert onnx.env()["ML_SERVICE_QUANTIZATION"] == "none"
+    assert onnx_q.env()["ML_SERVICE_QUANTIZATION"] == "int8"
+    assert onnx_q.env()["ML_SERVICE_BACKEND"] == "onnxruntime"
+    assert "int8" in q.description
