@@ -8,7 +8,8 @@ how well the model knows the language.
     python bench/heldout_eval.py models/default --eval-data ru-proverbs=.cache/heldout/ru-proverbs.txt
 
 `--block-size` evaluates every checkpoint at one context (a model trained at 128 tokens, at 256:
-its positions beyond 128 were never trained).
+its positions beyond 128 were never trained). `--quantization int8` evaluates the model as
+`ML_SERVICE_QUANTIZATION=int8` serves it (lib/inference/quantization.py).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.checkpoint import load_model, read_card  # noqa: E402
 from lib.data import DataSplits, heldout_sets, load_documents, split_documents, tokenize_and_pack  # noqa: E402
+from lib.inference.quantization import quantize  # noqa: E402
 from lib.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
 from lib.training.evaluation import evaluate, heldout_figures  # noqa: E402
 
 
-def measure(checkpoint: Path, eval_data: list[str], block_size: int | None = None) -> dict:
+def measure(
+    checkpoint: Path, eval_data: list[str], block_size: int | None = None, quantization="none"
+) -> dict:
     card = read_card(checkpoint)
     config = card.get("config", {})
     tokenizer = load_tokenizer(checkpoint)
-    model = load_model(checkpoint)
+    model = quantize(load_model(checkpoint), quantization)
     block = block_size or int(card.get("block_size") or model.config.n_positions)
     if block > model.config.n_positions:
         raise SystemExit(
@@ -71,9 +75,10 @@ def main() -> None:
         type=int,
         help="context of the packed blocks (default: each checkpoint's training block size)",
     )
+    p.add_argument("--quantization", choices=("none", "int8"), default="none")
     args = p.parse_args()
     for c in args.checkpoints:
-        print(c, json.dumps(measure(c, args.eval_data, args.block_size)))
+        print(c, json.dumps(measure(c, args.eval_data, args.block_size, args.quantization)))
 
 
 if __name__ == "__main__":

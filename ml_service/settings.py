@@ -93,8 +93,7 @@ class Settings(BaseSettings):
             "ML_SERVICE_TORCH_THREADS", "OMP_NUM_THREADS", "torch_threads"
         ),
         description="CPU threads for the model's math (torch.set_num_threads on the engine's "
-        "thread); default: OMP_NUM_THREADS if set, else all the cores the process may use but "
-        "one, which is left to the HTTP side",
+        "thread); default: OMP_NUM_THREADS if set, else every core the process may use",
     )
     engine_standby: bool = Field(
         True,

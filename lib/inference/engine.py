@@ -12,7 +12,7 @@ one event loop reaches that loop in one hand-over (not one per token), so a busy
 flood the loop with wake-ups. A caller that goes away (its task is
 cancelled) cancels its sequence, which leaves the batch at the next step.
 
-The decoding thread does the model's math with `threads` CPU threads (default: all cores but one:
+The decoding thread does the model's math with `threads` CPU threads (default: every core:
 see `default_math_threads`), and it should be the only
 thread of the process that uses more than one. torch's OpenMP runtime (libgomp) keeps a pool of
 worker threads for each thread that ever ran a parallel operation; once the pools together hold

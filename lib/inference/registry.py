@@ -65,7 +65,7 @@ class EngineSpec:
     max_batch_size: int = ENGINE_MAX_BATCH_SIZE
     max_wait_s: float = ENGINE_MAX_WAIT_S
     max_queue: int = ENGINE_MAX_QUEUE
-    threads: int | None = None  # the engine's math threads (default: all cores but one)
+    threads: int | None = None  # the engine's math threads (default: every core)
     tensor_parallel: int = 1  # GPUs one model is split over (vLLM)
     warmup: bool = True
     standby: bool = True  # the process engine keeps a spare process ready for a restart

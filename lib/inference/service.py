@@ -260,7 +260,7 @@ class InferenceService:
         threads: int | None = None,
     ) -> GenerationEngine:
         """The continuous-batching engine over this model (start() it; it shares the lock).
-        `threads`: CPU threads for its math (default: all the process's cores but one)."""
+        `threads`: CPU threads for its math (default: every core the process may use)."""
         return GenerationEngine(
             self.model,
             self.tokenizer,
