@@ -43,7 +43,8 @@ def _threads(threads: int | None, systems) -> str:
         )
     return (
         "every server with its default threads (`transformers serve`: torch's, all "
-        f"{os.cpu_count()} cores; ours: all cores but one for the model, the last for HTTP"
+        f"{os.cpu_count()} cores; ours: every core for the model's math (the HTTP side is another "
+        "process)"
         + (
             "; vLLM: its automatic binding, all cores but one, which it keeps for its scheduler"
             if vllm
