@@ -43,8 +43,8 @@ def _threads(threads: int | None, systems) -> str:
         )
     return (
         "every server with its default threads (`transformers serve`: torch's, all "
-        f"{os.cpu_count()} cores; ours: every core for the model's math (the HTTP side is another "
-        "process)"
+        f"{os.cpu_count()} cores; ours: by the model's size, every core from 10 M parameters, "
+        "else all but one, left to HTTP"
         + (
             "; vLLM: its automatic binding, all cores but one, which it keeps for its scheduler"
             if vllm

@@ -12,7 +12,7 @@ one event loop reaches that loop in one hand-over (not one per token), so a busy
 flood the loop with wake-ups. A caller that goes away (its task is
 cancelled) cancels its sequence, which leaves the batch at the next step.
 
-The decoding thread does the model's math with `threads` CPU threads (default: every core:
+The decoding thread does the model's math with `threads` CPU threads (default: by model size:
 see `default_math_threads`), and it should be the only
 thread of the process that uses more than one. torch's OpenMP runtime (libgomp) keeps a pool of
 worker threads for each thread that ever ran a parallel operation; once the pools together hold
@@ -47,6 +47,7 @@ from lib.inference.limits import (
     ENGINE_MAX_WAIT_S,
     default_math_threads,
 )
+from lib.inference.quantization import served_parameters
 from lib.inference.types import GenerationFailed, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class GenerationEngine(Engine):
         outbox: _Outbox | None = None,
         prompt_scorer: Callable | None = None,
     ):
-        self.threads = threads or default_math_threads()  # the model's math, on the engine thread
+        # the model's math, on the engine thread (default: by the model's size, limits.py)
+        self.threads = threads or default_math_threads(served_parameters(model))
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue

@@ -20,12 +20,20 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_math_threads() -> int:
-    """The model's math threads when none are set: every core this process may use. On 2 cores,
-    two threads served 40-70 % more tokens per second than one through HTTP, streamed or not,
-    with the engine in its own process and in the server's (BENCHMARKS.md, "Math threads"; the
-    issue that asked for it measured +50-66 % on an AVX2 machine too). The default used to leave
-    one core to the event loop, from an older measurement on one VM where one thread had been as
-    fast. (The service's settings read ML_SERVICE_TORCH_THREADS / OMP_NUM_THREADS and pass them
-    in.)"""
-    return available_cores()
+ALL_CORES_FROM_PARAMETERS = 10_000_000  # models this large compute with every core by default
+
+
+def default_math_threads(parameters: int | None = None) -> int:
+    """The model's math threads when none are set, by the model's size (`parameters`; unknown:
+    treated as small). A model of ALL_CORES_FROM_PARAMETERS or more gets every core this
+    process may use: its step is matrix work, and on 2 cores a gpt2-124m-sized model served
+    40-70 % more tokens per second through HTTP with two threads than with one, streamed or not,
+    fp32 or int8, with either engine. A smaller one gets every core but one, left to the HTTP
+    side: the default 1.35 M-parameter model's step is so short that the HTTP side is its bound,
+    and two threads served 20 % less there (BENCHMARKS.md, "Math threads"). The threshold lies
+    between the two sizes measured. (The service's settings read ML_SERVICE_TORCH_THREADS /
+    OMP_NUM_THREADS and pass them in.)"""
+    cores = available_cores()
+    if parameters is not None and parameters >= ALL_CORES_FROM_PARAMETERS:
+        return cores
+    return max(1, cores - 1)

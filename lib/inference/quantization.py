@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lib.inference.registry import check_quantization
+from lib.modeling import count_parameters
 
 QMAX = 127  # symmetric int8: -127..127 (no -128, so negation is exact)
 
@@ -106,6 +107,19 @@ def quantize(model, quantization: str, *, lm_head: bool = False):
         model.lm_head = Int8Linear(model.lm_head.weight, None)
     model.serving_quantization = quantization  # what quantization_of reads
     return model
+
+
+def served_parameters(model) -> int:
+    """The model's weights as it serves them: its parameters plus the int8 matrices (and their
+    biases) that `quantize` moved into buffers (what sizes its step; limits.default_math_threads)."""
+    quantized = 0
+    if isinstance(model, nn.Module):
+        quantized = sum(
+            m.qweight.numel() + (0 if m.bias is None else m.bias.numel())
+            for m in model.modules()
+            if isinstance(m, Int8Linear)
+        )
+    return count_parameters(model) + quantized
 
 
 def quantization_of(model) -> str:

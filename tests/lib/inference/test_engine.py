@@ -16,7 +16,7 @@ from lib.inference import (
     QueueFull,
 )
 from lib.inference.decoder import GPT2SlotDecoder
-from lib.inference.limits import available_cores, default_math_threads
+from lib.inference.limits import ALL_CORES_FROM_PARAMETERS, available_cores, default_math_threads
 from lib.inference.prompts import encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
 from ml_service.settings import Settings
@@ -351,8 +351,9 @@ def test_a_model_failure_fails_its_batch_and_the_engine_goes_on(service, model_f
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_engine_thread_does_the_math_with_its_own_thread_count(service, threads, monkeypatch):
     """ML_SERVICE_TORCH_THREADS reaches the decoding thread (the observer runs on it); the
-    settings take OMP_NUM_THREADS when it is not set, and the engine's own default is every core
-    the process may use, whatever the environment says."""
+    settings take OMP_NUM_THREADS when it is not set, and the engine's own default depends on the
+    model's size (every core from ALL_CORES_FROM_PARAMETERS on, else all but one), whatever the
+    environment says."""
     seen = []
 
     class Threads(EngineObserver):
@@ -365,7 +366,10 @@ def test_the_engine_thread_does_the_math_with_its_own_thread_count(service, thre
     run(with_engine(service, body, observer=Threads(), threads=threads))
     assert seen and set(seen) == {threads}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert service.create_engine().threads == available_cores() == default_math_threads()
+    small = max(1, available_cores() - 1)  # the default model has 1.35 M parameters
+    assert service.create_engine().threads == small == default_math_threads(1_350_000)
+    assert default_math_threads(ALL_CORES_FROM_PARAMETERS) == available_cores()
+    assert default_math_threads() == small  # size unknown: as a small model
     monkeypatch.delenv("ML_SERVICE_TORCH_THREADS", raising=False)
     assert Settings().torch_threads == 3
     monkeypatch.setenv("ML_SERVICE_TORCH_THREADS", "2")

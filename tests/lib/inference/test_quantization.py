@@ -21,7 +21,9 @@ from lib.inference.quantization import (
     int8_available,
     quantization_of,
     quantize,
+    served_parameters,
 )
+from lib.modeling import count_parameters
 from ml_service.backend.app import create_app
 from ml_service.services.text_generation import TextGenerationService
 from ml_service.settings import Settings
@@ -218,3 +220,10 @@ def test_the_engine_process_serves_int8_like_the_thread_engine(settings, int8_cl
         r = c.post("/forward", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["text"] == int8_client.post("/forward", json=body).json()["text"]
+
+
+def test_an_int8_model_is_sized_by_its_matrices_too(int8, service):
+    """The int8 matrices are buffers, not parameters: the size that picks the default math
+    threads (limits.default_math_threads) still counts them."""
+    assert served_parameters(int8.model) == served_parameters(service.model)
+    assert served_parameters(int8.model) > count_parameters(int8.model)
