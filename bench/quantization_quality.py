@@ -59,7 +59,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval-data", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--new-tokens", type=int, default=32)
     args = p.parse_args(argv)
-    figures = {q: measure(args.checkpoint, args.eval_data, quantization=q) for q in ("none", "int8")}
+    figures = {
+        q: measure(args.checkpoint, args.eval_data, quantization=q) for q in ("none", "int8")
+    }
     sets = [k for k in figures["none"] if k.endswith("bits_per_byte") or k in args_names(args)]
     agree = greedy_agreement(args.checkpoint, args.new_tokens)
     print(f"`{args.checkpoint}`, bits/byte (lower is better):\n")
