@@ -243,9 +243,11 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
 
         asyncio.run(body())
         wait_for(lambda: engine.alive, "a new engine process took over", timeout=120)
-        # the standby took over, and the next one is already there
-        assert engine.pid == standby_pid and engine.restarts == 1
-        assert standby.pid not in (None, first_pid, standby_pid)
+        # the standby took over, and the next one is launched right after (the restart marks
+        # the engine up first, then counts it and refills: wait for those, not only for "up")
+        wait_for(lambda: engine.restarts == 1, "the restart counted")
+        wait_for(lambda: standby.pid not in (None, first_pid, standby_pid), "a new standby")
+        assert engine.pid == standby_pid
         assert set(engine.phases) >= {"noticed", "launched", "imported", "loaded", "ready"}
 
         async def again():
