@@ -31,6 +31,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.sections import replace_marked  # noqa: E402
 from bench.serving.systems import free_port  # noqa: E402
 from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -171,13 +172,10 @@ def main() -> None:
     )
     print(section)
     if args.write:
-        text = args.write.read_text()
-        if START in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
+        text = replace_marked(args.write.read_text(), section, START, END)
+        if text is None:
             text = (
-                text.rstrip("\n")
+                args.write.read_text().rstrip("\n")
                 + "\n\n## Fleet: response cache and shared rate limits\n\n"
                 + section
                 + "\n"

@@ -42,6 +42,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.sections import replace_marked  # noqa: E402
 from bench.serving.systems import free_port  # noqa: E402
 from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
@@ -274,11 +275,9 @@ def main() -> None:
     section = report(args, rows, statuses, load_before)
     print(section)
     if args.write:
-        text = args.write.read_text()
-        if START in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:  # a new entry, newest first, under the history's heading when there is one
+        text = replace_marked(args.write.read_text(), section, START, END)
+        if text is None:  # a new entry, newest first, under the history's heading when there is one
+            text = args.write.read_text()
             entry = f"### {time.strftime('%Y-%m-%d')}: Engine restart under load\n\n{section}\n\n"
             head, found, rest = text.partition("\n### ")
             text = f"{head}\n{entry}### {rest}" if found else f"{text.rstrip()}\n\n{entry}"

@@ -225,11 +225,17 @@ def test_abort_ends_every_request_at_once(front):
     assert all(isinstance(o, EngineStopped) for o in outcomes), outcomes
 
 
-@pytest.mark.slow  # its own engine process, started, then ended or replaced
-def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
+def started_with_a_standby(front) -> tuple[EngineProcess, Standby]:
+    """An engine process started with a standby of its own (not the server's)."""
     standby = Standby()
     engine = EngineProcess(front.spec, max_queue=4, standby=standby)
     engine.start()
+    return engine, standby
+
+
+@pytest.mark.slow  # its own engine process, started, then ended or replaced
+def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
+    engine, standby = started_with_a_standby(front)
     first_pid, standby_pid = engine.pid, standby.pid
     assert standby_pid not in (None, first_pid)  # launched as the engine came up
     try:
@@ -262,9 +268,7 @@ def test_a_killed_engine_process_fails_its_requests_and_is_replaced(front):
 
 @pytest.mark.slow  # its own engine process, started, then ended or replaced
 def test_a_standby_that_died_is_replaced_by_a_new_worker_and_stop_ends_them_all(front):
-    standby = Standby()
-    engine = EngineProcess(front.spec, max_queue=4, standby=standby)
-    engine.start()
+    engine, standby = started_with_a_standby(front)
     first_pid, dead_standby = engine.pid, standby.pid
     try:
         os.kill(dead_standby, signal.SIGKILL)
