@@ -8,7 +8,9 @@ top-p, repetition/presence/frequency penalties, logit bias, seed, stop strings a
 samples with its own `torch.Generator`, so a seeded or greedy request gives the same text alone or
 in any company. Text is detokenised incrementally, so pieces can be streamed as they are generated.
 A row that asks for `logprobs` gets, for each token, its raw log-probability and the best
-alternatives (`TokenLogprob`), computed for the rows that ask only.
+alternatives (`TokenLogprob`), computed for the rows that ask only. A row with a `constraint`
+(structured outputs: `constraints.py`) has the tokens its grammar forbids masked in its logits row
+(the other rows of the step pay nothing), and ends with "stop" once its text is complete.
 
 `generate()` runs a fixed list of prompts to the end (library use, training samples); the serving
 engine (`engine.py`) feeds the same `DecodeBatch` from a queue.
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lib.inference import decoder as decoder_module
+from lib.inference.constraints import RowMatcher, compiler_for
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.prompts import check_fits, check_tokens, encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
@@ -92,6 +95,10 @@ class _Row:
         self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
         self.failure: BaseException | None = None
         self.last_token_at = 0.0
+        # structured outputs: the row's place in its grammar (made at its first choice), and
+        # whether its text is complete (it ended because the grammar allows nothing more)
+        self.matcher: RowMatcher | None = None
+        self.complete = False
 
     def peek_uniform(self) -> float:
         """The row's next random number in [0, 1), drawn 64 at a time from its own generator;
@@ -284,10 +291,14 @@ class DecodeBatch:
         if sampling.logprob_rows is not None:  # from the raw logits, before anything changes them
             asking = logits if sampling.logprob_all else logits[sampling.logprob_rows]
             raw = torch.log_softmax(asking, dim=-1, dtype=torch.float32)
-        early = [
+        constrained = [i for i, row in enumerate(rows) if row.params.constraint is not None]
+        if constrained:  # their grammars' masks, before penalties and sampling
+            self._mask(logits, [rows[i] for i in constrained], constrained)
+        early = [  # (a constrained row may end whenever its grammar allows it)
             i
             for i, row in enumerate(rows)
-            if len(row.generated) < row.params.min_new_tokens or row.params.ignore_eos
+            if row.params.constraint is None
+            and (len(row.generated) < row.params.min_new_tokens or row.params.ignore_eos)
         ]
         if early:  # no end of document before min_new_tokens, nor ever with ignore_eos
             logits[early, self.eos] = -torch.inf
@@ -304,6 +315,20 @@ class DecodeBatch:
         tokens, bad = sample_next(logits, history[: len(rows), :seen], sampling, uniforms, spans)
         picked = None if raw is None else _token_logprobs(raw, tokens, sampling)
         return rows, tokens, bad, picked
+
+    def _mask(self, logits: torch.Tensor, rows: list[_Row], places: list[int]) -> None:
+        """-inf, in place, at the tokens each constrained row's grammar forbids next (`places`:
+        those rows' logits rows). A row's matcher is made at its first step, from the compiled
+        grammar its tokenizer keeps (InvalidConstraint, for a constraint nobody checked, fails
+        that row alone: see `_culprits`)."""
+        compiler = compiler_for(self.raw, self.eos, self.vocab)
+        for row in rows:
+            if row.matcher is None:
+                row.matcher = compiler.matcher(row.params.constraint)
+        allowed = torch.from_numpy(compiler.masks([row.matcher for row in rows]))  # (n, vocab)
+        index = torch.tensor(places, device=logits.device)
+        masked = logits[index].masked_fill_(~allowed.to(logits.device), -torch.inf)
+        logits.index_copy_(0, index, masked)
 
     def _apply(
         self,
@@ -334,8 +359,17 @@ class DecodeBatch:
                 row.fail(GenerationFailed(NON_FINITE))
                 continue
             if tok == self.eos:
-                row.finish_reason = "eos"
+                # a constrained row may end only where its grammar is complete
+                row.complete = row.matcher is not None
+                row.finish_reason = "stop" if row.complete else "eos"
                 continue
+            if row.matcher is not None:
+                if not row.matcher.consume(tok):  # it never should: tok was chosen under the mask
+                    row.fail(
+                        GenerationFailed(f"the grammar refused token {tok}: {row.matcher.error}")
+                    )
+                    continue
+                row.complete = row.matcher.complete
             row.generated.append(tok)
             if logprobs is not None and i in logprobs:
                 row.logprobs.append(logprobs[i])
@@ -354,6 +388,9 @@ class DecodeBatch:
             cut = _first_stop(row.text, row.params.stop)
             if cut is not None:
                 row.text, row.finish_reason = row.text[:cut], "stop"
+                row.complete = False  # cut by a stop string: not the grammar's whole text
+            elif row.complete:  # its grammar allows nothing more (even at the token budget)
+                row.finish_reason = "stop"
             elif len(row.generated) >= row.params.max_new_tokens:
                 row.finish_reason = "length"
         for row in grew:
@@ -398,7 +435,7 @@ class DecodeBatch:
         if row.failure is not None:
             self.finish_request(row.request, row.failure)
             return
-        if row.finish_reason in ("eos", "length"):
+        if row.finish_reason in ("eos", "length") or row.complete:
             # the whole completion, including a trailing piece the window had held back
             row.text = self.raw.decode(row.generated, skip_special_tokens=True)
         self._emit(row, len(row.text))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from lib.inference.constraints import Constraint
+
 MAX_LOGPROBS = 20  # the most alternatives a row may ask for (OpenAI's top_logprobs limit)
 
 
@@ -50,7 +52,10 @@ class GenerationParams:
     before `min_new_tokens`). `logprobs` (0..MAX_LOGPROBS, None: not asked): the result carries
     each generated token's log-probability and that many best alternatives, from the model's RAW
     logits of that step (before penalties, bias, temperature and the end-of-document ban: vLLM's
-    default)."""
+    default). `constraint` (None: free text): the text must match it (a JSON schema, a regex, a
+    choice, a grammar: `constraints.py`); the tokens it forbids are masked before everything above,
+    the row ends with "stop" once its text is complete, and `min_new_tokens` and `ignore_eos` do
+    not apply to it (the end of the document is allowed exactly when the grammar allows it)."""
 
     max_new_tokens: int = 64
     # the end-of-document token is forbidden before this many tokens (at most max_new_tokens):
@@ -67,6 +72,7 @@ class GenerationParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.logit_bias:  # normalised: (int, float) pairs, one per token id
