@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Train a GPT-2-family model from scratch and export a Hugging Face-format checkpoint.
+"""Train a GPT-2-family model from scratch and export a Hugging Face-format checkpoint, or
+fine-tune a LoRA adapter on an existing one.
 
     python train_distributed.py --preset tiny --max-steps 900 --output-dir runs/baseline
     python train_distributed.py --output-dir runs/baseline --resume auto     # continue a stopped run
+    python train_distributed.py --init-from models/default --lora-rank 16 --data my.txt  # LoRA
 
 The checkpoint lands in OUTPUT_DIR/final; serve it with `make serve-trained CHECKPOINT=OUTPUT_DIR/final`.
 Resumable training state is kept in OUTPUT_DIR/checkpoints/step-NNNNNNN.
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(config)
+    except ConfigError as e:  # found once the data or the base model is read, before any step
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

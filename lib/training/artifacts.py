@@ -16,6 +16,7 @@ from lib.presets import ModelPreset
 from lib.training.callbacks import Callback, Reporter, RunState
 from lib.training.config import TrainingConfig
 from lib.training.distributed import DistContext
+from lib.training.lora import LoraBase
 from lib.training.state import DataCursor
 
 DS_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a state checkpoint
@@ -46,11 +47,16 @@ class TrainingArtifacts:
     state: RunState = field(default_factory=RunState)
     history: list[dict] = field(default_factory=list)
     resumed_from: Path | None = None
+    lora: LoraBase | None = None  # a LoRA run's base (--lora-rank): OUTPUT_DIR/final is an adapter
 
     def autocast(self):
-        if (
-            self.precision == "fp32" or self.ctx.mode == "deepspeed"
-        ):  # DeepSpeed casts the model itself
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_for(self.precision, self.ctx.mode, self.device)
+
+
+def autocast_for(precision: str, mode: str, device: torch.device):
+    """The autocast context of a run's forward passes (none in fp32, nor under DeepSpeed, which
+    casts the model itself)."""
+    if precision == "fp32" or mode == "deepspeed":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

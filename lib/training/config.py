@@ -32,6 +32,7 @@ from pathlib import Path
 from lib.cli import cli_flag, namespace_values, setting
 from lib.onnx_exporter import ExportError, exporter_python
 from lib.presets import PRESETS, ModelPreset, get_preset
+from lib.training.lora_checks import base_preset, lora_problems
 from lib.training.settings import (
     EVAL_EVERY_CAP,
     EVALS_PER_RUN,
@@ -39,6 +40,7 @@ from lib.training.settings import (
     WARMUP_FRACTION,
     EvalSettings,
     LogSettings,
+    LoraSettings,
     RunSettings,
     SaveSettings,
     SystemSettings,
@@ -72,7 +74,13 @@ class ConfigError(ValueError):
 # --help listing and the order of a training card's `config`.
 @dataclass
 class TrainingConfig(
-    SystemSettings, LogSettings, SaveSettings, EvalSettings, TrainSettings, RunSettings
+    SystemSettings,
+    LogSettings,
+    SaveSettings,
+    EvalSettings,
+    TrainSettings,
+    LoraSettings,
+    RunSettings,
 ):
     """Everything one training run needs: the defaults here are the CLI's defaults.
 
@@ -95,7 +103,10 @@ class TrainingConfig(
         return cls(**namespace_values(cls, args))
 
     def model_preset(self) -> ModelPreset:
-        """The architecture to build: the preset, with --n-layer/--n-embd/--n-head applied."""
+        """The architecture to build: the preset, with --n-layer/--n-embd/--n-head applied; a
+        LoRA run's is its base checkpoint's (--init-from)."""
+        if self.init_from:
+            return base_preset(self.init_from)
         preset = get_preset(self.preset)
         changes = {
             k: v for k in ("n_layer", "n_embd", "n_head") if (v := getattr(self, k)) is not None
@@ -107,7 +118,7 @@ class TrainingConfig(
 
     def steps_for_tokens(self, world_size: int = 1) -> int:
         """Optimizer steps that consume `max_tokens` (at least one) with `world_size` processes."""
-        context = self.block_size or PRESETS[self.preset].n_positions
+        context = self.block_size or self.model_preset().n_positions
         per_step = self.batch_size * self.grad_accum * context * world_size
         return max(1, -(-self.max_tokens // per_step))
 
@@ -178,7 +189,11 @@ class TrainingConfig(
             f"--time-limit must leave more than the {EXPORT_RESERVE_S:.0f} s reserved for "
             "saving and export",
         )
+        found += lora_problems(self)
+        base_unread = bool(self.init_from) and any("--init-from" in p for p in found)
         preset = PRESETS.get(self.preset)
+        if self.init_from and not base_unread:
+            preset = base_preset(self.init_from)  # a LoRA run's shape and context are the base's
         for flag, value in (
             ("--n-layer", self.n_layer),
             ("--n-embd", self.n_embd),
@@ -287,6 +302,7 @@ class TrainingConfig(
         # the warm-up must fit in the run: checked on the resolved length, once that is computable
         lengths_ok = (
             preset is not None
+            and not base_unread
             and self.batch_size >= 1
             and self.grad_accum >= 1
             and self.max_steps >= 1

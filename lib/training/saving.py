@@ -1,6 +1,7 @@
 """What a run writes: resumable training-state checkpoints (every `--save-every` steps, a
 callback, and when the run stops early) and, at the end, the exported model in OUTPUT_DIR/final
-(with its training card, and its ONNX export under --onnx). Every write is atomic.
+(with its training card, and its ONNX export under --onnx); a LoRA run's is its adapter
+(lib/training/lora_export.py). Every write is atomic.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lib.training.artifacts import DS_TAG, TrainingArtifacts
 from lib.training.callbacks import Callback, RunState
 from lib.training.card import default_generation_config, render_model_card, training_card
 from lib.training.distributed import full_model_state, full_optimizer_state
+from lib.training.lora_export import export_lora
 from lib.training.state import checkpoints_dir, save_training_state
 
 
@@ -45,6 +47,7 @@ def save_state(a: TrainingArtifacts) -> Path:
             "history": a.history,
             "vocab_size": a.vocab_size,
             "config": a.config.to_dict(),
+            "lora": a.lora.state() if a.lora else None,  # a resumed LoRA run checks its base
         }
         path = save_training_state(
             a.config.output_dir,
@@ -86,6 +89,8 @@ def export_final(a: TrainingArtifacts, final: dict, wall: float, say: Callable[.
     """OUTPUT_DIR/final: the plain model, its tokenizer and training card, written by rank 0
     (and exported to ONNX under --onnx); every rank returns its path."""
     cfg = a.config
+    if a.lora:  # an adapter directory, or the merged checkpoint (--merge)
+        return export_lora(a, final, wall, say)
     plain = export_model(a)
     out = Path(cfg.output_dir) / "final"
     if a.ctx.is_main:

@@ -23,6 +23,7 @@ TOKENIZER_TYPES = ("bpe", "char")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 REPORT_TO = ("none", "wandb", "tensorboard")
 WANDB_MODES = ("online", "offline", "disabled")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention and MLP projections (Conv1D)
 # defaults that follow the run's length (TrainingConfig.resolved)
 WARMUP_FRACTION, WARMUP_CAP = 0.1, 50  # warm-up: 10% of the steps, at most 50
 EVALS_PER_RUN, EVAL_EVERY_CAP = 6, 150  # validation about 6 times a run, at least every 150 steps
@@ -123,6 +124,42 @@ class RunSettings:
     )
     n_head: int | None = setting(None, "attention heads (default: the preset's)")
     val_fraction: float = setting(0.05, "share of the documents held out for validation")
+
+
+@dataclass
+class LoraSettings:
+    """Fine-tuning a LoRA adapter (peft) on a base checkpoint's frozen weights instead of training
+    from scratch: the tokenizer, the shape and the context are the base's."""
+
+    init_from: str | None = setting(
+        None,
+        "the base checkpoint directory to fine-tune (e.g. models/default); needs --lora-rank",
+        metavar="CHECKPOINT",
+    )
+    lora_rank: int | None = setting(
+        None,
+        "train a LoRA adapter of this rank on --init-from's frozen weights; OUTPUT_DIR/final is "
+        "then a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), and "
+        "--val-fraction is the share of --data's documents, its last ones, held out",
+        metavar="R",
+    )
+    lora_alpha: float | None = setting(
+        None,
+        "LoRA scaling numerator: the update is B·A·alpha/rank (default: twice the rank)",
+        metavar="A",
+    )
+    lora_targets: str = setting(
+        ",".join(LORA_TARGETS),
+        "the base model's modules to adapt, comma-separated names or name suffixes "
+        "(GPT-2: c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj)",
+        metavar="NAMES",
+    )
+    lora_dropout: float = setting(0.0, "dropout on the adapter's input", metavar="P")
+    merge: bool = setting(
+        False,
+        "write OUTPUT_DIR/final as a full checkpoint, the adapter merged into the base's weights "
+        "(loads in plain transformers, serves as any checkpoint), instead of an adapter directory",
+    )
 
 
 @dataclass

@@ -21,7 +21,8 @@ from lib.data import (
 )
 from lib.modeling import build_model, count_parameters
 from lib.tokenizer import load_tokenizer, train_char_tokenizer, train_tokenizer
-from lib.training.artifacts import DS_TAG, TrainingArtifacts
+from lib.training import lora as lora_run
+from lib.training.artifacts import DS_TAG, TrainingArtifacts, autocast_for
 from lib.training.callbacks import (
     Callback,
     PreemptionSignals,
@@ -34,14 +35,14 @@ from lib.training.callbacks import (
     peak_flops,
 )
 from lib.training.card import Samples
-from lib.training.config import EXPORT_RESERVE_S, TrainingConfig
+from lib.training.config import EXPORT_RESERVE_S, ConfigError, TrainingConfig
 from lib.training.distributed import (
     init_distributed,
     launched_processes,
     load_optimizer_state,
     wrap_model,
 )
-from lib.training.evaluation import PeriodicEvaluation
+from lib.training.evaluation import PeriodicEvaluation, evaluate
 from lib.training.optim import build_optimizer
 from lib.training.saving import PeriodicSave, save_state
 from lib.training.schedulers import lr_multiplier
@@ -102,6 +103,8 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         vocab_size = saved["vocab_size"]
     elif config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
+    elif config.init_from:  # LoRA: the base's tokenizer
+        tokenizer = load_tokenizer(config.init_from)
     if config.streaming:
         data, tokenizer, doc_counts = prepare_streaming_data(
             config.data,
@@ -113,7 +116,11 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         )
         doc_counts = (*doc_counts, None)  # a stream is read once: not checked for held-out text
     else:
-        train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
+        if config.lora_rank:  # the last documents held out: the before/after figures' text
+            docs = lora_run.read_documents(config.data)
+            train_docs, val_docs = lora_run.split_heldout_tail(docs, config.val_fraction)
+        else:
+            train_docs, val_docs = split_documents(load_documents(config.data), config.val_fraction)
         train_docs += [d for source in config.train_extra for d in load_documents(source)]
         heldout_docs = [d for spec in config.eval_data for d in load_documents(spec_path(spec))]
         kept = drop_overlapping(train_docs, heldout_docs)  # never train on an evaluated text
@@ -136,18 +143,25 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
             f"tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {vocab_size}"
         )
 
-    # 4. model and optimizer (restored when resuming), wrapped for DDP/FSDP
-    model = build_model(
-        preset,
-        vocab_size=vocab_size,
-        dropout=config.dropout,
-        eos_token_id=tokenizer.eos_token_id,
-        seed=config.seed,
-    ).to(device)
+    # 4. model and optimizer (restored when resuming), wrapped for DDP/FSDP; a LoRA run's is the
+    # base with peft's adapter on it, the base evaluated first (the card's "before")
+    lora = None
+    if config.lora_rank:
+        model, lora = lora_model(config, data, device, saved and (saved, resume))
+    else:
+        if saved and saved.get("lora"):
+            raise ConfigError([f"--resume {resume}: a LoRA run's state (add its --lora-rank)"])
+        model = build_model(
+            preset,
+            vocab_size=vocab_size,
+            dropout=config.dropout,
+            eos_token_id=tokenizer.eos_token_id,
+            seed=config.seed,
+        ).to(device)
     n_params = count_parameters(model) - model.transformer.wpe.weight.numel()
     if saved:
         model.load_state_dict(saved["model"])
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing and not lora:
         model.gradient_checkpointing_enable()
     model = wrap_model(model, ctx)
     optimizer = build_optimizer(
@@ -225,6 +239,7 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         state=state,
         history=history,
         resumed_from=resume,
+        lora=lora,
     )
     progress = Progress(
         None if deadline else config.max_steps, deadline, config.progress and ctx.is_main
@@ -245,3 +260,21 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         PeriodicSave(config.save_every, lambda: save_state(a)),
     ]
     return a
+
+
+def lora_model(
+    config: TrainingConfig, data, device: torch.device, resuming: tuple[dict, Path] | None
+) -> tuple[torch.nn.Module, lora_run.LoraBase]:
+    """A LoRA run's model: the base (--init-from) with its targets checked, a resumed state's
+    base checked against it, the base evaluated on the held-out text, then wrapped by peft."""
+    base = lora_run.load_base(config, device)
+    lora_run.check_targets(base, lora_run.lora_targets(config), config.init_from)
+    info = lora_run.describe_base(config, base)
+    if resuming:
+        lora_run.check_resumed_base(resuming[0], info, resuming[1])
+    info.before = evaluate(
+        base, data, autocast=lambda: autocast_for(config.precision, config.mode, device)
+    )
+    model = lora_run.adapt(base, config)
+    info.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, info
