@@ -92,6 +92,30 @@ class ServiceMetrics:
         self.generation_tokens = Counter(
             f"{PREFIX}_generation_tokens", "tokens generated", v, registry=r
         )
+        self.prefix_prompt_tokens = Counter(
+            f"{PREFIX}_prefix_cache_queries",
+            "prompt tokens looked up in the prefix cache (hit rate: prefix_cache_hits / this)",
+            v,
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            f"{PREFIX}_prefix_cache_hits",
+            "prompt tokens served from the prefix cache (their keys and values copied, not computed)",
+            v,
+            registry=r,
+        )
+        self.prefix_evictions = Counter(
+            f"{PREFIX}_prefix_cache_evictions",
+            "prefix-cache blocks (16 tokens) evicted to make room, least recently used first",
+            v,
+            registry=r,
+        )
+        self.prefix_blocks = Gauge(
+            f"{PREFIX}_prefix_cache_blocks",
+            "blocks (16 tokens) the prefix cache holds",
+            v,
+            registry=r,
+        )
         self.running = Gauge(
             f"{PREFIX}_num_requests_running", "sequences in the running batch", registry=r
         )
@@ -176,6 +200,12 @@ class VersionObserver(EngineObserver):
         self.itl = m.itl.labels(version=version)
         self.ttft = m.ttft.labels(version=version)
         self.restarts = m.engine_restarts.labels(version=version)
+        self.prefix = (
+            m.prefix_prompt_tokens.labels(version=version),
+            m.prefix_hits.labels(version=version),
+            m.prefix_evictions.labels(version=version),
+            m.prefix_blocks.labels(version=version),
+        )
 
     def on_admitted(self, request) -> None:
         self.queue_time.observe(time.monotonic() - request.arrived_at)
@@ -195,6 +225,15 @@ class VersionObserver(EngineObserver):
 
     def on_restart(self) -> None:
         self.restarts.inc()
+
+    def on_prefix_cache(
+        self, prompt_tokens: int, cached_tokens: int, evictions: int, blocks: int
+    ) -> None:
+        queries, hits, evicted, held = self.prefix
+        queries.inc(prompt_tokens)
+        hits.inc(cached_tokens)
+        evicted.inc(evictions)
+        held.set(blocks)
 
 
 class AccessLog:

@@ -12,7 +12,12 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.limits import (
+    ENGINE_MAX_BATCH_SIZE,
+    ENGINE_MAX_QUEUE,
+    ENGINE_MAX_WAIT_S,
+    PREFIX_CACHE_MB,
+)
 from lib.inference.registry import ENGINES, EngineSpec, LoadSpec, check_quantization
 from lib.presets import DEFAULT_CHECKPOINT
 
@@ -108,6 +113,14 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description="most sequences the engine runs in one batch (1 disables batching)",
+    )
+    prefix_cache_mb: int = Field(
+        PREFIX_CACHE_MB,
+        ge=0,
+        description="memory (MiB) for the keys and values of prompt prefixes kept after their "
+        "requests end (blocks of 16 tokens, least recently used evicted): a prompt that begins "
+        "like an earlier one (a system prompt, earlier chat turns) runs only the rest; 0: off. "
+        "Our engines on the torch backend; vLLM: its own prefix caching, on unless 0",
     )
     max_queue: int = Field(
         ENGINE_MAX_QUEUE,
@@ -246,6 +259,7 @@ class Settings(BaseSettings):
             threads=self.torch_threads,
             tensor_parallel=self.tensor_parallel,
             standby=self.engine_standby,
+            prefix_cache_mb=self.prefix_cache_mb,
         )
 
     @field_validator("engine")

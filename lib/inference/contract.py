@@ -101,6 +101,12 @@ class EngineObserver:
     def on_restart(self) -> None:
         """The engine died and a new one took over."""
 
+    def on_prefix_cache(
+        self, prompt_tokens: int, cached_tokens: int, evictions: int, blocks: int
+    ) -> None:
+        """After an admission: its prompts' tokens and how many of them the prefix cache served,
+        blocks evicted since the last call, blocks held now (lib/inference/prefix_cache.py)."""
+
 
 # -- the contract ---------------------------------------------------------------------------------
 class Engine(ABC):

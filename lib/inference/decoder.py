@@ -224,6 +224,8 @@ class GPT2SlotDecoder(SlotCache):
     (torch's own, for comparison). `prepack`: oneDNN reads its reordered copies of the fp32
     weights (the module docstring)."""
 
+    prefix_cacheable = True  # prefill(..., cached=) runs the rest of a prompt (prefix_cache.py)
+
     def __init__(self, model, prepack: bool = True, library: str = "auto"):
         cfg = model.config
         if getattr(cfg, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
@@ -317,8 +319,53 @@ class GPT2SlotDecoder(SlotCache):
         return F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
-        """Run whole prompts (one per new slot, from `first_slot` on); logits of their last tokens."""
+    def prefill(
+        self, prompts: list[list[int]], first_slot: int, cached: list[int] | None = None
+    ) -> torch.Tensor:
+        """Run whole prompts (one per new slot, from `first_slot` on); logits of their last tokens.
+        `cached[i]`: how many of prompt i's first tokens the slot already holds (copied from the
+        prefix cache, prefix_cache.py): only the rest of the prompt is run, attending to them."""
+        if not cached or not any(cached):
+            return self._prefill_whole(prompts, first_slot)
+        n = len(prompts)
+        T = max(len(p) for p in prompts)  # keys: every prompt whole
+        rest = [p[c:] for p, c in zip(prompts, cached, strict=True)]
+        S = max(len(r) for r in rest)  # queries: the longest part left to run
+        self.reserve(first_slot + n, T)
+        ids = torch.zeros((n, S), dtype=torch.long)
+        for i, r in enumerate(rest):
+            ids[i, : len(r)] = torch.tensor(r)
+        starts = torch.tensor(cached, device=self.device)
+        lens = torch.tensor([len(r) for r in rest], device=self.device)
+        # each query's position (padding past a row's end is clamped: its output is unused)
+        pos = (starts[:, None] + torch.arange(S, device=self.device)).clamp(max=T - 1)  # (n, S)
+        keys = torch.arange(T, device=self.device)
+        # (n, 1, S, T): a query sees the keys up to its own position, none past its prompt's end
+        mask = (keys <= pos[:, :, None]) & (keys < (starts + lens)[:, None, None])
+        h = self._embed(ids.to(self.device), pos).view(n * S, -1)  # (n*S, C)
+        rows = slice(first_slot, first_slot + n)
+        for layer, w in enumerate(self.blocks):
+            q, k, v = (
+                x.view(n, S, self.n_head, self.head_dim).transpose(1, 2)
+                for x in self._attention_inputs(w, h)
+            )  # (n, H, S, hd)
+            for i, (c, r) in enumerate(zip(cached, rest, strict=True)):
+                self.k[layer][first_slot + i, :, c : c + len(r)] = k[i, :, : len(r)]
+                self.v[layer][first_slot + i, :, c : c + len(r)] = v[i, :, : len(r)]
+            a = F.scaled_dot_product_attention(
+                q,
+                self.k[layer][rows, :, :T],
+                self.v[layer][rows, :, :T],
+                attn_mask=mask[:, None],
+                scale=w.scaling,
+            )
+            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * S, -1))
+        last = h.view(n, S, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
+        return self._logits(last)
+
+    def _prefill_whole(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
+        """`prefill` with nothing cached: the prompts are the whole sequences (no reads of the
+        cache; each attends to its own fresh keys)."""
         n, P = len(prompts), max(len(p) for p in prompts)
         self.reserve(first_slot + n, P)
         ids = torch.zeros((n, P), dtype=torch.long)

@@ -71,6 +71,7 @@ class GenerationEngine(Engine):
             max_queue=spec.max_queue,
             observer=observer,
             threads=spec.threads,
+            prefix_cache_mb=spec.prefix_cache_mb,
         )
 
     def __init__(
@@ -86,6 +87,7 @@ class GenerationEngine(Engine):
         threads: int | None = None,
         outbox: _Outbox | None = None,
         prompt_scorer: Callable | None = None,
+        prefix_cache_mb: int = 0,
     ):
         # the model's math, on the engine thread (default: by the model's size, limits.py)
         self.threads = threads or default_math_threads(served_parameters(model))
@@ -93,7 +95,13 @@ class GenerationEngine(Engine):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.observer = observer or EngineObserver()
-        self._batch = DecodeBatch(model, tokenizer, max_batch_size, observer=self.observer)
+        self._batch = DecodeBatch(
+            model,
+            tokenizer,
+            max_batch_size,
+            observer=self.observer,
+            prefix_cache_bytes=prefix_cache_mb << 20,
+        )
         self._lock = lock or threading.Lock()  # shared with other users of the model
         self._queue: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()

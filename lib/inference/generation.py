@@ -29,6 +29,8 @@ import torch
 from lib.inference import decoder as decoder_module
 from lib.inference.constraints import RowMatcher, compiler_for
 from lib.inference.decoder import GPT2SlotDecoder
+from lib.inference.prefix_cache import BLOCK as PREFIX_BLOCK
+from lib.inference.prefix_cache import PrefixCache
 from lib.inference.prompts import check_fits, check_tokens, encode_prompts
 from lib.inference.sampling import SamplingTensors, sample_next
 from lib.inference.types import (
@@ -95,6 +97,7 @@ class _Row:
         self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
         self.failure: BaseException | None = None
         self.last_token_at = 0.0
+        self.cached_tokens = 0  # of its prompt, served by the prefix cache (prefix_cache.py)
         # structured outputs: the row's place in its grammar (made at its first choice), and
         # whether its text is complete (it ended because the grammar allows nothing more)
         self.matcher: RowMatcher | None = None
@@ -123,7 +126,7 @@ class _Row:
 class DecodeBatch:
     """The running batch: up to `max_rows` sequences, each in its own KV-cache slot."""
 
-    def __init__(self, model, tokenizer, max_rows: int, observer=None):
+    def __init__(self, model, tokenizer, max_rows: int, observer=None, prefix_cache_bytes: int = 0):
         if hasattr(model, "slot_decoder"):  # a model run by another runtime (onnx_model.py)
             self.decoder = model.slot_decoder()
         else:
@@ -145,6 +148,12 @@ class DecodeBatch:
             (0, self.decoder.context + 1), self.eos, dtype=torch.long, device=self.decoder.device
         )
         self._sampling: SamplingTensors | None = None  # for all rows; rebuilt when rows change
+        # the KV of prompt prefixes, kept after their rows end (prefix_cache.py); only where the
+        # decoder can run the rest of a prompt after a cached start (not ONNX Runtime's graph)
+        d = self.decoder
+        budget = prefix_cache_bytes if getattr(d, "prefix_cacheable", False) else 0
+        self.prefix = PrefixCache(d.layers, d.n_head, d.head_dim, d.dtype, d.device, budget)
+        self._evictions_told = 0  # evictions the observer has heard of
 
     @property
     def free(self) -> int:
@@ -177,13 +186,21 @@ class DecodeBatch:
             self.history[first + i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         new_rows = [_Row(r) for r in requests]
         history = self.history[first : first + n]
+        cached = [0] * n
+        if self.prefix.enabled:  # the longest cached start of each prompt, copied into its slot
+            for i, row in enumerate(new_rows):
+                places = self.prefix.lookup(row.request.prompt_ids)
+                self.prefix.load(places, self.decoder.k, self.decoder.v, first + i)
+                cached[i] = len(places) * PREFIX_BLOCK
+                # (the leading end-of-document token is not one of the prompt's tokens)
+                row.cached_tokens = max(0, cached[i] - 1)
 
         def prompt_alone(i: int) -> None:
             logits = self.decoder.prefill([new_rows[i].request.prompt_ids], first)
             self._choose([new_rows[i]], logits, history[i : i + 1])
 
         try:
-            logits = self.decoder.prefill([r.prompt_ids for r in requests], first)
+            logits = self.decoder.prefill([r.prompt_ids for r in requests], first, cached)
             chosen = self._choose(new_rows, logits, history)
         except Exception as error:
             culprits = self._culprits(error, new_rows, prompt_alone)
@@ -191,6 +208,17 @@ class DecodeBatch:
                 self.finish_request(row.request, row.failure)
             self.admit([row.request for row in new_rows if row.failure is None])
             return
+        for i, row in enumerate(new_rows):  # the prompts' whole blocks, for later requests
+            self.prefix.store(row.request.prompt_ids, self.decoder.k, self.decoder.v, first + i)
+        if self.observer is not None and self.prefix.enabled:
+            stats = self.prefix.stats
+            self.observer.on_prefix_cache(
+                sum(r.prompt_tokens for r in requests),
+                sum(row.cached_tokens for row in new_rows),
+                stats.evictions - self._evictions_told,
+                stats.blocks,
+            )
+            self._evictions_told = stats.evictions
         self.rows.extend(new_rows)
         self._sampling = None
         self._apply(first, *chosen)
@@ -422,6 +450,11 @@ class DecodeBatch:
         done = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
         for i in reversed(done):  # move the last row into each hole: live slots stay contiguous
             row, last = self.rows[i], len(self.rows) - 1
+            if row.failure is None and self.prefix.enabled:
+                # its whole sequence so far (the next turn of a chat starts with it): the KV of
+                # every token before its newest (`position`: fed at the next step, if any)
+                seen = (row.request.prompt_ids + row.generated)[: row.position]
+                self.prefix.store(seen, self.decoder.k, self.decoder.v, i)
             if i != last:
                 self.decoder.move(last, i)
                 self.history[i] = self.history[last]
@@ -447,6 +480,7 @@ class DecodeBatch:
             len(row.generated),
             token_ids=list(row.generated),
             logprobs=row.logprobs,
+            cached_tokens=row.cached_tokens,
         )
         self.finish_request(r, result)
 

@@ -16,7 +16,12 @@ import importlib
 from dataclasses import dataclass, field
 
 from lib.inference.contract import Engine
-from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.limits import (
+    ENGINE_MAX_BATCH_SIZE,
+    ENGINE_MAX_QUEUE,
+    ENGINE_MAX_WAIT_S,
+    PREFIX_CACHE_MB,
+)
 
 QUANTIZATIONS = ("none", "int8")  # serving precisions (ML_SERVICE_QUANTIZATION)
 
@@ -69,6 +74,7 @@ class EngineSpec:
     tensor_parallel: int = 1  # GPUs one model is split over (vLLM)
     warmup: bool = True
     standby: bool = True  # the process engine keeps a spare process ready for a restart
+    prefix_cache_mb: int = PREFIX_CACHE_MB  # KV of cached prompt prefixes; 0: no prefix cache
 
 
 @dataclass(frozen=True)

@@ -258,9 +258,11 @@ class InferenceService:
         max_queue: int = ENGINE_MAX_QUEUE,
         observer: EngineObserver | None = None,
         threads: int | None = None,
+        prefix_cache_mb: int = 0,
     ) -> GenerationEngine:
         """The continuous-batching engine over this model (start() it; it shares the lock).
-        `threads`: CPU threads for its math (default: every core the process may use)."""
+        `threads`: CPU threads for its math (default: every core the process may use);
+        `prefix_cache_mb`: memory for the KV of cached prompt prefixes (0: none)."""
         return GenerationEngine(
             self.model,
             self.tokenizer,
@@ -271,6 +273,7 @@ class InferenceService:
             observer=observer,
             threads=threads,
             prompt_scorer=self.prompt_logprobs,
+            prefix_cache_mb=prefix_cache_mb,
         )
 
     # -- generation ---------------------------------------------------------------------------

@@ -111,6 +111,9 @@ class GenerationResult:
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    # of prompt_tokens, how many the prefix cache served (their KV copied, not computed:
+    # OpenAI's usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0
 
     def to_dict(self) -> dict:
         """Plain data (JSON-ready): what a response cache stores."""
@@ -131,6 +134,7 @@ class GenerationResult:
                 TokenLogprob(e["token_id"], e["logprob"], [tuple(t) for t in e["top"]])
                 for e in logprobs
             ],
+            cached_tokens=int(data.get("cached_tokens", 0)),
         )
 
 

@@ -57,6 +57,10 @@ METRICS = {
     "ml_service_cache_requests_total",
     "ml_service_redis_up",
     "ml_service_redis_fallbacks_total",
+    "ml_service_prefix_cache_queries_total",
+    "ml_service_prefix_cache_hits_total",
+    "ml_service_prefix_cache_evictions_total",
+    "ml_service_prefix_cache_blocks",
 }
 
 

@@ -44,6 +44,7 @@ from lib.inference.engine_process.protocol import (
     ADMITTED,
     DONE,
     FINISHED,
+    PREFIX,
     STEP,
     TEXT,
     TOKENS,
@@ -354,6 +355,8 @@ class EngineProcess(Engine):
                 observer.on_admitted(RequestInfo(event[1], prompt_tokens=event[2]))
             elif kind == FINISHED:
                 observer.on_finished(RequestInfo(event[1], first_token_at=event[2]))
+            elif kind == PREFIX:
+                observer.on_prefix_cache(*event[1:])
         send_to_loops(by_loop)
 
     def _fail_pending(self, error: BaseException) -> None:

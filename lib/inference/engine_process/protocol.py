@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from lib.inference.contract import EngineObserver
 
 # event kinds in the engine's per-step message
-TEXT, DONE, ADMITTED, STEP, TOKENS, FINISHED = range(6)
+TEXT, DONE, ADMITTED, STEP, TOKENS, FINISHED, PREFIX = range(7)
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,8 @@ class ShippingObserver(EngineObserver):
 
     def on_finished(self, request) -> None:
         self.out.add((FINISHED, request.arrived_at, request.first_token_at))
+
+    def on_prefix_cache(
+        self, prompt_tokens: int, cached_tokens: int, evictions: int, blocks: int
+    ) -> None:
+        self.out.add((PREFIX, prompt_tokens, cached_tokens, evictions, blocks))

@@ -65,6 +65,7 @@ def engine_main(inbox: Connection, outbox: Connection) -> None:
         observer=ShippingObserver(out),
         threads=spec.threads,
         outbox=out,
+        prefix_cache_mb=spec.prefix_cache_mb,
     )
     out.running = lambda: engine.running
     engine.start()
