@@ -140,12 +140,17 @@ def array_fields(model: type[BaseModel]) -> set[str]:
 def form_kinds(model: type[BaseModel]) -> dict[str, str]:
     """How a form carries each field of `model`, from its JSON schema: `array` (a field that
     takes a list: a repeated field fills it), `integer`, `number` or `boolean` (read from the
-    field's text by `form_value`), or `string` (its text as it is; also a field of other or
-    several types)."""
+    field's text by `form_value`), `object` (a nested model: its JSON text), or `string` (its
+    text as it is; also a field of other or several types)."""
     kinds = {}
     for name, prop in model.model_json_schema().get("properties", {}).items():
-        types = {o.get("type") for o in prop.get("anyOf", [prop])} - {"null"}
-        if "array" in types:
+        options = prop.get("anyOf", [prop])
+        types = {o.get("type") for o in options} - {"null"}
+        if types <= {"object", None} and any(
+            "$ref" in o or o.get("type") == "object" for o in options
+        ):
+            kinds[name] = "object"
+        elif "array" in types:
             kinds[name] = "array"
         elif len(types) == 1 and (kind := types.pop()) in ("integer", "number", "boolean"):
             kinds[name] = kind
@@ -164,8 +169,19 @@ MAX_INTEGER_DIGITS = 4300  # what int() reads, as in JSON
 def form_value(name: str, text: str, kind: str | None) -> Any:
     """A form field's value from its text: an integer from decimal digits, a number from JSON's
     spelling of one, a boolean from `true` or `false`; anything else is BadRequest naming the
-    field. Text fields (and unknown ones, which the model refuses) stay text."""
+    field; an object from its JSON text. Text fields (and unknown ones, which the model refuses)
+    stay text."""
     shown = repr(text[:24]) + ("..." if len(text) > 24 else "")
+    if kind == "object":
+        try:
+            value = parse_json(text.encode("utf-8"))
+        except BadRequest as e:
+            raise BadRequest.one(
+                name, f"{name} must be a JSON object: {e.errors[0]['msg']}"
+            ) from None
+        if not isinstance(value, dict):
+            raise BadRequest.one(name, f"{name} must be a JSON object, not {shown}")
+        return value
     if kind == "integer":
         if _INTEGER_TEXT.fullmatch(text) and len(text.lstrip("-")) <= MAX_INTEGER_DIGITS:
             return int(text)

@@ -55,6 +55,7 @@ class OpenAIServingChat(OpenAIServing):
         """The conversation rendered with the chat template, and tokenized unless it cannot fit
         (blocking: run it off the event loop)."""
         tok = self.service.tokenizer
+        self.check_constraint(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         text = tok.apply_chat_template(
             messages,

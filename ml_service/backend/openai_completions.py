@@ -46,6 +46,7 @@ class OpenAIServingCompletion(OpenAIServing):
         """The prompts, tokenized (blocking: run it off the event loop). Texts that cannot fit
         are refused from their lengths before any of them is tokenized."""
         tok = self.service.tokenizer
+        self.check_constraint(req)
         given = req.prompts()
         texts = [p for p in given if isinstance(p, str)]
         for i, p in enumerate(texts):

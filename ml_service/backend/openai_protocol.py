@@ -6,7 +6,9 @@ level); everything they do know is checked as strictly as `/forward`'s fields (p
 mode: `"5"` is not an integer, `1` is not a boolean, `true` is not a number). Requests convert
 themselves into `GenerationParams`: OpenAI's defaults (temperature 1, top_p 1, no top-k, no
 repetition penalty), its additive presence and frequency penalties, and our extras (`top_k`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`).
+`repetition_penalty`, `min_tokens`, `ignore_eos`). Structured outputs come as OpenAI's
+`response_format` (`json_object`, `json_schema`) or as vLLM's `structured_outputs` (one of `json`,
+`regex`, `choice`, `grammar`), not both.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import (
 )
 
 from lib.inference import GenerationParams
+from lib.inference.constraints import Constraint
 from lib.inference.types import MAX_LOGPROBS as MAX_TOP_LOGPROBS  # chat's, as OpenAI: 20
 from ml_service.backend.schemas import (
     CACHE_DOC,
@@ -34,6 +37,7 @@ from ml_service.backend.schemas import (
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
     STRICT,
+    StructuredOutputs,
     Text,
     check_stop_strings,
     stop_schema,
@@ -47,6 +51,40 @@ MAX_TOKEN_ID_DIGITS = 20  # a logit_bias key longer than this names no token of 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(**STRICT, extra="ignore")
     include_usage: bool = Field(False, description="send a last chunk with the token usage")
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's named schema (`strict` is accepted: the schema
+    is always enforced)."""
+
+    model_config = ConfigDict(**STRICT, extra="ignore", populate_by_name=True)
+    name: Text = Field(..., min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict | None = Field(None, alias="schema", description="omitted: any JSON value")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: `text` (free text), `json_object` (any JSON object) or
+    `json_schema` (a JSON value valid under `json_schema.schema`)."""
+
+    model_config = ConfigDict(**STRICT, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs the json_schema field')
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint.json_object()
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_
+            return Constraint.json_schema({} if schema is None else schema)
+        return None
 
 
 class SamplingRequest(BaseModel):
@@ -82,6 +120,18 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # structured outputs: OpenAI's field, or vLLM's (one of them)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: exactly one of json, regex, choice, grammar, json_object"
+    )
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_way(cls, v, info):
+        if v is not None and info.data.get("response_format") is not None:
+            raise ValueError("send either response_format or structured_outputs, not both")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -105,6 +155,18 @@ class SamplingRequest(BaseModel):
                 raise ValueError(f"logit_bias values are in [-100, 100]; got {bias}")
         return v
 
+    def constraint(self) -> tuple[Constraint | None, str]:
+        """The constraint asked for (None: free text), and the field that asked, as a 400 names
+        it (`response_format.json_schema.schema`, `structured_outputs.regex`, ...)."""
+        if self.structured_outputs is not None:
+            c = self.structured_outputs.constraint()
+            return c, f"structured_outputs.{c.field}"
+        if self.response_format is not None:
+            c = self.response_format.constraint()
+            where = "json_schema.schema" if self.response_format.type == "json_schema" else "type"
+            return c, f"response_format.{where}"
+        return None, ""
+
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -123,6 +185,7 @@ class SamplingRequest(BaseModel):
             logit_bias=tuple((int(k), b) for k, b in sorted((self.logit_bias or {}).items())),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            constraint=self.constraint()[0],
         )
 
     def choice_seed(self, i: int) -> int | None:

@@ -9,6 +9,9 @@ the same execution (`execution.py`); only the shapes differ.
   `i` (prompt p, choice c: i = p * n + c, OpenAI's order) samples with `seed + i`.
 - `logprobs` are the model's raw log-probabilities (before penalties and temperature), as vLLM's
   default; they are not streamed (a streamed request that asks for them is a 400).
+- A structured-output constraint (`response_format`, `structured_outputs`) is compiled in the
+  preparing thread with the prompts (`check_constraint`): a bad one is a 400 naming its field
+  before anything reaches the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from lib.inference import GenerationParams, GenerationResult, InvalidTokens, PromptTooLong
+from lib.inference.constraints import InvalidConstraint, check_constraint
 from lib.inference.prompts import check_may_fit
 from lib.tokenizer import token_bytes
 from ml_service.backend.errors import BadRequest, ModelNotFound, ServiceError
@@ -172,6 +176,16 @@ class OpenAIServing:
             "model": name,
             "system_fingerprint": name,
         }
+
+    def check_constraint(self, req: SamplingRequest) -> None:
+        """The request's constraint compiled against the tokenizer (blocking: the preparing
+        thread), or a 400 naming its field and the reason. Compiled once per distinct
+        constraint: the engine's rows reuse it."""
+        constraint, param = req.constraint()
+        try:
+            check_constraint(self.service.tokenizer, constraint, self.service.vocab_size)
+        except InvalidConstraint as e:
+            raise refuse(param, str(e)) from None
 
     def check_text(self, param: str, what: str, text: str) -> None:
         if len(text) > (limit := self.service.settings.max_text_chars):

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lib.inference import GenerationParams, GenerationResult
+from lib.inference.constraints import Constraint
 
 DEFAULTS = GenerationParams()  # the defaults live in lib, once
 # The ranges both dialects (/forward and /v1) accept, written once: where the sampling arithmetic
@@ -80,6 +81,58 @@ NUMBER_FIELDS = (
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the generated text."""
+
+    model_config = ConfigDict(**STRICT, extra="forbid", populate_by_name=True)
+
+    json_: dict | Text | None = Field(
+        None, alias="json", description="a JSON schema (an object, or its JSON text)"
+    )
+    regex: Text | None = Field(None, description="a regular expression the whole text matches")
+    choice: list[Text] | None = Field(None, description="the text is exactly one of these")
+    grammar: Text | None = Field(None, description="a Lark (or GBNF) grammar")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [
+            name
+            for name, value in (
+                ("json", self.json_),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json_object", self.json_object or None),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            said = f"got {', '.join(given)}" if given else "got none"
+            raise ValueError(
+                f"give exactly one of json, regex, choice, grammar, json_object ({said})"
+            )
+        return self
+
+    def constraint(self) -> Constraint:
+        if self.json_ is not None:
+            return Constraint.json_schema(self.json_)
+        if self.regex is not None:
+            return Constraint.regex(self.regex)
+        if self.choice is not None:
+            return Constraint.choice(self.choice)
+        if self.grammar is not None:
+            return Constraint.grammar(self.grammar)
+        return Constraint.json_object()
+
+
+STRUCTURED_DOC = (
+    "constrain the text (vLLM's field): exactly one of `json` (a JSON schema), `regex`, `choice` "
+    "(a list of strings), `grammar` (Lark), `json_object` (true). The text ends with "
+    "finish_reason `stop` when complete; `length` leaves a prefix. In a form: its JSON text"
+)
+
+
 class GenerationOptions(BaseModel):
     """Generation parameters shared by /forward and /forward_batch (all optional)."""
 
@@ -125,6 +178,7 @@ class GenerationOptions(BaseModel):
         f"of 1 to {MAX_STOP_CHARS} characters)",
         json_schema_extra=stop_schema,
     )
+    structured_outputs: StructuredOutputs | None = Field(None, description=STRUCTURED_DOC)
 
     @field_validator("stop")
     @classmethod
@@ -141,6 +195,9 @@ class GenerationOptions(BaseModel):
         return self
 
     def to_generation_params(self) -> GenerationParams:
+        so = self.structured_outputs
+        if isinstance(so, dict):  # a copy made by model_construct from a dump (split_batch)
+            so = StructuredOutputs.model_validate(so)
         return GenerationParams(
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
@@ -150,6 +207,7 @@ class GenerationOptions(BaseModel):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=tuple(self.stop or ()),
+            constraint=None if so is None else so.constraint(),
         )
 
 

@@ -22,6 +22,7 @@ from lib.inference import (
     PreparedPrompt,
     PromptTooLong,
 )
+from lib.inference.constraints import InvalidConstraint, check_constraint
 from lib.inference.frontend import FrontendInference
 from lib.inference.prompts import check_may_fit
 from ml_service.backend.schemas import (
@@ -58,6 +59,10 @@ class TextGenerationService(CheckpointService):
             raise InvalidInput(f"max_new_tokens must be <= {limit}", loc="max_new_tokens")
         check_text_length(request.text, self.settings.max_text_chars)
         params, context = request.to_generation_params(), self.context_length
+        try:  # compiled here, in the preparing thread (cached: once per distinct constraint)
+            check_constraint(self.tokenizer, params.constraint, self.vocab_size)
+        except InvalidConstraint as e:
+            raise InvalidInput(str(e), loc=["structured_outputs", e.field]) from None
         try:  # what cannot fit is refused from its length, before it is tokenized
             check_may_fit(self.tokenizer, [request.text], [params.max_new_tokens], context)
             return self.inference.prepare(request.text, params)
