@@ -304,10 +304,17 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # -- responses ---------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        0, description="prompt tokens served by the prefix cache (ML_SERVICE_PREFIX_CACHE_MB)"
+    )
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogprobs(BaseModel):

@@ -37,7 +37,13 @@ from ml_service.backend.execution import (
     stream_items,
     stream_response,
 )
-from ml_service.backend.openai_protocol import ModelCard, ModelList, SamplingRequest, UsageInfo
+from ml_service.backend.openai_protocol import (
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingRequest,
+    UsageInfo,
+)
 from ml_service.hosting import Loaded
 
 OWNER = "ml_service"
@@ -146,10 +152,18 @@ def refuse(param: str, msg: str) -> BadRequest:
 def usage(prompts: Sequence[Prompt], outputs: Sequence[GenerationResult]) -> UsageInfo:
     prompt_tokens = sum(len(p.ids) for p in prompts)  # once per prompt, whatever n is
     completion = sum(o.completion_tokens for o in outputs)
+    # cached: per prompt, the most any of its n choices found in the prefix cache (outputs are
+    # in prompt order, n each)
+    n = max(1, len(outputs) // max(1, len(prompts)))
+    cached = sum(
+        max((o.cached_tokens for o in outputs[i * n : (i + 1) * n]), default=0)
+        for i in range(len(prompts))
+    )
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
         total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=min(cached, prompt_tokens)),
     )
 
 

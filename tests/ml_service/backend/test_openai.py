@@ -385,3 +385,39 @@ def test_after_a_bad_logit_bias_the_pooled_connection_serves_20_more(server):
         for _ in range(20):  # no ReadError: the connection was kept
             r = c.post("/forward", json={"text": PROMPT, "max_new_tokens": 1})
             assert r.status_code == 200, r.text
+
+
+def test_a_repeated_system_prompt_is_reported_as_cached_tokens(client, server, model_id):
+    """The prefix cache (on by default): the second chat that begins with the same long system
+    prompt is served partly from it, and says so as OpenAI does
+    (`usage.prompt_tokens_details.cached_tokens`), streamed or not; /metrics counts the hits."""
+    system = "Ты — библиотекарь. Отвечай коротко, по-русски, называй книги и авторов. " * 3
+    hits = "ml_service_prefix_cache_hits_total"
+    before = metric_sum(httpx.get(f"{server}/metrics").text, hits)
+
+    def chat(question: str, **extra):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return client.chat.completions.create(
+            model=model_id, messages=messages, max_tokens=4, temperature=0, **extra
+        )
+
+    first = chat("Что почитать о море?")
+    second = chat("Кто написал «Мцыри»?")
+    streamed = list(chat("А стихи о зиме?", stream=True, stream_options={"include_usage": True}))
+    usage = streamed[-1].usage
+    for u in (second.usage, usage):
+        assert 0 < u.prompt_tokens_details.cached_tokens < u.prompt_tokens
+    assert (
+        first.usage.prompt_tokens_details.cached_tokens
+        < second.usage.prompt_tokens_details.cached_tokens
+    )
+    after = metric_sum(httpx.get(f"{server}/metrics").text, hits)
+    assert after - before >= second.usage.prompt_tokens_details.cached_tokens
+
+
+def metric_sum(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
