@@ -11,7 +11,7 @@ ENGINE_MAX_BATCH_SIZE = 64  # most sequences decoded together (1 disables batchi
 ENGINE_MAX_WAIT_S = 0.0  # how long the first request to an idle engine waits for company
 ENGINE_MAX_QUEUE = 256  # most requests waiting for a batch row; more are refused at once
 # memory for the KV of cached prompt prefixes (prefix_cache.py): ~220 blocks of 16 tokens of a
-# gpt2-124m-sized fp32 model, ~30,000 of the default model
+# gpt2-124m-sized fp32 model, ~4,000 of the default model
 PREFIX_CACHE_MB = 256
 
 
