@@ -174,6 +174,14 @@ class DecodeBatch:
         requests = [r for r in requests if not r.cancelled]
         if not requests:
             return
+        # prompts that begin alike, none of it cached yet: one of each kind runs first, and the
+        # others then find their common start in the prefix cache
+        leaders = self.prefix.leaders([r.prompt_ids for r in requests])
+        if leaders and len(requests) > 1:
+            self.admit([requests[i] for i in leaders])
+            chosen = set(leaders)
+            self.admit([r for i, r in enumerate(requests) if i not in chosen])
+            return
         first, n = len(self.rows), len(requests)
         need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
         self.decoder.reserve(first + n, need)

@@ -93,6 +93,19 @@ class PrefixCache:
         self._v = [make() for _ in range(self.layers)]
         self._free = list(range(self.capacity - 1, -1, -1))
 
+    def leaders(self, prompts: Sequence[Sequence[int]], namespace: str = "") -> list[int]:
+        """Of prompts arriving together, the first of each group whose first block is the same and
+        not cached (by place): running those first lets the others find their common start in
+        the cache instead of computing it once each."""
+        if not self.enabled:
+            return []
+        groups: dict[bytes, list[int]] = {}
+        for i, ids in enumerate(prompts):
+            names = block_names(ids[: BLOCK + 1], namespace)  # the first block, if whole
+            if names and names[0] not in self._where and len(ids) > BLOCK:
+                groups.setdefault(names[0], []).append(i)
+        return [group[0] for group in groups.values() if len(group) > 1]
+
     def lookup(self, ids: Sequence[int], namespace: str = "") -> list[int]:
         """The places of the longest cached prefix of `ids` (whole blocks, leaving at least its
         last token to run), marked most recently used."""
