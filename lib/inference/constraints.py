@@ -9,8 +9,8 @@ tokenizer and vocabulary width, built once: making llguidance's tokenizer takes 
 milliseconds); `check` refuses what cannot be compiled or cannot start with any token of the
 vocabulary (`InvalidConstraint`, before the request reaches an engine); `matcher` gives each row
 its own `RowMatcher` (a copy of the compiled grammar's initial state, so one schema is compiled
-once for all the rows that use it); `masks` fills the allowed-token masks of a step's constrained
-rows. JSON is generated compact (no whitespace between tokens) unless the schema's own
+once for all the rows that use it); `forbidden` gives what a step's constrained rows may not
+take next. JSON is generated compact (no whitespace between tokens) unless the schema's own
 `x-guidance` options say otherwise: a small model given free whitespace may spend its whole
 budget on it.
 
@@ -214,21 +214,21 @@ class GrammarCompiler:
         """A new row's matcher for `c` (InvalidConstraint if it cannot be compiled)."""
         return RowMatcher(self._template(c).deep_copy())
 
-    def masks(self, matchers: list[RowMatcher]) -> np.ndarray:
-        """(n, vocab) bool: the tokens each matcher allows next (end-of-document included where
-        the text so far is complete)."""
+    def forbidden(self, matchers: list[RowMatcher]) -> np.ndarray:
+        """(n, vocab) bool: the tokens each matcher forbids next (the end of the document is
+        allowed where the text so far is complete)."""
         words = np.zeros((len(matchers), self.words), dtype=np.int32)
         row_bytes = self.words * 4
         for i, m in enumerate(matchers):
             m.inner.unsafe_compute_mask_ptr(words.ctypes.data + i * row_bytes, row_bytes)
-        return _unpack(words, self.vocab)
+        return _unpack(np.invert(words), self.vocab)
 
 
 def _unpack(words: np.ndarray, vocab: int) -> np.ndarray:
     """llguidance's bitmask (n, words) int32, token t at bit t % 32 of word t // 32, as
-    (n, vocab) bool."""
-    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
-    return bits[:, :vocab].astype(bool)
+    (n, vocab) bool (little-endian words: bit t % 8 of byte t // 8)."""
+    bits = np.unpackbits(words.view(np.uint8), axis=1, count=vocab, bitorder="little")
+    return bits.view(np.bool_)
 
 
 class RowMatcher:

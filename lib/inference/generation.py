@@ -361,10 +361,10 @@ class DecodeBatch:
         for row in rows:
             if row.matcher is None:
                 row.matcher = compiler.matcher(row.params.constraint)
-        allowed = torch.from_numpy(compiler.masks([row.matcher for row in rows]))  # (n, vocab)
-        index = torch.tensor(places, device=logits.device)
-        masked = logits[index].masked_fill_(~allowed.to(logits.device), -torch.inf)
-        logits.index_copy_(0, index, masked)
+        forbidden = torch.from_numpy(compiler.forbidden([row.matcher for row in rows]))
+        forbidden = forbidden.to(logits.device)  # (n, vocab) bool
+        for j, place in enumerate(places):  # each row's view, in place: no gather or scatter
+            logits[place].masked_fill_(forbidden[j], -torch.inf)
 
     def _apply(
         self,
