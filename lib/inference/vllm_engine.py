@@ -113,6 +113,9 @@ class VLLMEngine(Engine):
             tensor_parallel=spec.tensor_parallel,
             observer=observer,
             warmup=spec.warmup,
+            # vLLM's own automatic prefix caching (its blocks live in its KV cache, whose size
+            # vLLM sets): on unless the service's prefix cache is turned off
+            prefix_caching=spec.prefix_cache_mb > 0,
         )
 
     def __init__(
@@ -128,6 +131,7 @@ class VLLMEngine(Engine):
         seed: int = 0,
         warmup: bool = True,
         start_timeout_s: float = START_TIMEOUT_S,
+        prefix_caching: bool = True,
         **engine_kwargs,
     ):
         """`engine_kwargs` go to `vllm.engine.arg_utils.AsyncEngineArgs` as they are (e.g.
@@ -145,6 +149,7 @@ class VLLMEngine(Engine):
         self.warmup = warmup
         self.start_timeout_s = start_timeout_s
         self.engine_kwargs = engine_kwargs
+        self.prefix_caching = prefix_caching  # vLLM's automatic prefix caching
         config = json.loads((self.checkpoint / "config.json").read_text())
         self.context = int(
             config.get("n_positions") or config.get("max_position_embeddings") or 1024
@@ -201,6 +206,7 @@ class VLLMEngine(Engine):
             disable_log_stats=True,  # our stat logger still gets the stats (see start)
             # structured outputs on llguidance, as our engine's (vllm_mapping.py)
             structured_outputs_config=structured_outputs_config(),
+            enable_prefix_caching=self.prefix_caching,
         )
         if self.device == "cpu" and "kv_cache_memory_bytes" not in self.engine_kwargs:
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
@@ -429,6 +435,7 @@ class VLLMEngine(Engine):
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if r.params.logprobs is not None else None
         reason, stop_reason = None, None
+        cached = 0  # prompt tokens vLLM's prefix cache served (with the leading end-of-document)
         outcome: object
         r.started = True
         try:
@@ -454,6 +461,7 @@ class VLLMEngine(Engine):
                         self._send(r, c.text)
                 if c.finish_reason is not None:
                     reason, stop_reason = c.finish_reason, c.stop_reason
+                cached = int(getattr(out, "num_cached_tokens", None) or cached)
             outcome = to_result(
                 r.prompt_tokens,
                 self.eos,
@@ -464,6 +472,10 @@ class VLLMEngine(Engine):
                 stop_reason,
                 constrained=r.params.constraint is not None,
             )
+            # as ours counts: the leading end-of-document token is not one of the prompt's
+            outcome.cached_tokens = max(0, min(r.prompt_tokens, cached - 1))
+            if self.prefix_caching:  # (vLLM's blocks and evictions are its own: not counted)
+                self.observer.on_prefix_cache(r.prompt_tokens, outcome.cached_tokens, 0, 0)
         except asyncio.CancelledError:  # the caller went away, or abort(): vLLM has aborted it
             outcome = to_result(
                 r.prompt_tokens, self.eos, "".join(text), token_ids, logprobs, "abort", None

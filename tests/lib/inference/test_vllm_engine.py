@@ -65,6 +65,11 @@ def with_(params: GenerationParams, **changes) -> GenerationParams:
 class Recorder(EngineObserver):
     def __init__(self):
         self.tokens = self.steps = self.admitted = self.finished = 0
+        self.prefix_queries = self.prefix_hits = 0
+
+    def on_prefix_cache(self, prompt_tokens, cached_tokens, evictions, blocks) -> None:
+        self.prefix_queries += prompt_tokens
+        self.prefix_hits += cached_tokens
 
     def on_admitted(self, request) -> None:
         self.admitted += 1
@@ -159,6 +164,21 @@ def test_seeded_sampling_is_reproducible(engine, front):
     assert first.token_ids == again.token_ids and first.text == again.text
     others = [generate(engine, front, "Москва", with_(params, seed=s)) for s in (12, 13)]
     assert any(o.token_ids != first.token_ids for o in others)
+
+
+def test_vllm_prefix_caching_reports_cached_tokens(engine, front, recorder):
+    """vLLM's own prefix caching (on with the service's prefix cache): a prompt that repeats a
+    long start is partly served from it, its result says how much (as ours does), the answer is
+    the same, and the observer hears vLLM's hits."""
+    # (vLLM caches whole blocks, and its CPU blocks are 128 tokens: a start of about 180)
+    start = "Ты — библиотекарь. Отвечай коротко, по-русски, называй книги и авторов. " * 6
+    hits = recorder.prefix_hits
+    params = with_(GREEDY, max_new_tokens=8, ignore_eos=True)
+    first = generate(engine, front, start + "Что почитать о море?", params)
+    second = generate(engine, front, start + "Что почитать о море?", params)
+    assert second.text == first.text
+    assert 0 < second.cached_tokens < second.prompt_tokens
+    wait_for(lambda: recorder.prefix_hits > hits, "vLLM's prefix-cache stats")
 
 
 def test_stop_strings_cut_the_text_before_them(engine, front):
