@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from lib.inference.adapters import RowAdapters
 from lib.inference.quantization import Int8Linear
 
 CACHE_STEP = 64  # the cache grows in time by multiples of this many positions
@@ -156,6 +157,10 @@ def _activation(name: str):
 Product = Callable[[torch.Tensor], torch.Tensor]  # x (N, in) -> (N, out)
 
 
+def _plus(y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+    return y if d is None else y + d
+
+
 @dataclass(frozen=True)
 class _Block:
     """One GPT-2 block as the decoder runs it: its LayerNorms, and its four products (each with
@@ -169,6 +174,7 @@ class _Block:
     proj: Product  # attention output projection
     mlp_in: Product  # the MLP's first product and its activation
     mlp_out: Product
+    mlp_in_linear: Product  # the MLP's first product alone (a LoRA update goes before the GELU)
 
 
 def _torch_product(w: torch.Tensor, b: torch.Tensor | None) -> Product:
@@ -286,6 +292,7 @@ class GPT2SlotDecoder(SlotCache):
             proj=self._product(a.c_proj),
             mlp_in=self._product(m.c_fc, gelu=True),
             mlp_out=self._product(m.c_proj),
+            mlp_in_linear=self._product(m.c_fc),
         )
 
     def _head(self, lm_head) -> Product:
@@ -301,16 +308,32 @@ class GPT2SlotDecoder(SlotCache):
         return lambda x: op(x, w, None).float()
 
     # -- the forward pieces ---------------------------------------------------------------------
-    def _attention_inputs(self, w: _Block, h: torch.Tensor):
-        """q, k, v of the block for hidden states h (N, C): each (N, H, hd)."""
+    def _attention_inputs(self, w: _Block, h: torch.Tensor, lora=None, layer: int = 0):
+        """q, k, v of the block for hidden states h (N, C): each (N, H, hd). `lora`: the step's
+        per-row adapter updates (adapters.RowAdapters), or None."""
         N = h.shape[0]
-        qkv = w.attn(_layer_norm(h, w.ln_1))  # (N, 3C)
+        x = _layer_norm(h, w.ln_1)
+        qkv = w.attn(x)  # (N, 3C)
+        if lora is not None and (d := lora.delta(layer, "attn", x)) is not None:
+            qkv = qkv + d
         return qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)
 
-    def _block_rest(self, w: _Block, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def _block_rest(
+        self, w: _Block, h: torch.Tensor, a: torch.Tensor, lora=None, layer: int = 0
+    ) -> torch.Tensor:
         """The attention output projection and the MLP, with their residuals; (N, C)."""
-        h = h + w.proj(a)
-        return h + w.mlp_out(w.mlp_in(_layer_norm(h, w.ln_2)))
+        if lora is None:
+            h = h + w.proj(a)
+            return h + w.mlp_out(w.mlp_in(_layer_norm(h, w.ln_2)))
+        h = h + _plus(w.proj(a), lora.delta(layer, "proj", a))
+        x = _layer_norm(h, w.ln_2)
+        m = w.mlp_in(x)
+        d = lora.delta(layer, "mlp_in", x)
+        if d is not None:  # its update goes before the GELU: the adapter rows' product again,
+            # unfused (the other rows keep the fused one's exact numbers)
+            on = lora.active
+            m[on] = self.act(w.mlp_in_linear(x[on]) + d[on])
+        return h + _plus(w.mlp_out(m), lora.delta(layer, "mlp_out", m))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32
         return self._lm_head(_layer_norm(h, self.ln_f))
@@ -320,13 +343,18 @@ class GPT2SlotDecoder(SlotCache):
 
     @torch.inference_mode()
     def prefill(
-        self, prompts: list[list[int]], first_slot: int, cached: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        first_slot: int,
+        cached: list[int] | None = None,
+        lora: RowAdapters | None = None,
     ) -> torch.Tensor:
         """Run whole prompts (one per new slot, from `first_slot` on); logits of their last tokens.
         `cached[i]`: how many of prompt i's first tokens the slot already holds (copied from the
-        prefix cache, prefix_cache.py): only the rest of the prompt is run, attending to them."""
+        prefix cache, prefix_cache.py): only the rest of the prompt is run, attending to them.
+        `lora`: the rows' adapter updates (adapters.py), or None."""
         if not cached or not any(cached):
-            return self._prefill_whole(prompts, first_slot)
+            return self._prefill_whole(prompts, first_slot, lora)
         n = len(prompts)
         T = max(len(p) for p in prompts)  # keys: every prompt whole
         rest = [p[c:] for p, c in zip(prompts, cached, strict=True)]
@@ -344,10 +372,11 @@ class GPT2SlotDecoder(SlotCache):
         mask = (keys <= pos[:, :, None]) & (keys < (starts + lens)[:, None, None])
         h = self._embed(ids.to(self.device), pos).view(n * S, -1)  # (n*S, C)
         rows = slice(first_slot, first_slot + n)
+        lora = None if lora is None else lora.repeated(S)
         for layer, w in enumerate(self.blocks):
             q, k, v = (
                 x.view(n, S, self.n_head, self.head_dim).transpose(1, 2)
-                for x in self._attention_inputs(w, h)
+                for x in self._attention_inputs(w, h, lora, layer)
             )  # (n, H, S, hd)
             for i, (c, r) in enumerate(zip(cached, rest, strict=True)):
                 self.k[layer][first_slot + i, :, c : c + len(r)] = k[i, :, : len(r)]
@@ -359,11 +388,13 @@ class GPT2SlotDecoder(SlotCache):
                 attn_mask=mask[:, None],
                 scale=w.scaling,
             )
-            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * S, -1))
+            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * S, -1), lora, layer)
         last = h.view(n, S, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
         return self._logits(last)
 
-    def _prefill_whole(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
+    def _prefill_whole(
+        self, prompts: list[list[int]], first_slot: int, lora: RowAdapters | None = None
+    ) -> torch.Tensor:
         """`prefill` with nothing cached: the prompts are the whole sequences (no reads of the
         cache; each attends to its own fresh keys)."""
         n, P = len(prompts), max(len(p) for p in prompts)
@@ -379,24 +410,29 @@ class GPT2SlotDecoder(SlotCache):
         mask = (causal[None] & (pos[None, None, :] < lens[:, None, None]))[:, None]
         h = self._embed(ids, pos[None].expand(n, P)).view(n * P, -1)  # (n*P, C)
         rows = slice(first_slot, first_slot + n)
+        lora = None if lora is None else lora.repeated(P)
         for layer, w in enumerate(self.blocks):
             q, k, v = (
                 x.view(n, P, self.n_head, self.head_dim).transpose(1, 2)
-                for x in self._attention_inputs(w, h)
+                for x in self._attention_inputs(w, h, lora, layer)
             )  # (n, H, P, hd)
             self.k[layer][rows, :, :P] = k
             self.v[layer][rows, :, :P] = v
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling)
-            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * P, -1))
+            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * P, -1), lora, layer)
         last = h.view(n, P, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
         return self._logits(last)
 
     @torch.inference_mode()
     def decode(
-        self, ids: torch.Tensor, positions: list[int], slots: list[int] | None = None
+        self,
+        ids: torch.Tensor,
+        positions: list[int],
+        slots: list[int] | None = None,
+        lora: RowAdapters | None = None,
     ) -> torch.Tensor:
         """One new token for each of the first B slots (or of `slots`), at its own position;
-        logits (B, vocab)."""
+        logits (B, vocab). `lora`: the rows' adapter updates (adapters.py), or None."""
         B = len(positions)
         pos = torch.tensor(positions, device=self.device)
         Tk = max(positions) + 1
@@ -412,7 +448,7 @@ class GPT2SlotDecoder(SlotCache):
             else torch.tensor(slots, device=self.device)
         )
         for layer, w in enumerate(self.blocks):
-            q, k, v = self._attention_inputs(w, h)  # (B, H, hd)
+            q, k, v = self._attention_inputs(w, h, lora, layer)  # (B, H, hd)
             self.k[layer][rows, :, pos] = k
             self.v[layer][rows, :, pos] = v
             if slots is None:  # the live slots are contiguous: a view, no copy
@@ -422,5 +458,5 @@ class GPT2SlotDecoder(SlotCache):
             a = F.scaled_dot_product_attention(
                 q[:, :, None], keys, values, attn_mask=mask, scale=w.scaling
             )  # (B, H, 1, hd)
-            h = self._block_rest(w, h, a.view(B, -1))
+            h = self._block_rest(w, h, a.view(B, -1), lora, layer)
         return self._logits(h)
