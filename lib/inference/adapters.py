@@ -55,8 +55,15 @@ class AdapterError(ValueError):
     """An adapter that cannot be served on this model (the message says why)."""
 
 
-class AdapterNotFound(KeyError):
-    """A request named an adapter that is not loaded."""
+class AdapterNotFound(LookupError):
+    """A request named an adapter that is not loaded (or is being removed)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)  # (its only argument: it pickles across the engine's pipe)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"adapter {self.name!r} is not loaded"
 
 
 @dataclass(frozen=True)
@@ -186,16 +193,22 @@ class AdapterBank:
         self.model = model
         self.budget = budget_bytes
         self.base_sha256 = base_sha256
-        wte = model.transformer.wte.weight  # the model's float dtype (its products may be int8)
-        self.dtype, self.device = wte.dtype, wte.device
+        # the model's float dtype (its products may be int8); a model of another runtime (ONNX
+        # Runtime) has no torch weights, and no adapters (its budget is 0)
+        wte = getattr(getattr(model, "transformer", None), "wte", None)
+        self.dtype = torch.float32 if wte is None else wte.weight.dtype
+        self.device = torch.device("cpu") if wte is None else wte.weight.device
         self.adapters: OrderedDict[str, Adapter] = OrderedDict()  # least recently used first
         self.in_use: dict[str, int] = {}  # rows running with each adapter
+        self.retiring: set[str] = set()  # removed, unloaded once their last row ends
         self._stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._columns: dict[str, slice] = {}
         self.width = 0  # K: the stacked ranks
 
     # -- loading ----------------------------------------------------------------------------
     def add(self, name: str, path: str | Path) -> Adapter:
+        if self.budget <= 0:
+            raise AdapterError("this engine serves no adapters (ML_SERVICE_MAX_ADAPTER_MB is 0)")
         adapter = load_adapter(name, path, self.model, self.base_sha256, self.dtype, self.device)
         if adapter.nbytes > self.budget:
             raise AdapterError(
@@ -204,7 +217,10 @@ class AdapterBank:
             )
         if name in self.adapters:
             if self.in_use.get(name):
-                raise AdapterError(f"adapter {name!r} is in use: remove it first, then add it")
+                raise AdapterError(
+                    f"adapter {name!r} is serving requests: remove it, then add it again once "
+                    "they end"
+                )
             del self.adapters[name]
         while sum(a.nbytes for a in self.adapters.values()) + adapter.nbytes > self.budget:
             idle = next((n for n in self.adapters if not self.in_use.get(n)), None)
@@ -219,17 +235,46 @@ class AdapterBank:
         return adapter
 
     def remove(self, name: str) -> None:
-        if name not in self.adapters:
+        """Unload `name` now, or, while rows use it, once the last of them ends (new requests
+        for it are refused from now on)."""
+        if name not in self.adapters or name in self.retiring:
             raise AdapterNotFound(name)
+        if self.in_use.get(name):
+            self.retiring.add(name)
+            return
         del self.adapters[name]
         self._restack()
 
     def get(self, name: str) -> Adapter:
         adapter = self.adapters.get(name)
-        if adapter is None:
+        if adapter is None or name in self.retiring:
             raise AdapterNotFound(name)
         self.adapters.move_to_end(name)
         return adapter
+
+    def acquire(self, name: str) -> Adapter:
+        """A row starts with `name` (AdapterNotFound: not loaded, or being removed)."""
+        adapter = self.get(name)
+        self.in_use[name] = self.in_use.get(name, 0) + 1
+        return adapter
+
+    def release(self, name: str) -> None:
+        """A row that used `name` ended; a removal waiting for it happens now."""
+        left = self.in_use.get(name, 0) - 1
+        if left > 0:
+            self.in_use[name] = left
+            return
+        self.in_use.pop(name, None)
+        if name in self.retiring:
+            self.retiring.discard(name)
+            del self.adapters[name]
+            self._restack()
+
+    def describe(self) -> list[dict]:
+        return [
+            {**a.describe(), "running": self.in_use.get(n, 0), "removing": n in self.retiring}
+            for n, a in self.adapters.items()
+        ]
 
     def _restack(self) -> None:
         """The side-by-side A and stacked B of every product, over the loaded adapters."""

@@ -69,7 +69,7 @@ class EngineCapabilities:
     weights itself (its own process, vLLM), so the server's process holds only the tokenizer and
     the model's shape; otherwise it runs the model the server's process loaded; `runs_backends`:
     it runs the model through our backends (torch, ONNX Runtime: ML_SERVICE_BACKEND), not a model
-    runtime of its own (vLLM's)."""
+    runtime of its own (vLLM's); `adapters`: LoRA adapters, many in one batch (`add_adapter`)."""
 
     generates: bool = True
     stream: bool = True
@@ -79,6 +79,7 @@ class EngineCapabilities:
     restarts: bool = False
     loads_model: bool = False
     runs_backends: bool = True
+    adapters: bool = False
 
 
 class Cancellable(Protocol):
@@ -224,6 +225,22 @@ class Engine(ABC):
         the first entry None), with `top` alternatives each. Blocking: call it off the event loop.
         The caller has checked the ids against the model's vocabulary and context."""
         raise Unsupported(f"{type(self).__name__} does not score prompts")
+
+    # LoRA adapters (capabilities.adapters; lib/inference/adapters.py). Blocking: call them off
+    # the event loop. A request names its adapter in `GenerationParams.adapter`.
+    def add_adapter(self, name: str, path: str) -> dict:
+        """Load the PEFT LoRA directory `path` as `name` (replacing an idle one of that name);
+        its description. AdapterError with the reason when it cannot serve it."""
+        raise Unsupported(f"{type(self).__name__} does not serve adapters")
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload `name` once its running requests end; new ones are refused at once
+        (AdapterNotFound when it is not loaded)."""
+        raise Unsupported(f"{type(self).__name__} does not serve adapters")
+
+    def list_adapters(self) -> list[dict]:
+        """The loaded adapters (name, rank, sha256, bytes, running, removing)."""
+        return []
 
 
 class TokenStream:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lib.inference.adapters import AdapterError
 from lib.inference.contract import (
     Engine,
     EngineCapabilities,
@@ -42,6 +43,7 @@ from lib.inference.contract import (
 )
 from lib.inference.generation import DecodeBatch, GenerationRequest
 from lib.inference.limits import (
+    ADAPTER_MB,
     ENGINE_MAX_BATCH_SIZE,
     ENGINE_MAX_QUEUE,
     ENGINE_MAX_WAIT_S,
@@ -57,7 +59,7 @@ class GenerationEngine(Engine):
     """Our continuous-batching engine in a thread of this process (`ML_SERVICE_ENGINE=thread`;
     the engine process runs one too)."""
 
-    capabilities = EngineCapabilities()
+    capabilities = EngineCapabilities(adapters=True)
     family = "ours"
 
     @classmethod
@@ -72,6 +74,8 @@ class GenerationEngine(Engine):
             observer=observer,
             threads=spec.threads,
             prefix_cache_mb=spec.prefix_cache_mb,
+            adapters=spec.adapters,
+            adapter_mb=spec.adapter_mb,
         )
 
     def __init__(
@@ -88,6 +92,9 @@ class GenerationEngine(Engine):
         outbox: _Outbox | None = None,
         prompt_scorer: Callable | None = None,
         prefix_cache_mb: int = 0,
+        adapters: Sequence[tuple[str, str]] = (),
+        adapter_mb: int = ADAPTER_MB,
+        base_sha256: str | None = None,
     ):
         # the model's math, on the engine thread (default: by the model's size, limits.py)
         self.threads = threads or default_math_threads(served_parameters(model))
@@ -101,7 +108,14 @@ class GenerationEngine(Engine):
             max_batch_size,
             observer=self.observer,
             prefix_cache_bytes=prefix_cache_mb << 20,
+            adapter_bytes=adapter_mb << 20,
+            base_sha256=base_sha256,
         )
+        for name, path in adapters:  # the adapters directory's (a bad one is skipped, and said)
+            try:
+                self._batch.adapters.add(name, path)
+            except AdapterError as e:
+                log.error("adapter %r not loaded: %s", name, e)
         self._lock = lock or threading.Lock()  # shared with other users of the model
         self._queue: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
@@ -200,6 +214,18 @@ class GenerationEngine(Engine):
             requests.append(GenerationRequest(item.ids, item.params, on_text=on_text, on_done=send))
         self.enqueue(requests)
         return requests
+
+    def add_adapter(self, name: str, path: str) -> dict:
+        with self._lock:
+            return self._batch.adapters.add(name, path).describe()
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            self._batch.adapters.remove(name)
+
+    def list_adapters(self) -> list[dict]:
+        with self._lock:
+            return self._batch.adapters.describe()
 
     def prompt_logprobs(self, ids, top: int = 0):
         """The model's scoring of a prompt (`InferenceService.prompt_logprobs`), under its lock."""

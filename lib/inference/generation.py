@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lib.inference import decoder as decoder_module
+from lib.inference.adapters import AdapterBank, AdapterNotFound, RowAdapters
 from lib.inference.constraints import RowMatcher, compiler_for
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.prefix_cache import BLOCK as PREFIX_BLOCK
@@ -126,7 +127,16 @@ class _Row:
 class DecodeBatch:
     """The running batch: up to `max_rows` sequences, each in its own KV-cache slot."""
 
-    def __init__(self, model, tokenizer, max_rows: int, observer=None, prefix_cache_bytes: int = 0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_rows: int,
+        observer=None,
+        prefix_cache_bytes: int = 0,
+        adapter_bytes: int = 0,
+        base_sha256: str | None = None,
+    ):
         if hasattr(model, "slot_decoder"):  # a model run by another runtime (onnx_model.py)
             self.decoder = model.slot_decoder()
         else:
@@ -154,6 +164,11 @@ class DecodeBatch:
         budget = prefix_cache_bytes if getattr(d, "prefix_cacheable", False) else 0
         self.prefix = PrefixCache(d.layers, d.n_head, d.head_dim, d.dtype, d.device, budget)
         self._evictions_told = 0  # evictions the observer has heard of
+        # LoRA adapters, many in one step (adapters.py); only over our own decoder's products
+        bank_budget = adapter_bytes if isinstance(d, GPT2SlotDecoder) else 0
+        self.adapters = AdapterBank(model, bank_budget, base_sha256)
+        self._lora: RowAdapters | None = None  # the running rows' updates; rebuilt with the rows
+        self._lora_stale = True
 
     @property
     def free(self) -> int:
@@ -176,7 +191,17 @@ class DecodeBatch:
             return
         # prompts that begin alike, none of it cached yet: one of each kind runs first, and the
         # others then find their common start in the prefix cache
-        leaders = self.prefix.leaders([r.prompt_ids for r in requests])
+        for r in list(requests):  # a request for an adapter that is not (or no longer) loaded
+            name = r.params.adapter
+            if name is not None and (
+                name not in self.adapters.adapters or name in self.adapters.retiring
+            ):
+                self.finish_request(r, AdapterNotFound(name))
+                requests.remove(r)
+        if not requests:
+            return
+        spaces = [self._namespace(r) for r in requests]
+        leaders = self.prefix.leaders([r.prompt_ids for r in requests], spaces)
         if leaders and len(requests) > 1:
             self.admit([requests[i] for i in leaders])
             chosen = set(leaders)
@@ -197,18 +222,20 @@ class DecodeBatch:
         cached = [0] * n
         if self.prefix.enabled:  # the longest cached start of each prompt, copied into its slot
             for i, row in enumerate(new_rows):
-                places = self.prefix.lookup(row.request.prompt_ids)
+                places = self.prefix.lookup(row.request.prompt_ids, spaces[i])
                 self.prefix.load(places, self.decoder.k, self.decoder.v, first + i)
                 cached[i] = len(places) * PREFIX_BLOCK
                 # (the leading end-of-document token is not one of the prompt's tokens)
                 row.cached_tokens = max(0, cached[i] - 1)
 
         def prompt_alone(i: int) -> None:
-            logits = self.decoder.prefill([new_rows[i].request.prompt_ids], first)
+            lora = self.adapters.rows([requests[i].params.adapter])
+            logits = self._prefill([new_rows[i].request.prompt_ids], first, lora=lora)
             self._choose([new_rows[i]], logits, history[i : i + 1])
 
         try:
-            logits = self.decoder.prefill([r.prompt_ids for r in requests], first, cached)
+            lora = self.adapters.rows([r.params.adapter for r in requests])
+            logits = self._prefill([r.prompt_ids for r in requests], first, cached, lora)
             chosen = self._choose(new_rows, logits, history)
         except Exception as error:
             culprits = self._culprits(error, new_rows, prompt_alone)
@@ -217,7 +244,11 @@ class DecodeBatch:
             self.admit([row.request for row in new_rows if row.failure is None])
             return
         for i, row in enumerate(new_rows):  # the prompts' whole blocks, for later requests
-            self.prefix.store(row.request.prompt_ids, self.decoder.k, self.decoder.v, first + i)
+            ids = row.request.prompt_ids
+            self.prefix.store(ids, self.decoder.k, self.decoder.v, first + i, spaces[i])
+            if row.params.adapter is not None:
+                self.adapters.acquire(row.params.adapter)  # held until the row ends
+        self._lora_stale = True
         if self.observer is not None and self.prefix.enabled:
             stats = self.prefix.stats
             self.observer.on_prefix_cache(
@@ -246,12 +277,17 @@ class DecodeBatch:
         ids = torch.tensor([row.generated[-1] for row in self.rows])
         positions = [row.position for row in self.rows]
 
+        if self._lora_stale:
+            self._lora = self.adapters.rows([row.params.adapter for row in self.rows])
+            self._lora_stale = False
+
         def row_alone(i: int) -> None:
-            logits = self.decoder.decode(ids[i : i + 1], positions[i : i + 1], slots=[i])
+            lora = self.adapters.rows([self.rows[i].params.adapter])
+            logits = self._decode(ids[i : i + 1], positions[i : i + 1], [i], lora)
             self._choose([self.rows[i]], logits, self.history[i : i + 1])
 
         try:
-            logits = self.decoder.decode(ids, positions)
+            logits = self._decode(ids, positions, lora=self._lora)
             if self._sampling is None:
                 self._sampling = SamplingTensors.build(
                     [row.params for row in self.rows], self.vocab, logits.device
@@ -267,7 +303,10 @@ class DecodeBatch:
     def fail(self, error: BaseException) -> None:
         """End every running sequence with `error` (the model raised)."""
         rows, self.rows, self._sampling = self.rows, [], None
+        self._lora_stale = True
         for row in rows:
+            if row.params.adapter is not None:
+                self.adapters.release(row.params.adapter)
             self.finish_request(row.request, error)
         self.decoder.release()
 
@@ -289,6 +328,24 @@ class DecodeBatch:
             self.observer.on_finished(request)
 
     # -- internals ----------------------------------------------------------------------------
+    def _prefill(self, prompts, first: int, cached=None, lora=None) -> torch.Tensor:
+        """The decoder's prefill; the prefix cache's and the adapters' arguments only where used
+        (another runtime's decoder, onnx_model.py's, takes neither)."""
+        if lora is None and not (cached and any(cached)):
+            return self.decoder.prefill(prompts, first)
+        return self.decoder.prefill(prompts, first, cached, lora)
+
+    def _decode(self, ids, positions, slots=None, lora=None) -> torch.Tensor:
+        if lora is None:
+            return self.decoder.decode(ids, positions, slots)
+        return self.decoder.decode(ids, positions, slots, lora)
+
+    def _namespace(self, request: GenerationRequest) -> str:
+        """What besides its tokens a row's KV depends on, for the prefix cache: its adapter (by
+        name and content)."""
+        name = request.params.adapter
+        return "" if name is None else f"{name}:{self.adapters.adapters[name].sha256}"
+
     def _culprits(self, error: Exception, rows: list[_Row], alone: Callable[[int], None]) -> list:
         """The rows for which `alone(i)` raises too, marked failed; `error` is raised again when
         there are none (the failure cannot be pinned on a row, so it is the whole batch's)."""
@@ -462,7 +519,10 @@ class DecodeBatch:
                 # its whole sequence so far (the next turn of a chat starts with it): the KV of
                 # every token before its newest (`position`: fed at the next step, if any)
                 seen = (row.request.prompt_ids + row.generated)[: row.position]
-                self.prefix.store(seen, self.decoder.k, self.decoder.v, i)
+                space = self._namespace(row.request)
+                self.prefix.store(seen, self.decoder.k, self.decoder.v, i, space)
+            if row.params.adapter is not None:
+                self.adapters.release(row.params.adapter)
             if i != last:
                 self.decoder.move(last, i)
                 self.history[i] = self.history[last]
@@ -471,6 +531,7 @@ class DecodeBatch:
             self._finish(row)
         if done:
             self._sampling = None
+            self._lora_stale = True
 
     def _finish(self, row: _Row) -> None:
         if row.failure is not None:

@@ -13,6 +13,9 @@ ENGINE_MAX_QUEUE = 256  # most requests waiting for a batch row; more are refuse
 # memory for the KV of cached prompt prefixes (prefix_cache.py): ~220 blocks of 16 tokens of a
 # gpt2-124m-sized fp32 model, ~4,000 of the default model
 PREFIX_CACHE_MB = 256
+# memory for loaded LoRA adapters (adapters.py): a rank-16 adapter of every block product of a
+# gpt2-124m-sized fp32 model takes ~9.4 MB, of the default model 0.5 MB
+ADAPTER_MB = 256
 
 
 def available_cores() -> int:

@@ -93,7 +93,9 @@ class PrefixCache:
         self._v = [make() for _ in range(self.layers)]
         self._free = list(range(self.capacity - 1, -1, -1))
 
-    def leaders(self, prompts: Sequence[Sequence[int]], namespace: str = "") -> list[int]:
+    def leaders(
+        self, prompts: Sequence[Sequence[int]], namespaces: Sequence[str] | None = None
+    ) -> list[int]:
         """Of prompts arriving together, the first of each group whose first block is the same and
         not cached (by place): running those first lets the others find their common start in
         the cache instead of computing it once each."""
@@ -101,7 +103,8 @@ class PrefixCache:
             return []
         groups: dict[bytes, list[int]] = {}
         for i, ids in enumerate(prompts):
-            names = block_names(ids[: BLOCK + 1], namespace)  # the first block, if whole
+            space = namespaces[i] if namespaces else ""
+            names = block_names(ids[: BLOCK + 1], space)  # the first block, if whole
             if names and names[0] not in self._where and len(ids) > BLOCK:
                 groups.setdefault(names[0], []).append(i)
         return [group[0] for group in groups.values() if len(group) > 1]

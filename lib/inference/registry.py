@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from lib.inference.contract import Engine
 from lib.inference.limits import (
+    ADAPTER_MB,
     ENGINE_MAX_BATCH_SIZE,
     ENGINE_MAX_QUEUE,
     ENGINE_MAX_WAIT_S,
@@ -75,6 +76,9 @@ class EngineSpec:
     warmup: bool = True
     standby: bool = True  # the process engine keeps a spare process ready for a restart
     prefix_cache_mb: int = PREFIX_CACHE_MB  # KV of cached prompt prefixes; 0: no prefix cache
+    # LoRA adapters loaded at start, (name, directory) pairs, within adapter_mb of memory
+    adapters: tuple[tuple[str, str], ...] = ()
+    adapter_mb: int = ADAPTER_MB
 
 
 @dataclass(frozen=True)

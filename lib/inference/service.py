@@ -32,7 +32,12 @@ from lib.checkpoint import (
 from lib.inference.contract import EngineObserver
 from lib.inference.engine import GenerationEngine
 from lib.inference.generation import generate, run_to_end
-from lib.inference.limits import ENGINE_MAX_BATCH_SIZE, ENGINE_MAX_QUEUE, ENGINE_MAX_WAIT_S
+from lib.inference.limits import (
+    ADAPTER_MB,
+    ENGINE_MAX_BATCH_SIZE,
+    ENGINE_MAX_QUEUE,
+    ENGINE_MAX_WAIT_S,
+)
 from lib.inference.onnx_model import OnnxCausalLM
 from lib.inference.prompts import check_fits, check_tokens, encode_prompts
 from lib.inference.quantization import check_quantization, quantization_of, quantize
@@ -259,10 +264,13 @@ class InferenceService:
         observer: EngineObserver | None = None,
         threads: int | None = None,
         prefix_cache_mb: int = 0,
+        adapters: Sequence[tuple[str, str]] = (),
+        adapter_mb: int = ADAPTER_MB,
     ) -> GenerationEngine:
         """The continuous-batching engine over this model (start() it; it shares the lock).
         `threads`: CPU threads for its math (default: every core the process may use);
-        `prefix_cache_mb`: memory for the KV of cached prompt prefixes (0: none)."""
+        `prefix_cache_mb`: memory for the KV of cached prompt prefixes (0: none); `adapters`:
+        LoRA adapters to load, (name, directory) pairs, within `adapter_mb` (adapters.py)."""
         return GenerationEngine(
             self.model,
             self.tokenizer,
@@ -274,6 +282,9 @@ class InferenceService:
             threads=threads,
             prompt_scorer=self.prompt_logprobs,
             prefix_cache_mb=prefix_cache_mb,
+            adapters=adapters,
+            adapter_mb=adapter_mb,
+            base_sha256=self.checkpoint_sha256,
         )
 
     # -- generation ---------------------------------------------------------------------------

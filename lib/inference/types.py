@@ -73,6 +73,7 @@ class GenerationParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     constraint: Constraint | None = None
+    adapter: str | None = None  # a loaded LoRA adapter's name (adapters.py); None: the base model
 
     def __post_init__(self) -> None:
         if self.logit_bias:  # normalised: (int, float) pairs, one per token id

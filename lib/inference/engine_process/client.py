@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import threading
@@ -63,7 +64,7 @@ MAX_RESTARTS_IN_A_ROW = 5  # a model that kills its process at once is not resta
 class EngineProcess(Engine):
     """Our continuous-batching engine in a child process (see the module docstring)."""
 
-    capabilities = EngineCapabilities(restarts=True, loads_model=True)
+    capabilities = EngineCapabilities(restarts=True, loads_model=True, adapters=True)
     family = "ours"  # the same decoding code as the thread engine
 
     @classmethod
@@ -219,6 +220,22 @@ class EngineProcess(Engine):
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0):
         """`InferenceService.prompt_logprobs`, run by the engine process (blocking)."""
         return self._call("prompt_logprobs", list(ids), top)
+
+    def add_adapter(self, name: str, path: str) -> dict:
+        """`Engine.add_adapter`, in the engine process; a process that replaces a dead one loads
+        it too (it joins the spec's adapters)."""
+        described = self._call("add_adapter", name, str(path))
+        kept = tuple((n, p) for n, p in self.spec.adapters if n != name)
+        self.spec = dataclasses.replace(self.spec, adapters=(*kept, (name, str(path))))
+        return described
+
+    def remove_adapter(self, name: str) -> None:
+        self._call("remove_adapter", name)
+        kept = tuple((n, p) for n, p in self.spec.adapters if n != name)
+        self.spec = dataclasses.replace(self.spec, adapters=kept)
+
+    def list_adapters(self) -> list[dict]:
+        return self._call("list_adapters")
 
     def _call(self, name: str, *args):
         done: concurrent.futures.Future = concurrent.futures.Future()

@@ -27,6 +27,9 @@ IMPORTED_AT = time.monotonic()  # the heavy imports above are most of a cold sta
 log = logging.getLogger(__name__)
 
 
+ENGINE_CALLS = ("add_adapter", "remove_adapter", "list_adapters")  # ("call" messages)
+
+
 def load_engine_service(spec: EngineSpec) -> InferenceService:
     """The model as the engine process serves it (loaded with one thread: engine.py explains)."""
     torch.set_num_threads(1)
@@ -66,6 +69,9 @@ def engine_main(inbox: Connection, outbox: Connection) -> None:
         threads=spec.threads,
         outbox=out,
         prefix_cache_mb=spec.prefix_cache_mb,
+        adapters=spec.adapters,
+        adapter_mb=spec.adapter_mb,
+        base_sha256=service.checkpoint_sha256,
     )
     out.running = lambda: engine.running
     engine.start()
@@ -108,8 +114,9 @@ def engine_main(inbox: Connection, outbox: Connection) -> None:
             engine.discard_cancelled()  # queued ones answer now: the front frees their places
         elif kind == "call":
             _, rid, name, args = message
-            try:
-                outcome = getattr(service, name)(*args)
+            try:  # the adapters are the engine's; the rest the model's
+                target = engine if name in ENGINE_CALLS else service
+                outcome = getattr(target, name)(*args)
             except Exception as e:
                 outcome = e
             out.add((DONE, rid, outcome))

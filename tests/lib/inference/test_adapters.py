@@ -3,6 +3,8 @@ decoder's per-row updates against `peft` itself, with the real committed model."
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import shutil
 
@@ -11,10 +13,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from lib.inference import EngineSpec, GenerationParams, LoadSpec
 from lib.inference.adapters import AdapterBank, AdapterError, AdapterNotFound
 from lib.inference.decoder import GPT2SlotDecoder
+from lib.inference.engine import GenerationEngine
+from lib.inference.engine_process.client import EngineProcess
 from lib.inference.prompts import encode_prompts
-from tests.helpers import CHECKPOINT
+from tests.helpers import CHECKPOINT, until
 
 PROMPTS = ["Привет, мир!", "Москва — столица", "Он открыл дверь и"]
 
@@ -160,3 +165,91 @@ def test_the_budget_unloads_the_least_recently_used_idle_adapter(base, adapters)
         bank.add("c", adapters["c"])
     with pytest.raises(AdapterNotFound):
         bank.get("c")
+
+
+# -- the engines ----------------------------------------------------------------------------------
+GREEDY = GenerationParams(max_new_tokens=12, temperature=0)
+SEEDED = GenerationParams(max_new_tokens=12, temperature=0.9, seed=5)
+
+
+def mixed_requests(service):
+    """16 requests over the base model and three adapters, greedy and seeded."""
+    names = [None, "a", "b", "c"]
+    return [
+        service.prepare(
+            PROMPTS[i % 3],
+            dataclasses.replace(GREEDY if i % 2 else SEEDED, adapter=names[i % 4]),
+        )
+        for i in range(16)
+    ]
+
+
+@pytest.mark.parametrize("engine_kind", ["thread", "process"])
+def test_sixteen_requests_over_three_adapters_equal_each_alone(service, adapters, engine_kind):
+    """One engine, the base model and three adapters: 16 requests at once give each the text it
+    gives alone, and an adapter changes the text (against the base model's)."""
+    spec = EngineSpec(
+        load=LoadSpec(checkpoint=str(CHECKPOINT)),
+        adapters=tuple((n, str(p)) for n, p in adapters.items()),
+    )
+    if engine_kind == "thread":
+        engine = GenerationEngine.create(spec, model=service)
+    else:
+        engine = EngineProcess(dataclasses.replace(spec, standby=False))
+    engine.start()
+    try:
+        assert {a["name"] for a in engine.list_adapters()} == {"a", "b", "c"}
+        requests = mixed_requests(service)
+
+        async def alone():
+            return [(await engine.submit(r)).text for r in requests]
+
+        async def together():
+            return [r.text for r in await asyncio.gather(*map(engine.submit, requests))]
+
+        want = asyncio.run(alone())
+        assert asyncio.run(together()) == want
+        by_adapter = {
+            r.params.adapter: t
+            for r, t in zip(requests, want, strict=True)
+            if r.params.temperature == 0
+        }
+        assert len(set(by_adapter.values())) > 1  # the adapters change the text
+    finally:
+        engine.stop(5)
+
+
+def test_adding_and_removing_adapters_on_a_running_engine(service, adapters):
+    """Added at run time, listed, used; a removal waits for the requests running with it and new
+    ones are refused at once; an unknown or a broken one is refused with the reason."""
+    engine = service.create_engine()
+    engine.start()
+    try:
+        described = engine.add_adapter("a", str(adapters["a"]))
+        assert described["name"] == "a" and described["rank"] == 4
+        long = dataclasses.replace(GREEDY, adapter="a", max_new_tokens=200, min_new_tokens=200)
+
+        async def body():
+            running = asyncio.ensure_future(engine.submit(service.prepare("Москва", long)))
+            await until(lambda: engine.running == 1, "the request runs")
+            await asyncio.to_thread(engine.remove_adapter, "a")
+            listed = engine.list_adapters()
+            refused = None
+            try:
+                await engine.submit(service.prepare("Москва", long))
+            except AdapterNotFound as e:
+                refused = e
+            done = await running
+            return listed, refused, done
+
+        listed, refused, done = asyncio.run(body())
+        assert listed == [dict(listed[0], name="a", running=1, removing=True)]
+        assert isinstance(refused, AdapterNotFound)
+        assert done.completion_tokens == 200  # the running one finished with its adapter
+        assert engine.list_adapters() == []  # and then it was unloaded
+        with pytest.raises(AdapterNotFound):
+            engine.remove_adapter("a")
+        with pytest.raises(AdapterError, match="has no"):
+            engine.add_adapter("nothing", "/nonexistent")
+    finally:
+        engine.stop(5)
