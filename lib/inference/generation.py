@@ -412,14 +412,16 @@ class DecodeBatch:
     def _mask(self, logits: torch.Tensor, rows: list[_Row], places: list[int]) -> None:
         """-inf, in place, at the tokens each constrained row's grammar forbids next (`places`:
         those rows' logits rows). A row's matcher is made at its first step, from the compiled
-        grammar its tokenizer keeps (InvalidConstraint, for a constraint nobody checked, fails
-        that row alone: see `_culprits`)."""
+        grammar its tokenizer keeps. InvalidConstraint (a constraint nobody checked) or a grammar
+        that allows no token fails that row alone (see `_culprits`)."""
         compiler = compiler_for(self.raw, self.eos, self.vocab)
         for row in rows:
             if row.matcher is None:
                 row.matcher = compiler.matcher(row.params.constraint)
-        forbidden = torch.from_numpy(compiler.forbidden([row.matcher for row in rows]))
-        forbidden = forbidden.to(logits.device)  # (n, vocab) bool
+        forbidden = compiler.forbidden([row.matcher for row in rows])  # (n, vocab) bool
+        if forbidden.all(axis=1).any():  # a grammar that this vocabulary cannot go on with
+            raise GenerationFailed("the constraint allows no token of the vocabulary here")
+        forbidden = torch.from_numpy(forbidden).to(logits.device)
         for j, place in enumerate(places):  # each row's view, in place: no gather or scatter
             logits[place].masked_fill_(forbidden[j], -torch.inf)
 
