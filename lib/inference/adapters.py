@@ -10,7 +10,9 @@ every loaded adapter's A side by side, `(in, K)`, and its B (scaling folded in) 
 where K is the sum of their ranks. A step whose rows use adapters then pays, per product, two thin
 products for the whole batch, whatever the mix: `((x @ A_all) * mask) @ B_all`, where a row's
 mask keeps its own adapter's columns and zeroes the rest (a base-model row's mask is all zero, so
-its numbers are exactly the base model's). That is the Punica / S-LoRA idea (one base product for
+its numbers are the base model's, computed as they are while adapters are loaded: the MLP's GELU
+after its first product rather than fused into it, since an update goes between the two). That is
+the Punica / S-LoRA idea (one base product for
 every row, plus a low-rank update gathered per row) with the gather done by a mask, which costs
 K columns (a few dozen) instead of a copy of each row's matrices. A step with no adapter rows
 skips it all.
@@ -315,13 +317,6 @@ class RowAdapters:
 
     stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor  # (N, K)
-
-    @property
-    def active(self) -> torch.Tensor:
-        """The rows that use an adapter (indices)."""
-        if not hasattr(self, "_active"):
-            self._active = self.mask.any(dim=1).nonzero()[:, 0]
-        return self._active
 
     def repeated(self, times: int) -> RowAdapters:
         """For a prefill: each row's mask for each of its `times` tokens (row-major)."""

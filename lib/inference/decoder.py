@@ -258,6 +258,10 @@ class GPT2SlotDecoder(SlotCache):
         self.act = _activation(cfg.activation_function)
         self.library = "onednn" if linear is not None else "torch"
         self.packed = self._reorder is not None
+        # the MLP's GELU after its product, not fused into it, for every row: set while LoRA
+        # adapters are loaded (adapters.py), whose update goes between the two, so that a row's
+        # numbers do not depend on whether its neighbours use adapters
+        self.unfused_mlp = False
         with torch.no_grad():
             self.blocks = [self._block(block) for block in tr.h]
             self._lm_head = self._head(model.lm_head)
@@ -322,17 +326,16 @@ class GPT2SlotDecoder(SlotCache):
         self, w: _Block, h: torch.Tensor, a: torch.Tensor, lora=None, layer: int = 0
     ) -> torch.Tensor:
         """The attention output projection and the MLP, with their residuals; (N, C)."""
-        if lora is None:
+        if lora is None and not self.unfused_mlp:
             h = h + w.proj(a)
             return h + w.mlp_out(w.mlp_in(_layer_norm(h, w.ln_2)))
+        if lora is None:  # adapters are loaded, none in this step: the same unfused numbers
+            h = h + w.proj(a)
+            return h + w.mlp_out(self.act(w.mlp_in_linear(_layer_norm(h, w.ln_2))))
         h = h + _plus(w.proj(a), lora.delta(layer, "proj", a))
         x = _layer_norm(h, w.ln_2)
-        m = w.mlp_in(x)
-        d = lora.delta(layer, "mlp_in", x)
-        if d is not None:  # its update goes before the GELU: the adapter rows' product again,
-            # unfused (the other rows keep the fused one's exact numbers)
-            on = lora.active
-            m[on] = self.act(w.mlp_in_linear(x[on]) + d[on])
+        # an adapter's update of the MLP's first product goes before its GELU: unfused
+        m = self.act(_plus(w.mlp_in_linear(x), lora.delta(layer, "mlp_in", x)))
         return h + _plus(w.mlp_out(m), lora.delta(layer, "mlp_out", m))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32

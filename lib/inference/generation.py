@@ -328,14 +328,21 @@ class DecodeBatch:
             self.observer.on_finished(request)
 
     # -- internals ----------------------------------------------------------------------------
+    def _mlp_form(self) -> None:
+        """While adapters are loaded every row's MLP runs unfused (decoder.unfused_mlp)."""
+        if self.adapters.budget > 0:
+            self.decoder.unfused_mlp = bool(self.adapters.adapters)
+
     def _prefill(self, prompts, first: int, cached=None, lora=None) -> torch.Tensor:
         """The decoder's prefill; the prefix cache's and the adapters' arguments only where used
         (another runtime's decoder, onnx_model.py's, takes neither)."""
+        self._mlp_form()
         if lora is None and not (cached and any(cached)):
             return self.decoder.prefill(prompts, first)
         return self.decoder.prefill(prompts, first, cached, lora)
 
     def _decode(self, ids, positions, slots=None, lora=None) -> torch.Tensor:
+        self._mlp_form()
         if lora is None:
             return self.decoder.decode(ids, positions, slots)
         return self.decoder.decode(ids, positions, slots, lora)

@@ -97,14 +97,19 @@ def test_rows_with_different_adapters_share_a_step_and_equal_peft(service, base,
 
 
 def test_a_base_row_beside_adapter_rows_is_exactly_the_base_model(service, base, adapters):
+    """Its numbers do not depend on its neighbours' adapters (while adapters are loaded the MLP
+    runs unfused for every row: decoder.unfused_mlp), and they are the base model's."""
     bank = AdapterBank(base, 64 << 20)
     bank.add("a", adapters["a"])
     ids = encode_prompts(service.tokenizer, PROMPTS)
     dec = GPT2SlotDecoder(base)
     dec.reserve(3, 32)
+    fused = dec.prefill(ids, 0)
+    dec.unfused_mlp = True
     alone = dec.prefill(ids, 0)
     mixed = dec.prefill(ids, 0, lora=bank.rows(["a", None, "a"]))
     assert torch.equal(mixed[1], alone[1])
+    assert torch.allclose(alone, fused, atol=1e-4)
 
 
 def test_no_adapter_rows_means_no_update(base, adapters):
