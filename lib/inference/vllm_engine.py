@@ -44,6 +44,7 @@ from lib.inference.contract import (
     EngineCapabilities,
     EngineObserver,
     EngineStopped,
+    Unsupported,
     send_to_loops,
 )
 from lib.inference.registry import EngineSpec
@@ -393,6 +394,15 @@ class VLLMEngine(Engine):
         r.task.cancel()
         if not r.started:  # cancelled before its first step, its body never runs: end it here
             self._end(r, to_result(r.prompt_tokens, self.eos, "", [], None, "abort", None))
+
+    def add_adapter(self, name: str, path: str) -> dict:
+        """Not with vLLM 0.32 and GPT-2: its GPT2LMHeadModel has no LoRA support (vLLM refuses
+        `enable_lora` for it: "GPT2LMHeadModel does not support LoRA yet")."""
+        raise Unsupported(
+            "LoRA adapters are not served with ML_SERVICE_ENGINE=vllm: vLLM's GPT-2 model has no "
+            "LoRA support; serve them with the process or thread engine, or merge one into a "
+            "checkpoint (train_distributed.py --merge)"
+        )
 
     def prompt_logprobs(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob | None]:
         """`InferenceService.prompt_logprobs` (OpenAI's `echo` with `logprobs`) from vLLM's

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import threading
 
 import openai
@@ -32,6 +33,7 @@ from lib.inference import (
     GenerationResult,
     LoadSpec,
     QueueFull,
+    Unsupported,
 )
 from lib.inference.frontend import FrontendInference
 from lib.inference.vllm_engine import VLLMEngine
@@ -431,3 +433,60 @@ def test_a_dead_vllm_engine_fails_its_requests_and_the_server_says_so(app_client
     ready = app_client.get("/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "failed"  # not restarted
     assert app_client.post("/forward", json=body).status_code == 503  # refused before any work
+
+
+# -- LoRA ---------------------------------------------------------------------------------------------
+def test_vllm_refuses_adapters_saying_why(engine):
+    """vLLM 0.32's GPT-2 has no LoRA support: adding an adapter says so and what to do instead."""
+    assert not engine.capabilities.adapters
+    with pytest.raises(Unsupported, match="no LoRA support"):
+        engine.add_adapter("a", "/nowhere")
+
+
+# -- a LoRA fine-tune merged into a checkpoint ------------------------------------------------------
+MAIN_PYTHON = CHECKPOINT.parents[1] / ".venv" / "bin" / "python"  # the product's venv: training
+
+
+@pytest.mark.skipif(not MAIN_PYTHON.exists(), reason="no .venv (make install) to train with")
+def test_a_merged_lora_checkpoint_serves_in_vllm(tmp_path, front):
+    """`train_distributed.py --lora-rank ... --merge` (a few steps, in the product's own venv)
+    writes a plain checkpoint: vLLM's CPU build serves it, greedy, as plain transformers does."""
+    if not HAVE_VLLM:
+        pytest.skip(WHY)
+    data = tmp_path / "data.txt"
+    data.write_text(
+        "\n".join(f"Строка номер {i}: кошка сидит на окне и смотрит на улицу." for i in range(600))
+    )
+    out = tmp_path / "run"
+    subprocess.run(
+        [
+            str(MAIN_PYTHON),
+            "train_distributed.py",
+            "--init-from",
+            str(CHECKPOINT),
+            "--data",
+            str(data),
+            "--lora-rank",
+            "4",
+            "--max-steps",
+            "4",
+            "--merge",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=CHECKPOINT.parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    merged = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    engine = VLLMEngine(merged, max_batch_size=2, max_queue=2)
+    engine.start()
+    try:
+        item = front.prepare("Кошка сидит", GREEDY)
+        result = run(engine.submit(item))
+    finally:
+        engine.stop(5)
+    assert result.token_ids == hf_greedy(model, item.ids, GREEDY)
