@@ -11,6 +11,12 @@ versions may be loaded at once: a traffic split (`ML_SERVICE_TRAFFIC`, `POST /ad
 sends each client to one of them (ml_service/traffic.py), a request may pin one, and a shadow
 version may receive a copy of the traffic. Each loaded version holds its own weights.
 
+LoRA adapters: each engine loads those of `ML_SERVICE_ADAPTERS_DIR` (read again by every build),
+and those added at run time (`add_adapter`, POST /admin/adapters) are loaded by every engine built
+afterwards too (a reload, another version), so a reload keeps them; `remove_adapter` forgets one.
+Each version's service keeps the names its engine serves (`service.adapters`, read after each
+change): requests are checked against it before they are queued.
+
 What these errors say reaches clients (/ready, the admin answers): names and versions only, never
 a server path or an exception's text; the log has the details.
 """
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.inference import Engine
+from lib.inference.adapters import AdapterError, AdapterNotFound
 from ml_service.contract import ModelService
 from ml_service.observability import ServiceMetrics
 from ml_service.settings import Settings
@@ -63,6 +70,17 @@ class Loaded:
     engine: Engine
     version: str | None
     created: float = field(default_factory=time.time)  # when it was loaded (unix time)
+
+
+def read_adapters(loaded: Loaded) -> list[dict]:
+    """Ask `loaded`'s engine for its adapters (blocking) and keep the names it serves on its
+    service (`service.adapters`: name -> description; one being removed is no longer served);
+    what the engine listed."""
+    if not loaded.engine.capabilities.adapters:
+        return []
+    listed = loaded.engine.list_adapters()
+    loaded.service.adapters = {a["name"]: a for a in listed if not a["removing"]}
+    return listed
 
 
 def list_versions(models_dir: Path) -> list[str]:
@@ -105,6 +123,8 @@ class ModelHost:
         self._retiring: set[asyncio.Task] = set()
         self._retiring_engines: set[Engine] = set()  # old versions finishing their requests
         self._shadowing: set[asyncio.Task] = set()  # copies of requests on the shadow version
+        # adapters added at run time, name -> directory: every engine built later loads them too
+        self.added_adapters: dict[str, str] = {}
         if metrics is not None:
             metrics.track_engine(
                 lambda: sum(v.engine.running for v in self._engines_of()),
@@ -135,7 +155,15 @@ class ModelHost:
         observer = self.metrics.for_version(name) if self.metrics is not None else None
         engine = service.create_engine(observer=observer)
         engine.start()
-        return Loaded(service, engine, name)
+        loaded = Loaded(service, engine, name)
+        if engine.capabilities.adapters:
+            for adapter, path in dict(self.added_adapters).items():
+                try:
+                    engine.add_adapter(adapter, path)
+                except AdapterError as e:
+                    log.warning("adapter %r not loaded by version %s: %s", adapter, name, e)
+            read_adapters(loaded)
+        return loaded
 
     async def start(self) -> None:
         """The first load (in a thread, so the event loop keeps answering /health)."""
@@ -248,6 +276,63 @@ class ModelHost:
             self._prune()
             log.info("now serving version %s (%s)", loaded.version, loaded.service.model_id)
             return loaded, old
+
+    # -- LoRA adapters (POST/DELETE /admin/adapters); one change at a time, never during a reload
+    async def add_adapter(self, name: str, path: str) -> dict:
+        """Load adapter `path` as `name` on the default version (AdapterError: why it cannot),
+        then on the other loaded versions (those that cannot are logged); engines built later
+        load it too. Its description."""
+        async with self._reloading:
+            current = self._serving()
+            described = await asyncio.to_thread(current.engine.add_adapter, name, path)
+            for other in self._engines_of():
+                if other is not current and other.engine.capabilities.adapters:
+                    try:
+                        await asyncio.to_thread(other.engine.add_adapter, name, path)
+                    except AdapterError as e:
+                        log.warning(
+                            "adapter %r not loaded by version %s: %s", name, other.version, e
+                        )
+            self.added_adapters[name] = path
+            await self._read_all_adapters()
+            log.info("adapter %r added (%s)", name, path)
+            return described
+
+    async def remove_adapter(self, name: str) -> int:
+        """Stop serving adapter `name` (AdapterNotFound when no version serves it): new requests
+        for it are refused now, and each engine unloads it once its running requests end (their
+        count is returned). Engines built later do not load it (unless its directory holds it)."""
+        async with self._reloading:
+            self.added_adapters.pop(name, None)
+            held = [v for v in self._engines_of() if name in getattr(v.service, "adapters", {})]
+            if not held:
+                raise AdapterNotFound(name)
+            for loaded in held:
+                try:
+                    await asyncio.to_thread(loaded.engine.remove_adapter, name)
+                except AdapterNotFound:
+                    pass  # (unloaded meanwhile: evicted to make room)
+            listed = await self._read_all_adapters()
+            log.info("adapter %r removed", name)
+            return sum(a["running"] for a in listed if a["name"] == name)
+
+    async def list_adapters(self) -> list[dict]:
+        """The default version's adapters, as its engine describes them now."""
+        current = self._serving()
+        return await asyncio.to_thread(current.engine.list_adapters)
+
+    def _serving(self) -> Loaded:
+        if self.current is None:
+            raise VersionNotFound("no model is loaded (the server log says why)", loc="model")
+        return self.current
+
+    async def _read_all_adapters(self) -> list[dict]:
+        """Every loaded version's adapters read again (an addition may have unloaded the least
+        recently used one); what their engines list, all together."""
+        listed = []
+        for loaded in self._engines_of():
+            listed += await asyncio.to_thread(read_adapters, loaded)
+        return listed
 
     def mirror(self, requests: list, chosen: Loaded, prepare) -> None:
         """A copy of validated requests for the shadow version, if there is one (and it is not

@@ -141,6 +141,13 @@ class ServiceMetrics:
             ["version"],
             registry=r,
         )
+        self.adapter_requests = Counter(
+            f"{PREFIX}_adapter_requests",
+            "model requests that asked for a LoRA adapter (one loaded here), by adapter, whatever "
+            "their status (requests for the base model: version_requests less these)",
+            ["adapter"],
+            registry=r,
+        )
         self.traffic_share = Gauge(
             f"{PREFIX}_traffic_share",
             "each version's configured share of the traffic (absent without a split)",
@@ -239,7 +246,7 @@ class VersionObserver(EngineObserver):
 class AccessLog:
     """ASGI middleware: request id, per-route counts and latency, one JSON log line per request.
 
-    Routes may put `prompt_tokens`, `completion_tokens` and `prompt` on `request.state`; the
+    Routes may put `prompt_tokens`, `completion_tokens`, `adapter` and `prompt` on `request.state`; the
     prompt is logged only when `log_prompts` is on."""
 
     def __init__(self, app, metrics: ServiceMetrics, log_prompts: bool = False):
@@ -287,6 +294,8 @@ class AccessLog:
             reason = "internal" if status >= 500 else None
         if scope["method"] == "POST" and state.get("model_version"):  # a model request
             self.metrics.version_requests.labels(version=state["model_version"]).inc()
+            if adapter := state.get("adapter"):  # (only a loaded one's name: a bounded label)
+                self.metrics.adapter_requests.labels(adapter=adapter).inc()
         if reason is not None:
             self.metrics.failures.labels(reason=reason).inc()
         line = {
@@ -298,6 +307,7 @@ class AccessLog:
             "latency_ms": round(seconds * 1000, 2),
             "client": (scope.get("client") or ("", 0))[0],
             "version": state.get("model_version"),
+            "adapter": state.get("adapter"),
             "cache": state.get("cache"),
             "prompt_tokens": state.get("prompt_tokens"),
             "completion_tokens": state.get("completion_tokens"),

@@ -5,6 +5,7 @@ Nothing else in the service reads the environment; `get_settings()` builds the o
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,7 +13,9 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lib.inference.adapter_names import find_adapters
 from lib.inference.limits import (
+    ADAPTER_MB,
     ENGINE_MAX_BATCH_SIZE,
     ENGINE_MAX_QUEUE,
     ENGINE_MAX_WAIT_S,
@@ -20,6 +23,8 @@ from lib.inference.limits import (
 )
 from lib.inference.registry import ENGINES, EngineSpec, LoadSpec, check_quantization
 from lib.presets import DEFAULT_CHECKPOINT
+
+log = logging.getLogger("ml_service")
 
 
 class Settings(BaseSettings):
@@ -121,6 +126,20 @@ class Settings(BaseSettings):
         "requests end (blocks of 16 tokens, least recently used evicted): a prompt that begins "
         "like an earlier one (a system prompt, earlier chat turns) runs only the rest; 0: off. "
         "Our engines on the torch backend; vLLM: its own prefix caching, on unless 0",
+    )
+    adapters_dir: Path | None = Field(
+        None,
+        description="a directory of LoRA adapters: each subdirectory holding adapter_config.json "
+        "(a PEFT LoRA directory, as `train_distributed.py --lora-rank` writes) is loaded at start "
+        "as the adapter named after it (model `<model>:<name>` on /v1, `adapter` on /forward), "
+        "and read again by each reload; a subdirectory whose name cannot name an adapter (1-64 "
+        "letters, digits, '.', '_' or '-') stops the start. POST /admin/adapters adds more",
+    )
+    max_adapter_mb: int = Field(
+        ADAPTER_MB,
+        ge=0,
+        description="memory (MiB) for loaded LoRA adapters; past it the least recently used one "
+        "not serving a request is unloaded to make room; 0: no adapters",
     )
     max_queue: int = Field(
         ENGINE_MAX_QUEUE,
@@ -260,7 +279,19 @@ class Settings(BaseSettings):
             tensor_parallel=self.tensor_parallel,
             standby=self.engine_standby,
             prefix_cache_mb=self.prefix_cache_mb,
+            adapters=self.directory_adapters(),
+            adapter_mb=self.max_adapter_mb,
         )
+
+    def directory_adapters(self) -> tuple[tuple[str, str], ...]:
+        """(name, path) of the adapters in `adapters_dir`, read now (a reload reads it again); a
+        subdirectory with a bad name added since the start is left out, with a warning."""
+        if self.adapters_dir is None or self.max_adapter_mb == 0:
+            return ()
+        found, problems = find_adapters(self.adapters_dir)
+        for problem in problems:
+            log.warning("adapter not loaded: %s", problem)
+        return tuple(found)
 
     @field_validator("engine")
     @classmethod
@@ -277,6 +308,24 @@ class Settings(BaseSettings):
                 "ML_SERVICE_BACKEND=onnxruntime runs under our engine (ML_SERVICE_ENGINE=process "
                 f"or thread); {self.engine} runs its own model"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_servable(self):
+        if self.adapters_dir is None:
+            return self
+        if not self.adapters_dir.is_dir():
+            raise ValueError(f"ML_SERVICE_ADAPTERS_DIR {self.adapters_dir} is not a directory")
+        if self.max_adapter_mb == 0:
+            raise ValueError("ML_SERVICE_ADAPTERS_DIR needs ML_SERVICE_MAX_ADAPTER_MB above 0")
+        if not ENGINES[self.engine].capabilities.adapters or self.backend == "onnxruntime":
+            raise ValueError(
+                f"ML_SERVICE_ADAPTERS_DIR: the {self.engine} engine on the {self.backend} backend "
+                "serves no adapters (our engines on torch do)"
+            )
+        _, problems = find_adapters(self.adapters_dir)
+        if problems:
+            raise ValueError("ML_SERVICE_ADAPTERS_DIR: " + "; ".join(problems))
         return self
 
     @field_validator("quantization", mode="before")

@@ -78,6 +78,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         # a copy for the shadow version, if any (never awaited)
         deps.host.mirror([req], model, off_loop)
         _note_prompt(request, req)
+        _note_adapter(request, req)
         opted_in = getattr(req, "cache", True)
         if can_stream and req.stream:
             # queued now (a full queue is still a plain 503), or the cached answer as a stream
@@ -110,6 +111,7 @@ def build_router(service_cls: type[ModelService]) -> APIRouter:
         check_room(model.engine, len(requests))
         items = await off_loop(_preprocess_batch, model.service, requests)
         deps.host.mirror(requests, model, off_loop)
+        _note_adapter(request, batch_req)
         opted_in = getattr(batch_req, "cache", True)
         outputs = await run_items(request, deps, model, items, opted_in)
         return model.service.batch_response(
@@ -176,3 +178,9 @@ def _note_prompt(request: Request, req: BaseModel) -> None:
     """For the access log (the prompt itself is written only when ML_SERVICE_LOG_PROMPTS is on)."""
     if isinstance(getattr(req, "text", None), str):
         request.state.prompt = req.text
+
+
+def _note_adapter(request: Request, req: BaseModel) -> None:
+    """The LoRA adapter a request uses (checked: it is loaded), for the access log and metrics."""
+    if isinstance(adapter := getattr(req, "adapter", None), str):
+        request.state.adapter = adapter

@@ -31,6 +31,7 @@ from lib.inference import (
     PromptTooLong,
     QueueFull,
 )
+from lib.inference.adapters import AdapterError, AdapterNotFound
 from ml_service.backend.openai_protocol import OpenAIErrorResponse
 from ml_service.backend.schemas import ErrorResponse
 from ml_service.contract import InvalidInput
@@ -147,6 +148,18 @@ class ModelNotFound(ServiceError):
     reason = "bad_request"
     openai_type = "invalid_request_error"
     openai_code = "model_not_found"
+
+
+class AdapterNotLoaded(ModelNotFound):
+    """A LoRA adapter that is not loaded here: a request's (/forward's `adapter`, the OpenAI
+    `model` `<model>:<adapter>`; also one removed while the request waited), or DELETE's."""
+
+    when = "the `adapter` (on /v1: the `model` `<model>:<adapter>`) is not loaded here"
+
+    def openai_body(self) -> dict:
+        body = super().openai_body()
+        body["error"]["param"] = "model"  # what names an adapter on /v1
+        return body
 
 
 class BodyTooLarge(ServiceError):
@@ -302,6 +315,8 @@ EXPECTED = (
     StarletteHTTPException,
     VersionError,
     BadSplit,
+    AdapterError,
+    AdapterNotFound,
 )
 
 
@@ -319,6 +334,10 @@ def as_service_error(exc: BaseException) -> ServiceError:
             return ModelNotFound([{"loc": [exc.loc], "msg": str(exc)}])
         case VersionError():  # an admin route: unknown version, or it failed to load
             return BadRequest([{"loc": [exc.loc], "msg": str(exc)}])
+        case AdapterNotFound():  # not loaded, or removed before the request ran
+            return AdapterNotLoaded([{"loc": ["adapter"], "msg": str(exc)}])
+        case AdapterError():  # POST /admin/adapters: what is wrong with it
+            return BadRequest([{"loc": ["path"], "msg": str(exc)}])
         case BadSplit():  # POST /admin/traffic
             return BadRequest.one("split", f"{exc}; the split in force stays")
         case PromptTooLong():
@@ -347,6 +366,7 @@ GUARD_ERRORS = (Unauthorized, RateLimited)
 MODEL_ROUTE_ERRORS = (
     BadRequest,
     ModelNotFound,
+    AdapterNotLoaded,
     ModelFailed,
     Overloaded,
     ShuttingDown,
@@ -358,6 +378,7 @@ MODEL_ROUTE_ERRORS = (
 )
 INFO_ROUTE_ERRORS = (ModelNotFound, ModelNotReady, *GUARD_ERRORS, *EDGE_ERRORS)  # /metadata
 ADMIN_ROUTE_ERRORS = (BadRequest, *GUARD_ERRORS, *EDGE_ERRORS)
+ADAPTER_ROUTE_ERRORS = (*ADMIN_ROUTE_ERRORS, AdapterNotLoaded)  # /admin/adapters
 
 
 def openapi_responses(

@@ -32,6 +32,9 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest) -> CompletionResponse | StreamingResponse:
         if req.stream and req.logprobs is not None:
             raise refuse("logprobs", "logprobs are not streamed; send stream: false")
+        if self.adapter is not None and req.echo and req.logprobs is not None:
+            # (the prompt is scored by the base model alone)
+            raise refuse("echo", "a prompt's log-probabilities are not scored with an adapter")
         prompts = await off_loop(self.prompts, req)  # tokenized in the preparing thread
         if req.max_tokens == 0:
             return await self.response(req, prompts, scored_only(prompts, req.n))

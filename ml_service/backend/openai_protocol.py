@@ -386,6 +386,8 @@ class ModelCard(BaseModel):
     context_length: int
     version: str | None
     chat_template: str = Field(..., description="the template chat messages are rendered with")
+    root: str | None = Field(None, description="the model id of the weights (vLLM's field)")
+    parent: str | None = Field(None, description="a LoRA adapter's: the id of its base model")
 
 
 class ModelList(BaseModel):

@@ -9,6 +9,9 @@ the same execution (`execution.py`); only the shapes differ.
   `i` (prompt p, choice c: i = p * n + c, OpenAI's order) samples with `seed + i`.
 - `logprobs` are the model's raw log-probabilities (before penalties and temperature), as vLLM's
   default; they are not streamed (a streamed request that asks for them is a 400).
+- A LoRA adapter is its own model id, `<model>:<adapter>` (`<model>` any id of the version that
+  serves it; also the adapter's bare name), listed by /v1/models with `parent` the base's id, as
+  vLLM lists its LoRA modules; one that is not loaded is a 404 `model_not_found`.
 - A structured-output constraint (`response_format`, `structured_outputs`) is compiled in the
   preparing thread with the prompts (`check_constraint`): a bad one is a 400 naming its field
   before anything reaches the engine.
@@ -28,7 +31,7 @@ from lib.inference import GenerationParams, GenerationResult, InvalidTokens, Pro
 from lib.inference.constraints import InvalidConstraint, check_constraint
 from lib.inference.prompts import check_may_fit
 from lib.tokenizer import token_bytes
-from ml_service.backend.errors import BadRequest, ModelNotFound, ServiceError
+from ml_service.backend.errors import AdapterNotLoaded, BadRequest, ModelNotFound, ServiceError
 from ml_service.backend.execution import (
     StreamFormat,
     check_room,
@@ -94,18 +97,46 @@ def all_loaded(deps) -> list[Loaded]:
     return [deps.model, *others]
 
 
-def requested_model(deps, requested: str | None) -> Loaded:
-    """The version a request's `model` names: the model id (or omitted) leaves the choice to the
-    traffic split (`deps.model`); a loaded version's name pins that version."""
+def adapters_of(loaded: Loaded) -> dict[str, dict]:
+    """The LoRA adapters `loaded`'s engine serves (name -> description; none for a service or an
+    engine without them)."""
+    return getattr(loaded.service, "adapters", {})
+
+
+def requested_model(deps, requested: str | None) -> tuple[Loaded, str | None]:
+    """The version a request's `model` names, and the adapter: the model id (or omitted) leaves
+    the choice to the traffic split (`deps.model`); a loaded version's name pins that version;
+    `<either>:<adapter>` (or an adapter's bare name) adds the adapter, which must be loaded
+    there."""
     if requested is None or requested in model_ids(deps.model):
-        return deps.model
+        return deps.model, None
     if requested in deps.host.loaded and deps.settings.models_dir is not None:
-        return deps.pin(requested)
-    raise _not_served(deps, requested)
+        return deps.pin(requested), None
+    base, colon, adapter = requested.rpartition(":")
+    if (
+        colon
+        and base
+        and (
+            base in model_ids(deps.model)
+            or (base in deps.host.loaded and deps.settings.models_dir is not None)
+        )
+    ):
+        loaded, _ = requested_model(deps, base)
+    elif requested in adapters_of(deps.model):  # a bare adapter name, as vLLM lists them
+        loaded, adapter = deps.model, requested
+    else:
+        raise _not_served(deps, requested)
+    if adapter not in adapters_of(loaded):
+        held = ", ".join(sorted(adapters_of(loaded))) or "none"
+        raise AdapterNotLoaded(
+            [{"loc": ["model"], "msg": f"{requested!r}: adapter {adapter!r} is not loaded here "
+              f"(loaded: {held})"}]
+        )  # fmt: skip
+    return loaded, adapter
 
 
 def _not_served(deps, requested: str) -> ModelNotFound:
-    served = ", ".join(dict.fromkeys(i for v in all_loaded(deps) for i in model_ids(v)))
+    served = ", ".join(card.id for card in list_models(deps).data)
     return ModelNotFound(
         [{"loc": ["model"], "msg": f"{requested!r} is not served here ({served})"}]
     )
@@ -113,19 +144,24 @@ def _not_served(deps, requested: str) -> ModelNotFound:
 
 def list_models(deps) -> ModelList:
     """Every id a request may name, once (the version chosen for this request first), each with
-    its context length and chat template."""
-    cards = [
-        ModelCard(
-            id=name,
-            created=int(loaded.created),
-            owned_by=OWNER,
-            context_length=loaded.service.context_length,
-            version=_version(loaded),
-            chat_template=chat_template(loaded),
-        )
-        for loaded in all_loaded(deps)
-        for name in model_ids(loaded)
-    ]
+    its context length and chat template; then each version's adapters, as `<model>:<adapter>`
+    with `parent` the id they are listed under. `root`: the model id the weights are."""
+    cards = []
+    for loaded in all_loaded(deps):
+        card = {
+            "created": int(loaded.created),
+            "owned_by": OWNER,
+            "context_length": loaded.service.context_length,
+            "version": _version(loaded),
+            "chat_template": chat_template(loaded),
+            "root": loaded.service.model_id,
+        }
+        cards += [ModelCard(id=name, **card) for name in model_ids(loaded)]
+        base = served_name(loaded)
+        cards += [
+            ModelCard(id=f"{base}:{name}", parent=base, **card)
+            for name in sorted(adapters_of(loaded))
+        ]
     return ModelList(data=list({card.id: card for card in cards}.values()))
 
 
@@ -177,13 +213,18 @@ class OpenAIServing:
 
     def __init__(self, request: Request, deps, requested: str | None):
         self.request, self.deps = request, deps
-        self.loaded = requested_model(deps, requested)
+        self.loaded, self.adapter = requested_model(deps, requested)
         self.service = self.loaded.service  # a TextGenerationService (the OpenAI routes' only)
+        if self.adapter is not None:
+            request.state.adapter = self.adapter  # the access log, the metrics
 
     def header(self, prefix: str) -> dict:
         """The fields every response (and every chunk of one stream) starts with: a new id with
-        `prefix`, the time, the served model and its fingerprint."""
+        `prefix`, the time, the served model (`<model>:<adapter>` with an adapter) and its
+        fingerprint."""
         name = served_name(self.loaded)
+        if self.adapter is not None:
+            name = f"{name}:{self.adapter}"
         return {
             "id": f"{prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -244,6 +285,7 @@ class OpenAIServing:
             new = self._tokens_asked(asked, len(prompt.ids))
             for c in range(req.n):
                 params = req.params(new, logprobs, req.choice_seed(p * req.n + c))
+                params = replace(params, adapter=self.adapter)
                 if extra_stop and len(params.stop) < 8:
                     stop = params.stop + tuple(s for s in extra_stop if s not in params.stop)
                     params = replace(params, stop=stop)

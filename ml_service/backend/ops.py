@@ -1,4 +1,5 @@
-"""Operations routes: liveness, readiness, Prometheus metrics, and model versions (admin)."""
+"""Operations routes: liveness, readiness, Prometheus metrics, model versions and LoRA adapters
+(admin)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lib.inference.adapter_names import name_problem
 from ml_service.backend.bodies import read_json_object, validated
 from ml_service.backend.errors import (
+    ADAPTER_ROUTE_ERRORS,
     ADMIN_ROUTE_ERRORS,
     BadRequest,
     Unready,
     openapi_responses,
 )
+from ml_service.backend.openai_serving import served_name
 from ml_service.backend.schemas import STRICT, HealthResponse, Text
 from ml_service.backend.security import require_admin
 from ml_service.hosting import list_versions
@@ -87,6 +91,59 @@ class TrafficResponse(BaseModel):
     )
 
 
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(**STRICT, extra="forbid")
+    name: Text = Field(
+        ...,
+        description="the adapter's name: 1-64 letters, digits, `.`, `_` or `-` (model "
+        "`<model>:<name>` on /v1, `adapter` on /forward); an idle adapter of that name is replaced",
+        examples=["manpages"],
+    )
+    path: Text = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description="a PEFT LoRA directory on the server's disk (adapter_config.json and "
+        "adapter_model.safetensors, as `train_distributed.py --lora-rank` writes)",
+        examples=["runs/lora-manpages/final"],
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v: str) -> str:
+        if problem := name_problem(v):
+            raise ValueError(problem)
+        return v
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    model: str = Field(..., description="its model id on /v1 (`<model>:<name>`)")
+    rank: int
+    sha256: str = Field(..., description="of its weights file")
+    bytes: int = Field(..., description="the memory it takes")
+    running: int = Field(0, description="requests generating with it now")
+    removing: bool = Field(False, description="removed: unloaded once its running requests end")
+    added: bool = Field(
+        False, description="added at run time (POST), not found in ML_SERVICE_ADAPTERS_DIR"
+    )
+
+
+class AdaptersResponse(BaseModel):
+    adapters: list[AdapterInfo]
+    budget_mb: int = Field(..., description="ML_SERVICE_MAX_ADAPTER_MB")
+
+
+class AdapterRemoved(BaseModel):
+    name: str
+    removed: bool = Field(..., description="unloaded now (false: once its running requests end)")
+    waiting_for: int = Field(..., description="running requests it is unloaded after")
+
+
+# read from the path by the route itself: a declared parameter would bring FastAPI's 422
+ADAPTER_NAME = {
+    "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+}
 # an unknown version, one that fails to load, or a bad split: a 400 (errors.py maps hosting's
 # VersionError and traffic's BadSplit)
 ADMIN_ERRORS = openapi_responses(*ADMIN_ROUTE_ERRORS)
@@ -208,8 +265,67 @@ def build_ops_router() -> APIRouter:
         published = await request.app.state.split_sync.publish(split)
         return _traffic(request, shared=published)
 
+    @admin.get("/admin/adapters", response_model=AdaptersResponse, summary="LoRA adapters (admin)")
+    async def adapters(request: Request) -> AdaptersResponse:
+        """The adapters the default version serves: each one's model id, rank, memory, and the
+        requests generating with it now."""
+        return AdaptersResponse(
+            adapters=await _adapters(request),
+            budget_mb=request.app.state.deps.settings.max_adapter_mb,
+        )
+
+    @admin.post("/admin/adapters", response_model=AdapterInfo, summary="add a LoRA adapter (admin)")
+    async def add_adapter(request: Request) -> AdapterInfo:
+        """Load a PEFT LoRA directory of the server's disk and serve it under `name` (every
+        loaded version, and those loaded later, a reload's included). 400 with the reason when
+        it cannot serve it (not a LoRA of this model, trained on another checkpoint, a corrupt
+        file, over the memory budget); what serves keeps serving."""
+        body = validated(AdapterRequest, await read_json_object(request))
+        _check_engine(request)
+        await request.app.state.deps.host.add_adapter(body.name, body.path)
+        return next(a for a in await _adapters(request) if a.name == body.name)
+
+    @router.delete(
+        "/admin/adapters/{name}",
+        response_model=AdapterRemoved,
+        dependencies=[Depends(require_admin)],
+        responses=openapi_responses(*ADAPTER_ROUTE_ERRORS),
+        openapi_extra=ADAPTER_NAME,
+        summary="remove a LoRA adapter (admin)",
+    )
+    async def remove_adapter(request: Request) -> AdapterRemoved:
+        """Stop serving an adapter: requests that name it get 404 from now on; the ones running
+        finish with it, then it is unloaded. 404 when it is not loaded. An adapter of
+        ML_SERVICE_ADAPTERS_DIR comes back at the next reload unless its directory is gone."""
+        _check_engine(request)
+        name = request.path_params["name"]
+        waiting = await request.app.state.deps.host.remove_adapter(name)
+        return AdapterRemoved(name=name, removed=waiting == 0, waiting_for=waiting)
+
     router.include_router(admin)
     return router
+
+
+def _check_engine(request: Request) -> None:
+    current = request.app.state.deps.host.current
+    if current is not None and not current.engine.capabilities.adapters:
+        kind = request.app.state.deps.settings.engine
+        raise BadRequest.one(
+            "adapter",
+            f"LoRA adapters are not served with ML_SERVICE_ENGINE={kind}: serve them with the "
+            "process or thread engine, or merge one into a checkpoint (train_distributed.py "
+            "--merge)",
+        )
+
+
+async def _adapters(request: Request) -> list[AdapterInfo]:
+    host = request.app.state.deps.host
+    listed = await host.list_adapters()
+    base = served_name(host.current)  # as /v1/models lists them
+    return [
+        AdapterInfo(**a, model=f"{base}:{a['name']}", added=a["name"] in host.added_adapters)
+        for a in listed
+    ]
 
 
 def _traffic(request: Request, shared: bool) -> TrafficResponse:

@@ -179,6 +179,13 @@ class GenerationOptions(BaseModel):
         json_schema_extra=stop_schema,
     )
     structured_outputs: StructuredOutputs | None = Field(None, description=STRUCTURED_DOC)
+    adapter: Text | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="a LoRA adapter loaded here, by name (/metadata lists them): it generates "
+        "instead of the base model; omitted: the base model. One not loaded: 404",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -208,6 +215,7 @@ class GenerationOptions(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop or ()),
             constraint=None if so is None else so.constraint(),
+            adapter=self.adapter,
         )
 
 

@@ -22,6 +22,7 @@ from lib.inference import (
     PreparedPrompt,
     PromptTooLong,
 )
+from lib.inference.adapters import AdapterNotFound
 from lib.inference.constraints import InvalidConstraint, check_constraint
 from lib.inference.frontend import FrontendInference
 from lib.inference.prompts import check_may_fit
@@ -59,6 +60,7 @@ class TextGenerationService(CheckpointService):
             raise InvalidInput(f"max_new_tokens must be <= {limit}", loc="max_new_tokens")
         check_text_length(request.text, self.settings.max_text_chars)
         params, context = request.to_generation_params(), self.context_length
+        self.check_adapter(params.adapter)
         try:  # compiled here, in the preparing thread (cached: once per distinct constraint)
             check_constraint(self.tokenizer, params.constraint, self.vocab_size)
         except InvalidConstraint as e:
@@ -82,6 +84,19 @@ class TextGenerationService(CheckpointService):
     def __init__(self, settings, inference: InferenceService | None = None):
         super().__init__(settings, inference)
         self._model_given = inference is not None  # a loaded model handed in: the thread engine
+        # the LoRA adapters its engine serves, name -> description (rank, sha256, ...), as the
+        # model host last read them (ml_service/hosting.py: after each addition or removal)
+        self.adapters: dict[str, dict] = {}
+
+    def check_adapter(self, name: str | None) -> None:
+        """AdapterNotFound (a 404) unless `name` is None (the base model) or served here."""
+        if name is not None and name not in self.adapters:
+            raise AdapterNotFound(name)
+
+    def adapter_model_id(self, name: str | None) -> str:
+        """What answers call the model that served: the model id, `<model id>:<adapter>` with an
+        adapter (as the OpenAI routes list it)."""
+        return self.model_id if name is None else f"{self.model_id}:{name}"
 
     @property
     def engine_kind(self) -> str:
@@ -119,14 +134,16 @@ class TextGenerationService(CheckpointService):
         return self.inference.generate_prepared(batch)
 
     def postprocess(self, output: GenerationResult, request: ForwardRequest) -> ForwardResponse:
-        return ForwardResponse(model=self.model_id, **Completion.from_result(output).model_dump())
+        model = self.adapter_model_id(request.adapter)
+        return ForwardResponse(model=model, **Completion.from_result(output).model_dump())
 
     def cache_key(self, item: PreparedPrompt) -> str | None:
         """Greedy or seeded generations only (an unseeded sample must differ each time): the
         checkpoint's content hash, the numerics that run it (backend, precision and device kind:
         bfloat16, int8, ONNX Runtime or a GPU round differently, so their greedy answers may
-        differ), the engine (vLLM's kernels and
-        sampler differ from ours), the prompt's ids and every parameter after defaults."""
+        differ), the engine (vLLM's kernels and sampler differ from ours), the adapter's content
+        hash (an adapter added again from other weights under the same name never hits the old
+        entries), the prompt's ids and every parameter after defaults (the adapter's name too)."""
         p = item.params
         if p.temperature != 0 and p.seed is None:
             return None
@@ -138,7 +155,19 @@ class TextGenerationService(CheckpointService):
         # engines of one family (ours, in a process or a thread: the same code) decode alike;
         # another family (vLLM) samples differently
         engine = self.engine_class.family
-        identity = [inference.checkpoint_sha256, numerics, engine, list(item.ids), asdict(p)]
+        adapter = None
+        if p.adapter is not None:
+            if p.adapter not in self.adapters:  # removed meanwhile: the engine will refuse it
+                return None
+            adapter = self.adapters[p.adapter]["sha256"]
+        identity = [
+            inference.checkpoint_sha256,
+            numerics,
+            engine,
+            adapter,
+            list(item.ids),
+            asdict(p),
+        ]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def cache_encode(self, output: GenerationResult) -> dict:
@@ -162,17 +191,30 @@ class TextGenerationService(CheckpointService):
         return out
 
     def batch_response(self, responses: list[ForwardResponse]) -> ForwardBatchResponse:
+        # (one adapter for the whole batch: its texts share the options)
+        model = responses[0].model if responses else self.model_id
         return ForwardBatchResponse(
-            model=self.model_id,
+            model=model,
             results=[Completion(**r.model_dump(exclude={"model"})) for r in responses],
         )
 
     def metadata(self) -> dict:
-        """Adds `engine` (what generates: `process`, `thread` or `vllm`) and `sampling`: each
-        generation parameter's default and range."""
+        """Adds `engine` (what generates: `process`, `thread` or `vllm`), `adapters` (the LoRA
+        adapters served: name, model id, rank, content hash) and `sampling`: each generation
+        parameter's default and range."""
+        adapters = [
+            {
+                "name": name,
+                "model": self.adapter_model_id(name),
+                "rank": a["rank"],
+                "sha256": a["sha256"],
+            }
+            for name, a in sorted(self.adapters.items())
+        ]
         return {
             **super().metadata(),
             "engine": self.engine_kind,
+            "adapters": adapters,
             "sampling": parameter_ranges(GenerationOptions),
         }
 

@@ -61,6 +61,7 @@ METRICS = {
     "ml_service_prefix_cache_hits_total",
     "ml_service_prefix_cache_evictions_total",
     "ml_service_prefix_cache_blocks",
+    "ml_service_adapter_requests_total",
 }
 
 
@@ -107,13 +108,17 @@ def exported_metrics(metrics_text: str) -> dict[str, set[str]]:
 def live_metrics(settings, tmp_path_factory) -> dict[str, set[str]]:
     """What GET /metrics of the app exports, once every labelled family has a sample (a
     labelled metric with no sample yet would show no label names): a version in a traffic split,
-    a cacheable request, and a Redis that is not there (its fallbacks are counted)."""
+    a cacheable request, a Redis that is not there (its fallbacks are counted), and a request for
+    a LoRA adapter."""
     from fastapi.testclient import TestClient
 
     from tests.helpers import CHECKPOINT, free_port
+    from tests.lib.inference.test_adapters import make_adapter
 
     versions = tmp_path_factory.mktemp("versions")
     shutil.copytree(CHECKPOINT, versions / "v1")
+    adapters = tmp_path_factory.mktemp("adapters")
+    make_adapter(adapters / "a", 1)
     s = Settings(
         **{
             **settings.model_dump(),
@@ -121,6 +126,7 @@ def live_metrics(settings, tmp_path_factory) -> dict[str, set[str]]:
             "traffic": "v1=1",
             "redis_url": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
             "cache_ttl_s": 600,  # the cache tries Redis, falls back (a miss), is counted
+            "adapters_dir": adapters,
         }
     )
     greedy = {"text": "Привет", "max_new_tokens": 2, "temperature": 0}
@@ -128,6 +134,7 @@ def live_metrics(settings, tmp_path_factory) -> dict[str, set[str]]:
         for _ in range(2):  # a miss, then a hit
             assert client.post("/forward", json=greedy).status_code == 200
         assert client.post("/forward", json={"text": ""}).status_code == 400  # a failure reason
+        assert client.post("/forward", json={**greedy, "adapter": "a"}).status_code == 200
         r = client.get("/metrics")
     assert r.status_code == 200
     return exported_metrics(r.text)
