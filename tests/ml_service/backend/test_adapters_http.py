@@ -224,3 +224,26 @@ def test_a_badly_named_adapter_directory_stops_the_start(tmp_path):
         Settings(adapters_dir=tmp_path)
     with pytest.raises(ValueError, match="MAX_ADAPTER_MB"):
         Settings(adapters_dir=tmp_path, max_adapter_mb=0)
+
+
+def test_a_removal_waits_for_the_requests_running_with_the_adapter(server):
+    long = {"text": PROMPT, "adapter": "b", "stream": True, **GREEDY}
+    long.update(max_new_tokens=250, min_new_tokens=250)  # (still running at the DELETE)
+    events = []
+    with httpx.stream("POST", f"{server.url}/forward", json=long, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("event: "):
+                continue
+            events.append(line.removeprefix("event: "))
+            if len(events) == 2:  # generating with b: remove it now
+                d = httpx.delete(f"{server.url}/admin/adapters/b", headers=ADMIN)
+                assert d.json() == {"name": "b", "removed": False, "waiting_for": 1}, d.text
+                assert forward(server, "Кошка", "b").status_code == 404  # new ones: refused
+    assert events[-1] == "done" and "error" not in events  # the running one finished with it
+
+    def unloaded() -> bool:
+        listed = httpx.get(f"{server.url}/admin/adapters", headers=ADMIN).json()["adapters"]
+        return "b" not in [a["name"] for a in listed]
+
+    wait_for(unloaded, "b unloaded after its last request")
