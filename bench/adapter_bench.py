@@ -8,7 +8,9 @@ the service's defaults), in three workloads, interleaved `--repeats` times:
 
 - `base`: every request on the base model;
 - `mixed`: requests spread over the base model and the three adapters, round robin;
-- `adapters`: every request on one of the three adapters.
+- `adapters`: every request on one of the three adapters;
+- `base, none loaded`: `base` on an engine with no adapter loaded (while any is loaded, every
+  row's MLP runs its GELU after its product instead of fused into it: decoder.unfused_mlp).
 
 Each row gives tokens per second (generated tokens over wall time, the best of the repeats) and
 its share of the base-only figure. The adapters' update for a step is two thin products per
@@ -124,6 +126,14 @@ def main(argv=None) -> None:
             threads = engine.threads
         finally:
             engine.stop(5)
+        plain = service.create_engine(threads=args.threads)
+        plain.start()
+        try:
+            best["base, none loaded"] = max(
+                asyncio.run(run(plain, service, "base", args)) for _ in range(args.repeats)
+            )
+        finally:
+            plain.stop(5)
     rows = [
         "| workload | tok/s | of base-only |",
         "| --- | --- | --- |",

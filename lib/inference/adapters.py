@@ -313,7 +313,7 @@ class AdapterBank:
 
 @dataclass
 class RowAdapters:
-    """One step's LoRA update: `delta(layer, product, x)` for x (N, in), N the step's rows."""
+    """One step's LoRA update: `add(layer, product, x, y)` for x (N, in), N the step's rows."""
 
     stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor  # (N, K)
@@ -322,9 +322,11 @@ class RowAdapters:
         """For a prefill: each row's mask for each of its `times` tokens (row-major)."""
         return RowAdapters(self.stacked, self.mask.repeat_interleave(times, dim=0))
 
-    def delta(self, layer: int, product: str, x: torch.Tensor) -> torch.Tensor | None:
+    def add(self, layer: int, product: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the product's output for x, a tensor of its own) plus the update, in place (three
+        small ops per product: a step makes many of them)."""
         ab = self.stacked.get((layer, product))
         if ab is None:
-            return None
+            return y
         A, B = ab
-        return ((x @ A) * self.mask) @ B
+        return y.addmm_(torch.mm(x, A).mul_(self.mask), B)

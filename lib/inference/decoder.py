@@ -157,10 +157,6 @@ def _activation(name: str):
 Product = Callable[[torch.Tensor], torch.Tensor]  # x (N, in) -> (N, out)
 
 
-def _plus(y: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
-    return y if d is None else y + d
-
-
 @dataclass(frozen=True)
 class _Block:
     """One GPT-2 block as the decoder runs it: its LayerNorms, and its four products (each with
@@ -318,8 +314,8 @@ class GPT2SlotDecoder(SlotCache):
         N = h.shape[0]
         x = _layer_norm(h, w.ln_1)
         qkv = w.attn(x)  # (N, 3C)
-        if lora is not None and (d := lora.delta(layer, "attn", x)) is not None:
-            qkv = qkv + d
+        if lora is not None:
+            qkv = lora.add(layer, "attn", x, qkv)
         return qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)
 
     def _block_rest(
@@ -332,11 +328,11 @@ class GPT2SlotDecoder(SlotCache):
         if lora is None:  # adapters are loaded, none in this step: the same unfused numbers
             h = h + w.proj(a)
             return h + w.mlp_out(self.act(w.mlp_in_linear(_layer_norm(h, w.ln_2))))
-        h = h + _plus(w.proj(a), lora.delta(layer, "proj", a))
+        h = h + lora.add(layer, "proj", a, w.proj(a))
         x = _layer_norm(h, w.ln_2)
         # an adapter's update of the MLP's first product goes before its GELU: unfused
-        m = self.act(_plus(w.mlp_in_linear(x), lora.delta(layer, "mlp_in", x)))
-        return h + _plus(w.mlp_out(m), lora.delta(layer, "mlp_out", m))
+        m = self.act(lora.add(layer, "mlp_in", x, w.mlp_in_linear(x)))
+        return h + lora.add(layer, "mlp_out", m, w.mlp_out(m))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, vocab), float32
         return self._lm_head(_layer_norm(h, self.ln_f))
