@@ -99,7 +99,7 @@ def logit_difference(reference, candidate, tokenizer, prompts: Sequence[str]) ->
 
 def greedy_texts(model, tokenizer, prompts: Sequence[str], tokens: int = GREEDY_TOKENS) -> list:
     """Greedy continuations by our engine's batch decoder over `model` (torch or ONNX)."""
-    from lib.inference.generation import generate
+    from lib.inference.offline import generate
     from lib.inference.types import GenerationParams
 
     params = [GenerationParams(max_new_tokens=tokens, temperature=0)] * len(prompts)

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-CONFIG = "adapter_config.json"
+from lib.inference.adapter_names import CONFIG, name_problem
+
 WEIGHTS = "adapter_model.safetensors"
 CARD = "training_card.json"
 # PEFT's key for a LoRA matrix of GPT-2: base_model.model.transformer.h.<i>.<attn|mlp>.<name>.lora_<A|B>.weight
@@ -50,7 +51,6 @@ PRODUCTS = {
     ("mlp", "c_fc"): "mlp_in",
     ("mlp", "c_proj"): "mlp_out",
 }
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class AdapterError(ValueError):
@@ -88,11 +88,8 @@ class Adapter:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise AdapterError(
-            f"adapter name {name!r}: 1-64 characters, letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    if (problem := name_problem(name)) is not None:
+        raise AdapterError(problem)
     return name
 
 

@@ -41,7 +41,7 @@ from lib.inference.contract import (
     EngineStopped,
     send_to_loops,
 )
-from lib.inference.generation import DecodeBatch, GenerationRequest
+from lib.inference.generation import DecodeBatch
 from lib.inference.limits import (
     ADAPTER_MB,
     ENGINE_MAX_BATCH_SIZE,
@@ -50,6 +50,7 @@ from lib.inference.limits import (
     default_math_threads,
 )
 from lib.inference.quantization import served_parameters
+from lib.inference.rows import GenerationRequest
 from lib.inference.types import GenerationFailed, GenerationResult
 
 log = logging.getLogger(__name__)

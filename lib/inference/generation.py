@@ -12,116 +12,35 @@ alternatives (`TokenLogprob`), computed for the rows that ask only. A row with a
 (structured outputs: `constraints.py`) has the tokens its grammar forbids masked in its logits row
 (the other rows of the step pay nothing), and ends with "stop" once its text is complete.
 
-`generate()` runs a fixed list of prompts to the end (library use, training samples); the serving
-engine (`engine.py`) feeds the same `DecodeBatch` from a queue.
+A row's own state is `rows.py`'s; `offline.generate()` runs a fixed list of prompts to the end
+(library use, training samples); the serving engine (`engine.py`) feeds the same `DecodeBatch` from
+a queue.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from lib.inference import decoder as decoder_module
 from lib.inference.adapters import AdapterBank, AdapterNotFound, RowAdapters
-from lib.inference.constraints import RowMatcher, compiler_for
+from lib.inference.constraints import compiler_for
 from lib.inference.decoder import GPT2SlotDecoder
 from lib.inference.prefix_cache import BLOCK as PREFIX_BLOCK
 from lib.inference.prefix_cache import PrefixCache
-from lib.inference.prompts import check_fits, check_tokens, encode_prompts
+from lib.inference.rows import GenerationRequest, Row, first_stop, token_logprobs
 from lib.inference.sampling import SamplingTensors, sample_next
 from lib.inference.types import (
     GenerationFailed,
-    GenerationParams,
     GenerationResult,
     TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
 NON_FINITE = "the model's probabilities for this sequence were not finite (NaN or infinity)"
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    """One sequence to generate. Callbacks run on the decoding thread and must be quick."""
-
-    prompt_ids: list[int]  # with the leading end-of-document token (see encode_prompts)
-    params: GenerationParams
-    on_text: Callable[[str], None] | None = None  # each new piece of text, in order
-    on_done: Callable[[GenerationResult | BaseException], None] | None = None
-    cancelled: bool = False  # set from any thread: the row leaves the batch at the next step
-    arrived_at: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    result: GenerationResult | None = None
-    error: BaseException | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids) - 1
-
-    def finish(self, outcome: GenerationResult | BaseException) -> None:
-        if isinstance(outcome, BaseException):
-            self.error = outcome
-        else:
-            self.result = outcome
-        if self.on_done is not None:
-            self.on_done(outcome)
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None
-
-
-class _Row:
-    """A running sequence: its tokens, its incrementally decoded text and its generator."""
-
-    def __init__(self, request: GenerationRequest):
-        self.request = request
-        self.params = request.params
-        seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: 64 numbers a draw
-        self._uniforms: list[float] = []
-        self.generated: list[int] = []
-        self.text = ""  # decoded so far, without a trailing incomplete character
-        self.prefix_offset = 0  # incremental detokenisation window (see DecodeBatch._detokenize)
-        self.read_offset = 0
-        self.emitted = 0  # characters of `text` handed to on_text
-        self.hold_back = max((len(s) for s in self.params.stop), default=1) - 1
-        self.finish_reason: str | None = None  # "failed": see `failure`
-        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
-        self.failure: BaseException | None = None
-        self.last_token_at = 0.0
-        self.cached_tokens = 0  # of its prompt, served by the prefix cache (prefix_cache.py)
-        # structured outputs: the row's place in its grammar (made at its first choice), and
-        # whether its text is complete (it ended because the grammar allows nothing more)
-        self.matcher: RowMatcher | None = None
-        self.complete = False
-
-    def peek_uniform(self) -> float:
-        """The row's next random number in [0, 1), drawn 64 at a time from its own generator;
-        `use_uniform` moves past it once the token it chose is kept (so a step that is retried
-        draws the same numbers again)."""
-        if not self._uniforms:
-            self._uniforms = torch.rand(64, generator=self.generator).tolist()[::-1]
-        return self._uniforms[-1]
-
-    def use_uniform(self) -> None:
-        self._uniforms.pop()
-
-    def fail(self, error: BaseException) -> None:
-        self.finish_reason, self.failure = "failed", error
-
-    @property
-    def position(self) -> int:
-        """Cache position of the newest token (the one the next decode step feeds)."""
-        return len(self.request.prompt_ids) + len(self.generated) - 1
 
 
 class DecodeBatch:
@@ -150,7 +69,7 @@ class DecodeBatch:
         self.vocab = model.config.vocab_size
         self.max_rows = max_rows
         self.observer = observer
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         # each row's tokens so far (prompt, then generated), padded with its first prompt token:
         # what the repetition penalty looks at (a repeated id changes nothing)
         # (one column more than the context: the last new token is recorded, never fed back)
@@ -217,7 +136,7 @@ class DecodeBatch:
         for i, r in enumerate(requests):
             self.history[first + i].fill_(r.prompt_ids[0])
             self.history[first + i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        new_rows = [_Row(r) for r in requests]
+        new_rows = [Row(r) for r in requests]
         history = self.history[first : first + n]
         cached = [0] * n
         if self.prefix.enabled:  # the longest cached start of each prompt, copied into its slot
@@ -353,7 +272,7 @@ class DecodeBatch:
         name = request.params.adapter
         return "" if name is None else f"{name}:{self.adapters.adapters[name].sha256}"
 
-    def _culprits(self, error: Exception, rows: list[_Row], alone: Callable[[int], None]) -> list:
+    def _culprits(self, error: Exception, rows: list[Row], alone: Callable[[int], None]) -> list:
         """The rows for which `alone(i)` raises too, marked failed; `error` is raised again when
         there are none (the failure cannot be pinned on a row, so it is the whole batch's)."""
         culprits = []
@@ -376,11 +295,11 @@ class DecodeBatch:
 
     def _choose(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         logits: torch.Tensor,
         history: torch.Tensor,
         sampling: SamplingTensors | None = None,
-    ) -> tuple[list[_Row], torch.Tensor, torch.Tensor, dict[int, TokenLogprob] | None]:
+    ) -> tuple[list[Row], torch.Tensor, torch.Tensor, dict[int, TokenLogprob] | None]:
         """The next token of each row (one logits row each), which rows' numbers were not finite,
         and the chosen tokens' log-probabilities of the rows that ask (by place in `rows`).
         Changes no state (the logits aside): a retried step chooses the same tokens. The counts
@@ -413,10 +332,10 @@ class DecodeBatch:
             )
 
         tokens, bad = sample_next(logits, history[: len(rows), :seen], sampling, uniforms, spans)
-        picked = None if raw is None else _token_logprobs(raw, tokens, sampling)
+        picked = None if raw is None else token_logprobs(raw, tokens, sampling)
         return rows, tokens, bad, picked
 
-    def _mask(self, logits: torch.Tensor, rows: list[_Row], places: list[int]) -> None:
+    def _mask(self, logits: torch.Tensor, rows: list[Row], places: list[int]) -> None:
         """-inf, in place, at the tokens each constrained row's grammar forbids next (`places`:
         those rows' logits rows). A row's matcher is made at its first step, from the compiled
         grammar its tokenizer keeps. InvalidConstraint (a constraint nobody checked) or a grammar
@@ -435,7 +354,7 @@ class DecodeBatch:
     def _apply(
         self,
         first: int,
-        rows: list[_Row],
+        rows: list[Row],
         tokens: torch.Tensor,
         bad: torch.Tensor,
         logprobs: dict[int, TokenLogprob] | None = None,
@@ -454,7 +373,7 @@ class DecodeBatch:
         next_ids = tokens.tolist()
         failed = set(bad.nonzero()[:, 0].tolist()) if bad.any() else ()
         now = time.monotonic()
-        grew: list[_Row] = []
+        grew: list[Row] = []
         gaps: list[float] = []
         for i, (row, tok) in enumerate(zip(rows, next_ids, strict=True)):
             if i in failed:  # its numbers were not finite: it leaves alone, the others go on
@@ -487,7 +406,7 @@ class DecodeBatch:
             self.observer.on_tokens(len(grew), gaps)
         self._detokenize(grew)
         for row in grew:
-            cut = _first_stop(row.text, row.params.stop)
+            cut = first_stop(row.text, row.params.stop)
             if cut is not None:
                 row.text, row.finish_reason = row.text[:cut], "stop"
                 row.complete = False  # cut by a stop string: not the grammar's whole text
@@ -500,7 +419,7 @@ class DecodeBatch:
                 self._emit(row, len(row.text) - row.hold_back)
         self._remove_finished()
 
-    def _detokenize(self, rows: list[_Row]) -> None:
+    def _detokenize(self, rows: list[Row]) -> None:
         """Append to each row's text what its new token completes (nothing for half a character)."""
         if not rows:
             return
@@ -515,7 +434,7 @@ class DecodeBatch:
                 row.text += after[len(before) :]
                 row.prefix_offset, row.read_offset = row.read_offset, len(row.generated)
 
-    def _emit(self, row: _Row, upto: int) -> None:
+    def _emit(self, row: Row, upto: int) -> None:
         if upto > row.emitted and row.request.on_text is not None:
             row.request.on_text(row.text[row.emitted : upto])
         row.emitted = max(row.emitted, upto)
@@ -542,7 +461,7 @@ class DecodeBatch:
             self._sampling = None
             self._lora_stale = True
 
-    def _finish(self, row: _Row) -> None:
+    def _finish(self, row: Row) -> None:
         if row.failure is not None:
             self.finish_request(row.request, row.failure)
             return
@@ -561,80 +480,3 @@ class DecodeBatch:
             cached_tokens=row.cached_tokens,
         )
         self.finish_request(r, result)
-
-
-def _token_logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, sampling: SamplingTensors
-) -> dict[int, TokenLogprob]:
-    """The chosen token's log-probability and the best alternatives of each asking row, by its
-    place in the batch; `raw` holds those rows' log_softmax of the raw logits (n, vocab)."""
-    places = sampling.logprob_places
-    chosen = tokens if sampling.logprob_all else tokens[sampling.logprob_rows]
-    values = raw.gather(1, chosen[:, None])[:, 0].tolist()
-    ids = chosen.tolist()
-    if sampling.logprob_k > 0:
-        top = raw.topk(sampling.logprob_k, dim=-1)
-        top_values, top_ids = top.values.tolist(), top.indices.tolist()
-    else:
-        top_values = top_ids = [[] for _ in places]
-    out = {}
-    for j, (place, k) in enumerate(zip(places, sampling.logprob_top, strict=True)):
-        pairs = list(zip(top_ids[j][:k], top_values[j][:k], strict=True))
-        out[place] = TokenLogprob(ids[j], values[j], pairs)
-    return out
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    params: Sequence[GenerationParams],
-    should_stop: Callable[[], bool] | None = None,
-) -> list[GenerationResult]:
-    """Generate a continuation for every prompt, each row with its own parameters.
-
-    `should_stop` is asked before every forward pass; when it answers True the remaining rows end
-    with finish_reason "cancelled".
-    """
-    if not prompts:
-        return []
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    check_fits(prompt_ids, params, model.config.n_positions)
-    check_tokens(prompt_ids, params, model.config.vocab_size)
-    return run_to_end(model, tokenizer, prompt_ids, params, should_stop)
-
-
-def run_to_end(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[list[int]],
-    params: Sequence[GenerationParams],
-    should_stop: Callable[[], bool] | None = None,
-) -> list[GenerationResult]:
-    """`generate` for prompts already tokenized (by `encode_prompts`) and checked to fit."""
-    if not prompt_ids:
-        return []
-    requests = [GenerationRequest(ids, p) for ids, p in zip(prompt_ids, params, strict=True)]
-    batch = DecodeBatch(model, tokenizer, max_rows=len(requests))
-
-    def stopping() -> bool:
-        if should_stop is not None and should_stop():
-            for r in requests:
-                r.cancel()
-            return True
-        return False
-
-    stopping()
-    batch.admit(requests)
-    while batch.rows:
-        stopping()
-        batch.step()
-    for r in requests:
-        if r.error is not None:
-            raise r.error
-    return [r.result for r in requests]
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None

@@ -81,7 +81,7 @@ class SamplingTensors:
     count_rows: torch.Tensor | None = None  # rows with a presence/frequency penalty; None: all
     presence: torch.Tensor | None = None  # (P, 1) for those rows; None: no row has these penalties
     frequency: torch.Tensor | None = None  # (P, 1)
-    # the rows that ask for log-probabilities (`generation.py` computes them; None: no row asks)
+    # the rows that ask for log-probabilities (`rows.token_logprobs` computes them; None: none asks)
     logprob_rows: torch.Tensor | None = None  # their places in the batch
     logprob_places: list[int] | None = None  # the same, as a list
     logprob_all: bool = False  # every row asks

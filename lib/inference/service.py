@@ -31,13 +31,13 @@ from lib.checkpoint import (
 )
 from lib.inference.contract import EngineObserver
 from lib.inference.engine import GenerationEngine
-from lib.inference.generation import generate, run_to_end
 from lib.inference.limits import (
     ADAPTER_MB,
     ENGINE_MAX_BATCH_SIZE,
     ENGINE_MAX_QUEUE,
     ENGINE_MAX_WAIT_S,
 )
+from lib.inference.offline import generate, run_to_end
 from lib.inference.onnx_model import OnnxCausalLM
 from lib.inference.prompts import check_fits, check_tokens, encode_prompts
 from lib.inference.quantization import check_quantization, quantization_of, quantize

@@ -28,7 +28,7 @@ from transformers import GenerationConfig
 from lib.cli import cli_flag
 from lib.corpora import CATACLYSM, FORTUNES, GAMES, MANPAGES, WESNOTH_CAMPAIGNS, WESNOTH_VERSION
 from lib.data import RU_PROVERBS, load_documents, spec_path
-from lib.inference.generation import generate
+from lib.inference.offline import generate
 from lib.inference.types import GenerationParams
 from lib.modeling import count_parameters, unwrap_model
 from lib.training.artifacts import TrainingArtifacts

@@ -18,8 +18,8 @@ import torch
 from lib.inference.contract import EngineStopped
 from lib.inference.engine import GenerationEngine
 from lib.inference.engine_process.protocol import DONE, TEXT, ChannelOutbox, ShippingObserver
-from lib.inference.generation import GenerationRequest
 from lib.inference.registry import EngineSpec
+from lib.inference.rows import GenerationRequest
 from lib.inference.service import InferenceService
 from lib.inference.types import GenerationParams
 

@@ -426,7 +426,7 @@ def test_the_default_path_does_none_of_the_new_work(service, monkeypatch):
 
     monkeypatch.setattr(sampling_module, "_add_bias_and_penalties", never)
     monkeypatch.setattr(sampling_module, "_generated", never)
-    monkeypatch.setattr(generation_module, "_token_logprobs", never)
+    monkeypatch.setattr(generation_module, "token_logprobs", never)
     results = service.generate_batch(
         ["Привет, мир!", "Москва"],
         [GenerationParams(max_new_tokens=5), GenerationParams(max_new_tokens=5, temperature=0)],
