@@ -127,13 +127,22 @@ def build_training_artifacts(config: TrainingConfig) -> TrainingArtifacts:
         dropped = len(train_docs) - len(kept)
         train_docs = join_documents(kept, config.join_documents)
         tokenizer = tokenizer or new_tokenizer(train_docs)
-        data = prepare_data(
-            config.data,
-            tokenizer,
-            block_size,
-            docs=(train_docs, val_docs),
-            cache_dir=config.cache_dir,
-        )
+        try:
+            data = prepare_data(
+                config.data,
+                tokenizer,
+                block_size,
+                docs=(train_docs, val_docs),
+                cache_dir=config.cache_dir,
+            )
+        except ValueError as e:  # a part too short for one block: said before any step
+            raise ConfigError(
+                [
+                    f"--data {config.data}: {e} in its training or held-out part (the held-out "
+                    f"part is {config.val_fraction:.0%} of the documents, --val-fraction): give "
+                    "more text"
+                ]
+            ) from None
         doc_counts = (len(train_docs), len(val_docs), dropped)
     data.heldout = heldout_sets(config.eval_data, tokenizer, block_size, config.cache_dir)
     if not resume and (config.tokenizer or config.tokenizer_type == "char"):

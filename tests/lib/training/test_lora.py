@@ -187,6 +187,7 @@ def test_bad_settings_fail_before_any_step(corpus, tmp_path, no_step_may_run, se
         ("notext.jsonl", '{"text": "Первая строка."}\n{"body": "x"}\n', "line 2: expected a JSON"),
         ("notjson.jsonl", '{"text": "Первая."}\nне JSON\n', "line 2: expected a JSON"),
         ("one.txt", "Один документ.\n", "too few to hold out"),
+        ("short.txt", "Кошка сидит на окне.\n" * 60, "fewer than one block .* give more text"),
     ],
 )
 def test_bad_data_fails_before_any_step(tmp_path, no_step_may_run, name, content, message):
