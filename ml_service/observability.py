@@ -40,22 +40,25 @@ METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 class ServiceMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
-            f"{PREFIX}_requests",
-            "HTTP requests by route and status",
-            ["route", "status"],
-            registry=r,
-        )
-        self.failures = Counter(
-            f"{PREFIX}_request_failures",
-            "failed requests by reason (bad_request, unauthorized, rate_limited, queue_full, "
-            "shutdown, not_ready, timeout, model_error, cancelled, internal), streams included",
-            ["reason"],
-            registry=r,
-        )
 
         def histogram(name: str, doc: str, buckets, labels=()) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, labels=()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels=()) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        self.requests = counter(
+            "requests", "HTTP requests by route and status", ["route", "status"]
+        )
+        self.failures = counter(
+            "request_failures",
+            "failed requests by reason (bad_request, unauthorized, rate_limited, queue_full, "
+            "shutdown, not_ready, timeout, model_error, cancelled, internal), streams included",
+            ["reason"],
+        )
 
         self.e2e = histogram(
             "e2e_request_latency_seconds",
@@ -86,79 +89,59 @@ class ServiceMetrics:
         self.batch_size = histogram(
             "batch_size", "sequences in the batch at each model step", BATCH_BUCKETS, v
         )
-        self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "prompt tokens processed", v, registry=r
-        )
-        self.generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "tokens generated", v, registry=r
-        )
-        self.prefix_prompt_tokens = Counter(
-            f"{PREFIX}_prefix_cache_queries",
+        self.prompt_tokens = counter("prompt_tokens", "prompt tokens processed", v)
+        self.generation_tokens = counter("generation_tokens", "tokens generated", v)
+        self.prefix_prompt_tokens = counter(
+            "prefix_cache_queries",
             "prompt tokens looked up in the prefix cache (hit rate: prefix_cache_hits / this)",
             v,
-            registry=r,
         )
-        self.prefix_hits = Counter(
-            f"{PREFIX}_prefix_cache_hits",
+        self.prefix_hits = counter(
+            "prefix_cache_hits",
             "prompt tokens served from the prefix cache (their keys and values copied, not computed)",
             v,
-            registry=r,
         )
-        self.prefix_evictions = Counter(
-            f"{PREFIX}_prefix_cache_evictions",
+        self.prefix_evictions = counter(
+            "prefix_cache_evictions",
             "prefix-cache blocks (16 tokens) evicted to make room, least recently used first",
             v,
-            registry=r,
         )
-        self.prefix_blocks = Gauge(
-            f"{PREFIX}_prefix_cache_blocks",
-            "blocks (16 tokens) the prefix cache holds",
-            v,
-            registry=r,
+        self.prefix_blocks = gauge(
+            "prefix_cache_blocks", "blocks (16 tokens) the prefix cache holds", v
         )
-        self.running = Gauge(
-            f"{PREFIX}_num_requests_running", "sequences in the running batch", registry=r
-        )
-        self.waiting = Gauge(
-            f"{PREFIX}_num_requests_waiting", "requests waiting for a batch row", registry=r
-        )
-        self.engine_up = Gauge(
-            f"{PREFIX}_engine_up",
+        self.running = gauge("num_requests_running", "sequences in the running batch")
+        self.waiting = gauge("num_requests_waiting", "requests waiting for a batch row")
+        self.engine_up = gauge(
+            "engine_up",
             "1 while every loaded version's engine takes requests; 0 while an engine process "
             "is restarting (or failed)",
-            registry=r,
         )
-        self.engine_restarts = Counter(
-            f"{PREFIX}_engine_restarts",
+        self.engine_restarts = counter(
+            "engine_restarts",
             "engine processes that died and were replaced (their in-flight requests failed)",
             v,
-            registry=r,
         )
-        self.version_requests = Counter(
-            f"{PREFIX}_version_requests",
+        self.version_requests = counter(
+            "version_requests",
             "model requests (POST) routed to each version (the split's choice, a pin, or the "
             "default), whatever their status",
             ["version"],
-            registry=r,
         )
-        self.adapter_requests = Counter(
-            f"{PREFIX}_adapter_requests",
+        self.adapter_requests = counter(
+            "adapter_requests",
             "model requests that asked for a LoRA adapter (one loaded here), by adapter, whatever "
             "their status (requests for the base model: version_requests less these)",
             ["adapter"],
-            registry=r,
         )
-        self.traffic_share = Gauge(
-            f"{PREFIX}_traffic_share",
+        self.traffic_share = gauge(
+            "traffic_share",
             "each version's configured share of the traffic (absent without a split)",
             ["version"],
-            registry=r,
         )
-        self.model_info = Gauge(
-            f"{PREFIX}_model_info",
+        self.model_info = gauge(
+            "model_info",
             "the model being served (value 1)",
             ["model_id", "version", "parameters", "dtype", "device"],
-            registry=r,
         )
 
     def set_split(self, shares: dict[str, float]) -> None:
