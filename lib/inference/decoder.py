@@ -359,37 +359,23 @@ class GPT2SlotDecoder(SlotCache):
         rest = [p[c:] for p, c in zip(prompts, cached, strict=True)]
         S = max(len(r) for r in rest)  # queries: the longest part left to run
         self.reserve(first_slot + n, T)
-        ids = torch.zeros((n, S), dtype=torch.long)
-        for i, r in enumerate(rest):
-            ids[i, : len(r)] = torch.tensor(r)
         starts = torch.tensor(cached, device=self.device)
         lens = torch.tensor([len(r) for r in rest], device=self.device)
         # each query's position (padding past a row's end is clamped: its output is unused)
         pos = (starts[:, None] + torch.arange(S, device=self.device)).clamp(max=T - 1)  # (n, S)
         keys = torch.arange(T, device=self.device)
         # (n, 1, S, T): a query sees the keys up to its own position, none past its prompt's end
-        mask = (keys <= pos[:, :, None]) & (keys < (starts + lens)[:, None, None])
-        h = self._embed(ids.to(self.device), pos).view(n * S, -1)  # (n*S, C)
+        mask = ((keys <= pos[:, :, None]) & (keys < (starts + lens)[:, None, None]))[:, None]
         rows = slice(first_slot, first_slot + n)
-        lora = None if lora is None else lora.repeated(S)
-        for layer, w in enumerate(self.blocks):
-            q, k, v = (
-                x.view(n, S, self.n_head, self.head_dim).transpose(1, 2)
-                for x in self._attention_inputs(w, h, lora, layer)
-            )  # (n, H, S, hd)
+
+        def attend(layer: int, w: _Block, q, k, v) -> torch.Tensor:
             for i, (c, r) in enumerate(zip(cached, rest, strict=True)):
                 self.k[layer][first_slot + i, :, c : c + len(r)] = k[i, :, : len(r)]
                 self.v[layer][first_slot + i, :, c : c + len(r)] = v[i, :, : len(r)]
-            a = F.scaled_dot_product_attention(
-                q,
-                self.k[layer][rows, :, :T],
-                self.v[layer][rows, :, :T],
-                attn_mask=mask[:, None],
-                scale=w.scaling,
-            )
-            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * S, -1), lora, layer)
-        last = h.view(n, S, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
-        return self._logits(last)
+            keys, values = self.k[layer][rows, :, :T], self.v[layer][rows, :, :T]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scaling)
+
+        return self._run_prompts(self._padded(rest, S), pos, lens, lora, attend)
 
     def _prefill_whole(
         self, prompts: list[list[int]], first_slot: int, lora: RowAdapters | None = None
@@ -398,28 +384,42 @@ class GPT2SlotDecoder(SlotCache):
         cache; each attends to its own fresh keys)."""
         n, P = len(prompts), max(len(p) for p in prompts)
         self.reserve(first_slot + n, P)
-        ids = torch.zeros((n, P), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = ids.to(self.device)
         pos = torch.arange(P, device=self.device)
         # (n, 1, P, P): causal, and no key past a row's own prompt (right padding)
         causal = torch.ones((P, P), dtype=torch.bool, device=self.device).tril()
         mask = (causal[None] & (pos[None, None, :] < lens[:, None, None]))[:, None]
-        h = self._embed(ids, pos[None].expand(n, P)).view(n * P, -1)  # (n*P, C)
         rows = slice(first_slot, first_slot + n)
-        lora = None if lora is None else lora.repeated(P)
-        for layer, w in enumerate(self.blocks):
-            q, k, v = (
-                x.view(n, P, self.n_head, self.head_dim).transpose(1, 2)
-                for x in self._attention_inputs(w, h, lora, layer)
-            )  # (n, H, P, hd)
+
+        def attend(layer: int, w: _Block, q, k, v) -> torch.Tensor:
             self.k[layer][rows, :, :P] = k
             self.v[layer][rows, :, :P] = v
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling)
-            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * P, -1), lora, layer)
-        last = h.view(n, P, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scaling)
+
+        return self._run_prompts(self._padded(prompts, P), pos.expand(n, P), lens, lora, attend)
+
+    def _padded(self, seqs: list[list[int]], length: int) -> torch.Tensor:
+        """The token ids of `seqs`, right-padded to `length`: (n, length)."""
+        ids = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+        return ids.to(self.device)
+
+    def _run_prompts(self, ids, pos, lens, lora, attend) -> torch.Tensor:
+        """The blocks over n padded prompts (ids and positions (n, L)), `attend(layer, block, q,
+        k, v)` writing each layer's keys and values to the cache and giving its attention output;
+        the logits of each prompt's last token (`lens`: its length in ids)."""
+        n, L = ids.shape
+        h = self._embed(ids, pos).view(n * L, -1)  # (n*L, C)
+        lora = None if lora is None else lora.repeated(L)
+        for layer, w in enumerate(self.blocks):
+            q, k, v = (
+                x.view(n, L, self.n_head, self.head_dim).transpose(1, 2)
+                for x in self._attention_inputs(w, h, lora, layer)
+            )  # (n, H, L, hd)
+            a = attend(layer, w, q, k, v)
+            h = self._block_rest(w, h, a.transpose(1, 2).reshape(n * L, -1), lora, layer)
+        last = h.view(n, L, -1)[torch.arange(n, device=self.device), lens - 1]  # (n, C)
         return self._logits(last)
 
     @torch.inference_mode()
