@@ -743,7 +743,22 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
         "val_loss": round(final["val_loss"], 4),
         "val_bits_per_byte": round(final["val_bits_per_byte"], 4),
         # --eval-data: bits/byte of each named held-out set (out-of-domain text)
-        "heldout_bits_per_byte": {k: round(v, 4) for k, v in heldout_figures(final).items()},
+        "heldout_bits_per_byte": rounded(heldout_figures(final)),
+        **run_facts(a, wall),
+        "samples": sample_continuations(model, a.tokenizer),
+    }
+
+
+def rounded(figures: dict) -> dict:
+    return {k: round(v, 4) for k, v in figures.items()}
+
+
+def run_facts(a: TrainingArtifacts, wall: float, rates: tuple[str, ...] = ("tokens_per_s", "mfu")):
+    """How a run ended and ran, for every training card (a full run's, a LoRA run's): stop
+    reason, resume, settings, device, precision, mode, world size, throughput (`rates`, the last
+    window's figures that apply, and the run's mean) and the library versions."""
+    cfg, st = a.config, a.state
+    return {
         "stop_reason": st.stop_reason or "max_steps",
         "resumed_from": str(a.resumed_from) if a.resumed_from else None,
         "config": cfg.to_dict(),
@@ -755,11 +770,10 @@ def training_card(a: TrainingArtifacts, model: torch.nn.Module, final: dict, wal
         "world_size": a.ctx.world_size,
         # the last window's figures (all ranks' tokens; MFU against all ranks' peak, when known; a
         # window that held an evaluation or a save is slower) and the run's mean (all of it counted)
-        "throughput": {k: st.metrics[k] for k in ("tokens_per_s", "mfu") if k in st.metrics}
+        "throughput": {k: st.metrics[k] for k in rates if k in st.metrics}
         | {"mean_tokens_per_s": round(st.tokens_seen / max(wall, 1e-9), 1)},
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "samples": sample_continuations(model, a.tokenizer),
     }
 
 

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import GenerationConfig
 
 from lib.checkpoint import CARD_FILE, install_directory, load_model, save_checkpoint
 from lib.export_onnx import export_onnx
 from lib.training.artifacts import TrainingArtifacts
-from lib.training.card import default_generation_config
+from lib.training.card import default_generation_config, rounded, run_facts
 from lib.training.distributed import full_model_state
 from lib.training.evaluation import heldout_figures
 from lib.training.lora import adapt
@@ -108,10 +106,6 @@ def save_adapter(model: torch.nn.Module, out: Path, card: dict) -> Path:
     return out
 
 
-def _rounded(figures: dict) -> dict:
-    return {k: round(v, 4) for k, v in figures.items()}
-
-
 def lora_card(a: TrainingArtifacts, final: dict, wall: float) -> dict:
     """The run's training card: the base and its content hash, the data and its hash, the
     adapter's settings, steps and tokens, and bits/byte on the held-out text before (the base)
@@ -160,21 +154,10 @@ def lora_card(a: TrainingArtifacts, final: dict, wall: float) -> dict:
             final["val_bits_per_byte"] - before["val_bits_per_byte"], 4
         ),
         # --eval-data sets, the same way
-        "base_heldout_bits_per_byte": _rounded(heldout_before),
-        "heldout_bits_per_byte": _rounded(heldout_figures(final)),
-        "stop_reason": st.stop_reason or "max_steps",
-        "resumed_from": str(a.resumed_from) if a.resumed_from else None,
-        "config": cfg.to_dict(),
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        if a.device.type == "cpu"
-        else torch.cuda.get_device_name(a.device),
-        "precision": a.precision,
-        "mode": cfg.mode,
-        "world_size": a.ctx.world_size,
-        "throughput": {k: st.metrics[k] for k in ("tokens_per_s",) if k in st.metrics}
-        | {"mean_tokens_per_s": round(st.tokens_seen / max(wall, 1e-9), 1)},
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "base_heldout_bits_per_byte": rounded(heldout_before),
+        "heldout_bits_per_byte": rounded(heldout_figures(final)),
+        # (MFU counts a full model's work: not an adapter run's)
+        **run_facts(a, wall, rates=("tokens_per_s",)),
         "peft_version": peft.__version__,
     }
 
