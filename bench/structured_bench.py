@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.sections import replace_marked  # noqa: E402
 from lib.inference import GenerationParams, InferenceService, generation  # noqa: E402
 from lib.inference.constraints import Constraint, RowMatcher  # noqa: E402
+from lib.inference.limits import default_math_threads  # noqa: E402
+from lib.inference.quantization import served_parameters  # noqa: E402
 from lib.presets import DEFAULT_CHECKPOINT  # noqa: E402
 
 PROMPT = "Привет, мир! Как дела у тебя сегодня? Расскажи мне что-нибудь интересное про Москву."
@@ -215,9 +217,6 @@ def step_times(service, repeats: int, threads: int | None, steps: int = 40) -> d
     in one thread of its own with the engine's thread count (see lib/inference/engine.py)."""
     import torch
 
-    from lib.inference.limits import default_math_threads
-    from lib.inference.quantization import served_parameters
-
     ids = service.prepare(PROMPT, GenerationParams()).ids
 
     def one(mix: str) -> float:
@@ -303,7 +302,11 @@ def main(argv=None) -> None:
     for checkpoint in args.checkpoint:
         service = InferenceService.from_checkpoint(checkpoint, device="cpu")
         vocab = service.vocab_size
-        name = f"{Path(checkpoint).name} ({service.metadata()['parameters'] / 1e6:.1f}M, vocab {vocab})"
+        threads = args.threads or default_math_threads(served_parameters(service.model))
+        name = (
+            f"{Path(checkpoint).name} ({service.metadata()['parameters'] / 1e6:.1f}M, "
+            f"vocab {vocab}, {threads} threads)"
+        )
         results[name] = measure(service, args)
         print(table({name: results[name]}), flush=True)
         steps[name] = step_times(service, args.repeats, args.threads)
@@ -316,7 +319,8 @@ def main(argv=None) -> None:
             f"Command: `{command.strip()}` ({platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores; load average {load_before[0]:.1f} before, "
             f"{load_after[0]:.1f} after; {date.today()}). Each figure is the median of "
-            f"{args.repeats} runs; every request generates {args.tokens} tokens.",
+            f"{args.repeats} runs; every request generates {args.tokens} tokens. The engine alone: "
+            "no HTTP, no response cache, the prefix cache off.",
             "",
             table(results),
             "",
