@@ -100,6 +100,7 @@ class DecodeBatch:
         If that raises, each new prompt is tried alone: those that fail alone fail, the others
         are admitted (the error is raised only when no single prompt can be blamed)."""
         assert len(requests) <= self.free, "more requests than free rows"
+        self._mlp_form()
         for r in requests:
             if r.cancelled:
                 logprobs = [] if r.params.logprobs is not None else None
@@ -149,12 +150,12 @@ class DecodeBatch:
 
         def prompt_alone(i: int) -> None:
             lora = self.adapters.rows([requests[i].params.adapter])
-            logits = self._prefill([new_rows[i].request.prompt_ids], first, lora=lora)
+            logits = self.decoder.prefill([new_rows[i].request.prompt_ids], first, lora=lora)
             self._choose([new_rows[i]], logits, history[i : i + 1])
 
         try:
             lora = self.adapters.rows([r.params.adapter for r in requests])
-            logits = self._prefill([r.prompt_ids for r in requests], first, cached, lora)
+            logits = self.decoder.prefill([r.prompt_ids for r in requests], first, cached, lora)
             chosen = self._choose(new_rows, logits, history)
         except Exception as error:
             culprits = self._culprits(error, new_rows, prompt_alone)
@@ -187,6 +188,7 @@ class DecodeBatch:
 
         If the step raises, each row is tried alone: those that fail alone leave with the error
         and the step is run again for the others (raised only when no single row can be blamed)."""
+        self._mlp_form()
         cancelled = [i for i, row in enumerate(self.rows) if row.request.cancelled]
         for i in cancelled:
             self.rows[i].finish_reason = "cancelled"
@@ -202,11 +204,11 @@ class DecodeBatch:
 
         def row_alone(i: int) -> None:
             lora = self.adapters.rows([self.rows[i].params.adapter])
-            logits = self._decode(ids[i : i + 1], positions[i : i + 1], [i], lora)
+            logits = self.decoder.decode(ids[i : i + 1], positions[i : i + 1], [i], lora)
             self._choose([self.rows[i]], logits, self.history[i : i + 1])
 
         try:
-            logits = self._decode(ids, positions, lora=self._lora)
+            logits = self.decoder.decode(ids, positions, lora=self._lora)
             if self._sampling is None:
                 self._sampling = SamplingTensors.build(
                     [row.params for row in self.rows], self.vocab, logits.device
@@ -251,20 +253,6 @@ class DecodeBatch:
         """While adapters are loaded every row's MLP runs unfused (decoder.unfused_mlp)."""
         if self.adapters.budget > 0:
             self.decoder.unfused_mlp = bool(self.adapters.adapters)
-
-    def _prefill(self, prompts, first: int, cached=None, lora=None) -> torch.Tensor:
-        """The decoder's prefill; the prefix cache's and the adapters' arguments only where used
-        (another runtime's decoder, onnx_model.py's, takes neither)."""
-        self._mlp_form()
-        if lora is None and not (cached and any(cached)):
-            return self.decoder.prefill(prompts, first)
-        return self.decoder.prefill(prompts, first, cached, lora)
-
-    def _decode(self, ids, positions, slots=None, lora=None) -> torch.Tensor:
-        self._mlp_form()
-        if lora is None:
-            return self.decoder.decode(ids, positions, slots)
-        return self.decoder.decode(ids, positions, slots, lora)
 
     def _namespace(self, request: GenerationRequest) -> str:
         """What besides its tokens a row's KV depends on, for the prefix cache: its adapter (by

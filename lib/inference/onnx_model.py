@@ -176,6 +176,11 @@ class OnnxCausalLM:
         return OrtSlotDecoder(self)
 
 
+def _only_whole(cached, lora) -> None:
+    if (cached and any(cached)) or lora is not None:
+        raise ValueError("ONNX Runtime's decoder runs whole prompts, without adapters")
+
+
 class OrtSlotDecoder(SlotCache):
     """`GPT2SlotDecoder`'s interface (prefill, decode, the slot cache) over an `OnnxCausalLM`."""
 
@@ -198,8 +203,14 @@ class OrtSlotDecoder(SlotCache):
         return out
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
-        """Run whole prompts (one per new slot, from `first_slot` on); logits of their last tokens."""
+    def prefill(
+        self, prompts: list[list[int]], first_slot: int, cached=None, lora=None
+    ) -> torch.Tensor:
+        """Run whole prompts (one per new slot, from `first_slot` on); logits of their last tokens.
+        The graph runs whole prompts only, without adapters: `cached` and `lora` (the slot
+        decoder's seam, decoder.py) must be empty here (this decoder leaves `prefix_cacheable`
+        unset, so the batch's prefix cache and adapters are off)."""
+        _only_whole(cached, lora)
         n, P = len(prompts), max(len(p) for p in prompts)
         self.reserve(first_slot + n, P)
         ids = np.zeros((n, P), np.int64)
@@ -217,8 +228,11 @@ class OrtSlotDecoder(SlotCache):
         return torch.from_numpy(logits[np.arange(n), lens - 1])
 
     @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, positions: list[int], slots=None) -> torch.Tensor:
-        """`GPT2SlotDecoder.decode`: logits (B, vocab) of one new token per row."""
+    def decode(
+        self, ids: torch.Tensor, positions: list[int], slots=None, lora=None
+    ) -> torch.Tensor:
+        """`GPT2SlotDecoder.decode`: logits (B, vocab) of one new token per row (no adapters)."""
+        _only_whole(None, lora)
         B = len(positions)
         pos = np.asarray(positions, dtype=np.int64)
         L = int(pos.max())  # the widest row's cached positions: columns past it hold nothing
