@@ -88,10 +88,10 @@ def poisoned(monkeypatch, service) -> dict:
             raise RuntimeError("device-side assert triggered")
         return decode(self, ids, positions, *args, **kwargs)
 
-    def bad_prefill(self, prompts, first_slot):
+    def bad_prefill(self, prompts, first_slot, *args, **kwargs):
         if at.get("prefill") and max(len(p) for p in prompts) >= at["position"]:
             raise RuntimeError("device-side assert triggered")
-        return prefill(self, prompts, first_slot)
+        return prefill(self, prompts, first_slot, *args, **kwargs)
 
     monkeypatch.setattr(GPT2SlotDecoder, "decode", bad_decode)
     monkeypatch.setattr(GPT2SlotDecoder, "prefill", bad_prefill)
